@@ -1,0 +1,49 @@
+// Host entry points of fused attention. Layout follows SDPA: q [B, H, Lq, D],
+// k and v [B, Hkv, Lk, D] with H % Hkv == 0 (GQA/MQA), optional bool
+// key_padding_mask [B, Lk] (true = attend). causal aligns bottom-right when
+// Lq != Lk: query i sees keys j <= i + (Lk - Lq). Rows with no visible key give
+// zeros and zero gradients; their log-sum-exp is stored as +inf.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <optional>
+#include <tuple>
+
+namespace forkattn {
+
+struct AttnSizes {
+  int64_t batch, heads, kv_heads, len_q, len_k, head_dim;
+};
+
+// Validates shapes, devices and dtypes of the inputs; returns the sizes.
+AttnSizes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const std::optional<at::Tensor>& key_padding_mask);
+
+// Allocates a [B, H, L, D] tensor whose memory is [B, L, H, D], so that
+// out.transpose(1, 2).reshape(B, L, H * D) is a view.
+at::Tensor empty_bhld(const at::Tensor& like, int64_t B, int64_t H, int64_t L, int64_t D);
+
+// Returns (out, lse): out like q in layout empty_bhld, lse float32 [B, H, Lq].
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                     const at::Tensor& v,
+                                                     const std::optional<at::Tensor>& key_padding_mask,
+                                                     bool causal, double scale);
+
+// Returns (dq, dk, dv) with the shapes of q, k, v.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal, double scale);
+
+namespace cpu {
+// Kernels (csrc/cpu/attention_cpu.cpp). Inputs are already checked; out/lse and
+// dq/dk/dv are allocated by the caller and fully overwritten.
+void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
+                          at::Tensor& out, at::Tensor& lse);
+void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                          const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
+                          at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+}  // namespace cpu
+
+}  // namespace forkattn

@@ -1,0 +1,17 @@
+// forkattn._C: binding lines only. The public API is python/forkattn.
+#include <torch/extension.h>
+
+#include "attention.h"
+#include "build.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "forkattn native kernels (use the forkattn package, not this module)";
+  m.def("compiled_with_cuda", &forkattn::compiled_with_cuda);
+  m.def("compiled_torch_version", &forkattn::compiled_torch_version);
+  m.def("attention_fwd_cpu", &forkattn::attention_fwd_cpu, "fused attention forward (CPU): (out, lse)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
+        py::arg("scale"));
+  m.def("attention_bwd_cpu", &forkattn::attention_bwd_cpu, "fused attention backward (CPU): (dq, dk, dv)",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"));
+}

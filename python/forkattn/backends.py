@@ -1,0 +1,106 @@
+"""Backend registry: every op family (attention, mlm_mask, decode_attention, ...) registers
+its implementations here; `resolve` turns a user's `backend=` argument into one of them.
+
+A backend answers two questions: is it usable in this process at all (compiled, installed),
+and does it support these inputs (device, dtype, head_dim, ...). `backend=None` walks the
+family's preference order and takes the first backend that says yes to both; a named backend
+that says no raises an error carrying its reason.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+Reason = Optional[str]  # None means "yes"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A named backend cannot run these inputs here; the message says why."""
+
+
+@dataclass
+class Backend:
+    name: str
+    available: Callable[[], Reason]
+    supports: Callable[..., Reason]
+    impl: object = None  # what the op family calls: functions, a module, ...
+
+
+@dataclass
+class OpBackends:
+    op: str
+    # device type ("cpu", "cuda", ...) -> backend names, fastest first
+    preference: Dict[str, List[str]]
+    backends: Dict[str, Backend] = field(default_factory=dict)
+
+    def register(
+        self, name: str, *, available: Callable[[], Reason], supports: Callable[..., Reason], impl: object = None
+    ) -> None:
+        self.backends[name] = Backend(name, available, supports, impl)
+
+    def impl(self, name: str) -> object:
+        return self.backends[name].impl
+
+    def available_names(self) -> List[str]:
+        return [n for n, b in self.backends.items() if b.available() is None]
+
+    def resolve(self, backend: Optional[str], device_type: str, **ctx) -> str:
+        if backend is not None:
+            if not isinstance(backend, str) or backend not in self.backends:
+                raise ValueError(
+                    f"{self.op}: unknown backend {backend!r}; expected None or one of {sorted(self.backends)}"
+                )
+            b = self.backends[backend]
+            why = b.available() or b.supports(device_type=device_type, **ctx)
+            if why is not None:
+                raise BackendUnavailableError(f"{self.op}: backend {backend!r} cannot run this call: {why}")
+            return backend
+        tried = []
+        for name in self.preference.get(device_type, []) + ["eager"]:
+            b = self.backends.get(name)
+            if b is None:
+                continue
+            why = b.available() or b.supports(device_type=device_type, **ctx)
+            if why is None:
+                return name
+            tried.append(f"{name}: {why}")
+        raise BackendUnavailableError(f"{self.op}: no backend can run this call ({'; '.join(tried)})")
+
+
+_REGISTRY: Dict[str, OpBackends] = {}
+
+
+def op_backends(op: str, preference: Dict[str, List[str]]) -> OpBackends:
+    """The registry of one op family, created on first use."""
+    if op not in _REGISTRY:
+        _REGISTRY[op] = OpBackends(op, preference)
+    return _REGISTRY[op]
+
+
+def available_backends() -> Dict[str, List[str]]:
+    """For each op family, the backends usable in this process now."""
+    return {op: reg.available_names() for op, reg in _REGISTRY.items()}
+
+
+# --- availability of the shared backends -------------------------------------------------------
+
+def native_available() -> Reason:
+    return None  # the CPU kernels are always compiled into forkattn._C
+
+
+def cuda_available() -> Reason:
+    import torch
+
+    from ._native import WITH_CUDA
+
+    if not WITH_CUDA:
+        return "forkattn was built without CUDA kernels (build_info()['cuda'] is None); rebuild on a machine with nvcc and a CUDA torch, or with FORCE_CUDA=1"
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible"
+    return None
+
+
+def triton_available() -> Reason:
+    from .triton import unavailable_reason
+
+    return unavailable_reason()

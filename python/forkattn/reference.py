@@ -1,0 +1,71 @@
+"""Eager PyTorch references: the "eager" backend of each op and the benchmarks' baseline.
+
+They are written the way a user would write them without forkattn, and are what the tests
+compare against (run in float64 for the "true" answer, in the input dtype for the error
+budget that a fused kernel is allowed).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def visible_keys(
+    batch: int,
+    len_q: int,
+    len_k: int,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Tensor],
+    device: torch.device,
+) -> Optional[Tensor]:
+    """Bool [B or 1, 1, Lq, Lk]: True where query i may attend to key j, or None when all may.
+
+    causal aligns bottom-right: query i sees keys j <= i + (Lk - Lq), so the last query sees
+    every key (the KV-cache convention when Lq < Lk).
+    """
+    allowed = None
+    if causal:
+        i = torch.arange(len_q, device=device)[:, None]
+        j = torch.arange(len_k, device=device)[None, :]
+        allowed = (j <= i + (len_k - len_q))[None, None]
+    if key_padding_mask is not None:
+        kp = key_padding_mask[:, None, None, :].to(device=device, dtype=torch.bool)
+        allowed = kp if allowed is None else (allowed & kp)
+    return allowed
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """matmul -> masked_fill(-inf) -> softmax in fp32 -> matmul, with SDPA's [B, H, L, D] layout.
+
+    k and v may have fewer heads than q (GQA). Rows with no visible key give zeros, and their
+    gradients are zero rather than NaN.
+    """
+    B, H, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    scale = D ** -0.5 if scale is None else scale
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
+    allowed = visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+        row_any = allowed.any(dim=-1, keepdim=True)
+        s = s.masked_fill(~row_any, 0.0)  # keeps softmax finite on empty rows ...
+    p = torch.softmax(s, dim=-1)
+    if allowed is not None:
+        p = p.masked_fill(~row_any, 0.0)  # ... which then contribute nothing
+    return torch.matmul(p.to(v.dtype), v)
