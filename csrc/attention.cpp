@@ -17,6 +17,9 @@ AttnSizes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const
   FA_CHECK_DTYPE(v, q.scalar_type());
   FA_CHECK_DEVICE(k, q.device());
   FA_CHECK_DEVICE(v, q.device());
+  FA_CHECK_LAST_DIM_CONTIGUOUS(q);
+  FA_CHECK_LAST_DIM_CONTIGUOUS(k);
+  FA_CHECK_LAST_DIM_CONTIGUOUS(v);
   const AttnSizes s{q.size(0), q.size(1), k.size(1), q.size(2), k.size(2), q.size(3)};
   FA_CHECK_SIZE(k, 0, s.batch);
   FA_CHECK_SIZE(v, 0, s.batch);
@@ -28,12 +31,13 @@ AttnSizes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const
                     " heads, which must be a multiple of k's and v's ", s.kv_heads, " heads");
   TORCH_CHECK_VALUE(s.head_dim > 0 && s.head_dim <= 256, "head_dim must be in [1, 256], got ", s.head_dim);
   if (key_padding_mask.has_value()) {
-    const at::Tensor& key_padding_mask_ = *key_padding_mask;
-    FA_CHECK_DIM(key_padding_mask_, 2);
-    FA_CHECK_DTYPE(key_padding_mask_, at::kBool);
-    FA_CHECK_DEVICE(key_padding_mask_, q.device());
-    FA_CHECK_SIZE(key_padding_mask_, 0, s.batch);
-    FA_CHECK_SIZE(key_padding_mask_, 1, s.len_k);
+    const at::Tensor& m = *key_padding_mask;
+    FA_CHECK_DIM_NAMED(m, "key_padding_mask", 2);
+    FA_CHECK_DTYPE_NAMED(m, "key_padding_mask", at::kBool);
+    FA_CHECK_DEVICE_NAMED(m, "key_padding_mask", q.device());
+    FA_CHECK_SIZE_NAMED(m, "key_padding_mask", 0, s.batch);
+    FA_CHECK_SIZE_NAMED(m, "key_padding_mask", 1, s.len_k);
+    FA_CHECK_LAST_DIM_CONTIGUOUS_NAMED(m, "key_padding_mask");
   }
   return s;
 }
@@ -62,12 +66,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     bool causal, double scale) {
   const AttnSizes s = check_attention_inputs(q, k, v, key_padding_mask);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the cpu backend, got ", q.device());
-  for (const at::Tensor* t : {&dout, &out}) {
-    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), (t == &dout ? "dout" : "out"), " must have q's shape ",
-                      q.sizes(), ", got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), (t == &dout ? "dout" : "out"),
-                     " must have q's dtype ", q.scalar_type(), ", got ", t->scalar_type());
-    FA_CHECK_DEVICE((*t), q.device());
+  for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), name, " must have q's shape ", q.sizes(), ", got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(),
+                     ", got ", t->scalar_type());
+    FA_CHECK_DEVICE_NAMED((*t), name, q.device());
+    FA_CHECK_LAST_DIM_CONTIGUOUS_NAMED((*t), name);
   }
   FA_CHECK_DTYPE(lse, at::kFloat);
   TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == s.batch && lse.size(1) == s.heads && lse.size(2) == s.len_q,

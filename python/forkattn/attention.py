@@ -193,5 +193,7 @@ def attention(
     name = select_backend(q, backend)
     if name == "eager":
         return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if key_padding_mask is not None:
+        key_padding_mask = _stride1(key_padding_mask)
     out, _ = attention_fwd(_stride1(q), _stride1(k), _stride1(v), key_padding_mask, causal, scale, name)
     return out

@@ -44,23 +44,28 @@ class OpBackends:
     def available_names(self) -> List[str]:
         return [n for n, b in self.backends.items() if b.available() is None]
 
+    def why_not(self, name: str, device_type: str, **ctx) -> Reason:
+        """None when backend `name` can run a call with this context, else the reason."""
+        b = self.backends.get(name)
+        if b is None:
+            return f"no backend {name!r} for {self.op} in this build"
+        return b.available() or b.supports(device_type=device_type, **ctx)
+
     def resolve(self, backend: Optional[str], device_type: str, **ctx) -> str:
         if backend is not None:
             if not isinstance(backend, str) or backend not in self.backends:
                 raise ValueError(
                     f"{self.op}: unknown backend {backend!r}; expected None or one of {sorted(self.backends)}"
                 )
-            b = self.backends[backend]
-            why = b.available() or b.supports(device_type=device_type, **ctx)
+            why = self.why_not(backend, device_type, **ctx)
             if why is not None:
                 raise BackendUnavailableError(f"{self.op}: backend {backend!r} cannot run this call: {why}")
             return backend
         tried = []
         for name in self.preference.get(device_type, []) + ["eager"]:
-            b = self.backends.get(name)
-            if b is None:
+            if name not in self.backends:
                 continue
-            why = b.available() or b.supports(device_type=device_type, **ctx)
+            why = self.why_not(name, device_type, **ctx)
             if why is None:
                 return name
             tried.append(f"{name}: {why}")
@@ -74,6 +79,11 @@ def op_backends(op: str, preference: Dict[str, List[str]]) -> OpBackends:
     """The registry of one op family, created on first use."""
     if op not in _REGISTRY:
         _REGISTRY[op] = OpBackends(op, preference)
+    return _REGISTRY[op]
+
+
+def get(op: str) -> OpBackends:
+    """The registry of op family `op` (e.g. "attention")."""
     return _REGISTRY[op]
 
 

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One prepared run on a GPU machine (preinstalled torch/triton, no network): build the CUDA
+# extension, run the GPU tests, compute-sanitizer on a small subset, the benchmark.
+# Everything lands under $OUT (./gpu_out if unset), at most 8 files. Aims at < 5 minutes.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/gpu_out}
+mkdir -p "$OUT"
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+export PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+step() { echo; echo "=== $* ($(date +%T))"; }
+
+{
+  step "device"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
+  start=$SECONDS
+  if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
+  fi
+  echo "built in $((SECONDS - start)) s"
+  $PY -c "import forkattn, json; print(json.dumps(forkattn.build_info(), indent=1))"
+} 2>&1 | tee "$OUT/summary.log"
+[ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
+
+step "GPU tests" | tee -a "$OUT/summary.log"
+timeout ${GPU_TEST_TIMEOUT:-150} $PY -m pytest tests -m gpu -q -x -p no:cacheprovider > "$OUT/tests_gpu.log" 2>&1
+echo "pytest exit $?" | tee -a "$OUT/summary.log"
+tail -15 "$OUT/tests_gpu.log" | tee -a "$OUT/summary.log"
+
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    step "compute-sanitizer $tool" | tee -a "$OUT/summary.log"
+    timeout ${SANITIZER_TIMEOUT:-60} compute-sanitizer --tool $tool --error-exitcode 9 \
+      $PY scripts/sanitize_smoke.py >> "$OUT/sanitizer.log" 2>&1
+    echo "$tool exit $?" | tee -a "$OUT/summary.log"
+  done
+  grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tee -a "$OUT/summary.log"
+fi
+
+step "benchmark" | tee -a "$OUT/summary.log"
+timeout ${BENCH_TIMEOUT:-120} $PY -m forkattn.bench ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench.log" 2>&1
+echo "bench exit $?" | tee -a "$OUT/summary.log"
+cat "$OUT/bench.log"
