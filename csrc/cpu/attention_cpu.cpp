@@ -22,11 +22,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-// torch's vec headers carry `#pragma unroll`, which GCC does not know: keep -Wall quiet.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wunknown-pragmas"
-#include <ATen/cpu/vec/vec.h>
-#pragma GCC diagnostic pop
+#include <ATen/cpu/vec/vec.h>  // its `#pragma unroll` needs -Wno-unknown-pragmas under GCC < 13
 
 #include <algorithm>
 #include <atomic>
@@ -42,6 +38,9 @@
 extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
                        const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
                        const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (returns the previous one; 0 = the global setting). Inside our
+// parallel region each tile matmul must stay on its own thread, or MKL nests a team of its own.
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
 
 namespace forkattn {
 namespace cpu {
@@ -61,6 +60,20 @@ bool blas_enabled() {
   const char* env = std::getenv("FORKATTN_CPU_NAIVE_GEMM");
   return sgemm_ != nullptr && !(env && env[0] == '1');
 }
+
+// Keeps MKL single-threaded on this thread while alive.
+class SerialBlas {
+ public:
+  SerialBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int prev_;
+};
 
 void gemm(bool blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
@@ -237,6 +250,7 @@ void run_tasks(int64_t n, const MakeScratch& make_scratch, const Fn& fn) {
   std::atomic<int64_t> next{0};
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const SerialBlas serial_blas;
     auto scratch = make_scratch();
     for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t, scratch);
   });
