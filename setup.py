@@ -54,7 +54,9 @@ archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None
 isa = _cpu_isa()
 
 sources = _rel(ROOT.glob("csrc/*.cpp")) + _rel(ROOT.glob("csrc/cpu/*.cpp")) + _rel(ROOT.glob("pyext/*.cpp"))
-cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden"]
+# -Wno-unknown-pragmas: torch's at::vec headers use `#pragma unroll`, unknown to GCC (and a
+# diagnostic pragma cannot silence it before GCC 13).
+cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
 if isa == "avx2":
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DFORKATTN_CPU_AVX2"]
 define_macros = [("FORKATTN_VERSION", f'"{VERSION}"')]

@@ -1,123 +1,429 @@
-// CPU attention kernels: a simple row-at-a-time online-softmax version (correct, not fast).
-// TEMPORARY: to be replaced by the blocked, vectorized kernel.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
+// CPU attention kernels: blocked online softmax (flash-style), forward and backward.
+//
+// All arithmetic is fp32: fp16/bf16 inputs are widened once up front and the results rounded
+// once at the end. Work is cut into [query block x key block] tiles; a tile's scores live in a
+// per-thread scratch buffer, never an Lq x Lk matrix. The tile matmuls go to BLAS sgemm (the
+// MKL that libtorch_cpu exports) with a plain loop as fallback; the softmax passes use at::vec.
+//
+// Masks: per batch, each key block is classified as skipped (no key attends), full (all
+// attend) or mixed (an additive 0 / -inf bias row is applied). Causal tiles past the
+// diagonal are skipped and the diagonal ones are masked row by row: query i sees key j
+// iff j <= i + (Lk - Lq). A row that sees no key gets out = 0, lse = +inf, zero gradients.
 
+// at::vec only uses 8-wide AVX2 vectors when CPU_CAPABILITY_AVX2 is set before its headers
+// (torch's own kernels get it from per-ISA compilation). setup.py builds with -mavx2 -mfma
+// when the machine has them; CPU_CAPABILITY also renames at::vec's inline namespace, so these
+// AVX2 types cannot collide with a default-ISA instantiation elsewhere. Only Sleef-free
+// functions (exp_u20, max, fmadd, ...) are used: libtorch does not export Sleef.
+#if defined(FORKATTN_CPU_AVX2) && !defined(CPU_CAPABILITY)
+#define CPU_CAPABILITY AVX2
+#define CPU_CAPABILITY_AVX2
+#endif
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>  // its `#pragma unroll` needs -Wno-unknown-pragmas under GCC < 13
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <vector>
 
 #include "attention.h"
 
+// Fortran BLAS sgemm (LP64), exported by libtorch_cpu when torch is built with MKL. Weak, so
+// the extension still loads against a torch without it; gemm() then uses its own loop.
+extern "C" void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
+// MKL's per-thread thread count (returns the previous one; 0 = the global setting). Inside our
+// parallel region each tile matmul must stay on its own thread, or MKL nests a team of its own.
+extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
+
 namespace forkattn {
 namespace cpu {
 namespace {
 
-struct View4 {
-  int64_t s0, s1, s2;  // strides of batch, head, seq (head_dim stride is 1)
-};
-View4 view(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
+using Vec = at::vec::Vectorized<float>;
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr int64_t kBlockQ = 64;   // query rows per tile
+constexpr int64_t kBlockK = 256;  // keys per tile (also the granularity of padding skips)
 
-template <typename T>
-void fwd_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const bool* mask,
-              int64_t mask_s0, bool causal, float scale, at::Tensor& out, at::Tensor& lse) {
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2), group = H / Hkv;
-  const T* qp = q.data_ptr<T>();
-  const T* kp = k.data_ptr<T>();
-  const T* vp = v.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  float* lp = lse.data_ptr<float>();
-  const View4 qs = view(q), ks = view(k), vs = view(v), os = view(out), ls = view(lse.unsqueeze(-1));
-  at::parallel_for(0, B * H * Lq, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(D), qrow(D);
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / (H * Lq), h = (idx / Lq) % H, i = idx % Lq, hk = h / group;
-      const T* qi = qp + b * qs.s0 + h * qs.s1 + i * qs.s2;
-      for (int64_t d = 0; d < D; ++d) qrow[d] = static_cast<float>(qi[d]) * scale;
-      std::fill(acc.begin(), acc.end(), 0.f);
-      float m = -std::numeric_limits<float>::infinity(), l = 0.f;
-      const int64_t jend = causal ? std::min(Lk, i + (Lk - Lq) + 1) : Lk;
-      for (int64_t j = 0; j < jend; ++j) {
-        if (mask && !mask[b * mask_s0 + j]) continue;
-        const T* kj = kp + b * ks.s0 + hk * ks.s1 + j * ks.s2;
-        float s = 0.f;
-        for (int64_t d = 0; d < D; ++d) s += qrow[d] * static_cast<float>(kj[d]);
-        const float m_new = std::max(m, s);
-        const float corr = std::exp(m - m_new), p = std::exp(s - m_new);
-        l = l * corr + p;
-        const T* vj = vp + b * vs.s0 + hk * vs.s1 + j * vs.s2;
-        for (int64_t d = 0; d < D; ++d) acc[d] = acc[d] * corr + p * static_cast<float>(vj[d]);
-        m = m_new;
+// ---------------------------------------------------------------------------------------------
+// Matmul of tiles. Column-major BLAS convention: C[m, n] = alpha * op(A) * op(B) + beta * C.
+// A row-major [r, c] matrix with row stride ld is a column-major [c, r] one with the same ld.
+
+bool blas_enabled() {
+  // FORKATTN_CPU_NAIVE_GEMM=1 forces the fallback loop (so tests can cover it).
+  const char* env = std::getenv("FORKATTN_CPU_NAIVE_GEMM");
+  return sgemm_ != nullptr && !(env && env[0] == '1');
+}
+
+// Keeps MKL single-threaded on this thread while alive.
+class SerialBlas {
+ public:
+  SerialBlas() : prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0) {}
+  ~SerialBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(prev_);
+  }
+  SerialBlas(const SerialBlas&) = delete;
+  SerialBlas& operator=(const SerialBlas&) = delete;
+
+ private:
+  int prev_;
+};
+
+void gemm(bool blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (blas) {
+    const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
+    const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
+    sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
+    return;
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t i = 0; i < m; ++i) {
+      float sum = 0.f;
+      for (int64_t p = 0; p < k; ++p) {
+        sum += (ta ? a[p + i * lda] : a[i + p * lda]) * (tb ? b[j + p * ldb] : b[p + j * ldb]);
       }
-      T* oi = op + b * os.s0 + h * os.s1 + i * os.s2;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-      for (int64_t d = 0; d < D; ++d) oi[d] = static_cast<T>(acc[d] * inv);
-      lp[b * ls.s0 + h * ls.s1 + i * ls.s2] = l > 0.f ? m + std::log(l) : std::numeric_limits<float>::infinity();
+      float& out = c[i + j * ldc];
+      out = beta == 0.f ? alpha * sum : alpha * sum + beta * out;
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Operands: fp32 [B, H, L, D] rows with any batch/head/row strides and unit stride in D.
+
+struct Rows {
+  float* p;
+  int64_t sb, sh, sl;  // strides of batch, head, row
+  float* at(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * sl; }
+};
+
+// t as fp32 with a BLAS-usable row stride (>= D): a view when it already is one, else a copy.
+at::Tensor as_f32(const at::Tensor& t) {
+  at::Tensor f = t.scalar_type() == at::kFloat ? t : t.to(at::kFloat);
+  if (f.size(2) > 1 && f.stride(2) < f.size(3)) f = f.contiguous();
+  return f;
+}
+
+Rows rows_of(const at::Tensor& f) {
+  // A single row may have any stride; BLAS only needs ld >= D.
+  const int64_t sl = f.size(2) > 1 ? f.stride(2) : f.size(3);
+  return {f.data_ptr<float>(), f.stride(0), f.stride(1), sl};
+}
+
+// fp32 buffer the kernel writes for `dst`: dst itself when it is fp32, else a scratch tensor
+// that finish_output() rounds into dst.
+at::Tensor f32_output(const at::Tensor& dst) {
+  return dst.scalar_type() == at::kFloat ? dst : at::empty(dst.sizes(), dst.options().dtype(at::kFloat));
+}
+
+void finish_output(at::Tensor& dst, const at::Tensor& f32) {
+  if (!dst.is_same(f32)) dst.copy_(f32);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Masking.
+
+enum BlockState : uint8_t { kSkip = 0, kFull = 1, kMixed = 2 };
+
+// Which key blocks each batch row attends to, and the additive bias for the mixed ones.
+struct KeyPlan {
+  int64_t nkb = 0;                // key blocks
+  std::vector<uint8_t> state;     // [B, nkb] BlockState
+  std::vector<float> bias;        // [B, Lk] 0 = attend, -inf = padded; empty without a mask
+  BlockState at(int64_t b, int64_t kb) const { return state.empty() ? kFull : BlockState(state[b * nkb + kb]); }
+};
+
+KeyPlan plan_keys(const std::optional<at::Tensor>& key_padding_mask, int64_t B, int64_t Lk) {
+  KeyPlan plan;
+  plan.nkb = (Lk + kBlockK - 1) / kBlockK;
+  if (!key_padding_mask) return plan;
+  const at::Tensor mask = key_padding_mask->contiguous();
+  const bool* mp = mask.data_ptr<bool>();
+  plan.state.assign(B * plan.nkb, kSkip);
+  plan.bias.resize(B * Lk);
+  for (int64_t b = 0; b < B; ++b) {
+    for (int64_t kb = 0; kb < plan.nkb; ++kb) {
+      const int64_t j0 = kb * kBlockK, j1 = std::min(Lk, j0 + kBlockK);
+      int64_t attend = 0;
+      for (int64_t j = j0; j < j1; ++j) {
+        attend += mp[b * Lk + j];
+        plan.bias[b * Lk + j] = mp[b * Lk + j] ? 0.f : -kInf;
+      }
+      plan.state[b * plan.nkb + kb] = attend == 0 ? kSkip : (attend == j1 - j0 ? kFull : kMixed);
+    }
+  }
+  return plan;
+}
+
+// Sets the scores of hidden keys to -inf in a tile s[rows, cols] (row stride ld) whose first
+// query is i0 and first key j0: adds the padding bias row when given, and when causal hides
+// keys j > i + off.
+void mask_tile(float* s, int64_t ld, int64_t rows, int64_t cols, const float* bias, bool causal, int64_t i0,
+               int64_t j0, int64_t off) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * ld;
+    if (bias) {
+      int64_t c = 0;
+      for (; c + Vec::size() <= cols; c += Vec::size()) {
+        (Vec::loadu(row + c) + Vec::loadu(bias + c)).store(row + c);
+      }
+      for (; c < cols; ++c) row[c] += bias[c];
+    }
+    if (causal) {
+      const int64_t visible = std::clamp<int64_t>(i0 + r + off + 1 - j0, 0, cols);
+      std::fill(row + visible, row + cols, -kInf);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Row primitives (at::vec; scalar tails).
+
+float row_max(const float* x, int64_t n) {
+  int64_t c = 0;
+  float m = -kInf;
+  if (n >= Vec::size()) {
+    Vec vm(-kInf);
+    for (; c + Vec::size() <= n; c += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + c));
+    m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+  }
+  for (; c < n; ++c) m = std::max(m, x[c]);
+  return m;
+}
+
+// x = exp(x - sub) in place; returns the sum of the results.
+float exp_sub_sum(float* x, int64_t n, float sub) {
+  int64_t c = 0;
+  const Vec vsub(sub);
+  Vec vsum(0.f);
+  for (; c + Vec::size() <= n; c += Vec::size()) {
+    const Vec e = (Vec::loadu(x + c) - vsub).exp_u20();
+    e.store(x + c);
+    vsum = vsum + e;
+  }
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
+  for (; c < n; ++c) {
+    x[c] = std::exp(x[c] - sub);
+    sum += x[c];
+  }
+  return sum;
+}
+
+void scale_row(float* x, int64_t n, float a) {
+  int64_t c = 0;
+  const Vec va(a);
+  for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(x + c) * va).store(x + c);
+  for (; c < n; ++c) x[c] *= a;
+}
+
+float dot(const float* x, const float* y, int64_t n) {
+  int64_t c = 0;
+  Vec acc(0.f);
+  for (; c + Vec::size() <= n; c += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + c), Vec::loadu(y + c), acc);
+  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+  for (; c < n; ++c) sum += x[c] * y[c];
+  return sum;
+}
+
+// ds = p * (dp - delta) in place of dp.
+void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
+  int64_t c = 0;
+  const Vec vd(delta);
+  for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(p + c) * (Vec::loadu(dp + c) - vd)).store(dp + c);
+  for (; c < n; ++c) dp[c] = p[c] * (dp[c] - delta);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scheduling: tasks handed out one at a time (an atomic counter) to the threads of one
+// at::parallel_for, so uneven tasks (padding, causal) balance; each thread builds its
+// scratch once.
+
+template <class MakeScratch, class Fn>
+void run_tasks(int64_t n, const MakeScratch& make_scratch, const Fn& fn) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(n, at::get_num_threads()));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    const SerialBlas serial_blas;
+    auto scratch = make_scratch();
+    for (int64_t t = next.fetch_add(1); t < n; t = next.fetch_add(1)) fn(t, scratch);
   });
 }
 
-template <typename T>
-void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-              const at::Tensor& out, const at::Tensor& lse, const bool* mask, int64_t mask_s0, bool causal,
-              float scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  const int64_t B = q.size(0), H = q.size(1), Lq = q.size(2), D = q.size(3);
-  const int64_t Hkv = k.size(1), Lk = k.size(2), group = H / Hkv;
-  const at::Tensor lse_c = lse.contiguous();
-  const float* lp = lse_c.data_ptr<float>();
-  const View4 qs = view(q), ks = view(k), vs = view(v), os = view(out), dos = view(dout), dqs = view(dq),
-              dks = view(dk), dvs = view(dv);
-  at::parallel_for(0, B * Hkv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> dkacc(Lk * D), dvacc(Lk * D), dqacc(D);
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / Hkv, hk = idx % Hkv;
-      std::fill(dkacc.begin(), dkacc.end(), 0.f);
-      std::fill(dvacc.begin(), dvacc.end(), 0.f);
-      const T* kb = k.data_ptr<T>() + b * ks.s0 + hk * ks.s1;
-      const T* vb = v.data_ptr<T>() + b * vs.s0 + hk * vs.s1;
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        for (int64_t i = 0; i < Lq; ++i) {
-          const T* qi = q.data_ptr<T>() + b * qs.s0 + h * qs.s1 + i * qs.s2;
-          const T* oi = out.data_ptr<T>() + b * os.s0 + h * os.s1 + i * os.s2;
-          const T* doi = dout.data_ptr<T>() + b * dos.s0 + h * dos.s1 + i * dos.s2;
-          const float L = lp[(b * H + h) * Lq + i];
-          float delta = 0.f;
-          for (int64_t d = 0; d < D; ++d) delta += static_cast<float>(doi[d]) * static_cast<float>(oi[d]);
-          std::fill(dqacc.begin(), dqacc.end(), 0.f);
-          const int64_t jend = std::isinf(L) ? 0 : (causal ? std::min(Lk, i + (Lk - Lq) + 1) : Lk);
-          for (int64_t j = 0; j < jend; ++j) {
-            if (mask && !mask[b * mask_s0 + j]) continue;
-            const T* kj = kb + j * ks.s2;
-            const T* vj = vb + j * vs.s2;
-            float s = 0.f, dp = 0.f;
-            for (int64_t d = 0; d < D; ++d) {
-              s += static_cast<float>(qi[d]) * static_cast<float>(kj[d]);
-              dp += static_cast<float>(doi[d]) * static_cast<float>(vj[d]);
-            }
-            const float p = std::exp(s * scale - L);
-            const float ds = p * (dp - delta) * scale;
-            for (int64_t d = 0; d < D; ++d) {
-              dqacc[d] += ds * static_cast<float>(kj[d]);
-              dkacc[j * D + d] += ds * static_cast<float>(qi[d]);
-              dvacc[j * D + d] += p * static_cast<float>(doi[d]);
-            }
-          }
-          T* dqi = dq.data_ptr<T>() + b * dqs.s0 + h * dqs.s1 + i * dqs.s2;
-          for (int64_t d = 0; d < D; ++d) dqi[d] = static_cast<T>(dqacc[d]);
-        }
-      }
-      for (int64_t j = 0; j < Lk; ++j) {
-        T* dkj = dk.data_ptr<T>() + b * dks.s0 + hk * dks.s1 + j * dks.s2;
-        T* dvj = dv.data_ptr<T>() + b * dvs.s0 + hk * dvs.s1 + j * dvs.s2;
-        for (int64_t d = 0; d < D; ++d) {
-          dkj[d] = static_cast<T>(dkacc[j * D + d]);
-          dvj[d] = static_cast<T>(dvacc[j * D + d]);
-        }
-      }
+// Shapes and operands shared by the forward and backward passes.
+struct Problem {
+  int64_t B, H, Hkv, Lq, Lk, D, off;  // off = Lk - Lq (causal diagonal)
+  bool causal, blas;
+  float scale;
+  Rows q, k, v;
+  const KeyPlan* plan;
+
+  int64_t nqb() const { return (Lq + kBlockQ - 1) / kBlockQ; }
+  // Keys [0, end) are visible to at least one query row before i1.
+  int64_t key_end(int64_t i1) const { return causal ? std::clamp<int64_t>(i1 + off, 0, Lk) : Lk; }
+  // S = scale * Q K^T for a tile into s (row stride kBlockK); masks hidden keys; false if skipped.
+  bool scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* s) const;
+};
+
+bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* s) const {
+  const BlockState state = plan->at(b, j0 / kBlockK);
+  if (state == kSkip) return false;
+  const int64_t hk = h / (H / Hkv);
+  gemm(blas, true, false, cols, rows, D, scale, k.at(b, hk, j0), k.sl, q.at(b, h, i0), q.sl, 0.f, s, kBlockK);
+  const bool diagonal = causal && j0 + cols - 1 > i0 + off;
+  if (state == kMixed || diagonal) {
+    mask_tile(s, kBlockK, rows, cols, state == kMixed ? plan->bias.data() + b * Lk + j0 : nullptr, diagonal, i0, j0,
+              off);
+  }
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward.
+
+struct FwdScratch {
+  std::vector<float> s, acc, m, l;
+  explicit FwdScratch(int64_t D) : s(kBlockQ * kBlockK), acc(kBlockQ * D), m(kBlockQ), l(kBlockQ) {}
+};
+
+// Folds a tile of scores (turned into probabilities in place) into the running max m, sum l
+// and the accumulator rows acc, which are rescaled when the max grows.
+void online_softmax(float* s, int64_t rows, int64_t cols, float* m, float* l, float* acc, int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * kBlockK;
+    const float m_new = std::max(m[r], row_max(row, cols));
+    if (m_new == -kInf) {  // nothing visible yet: this row of P is zero
+      std::fill(row, row + cols, 0.f);
+      continue;
     }
-  });
+    const float sum = exp_sub_sum(row, cols, m_new);
+    const float corr = std::exp(m[r] - m_new);  // 0 on the first visible tile
+    if (corr != 1.f) scale_row(acc + r * D, D, corr);
+    l[r] = l[r] * corr + sum;
+    m[r] = m_new;
+  }
+}
+
+// One query block of one (batch, head): out rows and their lse (lse[r * lse_sl]).
+void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const Rows& out, float* lse,
+                     int64_t lse_sl, FwdScratch& w) {
+  const int64_t D = p.D, i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Lq - i0), hk = h / (p.H / p.Hkv);
+  std::fill(w.m.begin(), w.m.end(), -kInf);
+  std::fill(w.l.begin(), w.l.end(), 0.f);
+  std::fill(w.acc.begin(), w.acc.end(), 0.f);
+  const int64_t kend = p.key_end(i0 + rows);
+  for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, kend - j0);
+    if (!p.scores(b, h, i0, rows, j0, cols, w.s.data())) continue;
+    online_softmax(w.s.data(), rows, cols, w.m.data(), w.l.data(), w.acc.data(), D);
+    // acc += P V
+    gemm(p.blas, false, false, D, rows, cols, 1.f, p.v.at(b, hk, j0), p.v.sl, w.s.data(), kBlockK, 1.f,
+         w.acc.data(), D);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool empty = w.l[r] == 0.f;
+    float* o = out.at(b, h, i0 + r);
+    std::copy(w.acc.begin() + r * D, w.acc.begin() + (r + 1) * D, o);
+    scale_row(o, D, empty ? 0.f : 1.f / w.l[r]);
+    lse[(i0 + r) * lse_sl] = empty ? kInf : w.m[r] + std::log(w.l[r]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward: one task per (batch, kv head) owns dK/dV of those keys and dQ of the query heads
+// that share them (GQA), so no two threads write the same rows. Per tile, P is recomputed from
+// lse and dS = P * (dP - Delta) with Delta = rowsum(dO * O).
+
+struct BwdScratch {
+  std::vector<float> s, dp, dq, delta, lse, dk, dv;
+  BwdScratch(int64_t Lk, int64_t D)
+      : s(kBlockQ * kBlockK), dp(kBlockQ * kBlockK), dq(kBlockQ * D), delta(kBlockQ), lse(kBlockQ),
+        dk(Lk * D), dv(Lk * D) {}
+};
+
+struct BwdIO {
+  Rows out, dout, dq, dk, dv;
+  const float* lse;
+  int64_t lse_sb, lse_sh, lse_sl;
+};
+
+// P = exp(S - lse) for a tile; rows with lse = +inf (no visible key) become zeros.
+void probs_from_lse(float* s, int64_t rows, int64_t cols, const float* lse) {
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * kBlockK;
+    if (std::isinf(lse[r])) {
+      std::fill(row, row + cols, 0.f);
+    } else {
+      exp_sub_sum(row, cols, lse[r]);
+    }
+  }
+}
+
+void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, int64_t qb, BwdScratch& w) {
+  const int64_t D = p.D, i0 = qb * kBlockQ, rows = std::min(kBlockQ, p.Lq - i0), hk = h / (p.H / p.Hkv);
+  const float* q = p.q.at(b, h, i0);
+  const float* dout = io.dout.at(b, h, i0);
+  for (int64_t r = 0; r < rows; ++r) {
+    w.delta[r] = dot(io.dout.at(b, h, i0 + r), io.out.at(b, h, i0 + r), D);
+    w.lse[r] = io.lse[b * io.lse_sb + h * io.lse_sh + (i0 + r) * io.lse_sl];
+  }
+  std::fill(w.dq.begin(), w.dq.end(), 0.f);
+  const int64_t kend = p.key_end(i0 + rows);
+  for (int64_t j0 = 0; j0 < kend; j0 += kBlockK) {
+    const int64_t cols = std::min(kBlockK, kend - j0);
+    float* s = w.s.data();
+    float* dp = w.dp.data();
+    if (!p.scores(b, h, i0, rows, j0, cols, s)) continue;
+    probs_from_lse(s, rows, cols, w.lse.data());
+    // dV += P^T dO
+    gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, s, kBlockK, 1.f, w.dv.data() + j0 * D, D);
+    // dP = dO V^T, then dS = P * (dP - Delta)
+    gemm(p.blas, true, false, cols, rows, D, 1.f, p.v.at(b, hk, j0), p.v.sl, dout, io.dout.sl, 0.f, dp, kBlockK);
+    for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * kBlockK, dp + r * kBlockK, cols, w.delta[r]);
+    // dK += scale * dS^T Q ; dQ += scale * dS K
+    gemm(p.blas, false, true, D, cols, rows, p.scale, q, p.q.sl, dp, kBlockK, 1.f, w.dk.data() + j0 * D, D);
+    gemm(p.blas, false, false, D, rows, cols, p.scale, p.k.at(b, hk, j0), p.k.sl, dp, kBlockK, 1.f, w.dq.data(), D);
+  }
+  for (int64_t r = 0; r < rows; ++r) std::copy(w.dq.begin() + r * D, w.dq.begin() + (r + 1) * D, io.dq.at(b, h, i0 + r));
+}
+
+void bwd_kv_head(const Problem& p, const BwdIO& io, int64_t b, int64_t hk, BwdScratch& w) {
+  std::fill(w.dk.begin(), w.dk.end(), 0.f);
+  std::fill(w.dv.begin(), w.dv.end(), 0.f);
+  const int64_t group = p.H / p.Hkv;
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    for (int64_t qb = 0; qb < p.nqb(); ++qb) bwd_query_block(p, io, b, h, qb, w);
+  }
+  for (int64_t j = 0; j < p.Lk; ++j) {
+    std::copy(w.dk.begin() + j * p.D, w.dk.begin() + (j + 1) * p.D, io.dk.at(b, hk, j));
+    std::copy(w.dv.begin() + j * p.D, w.dv.begin() + (j + 1) * p.D, io.dv.at(b, hk, j));
+  }
+}
+
+Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& vf, const KeyPlan& plan,
+                     bool causal, float scale) {
+  Problem p;
+  p.B = qf.size(0);
+  p.H = qf.size(1);
+  p.Hkv = kf.size(1);
+  p.Lq = qf.size(2);
+  p.Lk = kf.size(2);
+  p.D = qf.size(3);
+  p.off = p.Lk - p.Lq;
+  p.causal = causal;
+  p.blas = blas_enabled();
+  p.scale = scale;
+  p.q = rows_of(qf);
+  p.k = rows_of(kf);
+  p.v = rows_of(vf);
+  p.plan = &plan;
+  return p;
 }
 
 }  // namespace
@@ -125,26 +431,39 @@ void bwd_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
                           at::Tensor& out, at::Tensor& lse) {
-  const bool* mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
-  const int64_t mask_s0 = key_padding_mask ? key_padding_mask->stride(0) : 0;
-  TORCH_CHECK(!key_padding_mask || key_padding_mask->stride(1) == 1 || key_padding_mask->size(1) <= 1,
-              "key_padding_mask must be contiguous in its last dimension");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cpu", [&] {
-    fwd_impl<scalar_t>(q, k, v, mask, mask_s0, causal, scale, out, lse);
-  });
+  const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
+  const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2));
+  const Problem p = make_problem(qf, kf, vf, plan, causal, scale);
+  at::Tensor out_f = f32_output(out);
+  const Rows out_rows = rows_of(out_f);
+  float* lse_p = lse.data_ptr<float>();
+  const int64_t nqb = p.nqb(), bh = p.B * p.H;
+  // Largest query blocks (the last ones, under causal) first.
+  run_tasks(
+      bh * nqb, [&] { return FwdScratch(p.D); },
+      [&](int64_t t, FwdScratch& w) {
+        const int64_t qb = nqb - 1 - t / bh, b = (t % bh) / p.H, h = t % p.H;
+        fwd_query_block(p, b, h, qb, out_rows, lse_p + b * lse.stride(0) + h * lse.stride(1), lse.stride(2), w);
+      });
+  finish_output(out, out_f);
 }
 
 void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                           const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
                           at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
-  const bool* mask = key_padding_mask ? key_padding_mask->data_ptr<bool>() : nullptr;
-  const int64_t mask_s0 = key_padding_mask ? key_padding_mask->stride(0) : 0;
-  TORCH_CHECK(!key_padding_mask || key_padding_mask->stride(1) == 1 || key_padding_mask->size(1) <= 1,
-              "key_padding_mask must be contiguous in its last dimension");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cpu", [&] {
-    bwd_impl<scalar_t>(dout, q, k, v, out, lse, mask, mask_s0, causal, scale, dq, dk, dv);
-  });
+  const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), dof = as_f32(dout);
+  const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2));
+  const Problem p = make_problem(qf, kf, vf, plan, causal, scale);
+  at::Tensor dq_f = f32_output(dq), dk_f = f32_output(dk), dv_f = f32_output(dv);
+  BwdIO io{rows_of(of), rows_of(dof), rows_of(dq_f), rows_of(dk_f), rows_of(dv_f), lse.data_ptr<float>(),
+           lse.stride(0), lse.stride(1), lse.stride(2)};
+  run_tasks(
+      p.B * p.Hkv, [&] { return BwdScratch(p.Lk, p.D); },
+      [&](int64_t t, BwdScratch& w) { bwd_kv_head(p, io, t / p.Hkv, t % p.Hkv, w); });
+  finish_output(dq, dq_f);
+  finish_output(dk, dk_f);
+  finish_output(dv, dv_f);
 }
 
 }  // namespace cpu
