@@ -16,7 +16,7 @@ from torch import Tensor
 
 from . import reference
 from ._native import _C
-from .backends import native_available, op_backends
+from .backends import native_available, op_backends, triton_available
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,6 +43,40 @@ BACKENDS.register(
     available=native_available,
     supports=_cpu_supports,
     impl=AttentionImpl(_C.attention_fwd_cpu, _C.attention_bwd_cpu),
+)
+
+
+def _triton_supports(*, device_type, dtype, head_dim, **_):
+    from .triton import device_ok
+
+    why = device_ok(device_type)
+    if why is not None:
+        return why
+    if dtype not in FLOAT_DTYPES:
+        return f"runs float32, float16 and bfloat16, got {dtype}"
+    if head_dim > 256:
+        return f"head_dim must be at most 256, got {head_dim}"
+    return None
+
+
+def _triton_fn(name: str):
+    """A function that imports forkattn.triton.attention on its first call: importing forkattn
+    stays fast, and never fails, on machines where Triton is missing or broken."""
+
+    def call(*args):
+        from .triton import attention as kernels
+
+        return getattr(kernels, name)(*args)
+
+    call.__name__ = call.__qualname__ = f"triton_{name}"
+    return call
+
+
+BACKENDS.register(
+    "triton",
+    available=triton_available,
+    supports=_triton_supports,
+    impl=AttentionImpl(_triton_fn("attention_fwd"), _triton_fn("attention_bwd")),
 )
 
 
