@@ -113,6 +113,8 @@ def _attn_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # the last query blocks do the most work: launch them first (shorter tail)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, seqlen_q = _seq_info(CU_Q, b, Lq, IS_VARLEN)
@@ -368,6 +370,8 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
+    if IS_CAUSAL:  # the last query blocks do the most work: launch them first (shorter tail)
+        pid_m = tl.num_programs(0) - 1 - pid_m
     h = tl.program_id(1)
     b = tl.program_id(2)
     q_start, seqlen_q = _seq_info(CU_Q, b, Lq, IS_VARLEN)
