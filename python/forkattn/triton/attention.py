@@ -106,10 +106,10 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om,
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn,
-    GROUP, Lq, Lk, D, qk_scale,
+    GROUP, Lq, Lk, qk_scale,
     SEQ_Q_KEY, SEQ_K_KEY,  # length buckets: autotune keys only
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -183,8 +183,8 @@ def _attn_bwd_delta_kernel(
     stride_ob, stride_oh, stride_om,
     stride_db, stride_dh, stride_dm,
     stride_lb, stride_lh, stride_lm,
-    Lq, D,
-    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    Lq,
+    IS_VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1).to(tl.int64)
@@ -246,10 +246,10 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mn,
-    GROUP, Lq, Lk, D, qk_scale, sm_scale,
+    GROUP, Lq, Lk, qk_scale, sm_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
@@ -363,10 +363,10 @@ def _attn_bwd_dq_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mn,
-    GROUP, Lq, Lk, D, qk_scale, sm_scale,
+    GROUP, Lq, Lk, qk_scale, sm_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
-    BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -491,7 +491,7 @@ def _prune(kind):
     return prune
 
 
-_KEYS = ["SEQ_Q_KEY", "SEQ_K_KEY", "GROUP", "IS_CAUSAL", "HAS_MASK", "IS_VARLEN", "BLOCK_D"]
+_KEYS = ["SEQ_Q_KEY", "SEQ_K_KEY", "GROUP", "IS_CAUSAL", "HAS_MASK", "IS_VARLEN", "D"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEYS, prune_configs_by={"early_config_prune": _prune("fwd")})(
     _attn_fwd_kernel)
 _dkdv_tuned = triton.autotune(_BWD_CONFIGS, key=_KEYS, prune_configs_by={"early_config_prune": _prune("dkdv")})(
@@ -611,7 +611,7 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, seq: _Seq, key_padding_mask, causa
     _attn_bwd_delta_kernel[grid](
         out, dout, delta, meta["CU_Q"],
         so[0], so[1], so[2], sdo[0], sdo[1], sdo[2], sl[0], sl[1], sl[2],
-        seq.len_q, D, IS_VARLEN=seq.varlen, BLOCK_M=block_m, BLOCK_D=block_d,
+        seq.len_q, IS_VARLEN=seq.varlen, BLOCK_M=block_m, BLOCK_D=block_d, D=D,
     )
     sq, sk, sv = seq.strides(q), seq.strides(k), seq.strides(v)
     common = dict(
