@@ -284,6 +284,19 @@ def test_opcheck():
         attention_varlen_fwd, (vq, vq, vq, cu, cu, 4, 4, False, 0.25, "triton"))
 
 
+def test_torch_compile_fullgraph():
+    q, k, v = (torch.randn(1, 2, 7, 16, device=DEV, requires_grad=True) for _ in range(3))
+    kpm = torch.tensor([[True, False, True, True, True, False, True]], device=DEV)
+    fn = lambda q, k, v: forkattn.attention(q, k, v, causal=True, key_padding_mask=kpm, backend="triton")  # noqa: E731
+    out = torch.compile(fn, fullgraph=True)(q, k, v)
+    torch.testing.assert_close(out, fn(q, k, v), atol=0, rtol=0)
+    out.sum().backward()
+    assert q.grad is not None and not torch.isnan(q.grad).any()
+    x, cu = _pack([3, 4], 2, 16, torch.float32)
+    g = lambda x: forkattn.attention_varlen(x, x, x, cu, cu, 4, 4, backend="triton")  # noqa: E731
+    torch.testing.assert_close(torch.compile(g, fullgraph=True)(x), g(x), atol=0, rtol=0)
+
+
 def test_import_does_not_load_triton():
     code = "import sys, forkattn; print('triton' in sys.modules, 'forkattn.triton.attention' in sys.modules)"
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(os.path.dirname(__file__)), "python"))
