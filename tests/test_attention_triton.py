@@ -274,6 +274,10 @@ def test_autotune_keep_filter():
             kept = ta._prune(kind)(configs, {"Q": q}, BLOCK_D=block_d)
             assert kept and len(kept) <= len(configs)
         assert len(ta._prune(kind)(configs, {"Q": torch.empty(1, dtype=torch.float16)}, BLOCK_D=64)) > 4
+        # FORKATTN_TRITON_AUTOTUNE=0 takes the first fixed config that fits: one always does
+        for block_d in (16, 32, 64, 128, 256):
+            for elem in (2, 4):
+                assert any(ta.keep(kind, *c, block_d, elem) for c in ta._FIXED[kind]), (kind, block_d, elem)
 
 
 def test_opcheck():

@@ -445,9 +445,9 @@ _BWD_CONFIGS = _configs([32, 64, 128], [32, 64, 128], [4, 8], [2, 3])
 # so that the odd test sizes cross several blocks and several diagonal blocks (smaller blocks only
 # cost interpreter time: 32x16 is ~2.5x slower than 64x32 there).
 _INTERP = {"fwd": (64, 32, 4, 1), "dkdv": (32, 64, 4, 1), "dq": (64, 32, 4, 1)}
-_FIXED = {"fwd": [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 1)],
-          "dkdv": [(64, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-          "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1)]}
+_FIXED = {"fwd": [(128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 1), (32, 32, 4, 1)],
+          "dkdv": [(64, 128, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1), (16, 32, 4, 1)],
+          "dq": [(128, 64, 8, 2), (64, 64, 4, 2), (32, 32, 4, 1), (32, 16, 4, 1)]}
 
 
 def autotune_enabled() -> bool:
@@ -475,7 +475,7 @@ def keep(kind: str, block_m: int, block_n: int, num_warps: int, num_stages: int,
     else:
         smem = 2 * block_m * block_d * elem + max(num_stages - 1, 1) * 2 * block_n * block_d * elem
         regs = (block_m * block_d + 2 * block_m * block_n) / threads
-    return smem <= _smem_limit() and regs <= 160 and block_m * block_n >= 16 * threads
+    return smem <= _smem_limit() and regs <= 160
 
 
 def _prune(kind):
