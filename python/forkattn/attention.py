@@ -4,7 +4,8 @@ Each backend provides `fwd(q, k, v, key_padding_mask, causal, scale) -> (out, ls
 `bwd(dout, q, k, v, out, lse, key_padding_mask, causal, scale) -> (dq, dk, dv)`, and is called
 through the custom ops forkattn::attention_fwd / forkattn::attention_bwd, so autograd,
 torch.compile and opcheck see one op whatever the backend. The "eager" backend is
-forkattn.reference.attention, plain PyTorch.
+forkattn.reference.attention, plain PyTorch; "triton" is forkattn/triton/attention.py, imported on
+its first call. attention_varlen (packed sequences) is a second op family at the end of this file.
 """
 from __future__ import annotations
 
