@@ -77,7 +77,7 @@ def compare(B, H, Hkv, Lq, Lk, D, *, causal, mask, dtype, device=DEV, strided=Fa
 
 # (B, H, Hkv, Lq, Lk, D, causal, mask, dtype): odd sizes crossing the interpreter's 64x32 / 32x64
 # blocks, Lq != Lk both ways (causal bottom-right: Lq > Lk leaves rows with no key), GQA/MQA,
-# padding incl. a fully padded sequence, head_dim 32/64/128 and a padded 48.
+# padding incl. a fully padded sequence, head_dim 32/64/128/256 and padded 8 and 48.
 CASES = [
     (1, 2, 2, 1, 1, 32, False, None, torch.float32),
     (2, 2, 1, 7, 33, 32, True, None, torch.float32),
@@ -90,6 +90,8 @@ CASES = [
     (1, 2, 2, 33, 33, 48, True, "pad", torch.float32),
     (1, 2, 2, 65, 65, 128, True, None, torch.float16),
     (2, 4, 2, 33, 33, 64, True, "pad_full", torch.float16),
+    (1, 1, 1, 7, 7, 8, True, None, torch.float32),  # D < 16: the block's 16 columns, masked
+    (1, 1, 1, 7, 33, 256, False, "random", torch.float16),
 ]
 
 
@@ -124,6 +126,30 @@ def test_lse_and_empty_rows():
     assert (out[empty] == 0).all(), "rows with no visible key must be zeros"
     # the op contract: out in [B, Lq, H, D] memory
     assert out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_output_element_written(causal):
+    """Poisoned (NaN) buffers through the launchers: every element of out, lse, dq, dk, dv written,
+    including fully padded sequences, rows that see no key, and key blocks that are all padding."""
+    from forkattn.attention import empty_bhld
+    from forkattn.triton import attention as ta
+
+    B, H, Hkv, Lq, Lk, D = 2, 2, 1, 40, 70, 32
+    q = torch.randn(B, H, Lq, D, device=DEV)
+    k, v = (torch.randn(B, Hkv, Lk, D, device=DEV) for _ in range(2))
+    kpm = torch.zeros(B, Lk, dtype=torch.bool, device=DEV)
+    kpm[1, 5:9] = True  # batch 0 all padding; batch 1: one live key block, others all padding
+    seq = ta._Seq(B, Lq, Lk, Lq, Lk)
+    out = empty_bhld(q, B, H, Lq, D).fill_(float("nan"))
+    lse = torch.full((B, H, Lq), float("nan"), device=DEV)
+    ta._fwd(q, k, v, out, lse, seq, kpm, causal, D ** -0.5)
+    assert not out.isnan().any() and not lse.isnan().any()
+    grads = [empty_bhld(t, B, t.shape[1], t.shape[2], D).fill_(float("nan")) for t in (q, k, v)]
+    ta._bwd(torch.randn_like(out), q, k, v, out, lse, *grads, seq, kpm, causal, D ** -0.5)
+    for name, g in zip(("dq", "dk", "dv"), grads):
+        assert not g.isnan().any(), f"{name}: {int(g.isnan().sum())} elements never written"
+    assert (grads[1][0] == 0).all() and (grads[1][1][:, :5] == 0).all() and (grads[1][1][:, 9:] == 0).all()
 
 
 def test_no_keys_and_no_queries():
