@@ -93,7 +93,7 @@ def main():
                         continue
                     try:
                         regs, spill, smem = compile_one(kind, dtype, D, cfg, arch)
-                        print(f"sm_{arch} {kind:4s} {dtype} D={D} BM,BN,warps,stages={cfg}: "
+                        print(f"sm_{arch}{'a' if arch == 90 else ''} {kind:4s} {dtype} D={D} BM,BN,warps,stages={cfg}: "
                               f"{regs} regs, {spill} B spilled, {smem} B smem", flush=True)
                     except Exception as e:  # report every failure, then exit 1
                         failed += 1
