@@ -28,7 +28,7 @@ from forkattn.triton import attention as ta  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 KERNELS = {"fwd": ta._attn_fwd_kernel, "dkdv": ta._attn_bwd_dkdv_kernel, "dq": ta._attn_bwd_dq_kernel}
-CONFIGS = {"fwd": ta._FWD_CONFIGS, "dkdv": ta._BWD_CONFIGS, "dq": ta._BWD_CONFIGS}
+CONFIGS = {"fwd": ta._FWD_CONFIGS, "dkdv": ta._DKDV_CONFIGS, "dq": ta._DQ_CONFIGS}
 FEW = {"fwd": [(128, 64, 8, 3), (64, 64, 4, 3)], "dkdv": [(64, 128, 8, 2), (32, 64, 4, 2)],
        "dq": [(128, 64, 8, 2), (64, 64, 4, 2)]}
 POINTERS = {"Q", "K", "V", "Out", "DO", "DQ", "DK", "DV"}

@@ -295,7 +295,7 @@ def test_autotune_keep_filter():
 
     assert ta.keep("fwd", 64, 64, 4, 2, 64, 2)
     assert not ta.keep("fwd", 128, 128, 4, 4, 256, 4), "a 128x256 fp32 tile pipelined 4 deep cannot fit"
-    for kind, configs in (("fwd", ta._FWD_CONFIGS), ("dkdv", ta._BWD_CONFIGS), ("dq", ta._BWD_CONFIGS)):
+    for kind, configs in (("fwd", ta._FWD_CONFIGS), ("dkdv", ta._DKDV_CONFIGS), ("dq", ta._DQ_CONFIGS)):
         for block_d, q in ((32, torch.empty(1, dtype=torch.float16)), (256, torch.empty(1))):
             kept = ta._prune(kind)(configs, {"Q": q}, BLOCK_D=block_d)
             assert kept and len(kept) <= len(configs)
