@@ -273,7 +273,6 @@ def test_min_masked():
         # min_masked only adds: plain's selections are kept with the same fates
         keep = plain[1] != -100
         assert torch.equal(lab[keep], plain[1][keep]) and torch.equal(out[keep], plain[0][keep])
-    assert ((ids == CLS) | (ids == SEP) | (ids == PAD)).all(1).any() or True
 
 
 def test_min_masked_rows_without_eligible_tokens():
@@ -381,8 +380,9 @@ def _run_config(cfg, backend, device="cpu", B=37, L=129, seed=2**40 + 3):
 def test_triton_bit_identical_to_cpu(name):
     if torch.cuda.is_available():
         pytest.skip("covered by the gpu test on CUDA tensors")
-    a = _run_config(CONFIGS[name], "cpu")
-    b = _run_config(CONFIGS[name], "triton")
+    # small batch: the interpreter runs each program in numpy (the GPU test runs B=300, L=517)
+    a = _run_config(CONFIGS[name], "cpu", B=7)
+    b = _run_config(CONFIGS[name], "triton", B=7)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
@@ -455,14 +455,15 @@ def _bad(**kw):
         (dict(mask_replace_prob=float("nan")), ValueError, "mask_replace_prob"),
         (dict(random_replace_prob=2.0), ValueError, "random_replace_prob"),
         (dict(mask_replace_prob=0.8, random_replace_prob=0.3), ValueError, r"mask_replace_prob \+ random_replace_prob"),
-        (dict(vocab_size=103), ValueError, "vocab_size .* must be greater than every special token id"),
+        (dict(vocab_size=1000, mask_token_id=5, special_token_ids=[0, 5000]), ValueError,
+         "vocab_size .* must be greater than every special token id"),
         (dict(vocab_size=0), ValueError, "vocab_size must be >= 1"),
         (dict(mask_token_id=V), ValueError, "mask_token_id must be in"),
         (dict(mask_token_id=-1), ValueError, "mask_token_id must be in"),
         (dict(input_ids=torch.tensor([[1.0, 2.0]])), TypeError, "input_ids must be int32 or int64"),
         (dict(input_ids=torch.tensor([1, 2, 3])), ValueError, "input_ids must be 2-D"),
         (dict(input_ids=[[1, 2]]), TypeError, "input_ids must be a torch.Tensor"),
-        (dict(attention_mask=torch.ones(1, 5)), ValueError, "attention_mask must have input_ids' shape"),
+        (dict(attention_mask=torch.ones(1, 5, dtype=torch.long)), ValueError, "attention_mask must have input_ids' shape"),
         (dict(attention_mask=torch.ones(1, 4)), TypeError, "attention_mask must be bool or an integer dtype"),
         (dict(special_tokens_mask=torch.ones(2, 4, dtype=torch.bool)), ValueError, "special_tokens_mask must have"),
         (dict(labels=torch.ones(1, 3, dtype=torch.long)), ValueError, "labels must have input_ids' shape"),

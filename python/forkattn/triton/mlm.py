@@ -24,7 +24,7 @@ def _lane(r0, r1, r2, r3, lane):
 
 @triton.jit
 def _load_token(b, l, inb, in_ptr, in_sb, in_sl, sm_ptr, sm_sb, sm_sl, am_ptr, am_sb, am_sl,
-                li_ptr, li_sb, li_sl, wi_ptr, wi_sb, wi_sl, special_ptr, n_special,
+                li_ptr, li_sb, li_sl, wi_ptr, wi_sb, wi_sl, special_ptr, N_SPECIAL: tl.constexpr,
                 HAS_SM: tl.constexpr, HAS_AM: tl.constexpr, HAS_LI: tl.constexpr, HAS_WI: tl.constexpr):
     """(id, eligible, word id) of tokens l of row b; eligible is False outside the row."""
     l64 = l.to(tl.int64)
@@ -36,7 +36,7 @@ def _load_token(b, l, inb, in_ptr, in_sb, in_sl, sm_ptr, sm_sb, sm_sl, am_ptr, a
         ok = ok & (tl.load(sm_ptr + b * sm_sb + l64 * sm_sl, mask=inb, other=0) == 0)
     if HAS_LI:
         ok = ok & (tl.load(li_ptr + b * li_sb + l64 * li_sl, mask=inb, other=0) != -100)
-    for i in range(n_special):
+    for i in tl.static_range(N_SPECIAL):
         ok = ok & (ids != tl.load(special_ptr + i))
     wid = ids * 0 - 1
     if HAS_WI:
@@ -46,13 +46,14 @@ def _load_token(b, l, inb, in_ptr, in_sb, in_sl, sm_ptr, sm_sb, sm_sl, am_ptr, a
 
 
 @triton.jit(do_not_specialize=["L", "mask_token_id", "seed", "t_select", "t_mask", "t_random", "n_random",
-                               "min_masked", "n_special", "n_excl"])
+                               "min_masked"])
 def _mlm_mask_kernel(
     in_ptr, in_sb, in_sl, out_ptr, out_sb, out_sl, lab_ptr, lab_sb, lab_sl,
     sm_ptr, sm_sb, sm_sl, am_ptr, am_sb, am_sl, li_ptr, li_sb, li_sl, wi_ptr, wi_sb, wi_sl,
-    special_ptr, n_special, excl_ptr, n_excl,
+    special_ptr, excl_ptr,
     L, mask_token_id, seed, t_select, t_mask, t_random, n_random, min_masked,
     HAS_SM: tl.constexpr, HAS_AM: tl.constexpr, HAS_LI: tl.constexpr, HAS_WI: tl.constexpr,
+    N_SPECIAL: tl.constexpr, N_EXCL: tl.constexpr,  # lengths of the id lists (a handful; unrolled loops)
     RANKED: tl.constexpr, EXACT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
@@ -67,7 +68,7 @@ def _mlm_mask_kernel(
     t_rnd = t_random.to(tl.int64)
     n_rnd = n_random.to(tl.uint64)
     ids, ok, wid = _load_token(b, l, inb, in_ptr, in_sb, in_sl, sm_ptr, sm_sb, sm_sl, am_ptr, am_sb, am_sl,
-                               li_ptr, li_sb, li_sl, wi_ptr, wi_sb, wi_sl, special_ptr, n_special,
+                               li_ptr, li_sb, li_sl, wi_ptr, wi_sb, wi_sl, special_ptr, N_SPECIAL,
                                HAS_SM, HAS_AM, HAS_LI, HAS_WI)
     zero = l * 0
     bc = zero + b.to(tl.int32)  # counter c1 = b
@@ -88,7 +89,7 @@ def _mlm_mask_kernel(
         if HAS_WI:
             _pid, pok, pwid = _load_token(b, l - 1, inb & (l > 0), in_ptr, in_sb, in_sl, sm_ptr, sm_sb, sm_sl,
                                           am_ptr, am_sb, am_sl, li_ptr, li_sb, li_sl, wi_ptr, wi_sb, wi_sl,
-                                          special_ptr, n_special, HAS_SM, HAS_AM, HAS_LI, HAS_WI)
+                                          special_ptr, N_SPECIAL, HAS_SM, HAS_AM, HAS_LI, HAS_WI)
             unit = ok & ((l == 0) | ~pok | (pwid != wid))
         else:
             unit = ok
@@ -103,16 +104,18 @@ def _mlm_mask_kernel(
         if k != below:
             # k-th smallest composite: the largest x with #(comp < x) < k, built bit by bit
             kth = tl.sum(comp * 0, axis=0)
-            for i in range(64):
-                trial = kth | (tl.full((), 1, tl.uint64) << (63 - i).to(tl.uint64))
+            bit = tl.full((), 1 << 63, tl.uint64)
+            for _ in range(64):
+                trial = kth | bit
                 cnt = tl.sum((unit & (comp < trial)).to(tl.int64), axis=0)
                 kth = tl.where(cnt < k, trial, kth)
+                bit = bit >> 1
             sel = ok & (k > 0) & (comp <= kth)
     # fates: counter (l, b, 1, 0)
     f0, f1, _f2, _f3 = tl.philox(seed, l, bc, zero + 1, zero)
     fate = f0.to(tl.int64)
     j = ((f1.to(tl.uint64) * n_rnd) >> 32).to(tl.int64)
-    for i in range(n_excl):
+    for i in tl.static_range(N_EXCL):
         j += (j >= tl.load(excl_ptr + i)).to(tl.int64)
     repl = tl.where(fate < t_msk, mask_token_id.to(tl.int64), tl.where(fate >= t_rnd, ids, j))
     new = tl.where(sel, repl, ids)
@@ -164,10 +167,9 @@ def mlm_mask_triton(input_ids, out, out_labels, special_tokens_mask, attention_m
         input_ids, input_ids.stride(0), input_ids.stride(1), out, out.stride(0), out.stride(1),
         out_labels, out_labels.stride(0), out_labels.stride(1),
         sm, sm_sb, sm_sl, am, am_sb, am_sl, li, li_sb, li_sl, wi, wi_sb, wi_sl,
-        _id_table(special_ids, input_ids.device), len(special_ids),
-        _id_table(excluded_ids, input_ids.device), len(excluded_ids),
+        _id_table(special_ids, input_ids.device), _id_table(excluded_ids, input_ids.device),
         L, mask_token_id, seed, t_select, t_mask, t_random, n_random, min_masked,
         HAS_SM=special_tokens_mask is not None, HAS_AM=attention_mask is not None, HAS_LI=labels is not None,
-        HAS_WI=word_ids is not None, RANKED=ranked, EXACT=bool(exact), BLOCK=block,
+        HAS_WI=word_ids is not None, N_SPECIAL=len(special_ids), N_EXCL=len(excluded_ids), RANKED=ranked, EXACT=bool(exact), BLOCK=block,
         num_warps=4 if block <= 1024 else 8,
     )
