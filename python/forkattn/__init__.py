@@ -6,6 +6,8 @@ from .attention import attention, select_backend
 from .attention import attention_varlen
 from .backends import BackendUnavailableError, available_backends
 from . import reference
+from .mlm import mlm_mask
+from . import data
 
 __version__ = _config.VERSION
 
@@ -38,4 +40,6 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "reference",
+    "mlm_mask",
+    "data",
 ]
