@@ -352,15 +352,24 @@ class KVCache:
                 raise IndexError(f"batch_index {i} is out of range for batch_size {self.batch_size}")
         self.seqlens[torch.tensor(idx, dtype=torch.int64, device=self.device)] = 0
 
-    def plan(self, num_heads: int, num_new_tokens: int, backend: Optional[str] = None) -> Tuple[int, Tensor, Tensor]:
-        """Choose the split count for decode_attention with these q sizes and preallocate its workspace
-        (done on the first call automatically; call it before capturing a CUDA graph)."""
+    def plan(self, num_heads: int, num_new_tokens: int, backend: Optional[str] = None, *,
+             num_splits: Optional[int] = None) -> Tuple[int, Tensor, Tensor]:
+        """Choose the split count for decode_attention with these q sizes (num_heads, num_new_tokens)
+        and preallocate its workspace; returns (num_splits, o_partial, lse_partial). decode_attention
+        plans on its first call by itself; call this before capturing a CUDA graph, or to override
+        the heuristic's split count (num_splits, for tuning and tests; only cuda and triton split)."""
         _check_int("num_heads", num_heads)
         _check_int("num_new_tokens", num_new_tokens)
+        if num_splits is not None:
+            _check_int("num_splits", num_splits)
+            if num_splits > MAX_SPLITS:
+                raise ValueError(f"num_splits must be at most {MAX_SPLITS}, got {num_splits}")
         name = DECODE_BACKENDS.resolve(backend, self.device.type, dtype=self.dtype, head_dim=self.head_dim)
-        return self._plan(num_heads, num_new_tokens, name)
+        if num_splits is not None:
+            self._plans.pop((num_heads, num_new_tokens, name), None)
+        return self._plan(num_heads, num_new_tokens, name, num_splits)
 
-    def _plan(self, H: int, T: int, backend: str) -> Tuple[int, Tensor, Tensor]:
+    def _plan(self, H: int, T: int, backend: str, num_splits: Optional[int] = None) -> Tuple[int, Tensor, Tensor]:
         key = (H, T, backend)
         plan = self._plans.get(key)
         if plan is None:
@@ -368,8 +377,8 @@ class KVCache:
             if backend in ("cuda", "triton"):
                 group = H // self.num_kv_heads
                 row_blocks = -(-(group * T) // rows_per_program(group, T))
-                splits = num_splits_heuristic(_num_sms(self.device), self.batch_size, self.num_kv_heads,
-                                              row_blocks, self.max_seqlen)
+                splits = num_splits or num_splits_heuristic(_num_sms(self.device), self.batch_size,
+                                                            self.num_kv_heads, row_blocks, self.max_seqlen)
             n = splits if splits > 1 else 0
             o_ws = torch.empty((n, self.batch_size, H, T, self.head_dim), dtype=torch.float32, device=self.device)
             lse_ws = torch.empty((n, self.batch_size, H, T), dtype=torch.float32, device=self.device)
