@@ -135,7 +135,7 @@ def _kv_append_kernel(
     b = tl.program_id(0)
     L = tl.load(seqlens_ptr + b)
     # how many of the T tokens fit: up to the first position past max_seqlen or on a missing page
-    first_bad = T
+    first_bad = L * 0 + T  # a tensor from the start (T == 1 is specialized to a constexpr)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         pos = L + t
