@@ -78,10 +78,9 @@ def _triton_supports(*, device_type, dtype, head_dim, **_):
 
 
 def _append_supports_cuda(*, device_type, dtype, head_dim, **_):
+    # any dtype and head_dim: 16-byte copies when rows are aligned, element copies otherwise
     if device_type != "cuda":
         return f"runs CUDA tensors only, got {device_type} tensors"
-    if head_dim % 8 != 0 and dtype != torch.float32:
-        return f"head_dim must be a multiple of 8, got {head_dim}"
     return None
 
 
@@ -262,11 +261,6 @@ class KVCache:
         kind = f"paged page_size={self.page_size} num_pages={self.num_pages}" if self.paged else "contiguous"
         return (f"KVCache(batch_size={self.batch_size}, num_kv_heads={self.num_kv_heads}, max_seqlen="
                 f"{self.max_seqlen}, head_dim={self.head_dim}, dtype={self.dtype}, device={self.device}, {kind})")
-
-    # storage seen by the kernels as pages: (page_size, block_table)
-    @property
-    def kernel_page_size(self) -> int:
-        return self.page_size if self.paged else self.max_seqlen
 
     def capacity(self) -> Tensor:
         """int32 [B] on the device: how many tokens each sequence can hold (max_seqlen, or fewer when

@@ -11,7 +11,7 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from ..decode import APPEND_BACKENDS, DECODE_BACKENDS, KVCache, decode_attention
+from ..decode import DECODE_BACKENDS, KVCache, decode_attention
 from .core import Case
 
 GPU_SHAPES = [  # name, B, H, Hkv, D, context (or (lo, hi) for ragged), dtype
