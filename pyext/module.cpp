@@ -4,6 +4,7 @@
 #include "attention.h"
 #include "build.h"
 #include "mlm.h"
+#include "decode.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "forkattn native kernels (use the forkattn package, not this module)";
@@ -23,7 +24,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("t_select"), py::arg("t_mask"), py::arg("t_random"), py::arg("n_random"), py::arg("exact"), \
       py::arg("min_masked")
   m.def("mlm_mask_cpu", &forkattn::mlm_mask_cpu, "MLM 80/10/10 masking (CPU)", FORKATTN_MLM_PYARGS);
+  m.def("kv_append_cpu", &forkattn::kv_append_cpu, "KV-cache append in place (CPU)", py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("seqlens"), py::arg("block_table"), py::arg("k"), py::arg("v"),
+        py::arg("max_seqlen"));
+  m.def("decode_attention_cpu", &forkattn::decode_attention_cpu, "decode attention over a KV cache (CPU)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens"), py::arg("block_table"),
+        py::arg("o_partial"), py::arg("lse_partial"), py::arg("max_seqlen"), py::arg("num_splits"), py::arg("scale"));
 #ifdef FORKATTN_WITH_CUDA
   m.def("mlm_mask_cuda", &forkattn::mlm_mask_cuda, "MLM 80/10/10 masking (CUDA)", FORKATTN_MLM_PYARGS);
+  m.def("kv_append_cuda", &forkattn::kv_append_cuda, "KV-cache append in place (CUDA)", py::arg("k_cache"),
+        py::arg("v_cache"), py::arg("seqlens"), py::arg("block_table"), py::arg("k"), py::arg("v"),
+        py::arg("max_seqlen"));
+  m.def("decode_attention_cuda", &forkattn::decode_attention_cuda, "split-KV decode attention (CUDA)",
+        py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens"), py::arg("block_table"),
+        py::arg("o_partial"), py::arg("lse_partial"), py::arg("max_seqlen"), py::arg("num_splits"), py::arg("scale"));
 #endif
 }

@@ -8,6 +8,7 @@ from .backends import BackendUnavailableError, available_backends
 from . import reference
 from .mlm import mlm_mask
 from . import data
+from .decode import KVCache, KVCacheOverflowError, decode_attention
 
 __version__ = _config.VERSION
 
@@ -42,4 +43,7 @@ __all__ = [
     "reference",
     "mlm_mask",
     "data",
+    "KVCache",
+    "KVCacheOverflowError",
+    "decode_attention",
 ]
