@@ -1,0 +1,47 @@
+// Parameters of the fused attention kernels (forward and backward). Torch-free: raw pointers,
+// int64 strides in elements, sizes as int. Layout follows SDPA: q [B, H, Lq, D], k and v
+// [B, Hkv, Lk, D] with H % Hkv == 0; every tensor has stride 1 in D and 16-byte aligned rows
+// (the host glue copies inputs that are not). causal is bottom-right aligned: query i sees
+// key j iff j <= i + (Lk - Lq).
+#pragma once
+#include <cstdint>
+
+namespace forkattn::kernels {
+
+struct AttnFwdParams {
+  const void* q;  // [B, H, Lq, D], fp16 or bf16
+  const void* k;  // [B, Hkv, Lk, D]
+  const void* v;  // [B, Hkv, Lk, D]
+  const bool* key_padding_mask;  // [B, Lk], true = attend, stride 1 in Lk; nullptr = no mask
+  void* out;                     // [B, H, Lq, D], written (zeros on rows that see no key)
+  float* lse;  // [B, H, Lq] contiguous, natural log; +inf on rows that see no key.
+               // forward: written; backward: read
+
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t out_batch_stride, out_head_stride, out_row_stride;
+  int64_t mask_batch_stride;
+
+  int batch, heads, kv_heads;  // kv_heads divides heads (GQA/MQA)
+  int len_q, len_k, head_dim;  // head_dim in {32, 64, 128}
+  float scale;       // softmax scale (usually head_dim ** -0.5)
+  float scale_log2;  // scale * log2(e): the kernels work with exp2
+  bool causal;
+  bool is_bf16;  // element type: bf16 if true, else fp16
+};
+
+struct AttnBwdParams : AttnFwdParams {
+  const void* dout;  // [B, H, Lq, D], gradient of out (out itself is AttnFwdParams::out, read)
+  void* dq;          // [B, H, Lq, D], written
+  void* dk;          // [B, Hkv, Lk, D], written (summed over the query heads of a group)
+  void* dv;          // [B, Hkv, Lk, D], written
+  float* delta;      // [B, H, Lq] contiguous workspace: rowsum(dout * out)
+
+  int64_t dout_batch_stride, dout_head_stride, dout_row_stride;
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+};
+
+}  // namespace forkattn::kernels
