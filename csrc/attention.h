@@ -18,6 +18,11 @@ struct AttnSizes {
 AttnSizes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& key_padding_mask);
 
+// check_attention_inputs plus the backward's dout, out (q's shape and dtype) and lse.
+AttnSizes check_attention_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const std::optional<at::Tensor>& key_padding_mask);
+
 // Allocates a [B, H, L, D] tensor whose memory is [B, L, H, D], so that
 // out.transpose(1, 2).reshape(B, L, H * D) is a view.
 at::Tensor empty_bhld(const at::Tensor& like, int64_t B, int64_t H, int64_t L, int64_t D);
@@ -30,6 +35,17 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 
 // Returns (dq, dk, dv) with the shapes of q, k, v.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal, double scale);
+
+// CUDA versions (csrc/cuda/attention_cuda.cpp, CUDA builds only): fp16/bf16, head_dim 32, 64
+// or 128, sm_80 or newer; same contract as the CPU ones. Deterministic (no atomics).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& key_padding_mask,
+                                                      bool causal, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, double scale);

@@ -14,4 +14,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd_cpu", &forkattn::attention_bwd_cpu, "fused attention backward (CPU): (dq, dk, dv)",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"));
+#ifdef FORKATTN_WITH_CUDA
+  m.def("attention_fwd_cuda", &forkattn::attention_fwd_cuda, "fused attention forward (CUDA): (out, lse)",
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
+        py::arg("scale"));
+  m.def("attention_bwd_cuda", &forkattn::attention_bwd_cuda, "fused attention backward (CUDA): (dq, dk, dv)",
+        py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
+        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"));
+#endif
 }

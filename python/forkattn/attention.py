@@ -9,6 +9,7 @@ forkattn.reference.attention, plain PyTorch.
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -16,7 +17,7 @@ from torch import Tensor
 
 from . import reference
 from ._native import _C
-from .backends import native_available, op_backends
+from .backends import cuda_available, native_available, op_backends
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,7 +27,10 @@ class AttentionImpl(NamedTuple):
     bwd: object
 
 
-BACKENDS = op_backends("attention", {"cpu": ["cpu"], "cuda": ["cuda", "triton"]})
+# The hand-written CUDA kernels ("cuda") are opt-in until verified on a GPU: backend="cuda"
+# names them, FORKATTN_PREFER_CUDA_ATTENTION=1 (read at import) puts them first for backend=None.
+PREFER_CUDA = os.environ.get("FORKATTN_PREFER_CUDA_ATTENTION", "0") == "1"
+BACKENDS = op_backends("attention", {"cpu": ["cpu"], "cuda": ["cuda", "triton"] if PREFER_CUDA else ["triton"]})
 
 
 def _cpu_supports(*, device_type, dtype, head_dim, **_):
@@ -43,6 +47,28 @@ BACKENDS.register(
     available=native_available,
     supports=_cpu_supports,
     impl=AttentionImpl(_C.attention_fwd_cpu, _C.attention_bwd_cpu),
+)
+
+
+CUDA_HEAD_DIMS = (32, 64, 128)
+
+
+def _cuda_supports(*, device_type, dtype, head_dim, **_):
+    if device_type != "cuda":
+        return f"runs CUDA tensors only, got {device_type} tensors"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"runs float16 and bfloat16 only, got {dtype}"
+    if head_dim not in CUDA_HEAD_DIMS:
+        return f"head_dim must be 32, 64 or 128, got {head_dim}"
+    return None
+
+
+BACKENDS.register(
+    "cuda",
+    available=cuda_available,
+    supports=_cuda_supports,
+    # present only in CUDA builds; cuda_available() says why not otherwise
+    impl=AttentionImpl(getattr(_C, "attention_fwd_cuda", None), getattr(_C, "attention_bwd_cuda", None)),
 )
 
 
@@ -185,6 +211,10 @@ def attention(
         gradients. Hkv may divide H (GQA/MQA). scale defaults to head_dim ** -0.5.
     backend: None picks the fastest backend for the device, dtype and head_dim; or one of
         "eager", "cpu", "triton", "cuda" (an error names why a named backend cannot run).
+        "cuda" (hand-written tensor-core kernels: CUDA builds, sm_80+, float16/bfloat16,
+        head_dim 32/64/128; deterministic backward, no atomics) is opt-in for now: name it, or
+        set FORKATTN_PREFER_CUDA_ATTENTION=1 before importing forkattn to make backend=None
+        prefer it on CUDA tensors.
     The output is [B, H, Lq, D] with [B, Lq, H, D] memory, so out.transpose(1, 2).reshape(B, Lq, H*D)
     is free. Strided inputs are read in place (only a non-unit stride in head_dim copies).
     """
