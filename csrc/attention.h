@@ -50,6 +50,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, double scale);
 
+// Varlen (packed sequences): q [total_q, H, D], k and v [total_k, Hkv, D], cu_seqlens int32 [B + 1]
+// on the device (their values are not validated here: that would need a host sync); returns
+// out [total_q, H, D] contiguous and lse float32 [H, total_q]; the backward returns contiguous
+// dq, dk, dv.
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                             int64_t max_seqlen_k, bool causal, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale);
+
 namespace cpu {
 // Kernels (csrc/cpu/attention_cpu.cpp). Inputs are already checked; out/lse and
 // dq/dk/dv are allocated by the caller and fully overwritten.

@@ -62,12 +62,55 @@ void fill_fwd(AttnFwdParams& p, const at::Tensor& q, const at::Tensor& k, const 
     p.key_padding_mask = nullptr;
     p.mask_batch_stride = 0;
   }
+  p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);  // lse [B, H, Lq], stride 1 in Lq
+  p.cu_seqlens_q = nullptr, p.cu_seqlens_k = nullptr;
   p.batch = static_cast<int>(s.batch), p.heads = static_cast<int>(s.heads), p.kv_heads = static_cast<int>(s.kv_heads);
   p.len_q = static_cast<int>(s.len_q), p.len_k = static_cast<int>(s.len_k), p.head_dim = static_cast<int>(s.head_dim);
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.causal = causal;
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
+}
+
+void fill_bwd(AttnBwdParams& p, const at::Tensor& dout, const at::Tensor& dq, const at::Tensor& dk,
+              const at::Tensor& dv, const at::Tensor& delta) {
+  p.dout = dout.data_ptr();
+  p.dq = dq.data_ptr();
+  p.dk = dk.data_ptr();
+  p.dv = dv.data_ptr();
+  p.delta = delta.data_ptr<float>();
+  p.dout_batch_stride = dout.stride(0), p.dout_head_stride = dout.stride(1), p.dout_row_stride = dout.stride(2);
+  p.dq_batch_stride = dq.stride(0), p.dq_head_stride = dq.stride(1), p.dq_row_stride = dq.stride(2);
+  p.dk_batch_stride = dk.stride(0), p.dk_head_stride = dk.stride(1), p.dk_row_stride = dk.stride(2);
+  p.dv_batch_stride = dv.stride(0), p.dv_head_stride = dv.stride(1), p.dv_row_stride = dv.stride(2);
+}
+
+// Varlen: [total, H, D] -> a [1, H, total, D] view the padded code path understands.
+at::Tensor as_bhld(const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); }
+
+void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
+  FA_CHECK_DTYPE_NAMED(cu, name, at::kInt);
+  FA_CHECK_DIM_NAMED(cu, name, 1);
+  FA_CHECK_DEVICE_NAMED(cu, name, q.device());
+  TORCH_CHECK_VALUE(cu.numel() >= 2, name, " must have batch + 1 >= 2 entries, got ", cu.numel());
+}
+
+// Turns padded-batch params of the [1, H, total, D] views into varlen params.
+void make_varlen(AttnFwdParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
+  TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
+                    cu_q.numel(), " and ", cu_k.numel());
+  TORCH_CHECK_VALUE(cu_q.numel() - 1 <= 65535, "the cuda backend takes at most 65535 sequences, got ", cu_q.numel() - 1);
+  TORCH_CHECK_VALUE(max_q >= 0 && max_k >= 0 && max_q <= INT_MAX - 256 && max_k <= INT_MAX - 256,
+                    "max_seqlen_q and max_seqlen_k must be in [0, 2^31 - 256], got ", max_q, " and ", max_k);
+  TORCH_CHECK_VALUE(p.len_q == 0 || max_q > 0, "max_seqlen_q must be at least 1 when q has rows");
+  TORCH_CHECK_VALUE(p.len_k == 0 || max_k > 0, "max_seqlen_k must be at least 1 when k has rows");
+  p.cu_seqlens_q = cu_q.data_ptr<int>();
+  p.cu_seqlens_k = cu_k.data_ptr<int>();
+  p.batch = static_cast<int>(cu_q.numel() - 1);
+  p.len_q = static_cast<int>(max_q);
+  p.len_k = static_cast<int>(max_k);
+  p.q_batch_stride = p.k_batch_stride = p.v_batch_stride = p.out_batch_stride = 0;
+  p.lse_batch_stride = 0;
 }
 
 void check_launch(cudaError_t err, const char* what) {
@@ -116,16 +159,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor delta = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));
   AttnBwdParams p{};
   fill_fwd(p, q, k, v, key_padding_mask, out, lse, s, causal, scale);
-  p.dout = dout.data_ptr();
-  p.dq = dq.data_ptr();
-  p.dk = dk.data_ptr();
-  p.dv = dv.data_ptr();
-  p.delta = delta.data_ptr<float>();
-  p.dout_batch_stride = dout.stride(0), p.dout_head_stride = dout.stride(1), p.dout_row_stride = dout.stride(2);
-  p.dq_batch_stride = dq.stride(0), p.dq_head_stride = dq.stride(1), p.dq_row_stride = dq.stride(2);
-  p.dk_batch_stride = dk.stride(0), p.dk_head_stride = dk.stride(1), p.dk_row_stride = dk.stride(2);
-  p.dv_batch_stride = dv.stride(0), p.dv_head_stride = dv.stride(1), p.dv_row_stride = dv.stride(2);
+  fill_bwd(p, dout, dq, dk, dv, delta);
   check_launch(kernels::attention_bwd(p, at::cuda::getCurrentCUDAStream()), "backward");
+  return {dq, dk, dv};
+}
+
+// --- varlen: packed sequences, cu_seqlens on the device (never read on the host) ---------------------
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                             const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
+                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                             int64_t max_seqlen_k, bool causal, double scale) {
+  FA_CHECK_DIM_NAMED(q_in, "q", 3);
+  FA_CHECK_DIM_NAMED(k_in, "k", 3);
+  FA_CHECK_DIM_NAMED(v_in, "v", 3);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_in);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_in);
+  const at::Tensor q4 = as_bhld(q_in), k4 = as_bhld(k_in), v4 = as_bhld(v_in);
+  const AttnSizes s = check_attention_inputs(q4, k4, v4, std::nullopt);
+  check_cuda_limits(q_in, s);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor out = at::empty_like(q_in, at::MemoryFormat::Contiguous);
+  at::Tensor lse = at::empty({s.heads, s.len_q}, q_in.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};
+  const at::Tensor q = as_bhld(rows_aligned(q_in)), k = as_bhld(rows_aligned(k_in)), v = as_bhld(rows_aligned(v_in));
+  AttnFwdParams p{};
+  fill_fwd(p, q, k, v, std::nullopt, as_bhld(out), lse.unsqueeze(0), s, causal, scale);
+  make_varlen(p, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k);
+  check_launch(kernels::attention_fwd(p, at::cuda::getCurrentCUDAStream()), "varlen forward");
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
+    const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
+  for (const auto& [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&q_in, "q"}, std::pair{&k_in, "k"},
+                                std::pair{&v_in, "v"}, std::pair{&out_in, "out"}}) {
+    FA_CHECK_DIM_NAMED((*t), name, 3);
+  }
+  FA_CHECK_DIM_NAMED(lse_in, "lse", 2);
+  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_in);
+  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_in);
+  const AttnSizes s = check_attention_bwd_inputs(as_bhld(dout_in), as_bhld(q_in), as_bhld(k_in), as_bhld(v_in),
+                                                 as_bhld(out_in), lse_in.unsqueeze(0), std::nullopt);
+  check_cuda_limits(q_in, s);
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  at::Tensor dq = at::empty_like(q_in, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::empty_like(k_in, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v_in, at::MemoryFormat::Contiguous);
+  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
+  if (s.len_q == 0 || s.len_k == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  const at::Tensor q = as_bhld(rows_aligned(q_in)), k = as_bhld(rows_aligned(k_in)), v = as_bhld(rows_aligned(v_in));
+  const at::Tensor out = as_bhld(rows_aligned(out_in)), dout = as_bhld(rows_aligned(dout_in));
+  const at::Tensor lse = lse_in.contiguous().unsqueeze(0);
+  at::Tensor delta = at::empty({1, s.heads, s.len_q}, q.options().dtype(at::kFloat));
+  AttnBwdParams p{};
+  fill_fwd(p, q, k, v, std::nullopt, out, lse, s, causal, scale);
+  fill_bwd(p, dout, as_bhld(dq), as_bhld(dk), as_bhld(dv), delta);
+  make_varlen(p, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k);
+  p.dout_batch_stride = p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0;
+  check_launch(kernels::attention_bwd(p, at::cuda::getCurrentCUDAStream()), "varlen backward");
   return {dq, dk, dv};
 }
 

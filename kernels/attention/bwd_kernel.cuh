@@ -20,12 +20,15 @@ namespace forkattn::kernels::attn {
 template <typename T, int D>
 __global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const AttnBwdParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row = blockIdx.x * 4 + warp, h = blockIdx.y, b = blockIdx.z;
-  if (row >= p.len_q) return;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const Sequence seq = sequence(p, b);
+  const int row = blockIdx.x * 4 + warp;
+  if (row >= seq.len_q) return;
+  const int64_t qrow = seq.q_start + row;
   const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride +
-                  row * p.dout_row_stride;
+                  qrow * p.dout_row_stride;
   const T* out = static_cast<const T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride +
-                 row * p.out_row_stride;
+                 qrow * p.out_row_stride;
   float sum = 0.f;
 #pragma unroll
   for (int d = lane * 2; d < D; d += 64) {
@@ -35,7 +38,7 @@ __global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const AttnBwdP
   }
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if (lane == 0) p.delta[(static_cast<int64_t>(b) * p.heads + h) * p.len_q + row] = sum;
+  if (lane == 0) p.delta[b * p.lse_batch_stride + h * p.lse_head_stride + qrow] = sum;
 }
 
 // --- 2. dq --------------------------------------------------------------------------------------
@@ -62,26 +65,31 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.heads / p.kv_heads);
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const Sequence seq = sequence(p, b);
+  const int len_q = seq.len_q, len_k = seq.len_k;
+  if (m0 >= len_q) return;  // varlen: this sequence is shorter than the grid
+  const int64_t q_row0 = seq.q_start, k_row0 = seq.k_start;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + q_row0 * p.q_row_stride;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride +
+                  q_row0 * p.dout_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + k_row0 * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + k_row0 * p.v_row_stride;
   const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr;
-  const int offset = p.len_k - p.len_q;
+  const int offset = len_k - len_q;
 
-  int n_tiles = cdiv(p.len_k, BN);
+  int n_tiles = cdiv(len_k, BN);
   if constexpr (CAUSAL) {
     const int last_key = m0 + BM - 1 + offset;
     n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
   }
 
-  load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, p.len_q, tid);
-  load_tile_async<BM, D, NT>(sdO, dout, p.dout_row_stride, m0, p.len_q, tid);
+  load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
+  load_tile_async<BM, D, NT>(sdO, dout, p.dout_row_stride, m0, len_q, tid);
   cp_async_commit();
-  int n = next_key_tile<BN, NT>(0, n_tiles, mask, p.len_k, sBias, tid);
+  int n = next_key_tile<BN, NT>(0, n_tiles, mask, len_k, sBias, tid);
   if (n < n_tiles) {
-    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, p.len_k, tid);
-    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, p.len_k, tid);
+    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, len_k, tid);
+    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, len_k, tid);
   }
   cp_async_commit();
 
@@ -91,19 +99,19 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row_base + r * 8;
-    const int64_t i = (static_cast<int64_t>(b) * p.heads + h) * p.len_q + row;
-    lse2[r] = row < p.len_q ? p.lse[i] * kLog2e : INFINITY;
-    delta[r] = row < p.len_q ? p.delta[i] : 0.f;
+    const int64_t i = b * p.lse_batch_stride + h * p.lse_head_stride + q_row0 + row;
+    lse2[r] = row < len_q ? p.lse[i] * kLog2e : INFINITY;
+    delta[r] = row < len_q ? p.delta[i] : 0.f;
   }
   float dq[D / 8][4];
   zero(dq);
 
   int stage = 0;
   while (n < n_tiles) {
-    const int next = next_key_tile<BN, NT>(n + 1, n_tiles, mask, p.len_k, sBias + (stage ^ 1) * BN, tid);
+    const int next = next_key_tile<BN, NT>(n + 1, n_tiles, mask, len_k, sBias + (stage ^ 1) * BN, tid);
     if (next < n_tiles) {
-      load_tile_async<BN, D, NT>(sK + (stage ^ 1) * BN * ROW, k, p.k_row_stride, next * BN, p.len_k, tid);
-      load_tile_async<BN, D, NT>(sV + (stage ^ 1) * BN * ROW, v, p.v_row_stride, next * BN, p.len_k, tid);
+      load_tile_async<BN, D, NT>(sK + (stage ^ 1) * BN * ROW, k, p.k_row_stride, next * BN, len_k, tid);
+      load_tile_async<BN, D, NT>(sV + (stage ^ 1) * BN * ROW, v, p.v_row_stride, next * BN, len_k, tid);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -142,8 +150,8 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
 
   stage_rows<T, D>(sQ, warp * 16, dq, p.scale, p.scale, lane);
   __syncthreads();
-  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
-  store_tile<BM, D, NT>(dq_out, p.dq_row_stride, m0, p.len_q, sQ, tid);
+  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride + q_row0 * p.dq_row_stride;
+  store_tile<BM, D, NT>(dq_out, p.dq_row_stride, m0, len_q, sQ, tid);
 }
 
 // --- 3. dk, dv ----------------------------------------------------------------------------------
@@ -152,8 +160,8 @@ template <int D>
 struct DkvConfig {
   static constexpr int kBlockN = 64, kBlockM = (D == 128 ? 32 : 64), kWarps = 4, kThreads = kWarps * 32;
   static constexpr int kRow = Smem<D>::kRow;
-  // K, V, 2 stages of Q and dO, 2 stages of lse and delta
-  static constexpr size_t kSmem = (2 * kBlockN + 4 * kBlockM) * kRow * 2 + 4 * kBlockM * sizeof(float);
+  // K, V, 2 stages of Q and dO, 2 stages of lse, delta and tile row
+  static constexpr size_t kSmem = (2 * kBlockN + 4 * kBlockM) * kRow * 2 + 4 * kBlockM * sizeof(float) + 2 * sizeof(int);
 };
 
 template <typename T, int D, bool CAUSAL>
@@ -168,51 +176,63 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
   T* sdO = sQ + 2 * BM * ROW;  // [2][BM][ROW]
   float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * ROW);  // [2][BM], log2 units
   float* sDelta = sLse + 2 * BM;                               // [2][BM]
+  int* sTileRow = reinterpret_cast<int*>(sDelta + 2 * BM);     // [2]: first query row of each stage
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int n0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
   const int group = p.heads / p.kv_heads;
+  const Sequence seq = sequence(p, b);
+  const int len_q = seq.len_q, len_k = seq.len_k;
+  if (n0 >= len_k) return;  // varlen: this sequence is shorter than the grid
+  const int64_t q_row0 = seq.q_start, k_row0 = seq.k_start;
   const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr;
-  const int offset = p.len_k - p.len_q;
-  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride;
-  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride;
+  const int offset = len_k - len_q;
+  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_batch_stride + hk * p.dk_head_stride + k_row0 * p.dk_row_stride;
+  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_batch_stride + hk * p.dv_head_stride + k_row0 * p.dv_row_stride;
 
   // Query tiles that can see a key of this tile, per query head of the group.
-  const int m_tiles = cdiv(p.len_q, BM);
+  const int m_tiles = cdiv(len_q, BM);
   const int m_begin = CAUSAL ? max(0, n0 - offset) / BM : 0;  // query n0 - offset is the first to see key n0
   const int per_head = max(0, m_tiles - m_begin);
   const int total = group * per_head;
   const bool tile_visible = (mask == nullptr)
                                 ? true
-                                : __syncthreads_or(tid < BN && n0 + tid < p.len_k && mask[n0 + tid]);
+                                : __syncthreads_or(tid < BN && n0 + tid < len_k && mask[n0 + tid]);
   if (!tile_visible || total == 0) {  // no query sees these keys: zero gradients
-    store_zeros<BN, D, NT, T>(dk_out, p.dk_row_stride, n0, p.len_k, tid);
-    store_zeros<BN, D, NT, T>(dv_out, p.dv_row_stride, n0, p.len_k, tid);
+    store_zeros<BN, D, NT, T>(dk_out, p.dk_row_stride, n0, len_k, tid);
+    store_zeros<BN, D, NT, T>(dv_out, p.dv_row_stride, n0, len_k, tid);
     return;
   }
 
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
-  load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n0, p.len_k, tid);
-  load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n0, p.len_k, tid);
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + k_row0 * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + k_row0 * p.v_row_stride;
+  load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n0, len_k, tid);
+  load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n0, len_k, tid);
   cp_async_commit();
 
-  // Q, dO, lse and delta of iteration `it` (query head, query tile) into stage `st`.
-  auto load_q_tile = [&](int it, int st) {
-    const int hq = hk * group + it / per_head;
-    const int m0 = (m_begin + it % per_head) * BM;
-    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + hq * p.q_head_stride;
-    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + hq * p.dout_head_stride;
-    load_tile_async<BM, D, NT>(sQ + st * BM * ROW, q, p.q_row_stride, m0, p.len_q, tid);
-    load_tile_async<BM, D, NT>(sdO + st * BM * ROW, dout, p.dout_row_stride, m0, p.len_q, tid);
+  // Q, dO, lse and delta of the next (query head, query tile) into stage `st`; heads of the group
+  // outer, query tiles inner. Counters instead of it / per_head keep the register count down.
+  int next_head = hk * group, next_mt = m_begin;
+  auto load_q_tile = [&](int st) {
+    const int m0 = next_mt * BM;
+    const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + next_head * p.q_head_stride + q_row0 * p.q_row_stride;
+    const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + next_head * p.dout_head_stride +
+                    q_row0 * p.dout_row_stride;
+    load_tile_async<BM, D, NT>(sQ + st * BM * ROW, q, p.q_row_stride, m0, len_q, tid);
+    load_tile_async<BM, D, NT>(sdO + st * BM * ROW, dout, p.dout_row_stride, m0, len_q, tid);
     if (tid < BM) {
       const int row = m0 + tid;
-      const int64_t i = (static_cast<int64_t>(b) * p.heads + hq) * p.len_q + row;
-      sLse[st * BM + tid] = row < p.len_q ? p.lse[i] * kLog2e : INFINITY;
-      sDelta[st * BM + tid] = row < p.len_q ? p.delta[i] : 0.f;
+      const int64_t i = b * p.lse_batch_stride + next_head * p.lse_head_stride + q_row0 + row;
+      sLse[st * BM + tid] = row < len_q ? p.lse[i] * kLog2e : INFINITY;
+      sDelta[st * BM + tid] = row < len_q ? p.delta[i] : 0.f;
+    }
+    if (tid == 0) sTileRow[st] = m0;
+    if (++next_mt == m_tiles) {
+      next_mt = m_begin;
+      ++next_head;
     }
   };
-  load_q_tile(0, 0);
+  load_q_tile(0);
   cp_async_commit();
 
   const int g = lane >> 2, t = lane & 3;
@@ -221,7 +241,7 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int key = key_base + r * 8;
-    key_bias[r] = key < p.len_k && (mask == nullptr || mask[key]) ? 0.f : -INFINITY;
+    key_bias[r] = key < len_k && (mask == nullptr || mask[key]) ? 0.f : -INFINITY;
   }
   float dk[D / 8][4], dv[D / 8][4];
   zero(dk);
@@ -229,7 +249,7 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
 
   for (int it = 0; it < total; ++it) {
     const int stage = it & 1;
-    if (it + 1 < total) load_q_tile(it + 1, stage ^ 1);
+    if (it + 1 < total) load_q_tile(stage ^ 1);
     cp_async_commit();
     cp_async_wait<1>();
     __syncthreads();
@@ -238,7 +258,7 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
     const T* sdOs = sdO + stage * BM * ROW;
     const float* lse2 = sLse + stage * BM;
     const float* delta = sDelta + stage * BM;
-    const int m0 = (m_begin + it % per_head) * BM;
+    const int m0 = sTileRow[stage];
     float st[BM / 8][4], dpt[BM / 8][4];  // S^T and dP^T: rows are this warp's keys
     zero(st);
     zero(dpt);
@@ -269,8 +289,8 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
   stage_rows<T, D>(sK, warp * 16, dk, p.scale, p.scale, lane);
   stage_rows<T, D>(sV, warp * 16, dv, 1.f, 1.f, lane);
   __syncthreads();
-  store_tile<BN, D, NT>(dk_out, p.dk_row_stride, n0, p.len_k, sK, tid);
-  store_tile<BN, D, NT>(dv_out, p.dv_row_stride, n0, p.len_k, sV, tid);
+  store_tile<BN, D, NT>(dk_out, p.dk_row_stride, n0, len_k, sK, tid);
+  store_tile<BN, D, NT>(dv_out, p.dv_row_stride, n0, len_k, sV, tid);
 }
 
 template <typename T, int D>

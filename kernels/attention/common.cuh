@@ -273,6 +273,18 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The rows of batch entry b: the whole padded batch entry, or one packed sequence (varlen).
+struct Sequence {
+  int q_start, k_start;  // first row in q and in k (0 unless varlen)
+  int len_q, len_k;
+};
+template <typename Params>
+__device__ __forceinline__ Sequence sequence(const Params& p, int b) {
+  if (p.cu_seqlens_q == nullptr) return {0, 0, p.len_q, p.len_k};
+  const int qs = p.cu_seqlens_q[b], ks = p.cu_seqlens_k[b];
+  return {qs, ks, p.cu_seqlens_q[b + 1] - qs, p.cu_seqlens_k[b + 1] - ks};
+}
+
 // Dynamic shared memory above 48 KB needs an opt-in per kernel.
 template <typename Kernel>
 inline cudaError_t set_smem(Kernel kernel, size_t bytes) {

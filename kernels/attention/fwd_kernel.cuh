@@ -1,5 +1,5 @@
-// Forward: one block of 4 warps per (64-query tile, head, batch); each warp owns 16 query
-// rows. K/V tiles of 64 keys stream through shared memory in two cp.async stages; key tiles
+// Forward: one block of 4 warps per (64-query tile, head, batch entry or packed sequence); each
+// warp owns 16 query rows. K/V tiles of 64 keys stream through shared memory in two cp.async stages; key tiles
 // with no visible key (padding, or past the causal limit) are never loaded. Online softmax
 // in base 2 with fp32 accumulators; only lse is stored for the backward pass.
 #pragma once
@@ -30,24 +30,27 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
   const int hk = h / (p.heads / p.kv_heads);
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride;
+  const Sequence seq = sequence(p, b);
+  const int len_q = seq.len_q, len_k = seq.len_k;
+  if (m0 >= len_q) return;  // varlen: this sequence is shorter than the grid
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + seq.q_start * p.q_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + seq.k_start * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + seq.k_start * p.v_row_stride;
   const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr;
-  const int offset = p.len_k - p.len_q;  // causal: query i sees key j iff j <= i + offset
+  const int offset = len_k - len_q;  // causal: query i sees key j iff j <= i + offset
 
-  int n_tiles = cdiv(p.len_k, BN);
+  int n_tiles = cdiv(len_k, BN);
   if constexpr (CAUSAL) {
     const int last_key = m0 + BM - 1 + offset;  // the last key any row of this tile sees
     n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
   }
 
-  load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, p.len_q, tid);
+  load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
   cp_async_commit();
-  int n = next_key_tile<BN, NT>(0, n_tiles, mask, p.len_k, sBias, tid);
+  int n = next_key_tile<BN, NT>(0, n_tiles, mask, len_k, sBias, tid);
   if (n < n_tiles) {
-    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, p.len_k, tid);
-    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, p.len_k, tid);
+    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, len_k, tid);
+    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, len_k, tid);
   }
   cp_async_commit();
 
@@ -61,10 +64,10 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
   int stage = 0;
   while (n < n_tiles) {
     // prefetch the next visible tile into the other stage while this one is computed
-    const int next = next_key_tile<BN, NT>(n + 1, n_tiles, mask, p.len_k, sBias + (stage ^ 1) * BN, tid);
+    const int next = next_key_tile<BN, NT>(n + 1, n_tiles, mask, len_k, sBias + (stage ^ 1) * BN, tid);
     if (next < n_tiles) {
-      load_tile_async<BN, D, NT>(sK + (stage ^ 1) * BN * ROW, k, p.k_row_stride, next * BN, p.len_k, tid);
-      load_tile_async<BN, D, NT>(sV + (stage ^ 1) * BN * ROW, v, p.v_row_stride, next * BN, p.len_k, tid);
+      load_tile_async<BN, D, NT>(sK + (stage ^ 1) * BN * ROW, k, p.k_row_stride, next * BN, len_k, tid);
+      load_tile_async<BN, D, NT>(sV + (stage ^ 1) * BN * ROW, v, p.v_row_stride, next * BN, len_k, tid);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -127,15 +130,15 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
     const float l = quad_sum(row_sum[r]);
     const int row = row_base + r * 8;
     mul[r] = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key writes zeros
-    if (t == 0 && row < p.len_q) {
-      p.lse[(static_cast<int64_t>(b) * p.heads + h) * p.len_q + row] =
+    if (t == 0 && row < len_q) {
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + row] =
           l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
     }
   }
   stage_rows<T, D>(sQ, warp * 16, acc, mul[0], mul[1], lane);  // each warp reuses its own Q rows
   __syncthreads();
-  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
-  store_tile<BM, D, NT>(out, p.out_row_stride, m0, p.len_q, sQ, tid);
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride + seq.q_start * p.out_row_stride;
+  store_tile<BM, D, NT>(out, p.out_row_stride, m0, len_q, sQ, tid);
 }
 
 template <typename T, int D>
