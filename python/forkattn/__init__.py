@@ -3,6 +3,7 @@ kernels for PyTorch, on CPU (C++), CUDA and Triton."""
 from . import _native
 from ._native import config as _config
 from .attention import attention, select_backend
+from .attention import attention_varlen
 from .backends import BackendUnavailableError, available_backends
 from . import reference
 
@@ -31,6 +32,7 @@ def build_info() -> dict:
 
 __all__ = [
     "attention",
+    "attention_varlen",
     "select_backend",
     "build_info",
     "available_backends",

@@ -4,7 +4,8 @@ Each backend provides `fwd(q, k, v, key_padding_mask, causal, scale) -> (out, ls
 `bwd(dout, q, k, v, out, lse, key_padding_mask, causal, scale) -> (dq, dk, dv)`, and is called
 through the custom ops forkattn::attention_fwd / forkattn::attention_bwd, so autograd,
 torch.compile and opcheck see one op whatever the backend. The "eager" backend is
-forkattn.reference.attention, plain PyTorch.
+forkattn.reference.attention, plain PyTorch; "triton" is forkattn/triton/attention.py, imported on
+its first call. attention_varlen (packed sequences) is a second op family at the end of this file.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from . import reference
 from ._native import _C
-from .backends import cuda_available, native_available, op_backends
+from .backends import cuda_available, native_available, op_backends, triton_available
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -69,6 +70,40 @@ BACKENDS.register(
     supports=_cuda_supports,
     # present only in CUDA builds; cuda_available() says why not otherwise
     impl=AttentionImpl(getattr(_C, "attention_fwd_cuda", None), getattr(_C, "attention_bwd_cuda", None)),
+)
+
+
+def _triton_supports(*, device_type, dtype, head_dim, **_):
+    from .triton import device_ok
+
+    why = device_ok(device_type)
+    if why is not None:
+        return why
+    if dtype not in FLOAT_DTYPES:
+        return f"runs float32, float16 and bfloat16, got {dtype}"
+    if head_dim > 256:
+        return f"head_dim must be at most 256, got {head_dim}"
+    return None
+
+
+def _triton_fn(name: str):
+    """A function that imports forkattn.triton.attention on its first call: importing forkattn
+    stays fast, and never fails, on machines where Triton is missing or broken."""
+
+    def call(*args):
+        from .triton import attention as kernels
+
+        return getattr(kernels, name)(*args)
+
+    call.__name__ = call.__qualname__ = f"triton_{name}"
+    return call
+
+
+BACKENDS.register(
+    "triton",
+    available=triton_available,
+    supports=_triton_supports,
+    impl=AttentionImpl(_triton_fn("attention_fwd"), _triton_fn("attention_bwd")),
 )
 
 
@@ -226,4 +261,247 @@ def attention(
     if key_padding_mask is not None:
         key_padding_mask = _stride1(key_padding_mask)
     out, _ = attention_fwd(_stride1(q), _stride1(k), _stride1(v), key_padding_mask, causal, scale, name)
+    return out
+
+
+# --- variable-length (packed) attention: the "attention_varlen" op family -------------------------
+#
+# FlashAttention's varlen convention: the sequences of a batch are packed along the first axis,
+# q [total_q, H, D], k and v [total_k, Hkv, D]; sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+# of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v. Causal is bottom-right aligned per sequence.
+# Backends: fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out [total_q, H, D],
+# lse float32 [H, total_q]); bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
+# -> (dq, dk, dv), contiguous.
+
+VARLEN_BACKENDS = op_backends(
+    "attention_varlen", {"cpu": ["cpu"], "cuda": ["cuda", "triton"] if PREFER_CUDA else ["triton"]}
+)
+
+
+def _seq_bounds(cu: Tensor):
+    c = cu.tolist()
+    return list(zip(c[:-1], c[1:]))
+
+
+def _per_sequence(q, k, cu_q, cu_k):
+    """(q rows, k rows) of each sequence; reads cu_seqlens on the host (CPU backends only)."""
+    return list(zip(_seq_bounds(cu_q), _seq_bounds(cu_k)))
+
+
+def _bhld(t: Tensor) -> Tensor:
+    """[L, H, D] rows of one sequence -> a [1, H, L, D] view."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
+def _cpu_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32)
+    for (qs, qe), (ks, ke) in _per_sequence(q, k, cu_q, cu_k):
+        if qe == qs or ke == ks:  # no query, or no key: zeros and +inf
+            continue
+        o, l = _C.attention_fwd_cpu(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), None, causal, scale)
+        out[qs:qe] = o[0].transpose(0, 1)
+        lse[:, qs:qe] = l[0]
+    return out, lse
+
+
+def _cpu_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
+    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
+    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
+    for (qs, qe), (ks, ke) in _per_sequence(q, k, cu_q, cu_k):
+        if qe == qs or ke == ks:
+            continue
+        g = _C.attention_bwd_cpu(
+            _bhld(dout[qs:qe]), _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), _bhld(out[qs:qe]),
+            lse[:, qs:qe].unsqueeze(0), None, causal, scale)
+        for dst, src, s, e in ((dq, g[0], qs, qe), (dk, g[1], ks, ke), (dv, g[2], ks, ke)):
+            dst[s:e] = src[0].transpose(0, 1)
+    return dq, dk, dv
+
+
+VARLEN_BACKENDS.register("eager", available=lambda: None, supports=lambda **_: None)
+VARLEN_BACKENDS.register(
+    "cpu", available=native_available, supports=_cpu_supports, impl=AttentionImpl(_cpu_varlen_fwd, _cpu_varlen_bwd)
+)
+VARLEN_BACKENDS.register(
+    "cuda",
+    available=cuda_available,
+    supports=_cuda_supports,
+    # cu_seqlens stay on the device: the kernels read them, the host never does
+    impl=AttentionImpl(getattr(_C, "attention_varlen_fwd_cuda", None), getattr(_C, "attention_varlen_bwd_cuda", None)),
+)
+VARLEN_BACKENDS.register(
+    "triton",
+    available=triton_available,
+    supports=_triton_supports,
+    impl=AttentionImpl(_triton_fn("attention_varlen_fwd"), _triton_fn("attention_varlen_bwd")),
+)
+
+
+def _check_cu_seqlens(name, cu, device) -> None:
+    if not isinstance(cu, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(cu).__name__}")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must have dtype torch.int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.numel() < 2:
+        raise ValueError(f"{name} must be 1-D [batch + 1] with at least 2 entries, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} must be on q's device {device}, got {cu.device}")
+
+
+def _check_cu_values(name, c, total, max_name, max_seqlen) -> None:
+    if c[0] != 0:
+        raise ValueError(f"{name} must start at 0, got {name}[0] = {c[0]}")
+    lengths = [b - a for a, b in zip(c[:-1], c[1:])]
+    bad = next((i for i, n in enumerate(lengths) if n < 0), None)
+    if bad is not None:
+        raise ValueError(f"{name} must be non-decreasing, got {name}[{bad}] = {c[bad]} > {name}[{bad + 1}] = {c[bad + 1]}")
+    if c[-1] != total:
+        raise ValueError(f"{name}[-1] must equal the packed length {total}, got {c[-1]}")
+    if max(lengths) > max_seqlen:
+        raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")
+
+
+def _values_checkable(cu: Tensor) -> bool:
+    """Reading cu_seqlens' values needs them on the host: free for CPU tensors, one device sync for
+    CUDA ones. Skipped while torch.compile traces or a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    if cu.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D [total, heads, head_dim] (packed varlen), got shape {tuple(t.shape)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if k.shape[2] != q.shape[2] or q.shape[2] == 0:
+        raise ValueError(f"head_dim must be equal and at least 1: q {tuple(q.shape)}, k {tuple(k.shape)}")
+    if k.shape[1] == 0 or q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"q's {q.shape[1]} heads must be a multiple of k's and v's {k.shape[1]} heads (GQA/MQA)")
+    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {m!r}")
+    _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device)
+    _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(
+            f"cu_seqlens_q and cu_seqlens_k must have the same batch + 1 entries, got {cu_seqlens_q.numel()} and {cu_seqlens_k.numel()}"
+        )
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if _values_checkable(cu_seqlens_q):
+        both = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host read for both
+        _check_cu_values("cu_seqlens_q", both[0], q.shape[0], "max_seqlen_q", max_seqlen_q)
+        _check_cu_values("cu_seqlens_k", both[1], k.shape[0], "max_seqlen_k", max_seqlen_k)
+
+
+@torch.library.custom_op("forkattn::attention_varlen_fwd", mutates_args=())
+def attention_varlen_fwd(
+    q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
+    max_seqlen_k: int, causal: bool, scale: float, backend: str
+) -> Tuple[Tensor, Tensor]:
+    """(out [total_q, H, D] contiguous, lse float32 [H, total_q], +inf on empty rows)."""
+    return VARLEN_BACKENDS.impl(backend).fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+
+
+@attention_varlen_fwd.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("forkattn::attention_varlen_bwd", mutates_args=())
+def attention_varlen_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, backend: str
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), contiguous, shaped like q, k, v."""
+    return VARLEN_BACKENDS.impl(backend).bwd(
+        _stride1(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+    )
+
+
+@attention_varlen_bwd.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+def _varlen_setup_context(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
+    ctx.args = (max_q, max_k, causal, scale, backend)
+    ctx.mark_non_differentiable(lse)
+
+
+def _varlen_backward(ctx, dout, _dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
+    return dq, dk, dv, None, None, None, None, None, None, None
+
+
+attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
+
+
+def _eager_varlen(q, k, v, cu_q, cu_k, causal, scale):
+    outs = []
+    for (qs, qe), (ks, ke) in _per_sequence(q, k, cu_q, cu_k):
+        o = reference.attention(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), causal=causal, scale=scale)
+        if ke == ks:  # no key: the reference's softmax over nothing would be NaN; zeros by contract
+            o = o * 0
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
+
+
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+    backend: Optional[str] = None,
+) -> Tensor:
+    """Attention over packed variable-length sequences (FlashAttention's varlen convention).
+
+    q [total_q, H, D], k and v [total_k, Hkv, D] (Hkv divides H); cu_seqlens_q and cu_seqlens_k int32
+    [batch + 1] on q's device, starting at 0, non-decreasing, ending at total_q / total_k; sequence b
+    is q[cu_seqlens_q[b]:cu_seqlens_q[b+1]] against k, v[cu_seqlens_k[b]:cu_seqlens_k[b+1]].
+    max_seqlen_q / max_seqlen_k: at least the longest sequence (they size the launch grid).
+    causal is bottom-right aligned per sequence; a query with no visible key returns zeros.
+    Returns [total_q, H, D], contiguous.
+
+    Validation reads cu_seqlens' values on the host: free for CPU tensors, one device-to-host sync
+    for CUDA tensors. It is skipped (the kernels then trust the caller) while torch.compile traces
+    and during CUDA-graph capture, where a sync is not allowed.
+    backend: as for attention(); "cuda" (float16/bfloat16, head_dim 32/64/128) is opt-in like
+    there: name it, or set FORKATTN_PREFER_CUDA_ATTENTION=1 before importing forkattn.
+    """
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    name = VARLEN_BACKENDS.resolve(backend, q.device.type, dtype=q.dtype, head_dim=q.shape[-1])
+    if name == "eager":
+        return _eager_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    out, _ = attention_varlen_fwd(
+        _stride1(q), _stride1(k), _stride1(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, name
+    )
     return out
