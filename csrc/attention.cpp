@@ -42,6 +42,24 @@ AttnSizes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const
   return s;
 }
 
+AttnSizes check_attention_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const std::optional<at::Tensor>& key_padding_mask) {
+  const AttnSizes s = check_attention_inputs(q, k, v, key_padding_mask);
+  for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), name, " must have q's shape ", q.sizes(), ", got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(),
+                     ", got ", t->scalar_type());
+    FA_CHECK_DEVICE_NAMED((*t), name, q.device());
+    FA_CHECK_LAST_DIM_CONTIGUOUS_NAMED((*t), name);
+  }
+  FA_CHECK_DTYPE(lse, at::kFloat);
+  FA_CHECK_DEVICE(lse, q.device());
+  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == s.batch && lse.size(1) == s.heads && lse.size(2) == s.len_q,
+                    "lse must have shape [", s.batch, ", ", s.heads, ", ", s.len_q, "], got ", lse.sizes());
+  return s;
+}
+
 at::Tensor empty_bhld(const at::Tensor& like, int64_t B, int64_t H, int64_t L, int64_t D) {
   return at::empty({B, L, H, D}, like.options()).transpose(1, 2);
 }
@@ -64,18 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, double scale) {
-  const AttnSizes s = check_attention_inputs(q, k, v, key_padding_mask);
+  const AttnSizes s = check_attention_bwd_inputs(dout, q, k, v, out, lse, key_padding_mask);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the cpu backend, got ", q.device());
-  for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
-    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), name, " must have q's shape ", q.sizes(), ", got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == q.scalar_type(), name, " must have q's dtype ", q.scalar_type(),
-                     ", got ", t->scalar_type());
-    FA_CHECK_DEVICE_NAMED((*t), name, q.device());
-    FA_CHECK_LAST_DIM_CONTIGUOUS_NAMED((*t), name);
-  }
-  FA_CHECK_DTYPE(lse, at::kFloat);
-  TORCH_CHECK_VALUE(lse.dim() == 3 && lse.size(0) == s.batch && lse.size(1) == s.heads && lse.size(2) == s.len_q,
-                    "lse must have shape [", s.batch, ", ", s.heads, ", ", s.len_q, "], got ", lse.sizes());
   at::Tensor dq = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
   at::Tensor dv = empty_bhld(v, s.batch, s.kv_heads, s.len_k, s.head_dim);

@@ -18,6 +18,11 @@ struct AttnSizes {
 AttnSizes check_attention_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const std::optional<at::Tensor>& key_padding_mask);
 
+// check_attention_inputs plus the backward's dout, out (q's shape and dtype) and lse.
+AttnSizes check_attention_bwd_inputs(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                     const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                     const std::optional<at::Tensor>& key_padding_mask);
+
 // Allocates a [B, H, L, D] tensor whose memory is [B, L, H, D], so that
 // out.transpose(1, 2).reshape(B, L, H * D) is a view.
 at::Tensor empty_bhld(const at::Tensor& like, int64_t B, int64_t H, int64_t L, int64_t D);
@@ -33,6 +38,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, double scale);
+
+// CUDA versions (csrc/cuda/attention_cuda.cpp, CUDA builds only): fp16/bf16, head_dim 32, 64
+// or 128, sm_80 or newer; same contract as the CPU ones. Deterministic (no atomics).
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v,
+                                                      const std::optional<at::Tensor>& key_padding_mask,
+                                                      bool causal, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
+    bool causal, double scale);
+
+// Varlen (packed sequences): q [total_q, H, D], k and v [total_k, Hkv, D], cu_seqlens int32 [B + 1]
+// on the device (their values are not validated here: that would need a host sync); returns
+// out [total_q, H, D] contiguous and lse float32 [H, total_q]; the backward returns contiguous
+// dq, dk, dv.
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
+                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                             int64_t max_seqlen_k, bool causal, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale);
 
 namespace cpu {
 // Kernels (csrc/cpu/attention_cpu.cpp). Inputs are already checked; out/lse and

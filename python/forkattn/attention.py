@@ -10,6 +10,7 @@ its first call. attention_varlen (packed sequences) is a second op family at the
 from __future__ import annotations
 
 import math
+import os
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -17,7 +18,7 @@ from torch import Tensor
 
 from . import reference
 from ._native import _C
-from .backends import native_available, op_backends, triton_available
+from .backends import cuda_available, native_available, op_backends, triton_available
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -27,7 +28,10 @@ class AttentionImpl(NamedTuple):
     bwd: object
 
 
-BACKENDS = op_backends("attention", {"cpu": ["cpu"], "cuda": ["cuda", "triton"]})
+# The hand-written CUDA kernels ("cuda") are opt-in until verified on a GPU: backend="cuda"
+# names them, FORKATTN_PREFER_CUDA_ATTENTION=1 (read at import) puts them first for backend=None.
+PREFER_CUDA = os.environ.get("FORKATTN_PREFER_CUDA_ATTENTION", "0") == "1"
+BACKENDS = op_backends("attention", {"cpu": ["cpu"], "cuda": ["cuda", "triton"] if PREFER_CUDA else ["triton"]})
 
 
 def _cpu_supports(*, device_type, dtype, head_dim, **_):
@@ -44,6 +48,28 @@ BACKENDS.register(
     available=native_available,
     supports=_cpu_supports,
     impl=AttentionImpl(_C.attention_fwd_cpu, _C.attention_bwd_cpu),
+)
+
+
+CUDA_HEAD_DIMS = (32, 64, 128)
+
+
+def _cuda_supports(*, device_type, dtype, head_dim, **_):
+    if device_type != "cuda":
+        return f"runs CUDA tensors only, got {device_type} tensors"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"runs float16 and bfloat16 only, got {dtype}"
+    if head_dim not in CUDA_HEAD_DIMS:
+        return f"head_dim must be 32, 64 or 128, got {head_dim}"
+    return None
+
+
+BACKENDS.register(
+    "cuda",
+    available=cuda_available,
+    supports=_cuda_supports,
+    # present only in CUDA builds; cuda_available() says why not otherwise
+    impl=AttentionImpl(getattr(_C, "attention_fwd_cuda", None), getattr(_C, "attention_bwd_cuda", None)),
 )
 
 
@@ -220,6 +246,10 @@ def attention(
         gradients. Hkv may divide H (GQA/MQA). scale defaults to head_dim ** -0.5.
     backend: None picks the fastest backend for the device, dtype and head_dim; or one of
         "eager", "cpu", "triton", "cuda" (an error names why a named backend cannot run).
+        "cuda" (hand-written tensor-core kernels: CUDA builds, sm_80+, float16/bfloat16,
+        head_dim 32/64/128; deterministic backward, no atomics) is opt-in for now: name it, or
+        set FORKATTN_PREFER_CUDA_ATTENTION=1 before importing forkattn to make backend=None
+        prefer it on CUDA tensors.
     The output is [B, H, Lq, D] with [B, Lq, H, D] memory, so out.transpose(1, 2).reshape(B, Lq, H*D)
     is free. Strided inputs are read in place (only a non-unit stride in head_dim copies).
     """
@@ -243,7 +273,9 @@ def attention(
 # lse float32 [H, total_q]); bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
 # -> (dq, dk, dv), contiguous.
 
-VARLEN_BACKENDS = op_backends("attention_varlen", {"cpu": ["cpu"], "cuda": ["cuda", "triton"]})
+VARLEN_BACKENDS = op_backends(
+    "attention_varlen", {"cpu": ["cpu"], "cuda": ["cuda", "triton"] if PREFER_CUDA else ["triton"]}
+)
 
 
 def _seq_bounds(cu: Tensor):
@@ -291,6 +323,13 @@ def _cpu_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, s
 VARLEN_BACKENDS.register("eager", available=lambda: None, supports=lambda **_: None)
 VARLEN_BACKENDS.register(
     "cpu", available=native_available, supports=_cpu_supports, impl=AttentionImpl(_cpu_varlen_fwd, _cpu_varlen_bwd)
+)
+VARLEN_BACKENDS.register(
+    "cuda",
+    available=cuda_available,
+    supports=_cuda_supports,
+    # cu_seqlens stay on the device: the kernels read them, the host never does
+    impl=AttentionImpl(getattr(_C, "attention_varlen_fwd_cuda", None), getattr(_C, "attention_varlen_bwd_cuda", None)),
 )
 VARLEN_BACKENDS.register(
     "triton",
@@ -454,6 +493,8 @@ def attention_varlen(
     Validation reads cu_seqlens' values on the host: free for CPU tensors, one device-to-host sync
     for CUDA tensors. It is skipped (the kernels then trust the caller) while torch.compile traces
     and during CUDA-graph capture, where a sync is not allowed.
+    backend: as for attention(); "cuda" (float16/bfloat16, head_dim 32/64/128) is opt-in like
+    there: name it, or set FORKATTN_PREFER_CUDA_ATTENTION=1 before importing forkattn.
     """
     check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)

@@ -1,0 +1,169 @@
+// Forward: one block of 4 warps per (64-query tile, head, batch entry or packed sequence); each
+// warp owns 16 query rows. K/V tiles of 64 keys stream through shared memory in two cp.async stages; key tiles
+// with no visible key (padding, or past the causal limit) are never loaded. Online softmax
+// in base 2 with fp32 accumulators; only lse is stored for the backward pass.
+#pragma once
+#include "attention/api.h"
+#include "attention/common.cuh"
+#include "attention/static_switch.h"
+
+namespace forkattn::kernels::attn {
+
+template <int D>
+struct FwdConfig {
+  static constexpr int kBlockM = 64, kBlockN = 64, kWarps = 4, kThreads = kWarps * 32;
+  static constexpr int kRow = Smem<D>::kRow;
+  // Q, 2 stages of K and V, 2 stages of per-key bias
+  static constexpr size_t kSmem = (kBlockM + 4 * kBlockN) * kRow * 2 + 2 * kBlockN * sizeof(float);
+};
+
+template <typename T, int D, bool CAUSAL>
+__global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(const AttnFwdParams p) {
+  using C = FwdConfig<D>;
+  constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + BM * ROW;       // [2][BN][ROW]
+  T* sV = sK + 2 * BN * ROW;   // [2][BN][ROW]
+  float* sBias = reinterpret_cast<float*>(sV + 2 * BN * ROW);  // [2][BN]
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  const int hk = h / (p.heads / p.kv_heads);
+  const Sequence seq = sequence(p, b);
+  const int len_q = seq.len_q, len_k = seq.len_k;
+  if (m0 >= len_q) return;  // varlen: this sequence is shorter than the grid
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride + seq.q_start * p.q_row_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + seq.k_start * p.k_row_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + seq.k_start * p.v_row_stride;
+  const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr;
+  const int offset = len_k - len_q;  // causal: query i sees key j iff j <= i + offset
+
+  int n_tiles = cdiv(len_k, BN);
+  if constexpr (CAUSAL) {
+    const int last_key = m0 + BM - 1 + offset;  // the last key any row of this tile sees
+    n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
+  }
+
+  load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
+  cp_async_commit();
+  int n = next_key_tile<BN, NT>(0, n_tiles, mask, len_k, sBias, tid);
+  if (n < n_tiles) {
+    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, len_k, tid);
+    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, len_k, tid);
+  }
+  cp_async_commit();
+
+  float acc[D / 8][4];
+  zero(acc);
+  float row_max[2] = {-INFINITY, -INFINITY};
+  float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; reduced over the quad at the end
+  const int g = lane >> 2, t = lane & 3;
+  const int row_base = m0 + warp * 16 + g;  // rows row_base and row_base + 8
+
+  int stage = 0;
+  while (n < n_tiles) {
+    // prefetch the next visible tile into the other stage while this one is computed
+    const int next = next_key_tile<BN, NT>(n + 1, n_tiles, mask, len_k, sBias + (stage ^ 1) * BN, tid);
+    if (next < n_tiles) {
+      load_tile_async<BN, D, NT>(sK + (stage ^ 1) * BN * ROW, k, p.k_row_stride, next * BN, len_k, tid);
+      load_tile_async<BN, D, NT>(sV + (stage ^ 1) * BN * ROW, v, p.v_row_stride, next * BN, len_k, tid);
+    }
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const T* sKs = sK + stage * BN * ROW;
+    const T* sVs = sV + stage * BN * ROW;
+    const float* bias = sBias + stage * BN;
+    float s[BN / 8][4];
+    zero(s);
+    mma_tile_smem_a<T, ROW, D, BN, true>(s, sQ, warp * 16, sKs, lane);
+
+    const int n0 = n * BN;
+    const bool diagonal = CAUSAL && n0 + BN - 1 > m0 + offset;  // some key past some row's limit
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * t + (e & 1);
+        float x = s[j][e] * p.scale_log2 + bias[col];
+        if (diagonal && n0 + col > row_base + (e >> 1) * 8 + offset) x = -INFINITY;
+        s[j][e] = x;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = row_max[r];
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+      mx = quad_max(mx);
+      const float base = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
+      const float alpha = exp2f(row_max[r] - base);
+      row_max[r] = mx;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+        s[j][2 * r] = exp2f(s[j][2 * r] - base);
+        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - base);
+        sum += s[j][2 * r] + s[j][2 * r + 1];
+      }
+      row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) {
+        acc[j][2 * r] *= alpha;
+        acc[j][2 * r + 1] *= alpha;
+      }
+    }
+    mma_tile_reg_a<T, ROW, BN, D>(acc, s, sVs, lane);
+
+    __syncthreads();  // this stage is refilled by the next iteration's prefetch
+    n = next;
+    stage ^= 1;
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  float mul[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(row_sum[r]);
+    const int row = row_base + r * 8;
+    mul[r] = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key writes zeros
+    if (t == 0 && row < len_q) {
+      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + row] =
+          l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
+    }
+  }
+  stage_rows<T, D>(sQ, warp * 16, acc, mul[0], mul[1], lane);  // each warp reuses its own Q rows
+  __syncthreads();
+  T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride + seq.q_start * p.out_row_stride;
+  store_tile<BM, D, NT>(out, p.out_row_stride, m0, len_q, sQ, tid);
+}
+
+template <typename T, int D>
+cudaError_t run_attention_fwd_impl(const AttnFwdParams& p, cudaStream_t stream) {
+  using C = FwdConfig<D>;
+  if (p.len_q == 0 || p.batch == 0 || p.heads == 0) return cudaSuccess;
+  const dim3 grid(cdiv(p.len_q, C::kBlockM), p.heads, p.batch);
+  return FA_BOOL_SWITCH(p.causal, kCausal, [&] {
+    auto kernel = attention_fwd_kernel<T, D, kCausal>;
+    cudaError_t err = set_smem(kernel, C::kSmem);
+    if (err != cudaSuccess) return err;
+    kernel<<<grid, C::kThreads, C::kSmem, stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace forkattn::kernels::attn
+
+namespace forkattn::kernels {
+template <typename T, int D>
+cudaError_t run_attention_fwd(const AttnFwdParams& params, cudaStream_t stream) {
+  return attn::run_attention_fwd_impl<T, D>(params, stream);
+}
+}  // namespace forkattn::kernels
+
+// The generated file for (T, D) instantiates run_attention_fwd<T, D> (declared in api.h).
+#define FORKATTN_INSTANTIATE_FWD(T, D) \
+  template cudaError_t forkattn::kernels::run_attention_fwd<T, D>(const forkattn::kernels::AttnFwdParams&, cudaStream_t);

@@ -1,0 +1,323 @@
+"""The hand-written CUDA kernels (backend "cuda", kernels/attention/).
+
+GPU tests (@pytest.mark.gpu, run by scripts/gpu_check.sh) hold the kernels to the 2x rule
+against an fp64 reference for out, dq, dk and dv; the others run anywhere and test the host
+side: availability and dispatch, argument limits, the generated instantiation files."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import forkattn
+from attn_utils import assert_within_budget, check_against_reference, make_padding, make_qkv
+from forkattn import reference
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HALF = [torch.float16, torch.bfloat16]
+
+
+def _needs_cuda_backend():
+    why = forkattn.backends.get("attention").why_not("cuda", "cuda", dtype=torch.float16, head_dim=64)
+    if why:
+        pytest.skip(why)
+
+
+# --- GPU: numerics ---------------------------------------------------------------------------------
+
+# (Lq, Lk): odd sizes, Lq != Lk both ways, tile boundaries (64), one long case
+LENGTHS = [(1, 1), (7, 7), (1, 97), (97, 129), (129, 97), (64, 64), (65, 63), (1025, 1025), (7, 1025), (1025, 7)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Lq,Lk", LENGTHS)
+def test_lengths(dtype, causal, Lq, Lk):
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, 3, 3, Lq, Lk, 64, dtype, device="cuda")
+    check_against_reference(q, k, v, backend="cuda", causal=causal)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("D", [32, 64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_head_dims(dtype, D, causal):
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, 2, 2, 129, 97, D, dtype, device="cuda")
+    check_against_reference(q, k, v, backend="cuda", causal=causal, key_padding_mask=make_padding(2, 97, "cuda"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("Lq,Lk", [(97, 97), (33, 129), (129, 1), (200, 300)])
+def test_key_padding(dtype, causal, Lq, Lk):
+    """Random padding lengths, one sequence fully padded: its rows are zeros, its grads zero."""
+    _needs_cuda_backend()
+    B = 4
+    q, k, v = make_qkv(B, 2, 2, Lq, Lk, 64, dtype, device="cuda")
+    mask = make_padding(B, Lk, "cuda", fully_padded=(2,))
+    out = check_against_reference(q, k, v, backend="cuda", causal=causal, key_padding_mask=mask)
+    assert torch.equal(out[2], torch.zeros_like(out[2]))
+    out.sum().backward()
+    for g in (q.grad, k.grad, v.grad):
+        assert torch.equal(g[2], torch.zeros_like(g[2]))
+
+
+@pytest.mark.gpu
+def test_long_padding_runs_skip_whole_tiles():
+    """Masks with long padded stretches (whole 64-key tiles skipped) and holes inside tiles."""
+    _needs_cuda_backend()
+    B, L = 3, 400
+    q, k, v = make_qkv(B, 2, 2, L, L, 64, torch.float16, device="cuda")
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 70:330] = False  # tiles 2-4 fully padded
+    mask[1, ::3] = False     # holes everywhere
+    mask[2, :200] = False    # leading padding
+    check_against_reference(q, k, v, backend="cuda", key_padding_mask=mask.cuda())
+    check_against_reference(q, k, v, backend="cuda", causal=True, key_padding_mask=mask.cuda())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("H,Hkv", [(4, 2), (6, 1), (8, 8)], ids=["gqa", "mqa", "mha"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_gqa(H, Hkv, causal):
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, H, Hkv, 97, 130, 64, torch.bfloat16, device="cuda")
+    check_against_reference(q, k, v, backend="cuda", causal=causal, key_padding_mask=make_padding(2, 130, "cuda"))
+
+
+@pytest.mark.gpu
+def test_fully_masked_rows_zero_output_and_grads():
+    """Padding-only sequences and, with causal Lq > Lk, the first Lq - Lk queries."""
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, 2, 2, 90, 20, 64, torch.float16, device="cuda")
+    mask = torch.ones(2, 20, dtype=torch.bool, device="cuda")
+    mask[1] = False
+    out, lse = torch.ops.forkattn.attention_fwd(q, k, v, mask, True, 0.125, "cuda")
+    assert torch.equal(out[1], torch.zeros_like(out[1])) and torch.isinf(lse[1]).all()
+    assert torch.equal(out[0, :, :70], torch.zeros_like(out[0, :, :70]))  # query i sees j <= i - 70
+    assert torch.isinf(lse[0, :, :70]).all() and torch.isfinite(lse[0, :, 70:]).all()
+    out.float().sum().backward()
+    for g in (q.grad, k.grad, v.grad):
+        assert torch.isfinite(g).all()
+    assert torch.equal(q.grad[1], torch.zeros_like(q.grad[1]))
+    assert torch.equal(q.grad[0, :, :70], torch.zeros_like(q.grad[0, :, :70]))
+    assert torch.equal(k.grad[1], torch.zeros_like(k.grad[1]))
+    assert torch.equal(v.grad[1], torch.zeros_like(v.grad[1]))
+
+
+@pytest.mark.gpu
+def test_lse_matches_fp64():
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, 3, 3, 77, 150, 64, torch.float16, device="cuda", requires_grad=False)
+    mask = make_padding(2, 150, "cuda")
+    _, lse = torch.ops.forkattn.attention_fwd(q, k, v, mask, True, 0.125, "cuda")
+    s = (q.double() @ k.double().transpose(-1, -2)) * 0.125
+    i = torch.arange(77, device="cuda")[:, None]
+    j = torch.arange(150, device="cuda")[None, :]
+    s = s.masked_fill(~(mask[:, None, None, :] & (j <= i + 150 - 77)), float("-inf"))
+    torch.testing.assert_close(lse.double(), torch.logsumexp(s, -1), rtol=0, atol=2e-3)
+
+
+@pytest.mark.gpu
+def test_strided_and_misaligned_inputs():
+    """Transposed projections are read in place; a slice whose rows are not 16-byte aligned is
+    copied once by the host glue and gives the same numbers."""
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, 4, 4, 33, 45, 64, torch.float16, device="cuda", strided=True)
+    assert not q.is_contiguous()
+    mask = make_padding(2, 45, "cuda")
+    out = check_against_reference(q, k, v, backend="cuda", causal=True, key_padding_mask=mask)
+    dense = forkattn.attention(*(t.detach().contiguous() for t in (q, k, v)), causal=True,
+                               key_padding_mask=mask, backend="cuda")
+    assert torch.equal(out, dense)
+    wide = torch.randn(2, 4, 33, 72, device="cuda", dtype=torch.float16)
+    q_odd = wide[..., 3:67]  # base pointer 6 bytes off, row stride 72
+    assert q_odd.data_ptr() % 16 != 0
+    ours = forkattn.attention(q_odd, k.detach(), v.detach(), backend="cuda")
+    assert torch.equal(ours, forkattn.attention(q_odd.contiguous(), k.detach(), v.detach(), backend="cuda"))
+
+
+@pytest.mark.gpu
+def test_outputs_never_read_stale_memory():
+    """Poison the caching allocator's free blocks with NaN first: every output element must be
+    written by the kernels (rows past the end, empty rows, skipped tiles included)."""
+    _needs_cuda_backend()
+    for _ in range(3):
+        torch.full((1 << 22,), float("nan"), device="cuda")
+    q, k, v = make_qkv(3, 2, 2, 70, 130, 64, torch.float16, device="cuda")
+    mask = make_padding(3, 130, "cuda", fully_padded=(1,))
+    out = forkattn.attention(q, k, v, causal=True, key_padding_mask=mask, backend="cuda")
+    out.float().sum().backward()
+    for t in (out, q.grad, k.grad, v.grad):
+        assert not torch.isnan(t).any()
+
+
+@pytest.mark.gpu
+def test_backward_is_deterministic():
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, 8, 2, 300, 257, 128, torch.bfloat16, device="cuda")
+    mask = make_padding(2, 257, "cuda")
+    out = forkattn.attention(q, k, v, causal=True, key_padding_mask=mask, backend="cuda")
+    g = torch.randn_like(out)
+    first = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+    for _ in range(3):
+        again = torch.autograd.grad(out, (q, k, v), g, retain_graph=True)
+        for a, b in zip(first, again):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_capture_and_replay():
+    """No host syncs and no data-dependent allocation: forward and backward capture into one
+    CUDA graph whose replay equals eager bit for bit, also after the inputs change in place."""
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, 4, 2, 100, 150, 64, torch.float16, device="cuda", requires_grad=False)
+    mask = make_padding(2, 150, "cuda")
+    dout = torch.randn(2, 4, 100, 64, device="cuda", dtype=torch.float16)
+
+    def step():
+        out, lse = torch.ops.forkattn.attention_fwd(q, k, v, mask, True, 0.125, "cuda")
+        grads = torch.ops.forkattn.attention_bwd(dout, q, k, v, out, lse, mask, True, 0.125, "cuda")
+        return (out, lse) + tuple(grads)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    for _ in range(2):
+        for t in (q, k, v, dout):
+            t.copy_(torch.randn_like(t))
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(captured, step()):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_opcheck_and_compile():
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, 2, 2, 17, 23, 64, torch.float16, device="cuda")
+    mask = make_padding(2, 23, "cuda")
+    torch.library.opcheck(torch.ops.forkattn.attention_fwd.default, (q, k, v, mask, True, 0.125, "cuda"))
+    f = torch.compile(lambda a, b, c: forkattn.attention(a, b, c, key_padding_mask=mask, backend="cuda"),
+                      fullgraph=True)
+    torch.testing.assert_close(f(q, k, v), forkattn.attention(q, k, v, key_padding_mask=mask, backend="cuda"),
+                               rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_bert_and_gpt_shapes_agree_with_sdpa():
+    """The benchmark shapes, checked once against SDPA in the same precision (forward)."""
+    _needs_cuda_backend()
+    for B, H, L, D, causal in [(8, 12, 128, 64, False), (2, 12, 1024, 64, True), (1, 16, 2048, 128, True)]:
+        q, k, v = make_qkv(B, H, H, L, L, D, torch.float16, device="cuda", requires_grad=False)
+        ours = forkattn.attention(q, k, v, causal=causal, backend="cuda")
+        sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        ref = reference.attention(q.double(), k.double(), v.double(), causal=causal)
+        assert_within_budget("out", ours, sdpa, ref)
+
+
+@pytest.mark.gpu
+def test_native_limits_raise_clear_errors():
+    _needs_cuda_backend()
+    from forkattn._native import _C
+
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 64, torch.float16, device="cuda", requires_grad=False)
+    with pytest.raises(TypeError, match="float16 or bfloat16 for the cuda backend"):
+        _C.attention_fwd_cuda(q.float(), k.float(), v.float(), None, False, 1.0)
+    q2, k2, v2 = make_qkv(1, 2, 2, 8, 8, 48, torch.float16, device="cuda", requires_grad=False)
+    with pytest.raises(ValueError, match="head_dim must be 32, 64 or 128"):
+        _C.attention_fwd_cuda(q2, k2, v2, None, False, 1.0)
+    with pytest.raises(ValueError, match="must be a CUDA tensor"):
+        _C.attention_fwd_cuda(q.cpu(), k.cpu(), v.cpu(), None, False, 1.0)
+
+
+# --- anywhere: host side ---------------------------------------------------------------------------
+
+def test_cuda_backend_unavailable_says_why():
+    q, k, v = make_qkv(1, 2, 2, 8, 8, 64, torch.float16, requires_grad=False)
+    with pytest.raises(forkattn.BackendUnavailableError, match="backend 'cuda' cannot run this call"):
+        forkattn.attention(q, k, v, backend="cuda")
+    why = forkattn.backends.get("attention").why_not("cuda", "cpu", dtype=torch.float16, head_dim=64)
+    if not forkattn._native.WITH_CUDA:
+        assert "built without CUDA kernels" in why
+    elif torch.cuda.is_available():
+        assert "runs CUDA tensors only" in why
+
+
+def test_cuda_supports_names_the_limit():
+    from forkattn.attention import _cuda_supports
+
+    assert _cuda_supports(device_type="cuda", dtype=torch.float16, head_dim=64) is None
+    assert _cuda_supports(device_type="cuda", dtype=torch.bfloat16, head_dim=128) is None
+    assert "CUDA tensors only" in _cuda_supports(device_type="cpu", dtype=torch.float16, head_dim=64)
+    assert "float16 and bfloat16" in _cuda_supports(device_type="cuda", dtype=torch.float32, head_dim=64)
+    assert "head_dim must be 32, 64 or 128" in _cuda_supports(device_type="cuda", dtype=torch.float16, head_dim=80)
+
+
+def test_native_entry_points_follow_the_build():
+    from forkattn._native import _C
+
+    assert hasattr(_C, "attention_fwd_cuda") == forkattn._native.WITH_CUDA
+    assert hasattr(_C, "attention_bwd_cuda") == forkattn._native.WITH_CUDA
+
+
+def _preference_in_subprocess(env_value):
+    env = dict(os.environ)
+    env.pop("FORKATTN_PREFER_CUDA_ATTENTION", None)
+    if env_value is not None:
+        env["FORKATTN_PREFER_CUDA_ATTENTION"] = env_value
+    code = ("import sys; sys.path.insert(0, 'python'); import forkattn; "
+            "print(forkattn.backends.get('attention').preference['cuda'])")
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    return eval(res.stdout.strip().splitlines()[-1])
+
+
+def test_cuda_backend_is_opt_in_until_verified():
+    """Not in the default preference; FORKATTN_PREFER_CUDA_ATTENTION=1 puts it first."""
+    assert "cuda" not in _preference_in_subprocess(None)
+    assert _preference_in_subprocess("1")[0] == "cuda"
+
+
+def test_generated_kernels_are_up_to_date(tmp_path):
+    script = os.path.join(ROOT, "kernels", "attention", "generate_kernels.py")
+    res = subprocess.run([sys.executable, script, "--check"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    subprocess.run([sys.executable, script, "--out", str(tmp_path)], check=True)
+    gen_dir = os.path.join(ROOT, "kernels", "attention", "generated")
+    names = sorted(os.listdir(tmp_path))
+    assert names == sorted(f for f in os.listdir(gen_dir) if f.endswith(".cu"))
+    assert len(names) == 2 * 2 * 3  # (fwd, bwd) x (fp16, bf16) x (32, 64, 128)
+    for n in names:
+        with open(os.path.join(gen_dir, n)) as a, open(tmp_path / n) as b:
+            assert a.read() == b.read(), n
+    # a stale file is reported
+    (tmp_path / names[0]).write_text("// edited\n")
+    res = subprocess.run([sys.executable, script, "--check", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert res.returncode == 1 and names[0] in res.stderr
+
+
+def test_instantiations_cover_the_switches():
+    """Every (direction, dtype, head_dim) the switch header dispatches to has its generated file."""
+    with open(os.path.join(ROOT, "kernels", "attention", "static_switch.h")) as f:
+        switch = f.read()
+    dims = [d for d in (32, 64, 128) if f"(HEAD_DIM) == {d}" in switch]
+    assert dims == [32, 64, 128]
+    from forkattn.attention import CUDA_HEAD_DIMS
+
+    assert tuple(dims) == CUDA_HEAD_DIMS
+    gen = os.listdir(os.path.join(ROOT, "kernels", "attention", "generated"))
+    for direction in ("fwd", "bwd"):
+        for dtype in ("fp16", "bf16"):
+            for d in dims:
+                assert f"attention_{direction}_{dtype}_hdim{d}.cu" in gen
