@@ -110,9 +110,11 @@ class BertTokenizer:
         return self.vocab_size
 
     def encode_batch(self, text: TextInput, text_pair: Optional[TextInput] = None, *, add_special_tokens: bool = True,
-                     truncation: bool = False, max_length: Optional[int] = None, padding: Union[bool, str] = False):
-        """tokenizers Encodings (with offsets, word_ids, sequence_ids) after truncation and padding."""
-        single = isinstance(text, str)
+                     truncation: bool = False, max_length: Optional[int] = None, padding: Union[bool, str] = False,
+                     is_split_into_words: bool = False):
+        """tokenizers Encodings (with offsets, word_ids, sequence_ids) after truncation and padding.
+        is_split_into_words: each text is a list of words (token classification)."""
+        single = isinstance(text, str) or (is_split_into_words and text and isinstance(text[0], str))
         texts = [text] if single else list(text)
         pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
         if pairs is not None and len(pairs) != len(texts):
@@ -134,7 +136,7 @@ class BertTokenizer:
             raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
         inputs = texts if pairs is None else list(zip(texts, pairs))
         try:
-            return tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+            return tok.encode_batch(inputs, add_special_tokens=add_special_tokens, is_pretokenized=is_split_into_words)
         finally:
             tok.no_truncation()
             tok.no_padding()
