@@ -386,10 +386,12 @@ TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--intermediate", "64
 def test_train_mlm_then_finetune_runs(tmp_path):
     from forkattn.training import bert as tb
 
-    (tmp_path / "corpus.txt").write_text(CORPUS)
+    # pre-train on the corpus plus the (unlabelled) review texts, so the vocabulary has their words
+    (tmp_path / "corpus.txt").write_text(CORPUS + "\n\n" + "\n".join(t for t, _ in REVIEWS))
     out = tmp_path / "mlm"
     rc = tb.main_mlm(["--data", str(tmp_path / "corpus.txt"), "--out", str(out), "--vocab-size", "120", "--steps", "6",
-                      "--batch-size", "4", "--warmup", "2", "--objective", "sop", "--no-progress", *TINY])
+                      "--batch-size", "4", "--warmup", "2", "--objective", "sop", "--no-progress", *TINY,
+                      "--hidden", "64", "--heads", "4", "--intermediate", "128"])
     assert rc == 0
     m, info = fb.BertForPreTrainingSOP.from_pretrained(str(out), output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == []
@@ -401,7 +403,7 @@ def test_train_mlm_then_finetune_runs(tmp_path):
         f.write("text,label\n" + "".join(f'"{t}",{l}\n' for t, l in REVIEWS * 4))
     ft = tmp_path / "ft"
     rc = tb.main_finetune(["--model", str(out), "--train", str(tmp_path / "reviews.csv"), "--out", str(ft),
-                           "--epochs", "25", "--lr", "3e-3", "--batch-size", "12", "--no-progress"])
+                           "--epochs", "30", "--lr", "5e-3", "--warmup-ratio", "0", "--batch-size", "12", "--no-progress"])
     assert rc == 0
     res = json.loads((ft / "eval_results.json").read_text())
     assert res["accuracy"] >= 0.9, res  # it learns the training reviews (train = eval here)
