@@ -437,7 +437,12 @@ def test_finetune_token_classification_and_qa(tmp_path):
 def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
     (tmp_path / "corpus.txt").write_text(CORPUS)
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731",
+    import socket
+
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            "-m", "forkattn.train", "bert-mlm", "--data", str(tmp_path / "corpus.txt"), "--out", str(out),
            "--vocab-size", "120", "--steps", "4", "--batch-size", "3", "--objective", "nsp", "--no-progress",
            "--save-replicas", "--lr", "1e-3", *TINY]
