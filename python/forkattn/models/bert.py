@@ -1,0 +1,627 @@
+"""BERT (and ALBERT's two tricks) on forkattn.attention, in one file.
+
+    embeddings: word + token_type + learned position -> LayerNorm -> dropout
+                (ALBERT: embedding_size < hidden_size, then a linear projection up)
+    encoder:    num_hidden_layers post-LN layers, each
+                    x = LN(x + dropout(W_o · attention(W_q x, W_k x, W_v x, key_padding_mask)))
+                    x = LN(x + dropout(W_2 · gelu(W_1 x)))
+                (ALBERT: num_hidden_groups < num_hidden_layers shares one layer's weights across
+                 consecutive layers)
+    pooler:     tanh(W · x[:, 0])  ([CLS])
+    heads:      masked LM (decoder tied to the word embeddings), pre-training (MLM + next-sentence
+                or sentence-order prediction), sequence / token classification, question answering.
+
+Parameter names are transformers' (bert.encoder.layer.0.attention.self.query.weight, ...), so
+loading a transformers checkpoint is a key-for-key copy; ALBERT checkpoints are a renaming
+(`_albert_to_ours`). Attention is forkattn.attention with BERT's attention_mask as the key-padding
+mask; `config.attention_backend` (None = fastest for the device) picks its backend.
+
+Difference from transformers: the fused attention kernels have no dropout on the attention
+probabilities, so attention_probs_dropout_prob is not applied (hidden-state dropout is); a warning
+says so the first time a model trains with it set.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import forkattn
+
+logger = logging.getLogger("forkattn.models.bert")
+
+
+# --- config ----------------------------------------------------------------------------------------
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1  # not applied: see the module docstring
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    pad_token_id: int = 0
+    classifier_dropout: Optional[float] = None  # None = hidden_dropout_prob
+    num_labels: int = 2
+    problem_type: Optional[str] = None  # "regression", "single_label_classification", "multi_label_classification"
+    id2label: Optional[Dict[int, str]] = None
+    # ALBERT: factorized embeddings (word/position/type embeddings of this width, then a linear
+    # projection to hidden_size) and cross-layer sharing (layer i uses group i * groups // layers).
+    embedding_size: Optional[int] = None  # None = hidden_size, no projection
+    num_hidden_groups: Optional[int] = None  # None = num_hidden_layers, no sharing
+    model_type: str = "bert"  # "bert" or "albert": which checkpoint key names to read and write
+    attention_backend: Optional[str] = None  # forkattn.attention backend; None = fastest available
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
+                             f"{self.num_attention_heads}")
+        groups = self.num_groups
+        if not 1 <= groups <= self.num_hidden_layers:
+            raise ValueError(f"num_hidden_groups must be in [1, num_hidden_layers={self.num_hidden_layers}], got {groups}")
+        if self.model_type not in ("bert", "albert"):
+            raise ValueError(f"model_type must be 'bert' or 'albert', got {self.model_type!r}")
+        if self.hidden_act not in _ACTIVATIONS:
+            raise ValueError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
+        if self.id2label is not None:
+            self.id2label = {int(k): v for k, v in self.id2label.items()}
+            self.num_labels = len(self.id2label)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_groups(self) -> int:
+        return self.num_hidden_groups or self.num_hidden_layers
+
+    @classmethod
+    def from_dict(cls, d: dict, **overrides) -> "BertConfig":
+        """From a dict of our fields or a transformers config.json (BERT or ALBERT); other keys are ignored."""
+        if "num_labels" in overrides and "id2label" not in overrides:
+            d = {k: v for k, v in d.items() if k not in ("id2label", "label2id")}
+        d = {**d, **overrides}
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"only absolute position embeddings are supported, got {d['position_embedding_type']!r}")
+        if d.get("is_decoder") or d.get("add_cross_attention"):
+            raise ValueError("decoder BERT / cross-attention is not supported (encoder only)")
+        if d.get("model_type") == "albert":
+            if d.get("inner_group_num", 1) != 1:
+                raise ValueError(f"ALBERT inner_group_num must be 1, got {d['inner_group_num']}")
+            d.setdefault("embedding_size", 128)
+            d.setdefault("num_hidden_groups", 1)
+            d.setdefault("hidden_act", "gelu_new")
+            if "classifier_dropout_prob" in d and "classifier_dropout" not in d:
+                d["classifier_dropout"] = d["classifier_dropout_prob"]
+        if "id2label" not in d and "num_labels" not in d and "label2id" in d:
+            d["id2label"] = {v: k for k, v in d["label2id"].items()}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_json_file(cls, path: str, **overrides) -> "BertConfig":
+        with open(path) as f:
+            return cls.from_dict(json.load(f), **overrides)
+
+    def to_dict(self) -> dict:
+        """transformers-style config.json contents (loadable by transformers when model_type allows)."""
+        d = dataclasses.asdict(self)
+        d.pop("attention_backend")
+        if self.id2label is None:
+            d.pop("id2label")
+        else:
+            d["id2label"] = {str(k): v for k, v in self.id2label.items()}
+            d["label2id"] = {v: k for k, v in self.id2label.items()}
+        if self.model_type == "albert":
+            d["embedding_size"] = self.embedding_size or self.hidden_size
+            d["num_hidden_groups"] = self.num_groups
+            d["inner_group_num"] = 1
+            d["classifier_dropout_prob"] = self.classifier_dropout if self.classifier_dropout is not None else 0.1
+        elif self.embedding_size is None:
+            d.pop("embedding_size")
+        if self.num_hidden_groups is None:
+            d.pop("num_hidden_groups")
+        d["position_embedding_type"] = "absolute"
+        return d
+
+
+# --- building blocks ---------------------------------------------------------------------------
+
+def _gelu_tanh(x: Tensor) -> Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "relu": F.relu,
+                "silu": F.silu, "swish": F.silu}
+
+
+class Output(dict):
+    """A dict with attribute access, like transformers' ModelOutput (out.logits == out["logits"])."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Node(nn.Module):
+    """A named container, so the module tree (and so the state-dict keys) reads like transformers'."""
+
+    def __init__(*args, **children: nn.Module):
+        node = args[0]  # not named `self`: transformers calls one child "self"
+        nn.Module.__init__(node)
+        for name, child in children.items():
+            setattr(node, name, child)
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        E = config.embedding_size or config.hidden_size
+        self.word_embeddings = nn.Embedding(config.vocab_size, E, padding_idx=config.pad_token_id)
+        self.position_embeddings = nn.Embedding(config.max_position_embeddings, E)
+        self.token_type_embeddings = nn.Embedding(config.type_vocab_size, E)
+        self.LayerNorm = nn.LayerNorm(E, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
+        L = input_ids.shape[1]
+        if L > self.position_embeddings.num_embeddings:
+            raise ValueError(f"input_ids has length {L}, more than max_position_embeddings "
+                             f"{self.position_embeddings.num_embeddings}")
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device)[None]
+        x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
+        if token_type_ids is None:
+            x = x + self.token_type_embeddings.weight[0]
+        else:
+            x = x + self.token_type_embeddings(token_type_ids)
+        return self.dropout(self.LayerNorm(x))
+
+
+class BertLayer(nn.Module):
+    """Post-LN transformer layer; module names are transformers' BertLayer's."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        H, I, eps = config.hidden_size, config.intermediate_size, config.layer_norm_eps
+        self.attention = Node(
+            self=Node(query=nn.Linear(H, H), key=nn.Linear(H, H), value=nn.Linear(H, H)),
+            output=Node(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=eps)),
+        )
+        self.intermediate = Node(dense=nn.Linear(H, I))
+        self.output = Node(dense=nn.Linear(I, H), LayerNorm=nn.LayerNorm(H, eps=eps))
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.act = _ACTIVATIONS[config.hidden_act]
+        self.num_heads = config.num_attention_heads
+        self.config = config
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        B, L, H = x.shape
+        att = self.attention
+        # [B, L, H] -> [B, heads, L, head_dim] views; forkattn reads the strides in place.
+        q, k, v = (lin(x).view(B, L, self.num_heads, -1).transpose(1, 2)
+                   for lin in (att.self.query, att.self.key, att.self.value))
+        y = forkattn.attention(q, k, v, key_padding_mask=key_padding_mask, backend=self.config.attention_backend)
+        y = y.transpose(1, 2).reshape(B, L, H)  # free: the output has [B, L, heads, head_dim] memory
+        x = att.output.LayerNorm(x + self.dropout(att.output.dense(y)))
+        y = self.output.dense(self.act(self.intermediate.dense(x)))
+        return self.output.LayerNorm(x + self.dropout(y))
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        if config.embedding_size is not None:  # ALBERT's factorized embeddings
+            self.embedding_hidden_mapping_in = nn.Linear(config.embedding_size, config.hidden_size)
+        self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_groups))
+        self.num_hidden_layers = config.num_hidden_layers
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+        if hasattr(self, "embedding_hidden_mapping_in"):
+            x = self.embedding_hidden_mapping_in(x)
+        groups = len(self.layer)
+        for i in range(self.num_hidden_layers):
+            x = self.layer[i * groups // self.num_hidden_layers](x, key_padding_mask)
+        return x
+
+
+# --- the model and its heads ---------------------------------------------------------------------
+
+class BertPreTrainedModel(nn.Module):
+    """Weights init, from_pretrained / save_pretrained; subclasses set `base_model_prefix` use."""
+
+    base_model_prefix = "bert"
+    _warned_attention_dropout = False
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+
+    def init_weights(self) -> None:
+        """transformers' init: N(0, initializer_range) weights, zero biases, unit LayerNorms, zero pad row."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=std)
+                if isinstance(m, nn.Linear) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+                if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                    with torch.no_grad():
+                        m.weight[m.padding_idx].zero_()
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name.endswith("predictions.bias"):
+                nn.init.zeros_(p)
+
+    def train(self, mode: bool = True):
+        if mode and self.config.attention_probs_dropout_prob > 0 and not BertPreTrainedModel._warned_attention_dropout:
+            BertPreTrainedModel._warned_attention_dropout = True
+            warnings.warn(f"attention_probs_dropout_prob={self.config.attention_probs_dropout_prob} is not applied: "
+                          "forkattn's fused attention has no dropout on the probabilities (hidden dropout is applied)")
+        return super().train(mode)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def set_attention_backend(self, backend: Optional[str]) -> None:
+        self.config.attention_backend = backend
+
+    # -- checkpoints ---
+    @classmethod
+    def from_pretrained(cls, path: str, *, output_loading_info: bool = False, map_location="cpu",
+                        **config_overrides):
+        """Load a transformers-format directory (config.json + model.safetensors or pytorch_model.bin).
+
+        Keys the model has but the checkpoint lacks (e.g. a new head) are initialized randomly and
+        reported as missing; checkpoint keys the model does not use (e.g. a pre-training head when
+        fine-tuning) are reported as unexpected. Both lists are logged (warning) and returned with
+        output_loading_info=True as {"missing_keys", "unexpected_keys", "mismatched_keys"}.
+        """
+        config = BertConfig.from_json_file(os.path.join(path, "config.json"), **config_overrides)
+        model = cls(config)
+        state = load_state_dict_file(path, map_location=map_location)
+        info = model.load_hf_state_dict(state)
+        if info["missing_keys"] or info["unexpected_keys"]:
+            logger.warning("%s.from_pretrained(%s): missing keys (newly initialized) %s; unexpected keys (ignored) %s",
+                           cls.__name__, path, info["missing_keys"], info["unexpected_keys"])
+        model.eval()
+        return (model, info) if output_loading_info else model
+
+    def load_hf_state_dict(self, state: Dict[str, Tensor]) -> dict:
+        """Copy a transformers-named state dict in; return the missing/unexpected/mismatched keys."""
+        albert = self.config.model_type == "albert"
+        ours = self.state_dict()
+        has_prefix = any(k.startswith(("bert.", "albert.")) for k in state)
+        converted, unexpected = {}, []
+        for key, value in state.items():
+            k = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
+            if k.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
+                continue  # buffers some checkpoints carry
+            base = None
+            if has_prefix and k.startswith(("bert.", "albert.")):
+                base = k.split(".", 1)[1]
+            elif not has_prefix:
+                base = k  # a base-model checkpoint: every key is a base-model key
+            if base is not None:
+                if albert:
+                    base = _rename(base, _ALBERT_BASE, reverse=True)
+                name = (self.base_model_prefix + "." if self.base_model_prefix else "") + base
+            else:
+                name = _rename(k, _ALBERT_HEADS, reverse=True) if albert else k
+            if name.endswith("predictions.decoder.weight"):
+                continue  # tied to the word embeddings
+            if name.endswith("predictions.decoder.bias"):
+                name = name.replace("decoder.bias", "bias")
+                if name in converted:
+                    continue
+            if name in ours:
+                converted[name] = value
+            else:
+                unexpected.append(key)
+        mismatched = [k for k, v in converted.items() if tuple(v.shape) != tuple(ours[k].shape)]
+        for k in mismatched:
+            del converted[k]
+        missing = sorted(set(ours) - set(converted) - set(mismatched))
+        with torch.no_grad():
+            for k, v in converted.items():
+                ours[k].copy_(v)
+        return {"missing_keys": missing, "unexpected_keys": sorted(unexpected), "mismatched_keys": sorted(mismatched)}
+
+    def hf_state_dict(self) -> Dict[str, Tensor]:
+        """The state dict under transformers' names (ALBERT names when config.model_type == 'albert')."""
+        out = {}
+        for k, v in self.state_dict().items():
+            if self.config.model_type == "albert":
+                if self.base_model_prefix and k.startswith("bert."):
+                    k = "albert." + _rename(k[5:], _ALBERT_BASE)
+                elif self.base_model_prefix:
+                    k = _rename(k, _ALBERT_HEADS)
+                else:
+                    k = _rename(k, _ALBERT_BASE)
+            out[k] = v.detach().contiguous()
+        return out
+
+    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
+        """config.json + model.safetensors (or pytorch_model.bin), readable by from_pretrained and transformers."""
+        os.makedirs(path, exist_ok=True)
+        config = self.config.to_dict()
+        config["architectures"] = [self._hf_architecture()]
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        state = self.hf_state_dict()
+        if safe_serialization:
+            from safetensors.torch import save_file
+
+            save_file({k: v.cpu() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
+                      metadata={"format": "pt"})
+        else:
+            torch.save(state, os.path.join(path, "pytorch_model.bin"))
+
+    def _hf_architecture(self) -> str:
+        name = type(self).__name__
+        if self.config.model_type == "albert":
+            name = {"BertForPreTrainingSOP": "AlbertForPreTraining"}.get(name, name.replace("Bert", "Albert"))
+        return name
+
+    def _bert(self, input_ids, attention_mask, token_type_ids, position_ids, pool=True):
+        return self.bert(input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                         position_ids=position_ids, add_pooling=pool)
+
+
+class BertModel(BertPreTrainedModel):
+    base_model_prefix = ""
+
+    def __init__(self, config: BertConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        self.pooler = Node(dense=nn.Linear(config.hidden_size, config.hidden_size)) if add_pooling_layer else None
+        self.init_weights()
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
+                add_pooling: bool = True) -> Output:
+        """input_ids [B, L]; attention_mask [B, L] (1/True = real token, 0 = padding); -> Output with
+        last_hidden_state [B, L, hidden] and pooler_output [B, hidden] (None without a pooler)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        x = self.encoder(x, key_padding_mask)
+        pooled = torch.tanh(self.pooler.dense(x[:, 0])) if (self.pooler is not None and add_pooling) else None
+        return Output(last_hidden_state=x, pooler_output=pooled)
+
+
+class BertLMHead(nn.Module):
+    """transform (dense to the embedding width, act, LayerNorm), then the tied decoder + bias."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        E = config.embedding_size or config.hidden_size
+        self.transform = Node(dense=nn.Linear(config.hidden_size, E), LayerNorm=nn.LayerNorm(E, eps=config.layer_norm_eps))
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.act = _ACTIVATIONS[config.hidden_act]
+
+    def forward(self, x: Tensor, word_embeddings: Tensor) -> Tensor:
+        x = self.transform.LayerNorm(self.act(self.transform.dense(x)))
+        return F.linear(x, word_embeddings, self.bias)
+
+
+def _mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
+
+
+class BertForMaskedLM(BertPreTrainedModel):
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.cls = Node(predictions=BertLMHead(config))
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None) -> Output:
+        """labels [B, L]: the original ids at masked positions, -100 elsewhere (ignored by the loss)."""
+        x = self._bert(input_ids, attention_mask, token_type_ids, position_ids, pool=False).last_hidden_state
+        logits = self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight)
+        loss = _mlm_loss(logits, labels) if labels is not None else None
+        return Output(loss=loss, logits=logits)
+
+
+class BertForPreTraining(BertPreTrainedModel):
+    """MLM + next-sentence prediction (label 0 = B follows A, 1 = B is random)."""
+
+    pair_task = "nsp"
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        self.cls = Node(predictions=BertLMHead(config), seq_relationship=nn.Linear(config.hidden_size, 2))
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
+                next_sentence_label=None, sentence_order_label=None) -> Output:
+        out = self._bert(input_ids, attention_mask, token_type_ids, position_ids)
+        prediction_logits = self.cls.predictions(out.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
+        pair_logits = self.cls.seq_relationship(out.pooler_output)
+        pair_label = next_sentence_label if sentence_order_label is None else sentence_order_label
+        loss = None
+        if labels is not None and pair_label is not None:
+            loss = _mlm_loss(prediction_logits, labels) + F.cross_entropy(pair_logits.float(), pair_label.view(-1))
+        elif labels is not None:
+            loss = _mlm_loss(prediction_logits, labels)
+        name = "sop_logits" if self.pair_task == "sop" else "seq_relationship_logits"
+        return Output(loss=loss, prediction_logits=prediction_logits, **{name: pair_logits})
+
+
+class BertForPreTrainingSOP(BertForPreTraining):
+    """ALBERT's pre-training: MLM + sentence-order prediction (label 0 = A then B as written,
+    1 = swapped). Same head as NSP, different data and output name (sop_logits)."""
+
+    pair_task = "sop"
+
+
+class BertForSequenceClassification(BertPreTrainedModel):
+    """[CLS] pooled -> dropout -> linear(num_labels). Loss as transformers' problem_type rules."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None) -> Output:
+        pooled = self._bert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output
+        logits = self.classifier(self.dropout(pooled))
+        loss = None
+        if labels is not None:
+            problem = self.config.problem_type
+            if problem is None:
+                problem = ("regression" if self.config.num_labels == 1 else
+                           "single_label_classification" if labels.dtype in (torch.long, torch.int) else
+                           "multi_label_classification")
+            if problem == "regression":
+                loss = F.mse_loss(logits.squeeze().float(), labels.squeeze().float())
+            elif problem == "single_label_classification":
+                loss = F.cross_entropy(logits.view(-1, self.config.num_labels).float(), labels.view(-1))
+            else:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
+        return Output(loss=loss, logits=logits)
+
+
+class BertForTokenClassification(BertPreTrainedModel):
+    """Per-token labels (NER, POS): -100 marks positions the loss ignores (padding, non-first pieces)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        p = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None) -> Output:
+        x = self._bert(input_ids, attention_mask, token_type_ids, position_ids, pool=False).last_hidden_state
+        logits = self.classifier(self.dropout(x))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.view(-1, self.config.num_labels).float(), labels.view(-1), ignore_index=-100)
+        return Output(loss=loss, logits=logits)
+
+
+class BertForQuestionAnswering(BertPreTrainedModel):
+    """Extractive QA: start/end logits per token; positions outside the input are ignored by the loss."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__(config)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.init_weights()
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                start_positions=None, end_positions=None) -> Output:
+        x = self._bert(input_ids, attention_mask, token_type_ids, position_ids, pool=False).last_hidden_state
+        start_logits, end_logits = self.qa_outputs(x).unbind(-1)
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            L = start_logits.shape[1]
+            s, e = start_positions.view(-1).clamp(0, L), end_positions.view(-1).clamp(0, L)
+            loss = (F.cross_entropy(start_logits.float(), s, ignore_index=L) +
+                    F.cross_entropy(end_logits.float(), e, ignore_index=L)) / 2
+        return Output(loss=loss, start_logits=start_logits, end_logits=end_logits)
+
+
+# --- checkpoint files and ALBERT names -------------------------------------------------------------
+
+def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, Tensor]:
+    """model.safetensors, else pytorch_model.bin, from a transformers-format directory."""
+    st = os.path.join(path, "model.safetensors")
+    if os.path.exists(st):
+        from safetensors.torch import load_file
+
+        return load_file(st, device=str(map_location))
+    pt = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(pt):
+        return torch.load(pt, map_location=map_location, weights_only=True)
+    raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+
+
+# (our base-model key, ALBERT's) as regex pairs; \1 is the layer group.
+_ALBERT_BASE = [
+    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"encoder.albert_layer_groups.\1.albert_layers.0.attention.\2."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"encoder.albert_layer_groups.\1.albert_layers.0.attention.dense."),
+    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"encoder.albert_layer_groups.\1.albert_layers.0.attention.LayerNorm."),
+    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"encoder.albert_layer_groups.\1.albert_layers.0.ffn."),
+    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.albert_layer_groups.\1.albert_layers.0.ffn_output."),
+    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.albert_layer_groups.\1.albert_layers.0.full_layer_layer_norm."),
+    (r"pooler\.dense\.", r"pooler."),
+]
+_ALBERT_HEADS = [
+    (r"cls\.predictions\.transform\.dense\.", r"predictions.dense."),
+    (r"cls\.predictions\.transform\.LayerNorm\.", r"predictions.LayerNorm."),
+    (r"cls\.predictions\.bias", r"predictions.bias"),
+    (r"cls\.predictions\.decoder\.", r"predictions.decoder."),
+    (r"cls\.seq_relationship\.", r"sop_classifier.classifier."),
+]
+
+
+def _unregex(pattern: str) -> str:
+    """r'encoder.albert_layer_groups.\\1.x.' -> a regex matching it, with \\1 as a group."""
+    return "^" + re.escape(pattern).replace(r"\\1", r"(\d+)").replace(r"\\2", r"(query|key|value)")
+
+
+def _to_template(pattern: str) -> str:
+    """Our regex r'encoder\\.layer\\.(\\d+)\\.(query|key|value)\\.' -> replacement template."""
+    out, n = pattern, 0
+    for group in re.findall(r"\([^)]*\)", pattern):
+        n += 1
+        out = out.replace(group, f"\\{n}", 1)
+    return out.replace("\\.", ".")
+
+
+def _rename(key: str, table, reverse: bool = False) -> str:
+    """Our name -> ALBERT's (reverse=False) or ALBERT's -> ours (reverse=True); others unchanged."""
+    for ours, theirs in table:
+        src, dst = (_unregex(theirs), _to_template(ours)) if reverse else ("^" + ours, theirs)
+        new, n = re.subn(src, dst, key)
+        if n:
+            return new
+    return key
+
+
+MODEL_CLASSES = {
+    "BertModel": BertModel,
+    "BertForMaskedLM": BertForMaskedLM,
+    "BertForPreTraining": BertForPreTraining,
+    "BertForPreTrainingSOP": BertForPreTrainingSOP,
+    "BertForSequenceClassification": BertForSequenceClassification,
+    "BertForTokenClassification": BertForTokenClassification,
+    "BertForQuestionAnswering": BertForQuestionAnswering,
+}
+
+__all__ = ["BertConfig", "Output", "load_state_dict_file", *MODEL_CLASSES]
