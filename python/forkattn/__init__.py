@@ -5,6 +5,7 @@ from ._native import config as _config
 from .attention import attention, select_backend
 from .backends import BackendUnavailableError, available_backends
 from . import reference
+from .decode import KVCache, KVCacheOverflowError, decode_attention
 
 __version__ = _config.VERSION
 
@@ -36,4 +37,7 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "reference",
+    "KVCache",
+    "KVCacheOverflowError",
+    "decode_attention",
 ]

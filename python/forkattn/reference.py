@@ -69,3 +69,87 @@ def attention(
     if allowed is not None:
         p = p.masked_fill(~row_any, 0.0)  # ... which then contribute nothing
     return torch.matmul(p.to(v.dtype), v)
+
+
+# --- KV-cache decoding ------------------------------------------------------------------------------
+
+def kv_append(
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens: Tensor,
+    block_table: Optional[Tensor],
+    k: Tensor,
+    v: Tensor,
+    max_seqlen: int,
+) -> None:
+    """Eager KVCache append with index_put: token t of sequence b goes to position seqlens[b] + t
+    (page block_table[b, pos // P], slot pos % P; page b, slot pos when block_table is None).
+    Tokens that do not fit (position >= max_seqlen or no page) and every later token of that
+    sequence are dropped; seqlens advances by the tokens written. Uses a data-dependent index
+    (syncs with the host), unlike the kernels."""
+    B, Hkv, T, D = k.shape
+    P = k_cache.shape[2]
+    dev = k_cache.device
+    pos = seqlens.to(torch.int64)[:, None] + torch.arange(T, device=dev)[None, :]
+    if block_table is None:
+        page = torch.arange(B, device=dev)[:, None].expand(B, T)
+        ok = pos < max_seqlen
+    else:
+        logical = pos // P
+        in_table = logical < block_table.shape[1]
+        page = block_table.to(torch.int64).gather(1, logical.clamp(max=block_table.shape[1] - 1))
+        ok = in_table & (pos < max_seqlen) & (page >= 0)
+    ok = ok.to(torch.int32).cumprod(dim=1).bool()  # stop at the first token that does not fit
+    bi, ti = ok.nonzero(as_tuple=True)
+    slot = pos % P
+    k_cache[page[bi, ti], :, slot[bi, ti]] = k[bi, :, ti]
+    v_cache[page[bi, ti], :, slot[bi, ti]] = v[bi, :, ti]
+    seqlens.add_(ok.sum(dim=1).to(seqlens.dtype))
+
+
+def gather_kv(cache_t: Tensor, block_table: Optional[Tensor], kv_len: int) -> Tensor:
+    """[B, Hkv, kv_len, D] view/copy of a contiguous or paged cache tensor (missing pages read page 0)."""
+    if block_table is None:
+        return cache_t[:, :, :kv_len]
+    P = cache_t.shape[2]
+    n = -(-kv_len // P)
+    pages = block_table[:, :n].to(torch.int64).clamp(min=0)
+    g = cache_t[pages]  # [B, n, Hkv, P, D]
+    B, _, Hkv, _, D = g.shape
+    return g.permute(0, 2, 1, 3, 4).reshape(B, Hkv, n * P, D)[:, :, :kv_len]
+
+
+def decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    seqlens: Tensor,
+    block_table: Optional[Tensor],
+    kv_len: int,
+    *,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """Eager decode attention: gather the cache slice [B, Hkv, kv_len, D] (kv_len >= every length),
+    then matmul -> mask (query t of sequence b sees keys j <= seqlens[b] - T + t) -> softmax in
+    fp32 -> matmul. Returns [B, H, T, D] with [B, T, H, D] memory, like the kernels."""
+    B, H, T, D = q.shape
+    k = gather_kv(k_cache, block_table, kv_len)
+    v = gather_kv(v_cache, block_table, kv_len)
+    Hkv = k.shape[1]
+    if Hkv != H:
+        k = k.repeat_interleave(H // Hkv, dim=1)
+        v = v.repeat_interleave(H // Hkv, dim=1)
+    scale = D ** -0.5 if scale is None else scale
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if s.dtype in (torch.float16, torch.bfloat16):
+        s = s.float()
+    L = seqlens.to(torch.int64).clamp(max=kv_len)
+    t = torch.arange(T, device=q.device)
+    j = torch.arange(kv_len, device=q.device)
+    allowed = (j[None, None, :] <= (L[:, None, None] - T + t[None, :, None]))[:, None]  # [B, 1, T, kv_len]
+    s = s.masked_fill(~allowed, float("-inf"))
+    row_any = allowed.any(dim=-1, keepdim=True)
+    s = s.masked_fill(~row_any, 0.0)
+    p = torch.softmax(s, dim=-1).masked_fill(~row_any, 0.0)
+    out = torch.matmul(p.to(v.dtype), v)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
