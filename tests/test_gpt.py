@@ -181,13 +181,22 @@ def recompute_greedy(model, ids, mask, n):
     return ids
 
 
+def needs_cache(cache):
+    from forkattn.models.gpt import forkattn_cache_available
+
+    if cache == "forkattn" and forkattn_cache_available() is not None:
+        pytest.skip(forkattn_cache_available())
+
+
+@pytest.mark.parametrize("cache", ["static", "forkattn"])
 @pytest.mark.parametrize("backend", ["eager", "cpu"])
-def test_greedy_equals_recompute_and_transformers_left_padded(backend):
+def test_greedy_equals_recompute_and_transformers_left_padded(backend, cache):
+    needs_cache(cache)
     ref, ours = pair()
     ours.set_backend(backend)
     ids, mask = left_padded_batch()
     n = 20
-    g = ours.generate(ids, n, do_sample=False, attention_mask=mask)
+    g = ours.generate(ids, n, do_sample=False, attention_mask=mask, cache=cache)
     assert g.shape == (4, ids.shape[1] + n)
     assert torch.equal(g, recompute_greedy(ours, ids, mask, n))
     hf = ref.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
@@ -195,11 +204,13 @@ def test_greedy_equals_recompute_and_transformers_left_padded(backend):
     # each row alone (no padding) gives the same tokens: padding never leaks into attention
     for b in range(4):
         row = ids[b][mask[b].bool()][None]
-        alone = ours.generate(row, n, temperature=0.0)
+        alone = ours.generate(row, n, temperature=0.0, cache=cache)
         assert torch.equal(alone[0, -n:], g[b, -n:])
 
 
-def test_ragged_right_padded_prompt_matches_unpadded():
+@pytest.mark.parametrize("cache", ["static", "forkattn"])
+def test_ragged_right_padded_prompt_matches_unpadded(cache):
+    needs_cache(cache)
     _, ours = pair()
     ids, mask = left_padded_batch()
     right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
@@ -208,8 +219,8 @@ def test_ragged_right_padded_prompt_matches_unpadded():
         right_ids[b, :len(row)] = row
         right_mask[b, :len(row)] = 1
     n = 9
-    left = ours.generate(ids, n, do_sample=False, attention_mask=mask)
-    right = ours.generate(right_ids, n, do_sample=False, attention_mask=right_mask)
+    left = ours.generate(ids, n, do_sample=False, attention_mask=mask, cache=cache)
+    right = ours.generate(right_ids, n, do_sample=False, attention_mask=right_mask, cache=cache)
     assert torch.equal(left[:, -n:], right[:, -n:])
 
 
@@ -295,17 +306,19 @@ def test_generate_bad_inputs():
     assert torch.equal(ours.generate(ids, 0), ids)
 
 
-def test_static_shapes_cache_equals_eager_shapes():
+@pytest.mark.parametrize("cache", ["static", "forkattn"])
+def test_static_shapes_cache_equals_eager_shapes(cache):
     """The CUDA-graph layout (every step reads all max_len slots) gives the eager layout's tokens."""
+    needs_cache(cache)
     _, ours = pair()
     ids, mask = left_padded_batch()
-    a = ours.generate(ids, 10, do_sample=False, attention_mask=mask)
+    a = ours.generate(ids, 10, do_sample=False, attention_mask=mask, cache=cache)
     import forkattn.models.gpt as gm
 
     orig = gm.make_cache
     gm.make_cache = lambda *a_, **k: orig(*a_, **{**k, "static_shapes": True})
     try:
-        b = ours.generate(ids, 10, do_sample=False, attention_mask=mask)
+        b = ours.generate(ids, 10, do_sample=False, attention_mask=mask, cache=cache)
     finally:
         gm.make_cache = orig
     assert torch.equal(a, b)
@@ -339,14 +352,16 @@ def test_cache_writes_only_its_slots():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cache", ["static", "forkattn"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_cuda_graph_generate_equals_eager_steps(dtype):
-    ref, ours = pair()
+def test_cuda_graph_generate_equals_eager_steps(dtype, cache):
+    needs_cache(cache)
+    ref, ours = pair(n_embd=128, n_head=2)  # head_dim 64: every CUDA/Triton kernel supports it
     ours = ours.cuda().to(dtype)
     ids, mask = left_padded_batch()
     ids, mask = ids.cuda(), mask.cuda()
-    a = ours.generate(ids, 24, do_sample=False, attention_mask=mask, cuda_graph=False)
-    b = ours.generate(ids, 24, do_sample=False, attention_mask=mask, cuda_graph=True)
+    a = ours.generate(ids, 24, do_sample=False, attention_mask=mask, cuda_graph=False, cache=cache)
+    b = ours.generate(ids, 24, do_sample=False, attention_mask=mask, cuda_graph=True, cache=cache)
     assert torch.equal(a, b)
     if dtype == torch.float32:
         hf = ref.cuda().generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, pad_token_id=0)
@@ -354,3 +369,174 @@ def test_cuda_graph_generate_equals_eager_steps(dtype):
     s1 = ours.generate(ids, 24, attention_mask=mask, seed=7, top_p=0.9)
     s2 = ours.generate(ids, 24, attention_mask=mask, seed=7, top_p=0.9)
     assert torch.equal(s1, s2)
+
+
+# ------------------------------------------------------------------------------------------------
+# in-context learning: a tiny model trained (here, in seconds) on "review -> label" lines
+
+POS = ["great", "wonderful", "brilliant", "moving", "delightful", "superb"]
+NEG = ["awful", "boring", "dull", "terrible", "tedious", "weak"]
+SUBJ = ["the film", "the plot", "the acting", "the score", "the ending", "the cast"]
+LABELS = ["positive", "negative", "mixed"]
+
+
+def review(rng):
+    kind = rng.choice(LABELS)
+    s1, s2, p, n = (rng.randrange(6) for _ in range(4))
+    if kind == "positive":
+        return f"{SUBJ[s1]} was {POS[p]}", kind
+    if kind == "negative":
+        return f"{SUBJ[s1]} was {NEG[n]}", kind
+    a, b = (POS[p], NEG[n]) if rng.random() < 0.5 else (NEG[n], POS[p])
+    return f"{SUBJ[s1]} was {a} but {SUBJ[s2]} was {b}", kind
+
+
+@pytest.fixture(scope="module")
+def icl_model(tmp_path_factory):
+    import random
+
+    from forkattn.training.gpt import encode_file, fit, train_bpe
+
+    torch.set_num_threads(1)
+    rng = random.Random(0)
+    paras = ["".join(f"{t} -> {lab}\n" for t, lab in (review(rng) for _ in range(rng.randint(1, 5))))
+             for _ in range(600)]
+    path = tmp_path_factory.mktemp("icl") / "reviews.txt"
+    path.write_text("\n\n".join(paras))
+    tok = train_bpe([path], 400)
+    tokens = encode_file(tok, str(path))
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_positions=128, n_embd=64, n_layer=ICL_LAYERS, n_head=4,
+                          resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    losses = fit(model, tokens, steps=ICL_STEPS, batch_size=16, block_size=48, lr=3e-3, warmup=20)
+    assert losses[-1] < losses[0] / 3
+    return model.eval(), tok
+
+
+ICL_LAYERS, ICL_STEPS = 2, 150
+
+
+def test_format_prompt():
+    from forkattn.models.icl import format_prompt
+
+    p = format_prompt("so dull", [("a joy", "positive"), ("meh", "mixed")], instruction="Classify the reviews.")
+    assert p == "Classify the reviews.\na joy -> positive\nmeh -> mixed\nso dull -> "
+    assert format_prompt("x") == "x -> "
+    with pytest.raises(ValueError, match="text must not contain"):
+        format_prompt("two\nlines")
+    with pytest.raises(ValueError, match=r"examples\[0\]"):
+        format_prompt("x", [("a\nb", "positive")])
+
+
+def test_icl_scores_are_label_log_likelihoods(icl_model):
+    """The batched, padded scores equal a direct computation, one unpadded sequence per label."""
+    from forkattn.models.icl import ICLClassifier
+
+    model, tok = icl_model
+    clf = ICLClassifier(model, tok, LABELS, [("the plot was dull", "negative")])
+    text = "the cast was superb but the ending was weak"
+    scores = clf.score(text)
+    head = clf.prompt(text).rstrip(" ")
+    p = tok.encode(head).ids
+    for lab in LABELS:
+        full = tok.encode(head + " " + lab + "\n").ids
+        assert full[: len(p)] == p
+        logp = model(torch.tensor([full])).logits[0].float().log_softmax(-1)
+        want = sum(logp[t - 1, full[t]].item() for t in range(len(p), len(full)))
+        assert abs(scores[lab] - want) < 1e-4, lab
+    with pytest.raises(ValueError, match="not in labels"):
+        ICLClassifier(model, tok, ["positive", "negative"], [("x", "mixed")])
+    with pytest.raises(ValueError, match="distinct"):
+        ICLClassifier(model, tok, ["a", "a"])
+    with pytest.raises(ValueError, match="n_positions"):
+        ICLClassifier(model, tok, LABELS, [("the film was great " * 20, "positive")] * 3).predict("x")
+
+
+def test_icl_zero_and_few_shot_accuracy(icl_model):
+    import random
+
+    from forkattn.models.icl import ICLClassifier
+
+    model, tok = icl_model
+    rng = random.Random(1)
+    test = [review(rng) for _ in range(60)]
+    shots = [("the score was weak", "negative"), ("the cast was moving", "positive"),
+             ("the plot was great but the acting was dull", "mixed")]
+    for examples in ([], shots):
+        clf = ICLClassifier(model, tok, LABELS, examples)
+        preds = clf([t for t, _ in test])
+        acc = sum(p.label == lab for p, (_, lab) in zip(preds, test)) / len(test)
+        assert acc >= 0.9, (len(examples), acc)
+        assert set(preds[0].scores) == set(LABELS) and all(s < 0 for s in preds[0].scores.values())
+    # an untrained model with the same tokenizer is not this good: the test can fail
+    torch.manual_seed(5)
+    blank = GPT(model.config).eval()
+    acc0 = sum(ICLClassifier(blank, tok, LABELS).predict(t).label == lab for t, lab in test) / len(test)
+    assert acc0 < 0.7
+
+
+# ------------------------------------------------------------------------------------------------
+# training command
+
+
+def _corpus(path, n=300):
+    import random
+
+    rng = random.Random(0)
+    path.write_text("\n\n".join(" ".join(rng.choice(["the cat sat.", "a dog ran far.", "birds sing at dawn.",
+                                                     "we read books."]) for _ in range(6)) for _ in range(n)))
+    return path
+
+
+def test_train_command_cpu(tmp_path, capsys):
+    from forkattn.train import main
+
+    data = _corpus(tmp_path / "corpus.txt")
+    out = tmp_path / "run"
+    rc = main(["gpt", "--data", str(data), "--out", str(out), "--vocab-size", "300", "--n-layer", "1",
+               "--n-embd", "32", "--n-head", "2", "--block-size", "32", "--batch-size", "8", "--steps", "40",
+               "--warmup", "5", "--lr", "3e-3", "--no-progress", "--sample", "8", "--device", "cpu"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "tokens/parameter vs ~20 compute-optimal (Chinchilla)" in text
+    first, last = (float(x) for x in text.split("loss ")[1].split(" (mean")[0].split(" -> "))
+    assert last < first - 1.0, text
+    assert "validation loss" in text and "sample:" in text
+    for f in ("config.json", "model.safetensors", "tokenizer.json"):
+        assert (out / f).exists(), f
+    m = GPT.from_pretrained(str(out), strict=True)
+    assert m.config.vocab_size <= 300 and m.config.n_positions == 32
+
+
+def test_tokens_per_param_line():
+    from forkattn.training.gpt import tokens_per_param_line
+
+    assert "20.00 tokens/parameter" in tokens_per_param_line(1000, 20000)
+    assert "near compute-optimal" in tokens_per_param_line(1000, 20000)
+    assert "under-trained" in tokens_per_param_line(1000, 2000)
+    assert "over-trained" in tokens_per_param_line(1000, 200000)
+
+
+def test_train_ddp_gloo_two_processes(tmp_path):
+    import subprocess
+    import sys
+
+    data = _corpus(tmp_path / "corpus.txt", 100)
+    out = tmp_path / "run"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.path.join(root, "python"), OMP_NUM_THREADS="1")
+    import socket
+
+    with socket.socket() as sock:  # a free port, so parallel runs do not collide
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        port, "-m", "forkattn.train", "gpt", "--data", str(data), "--out", str(out),
+                        "--vocab-size", "280", "--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--block-size",
+                        "16", "--batch-size", "4", "--steps", "6", "--warmup", "2", "--no-progress", "--device", "cpu"],
+                       env=env, capture_output=True, text=True, timeout=150)
+    assert r.returncode == 0, r.stderr[-3000:]
+    # both processes count: 6 steps x 4 windows x 16 tokens x 2 ranks
+    assert "768 training tokens" in r.stdout, r.stdout
+    assert r.stdout.count("tokens/parameter") == 1  # printed by rank 0 only
+    assert (out / "model.safetensors").exists()

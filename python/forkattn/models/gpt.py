@@ -622,7 +622,56 @@ class StaticKVCache(KVCacheBase):
         self.host_max_len = s[1]
 
 
-CACHES = {"static": StaticKVCache}
+class ForkattnKVCache(KVCacheBase):
+    """One forkattn.KVCache per layer (contiguous) and forkattn.decode_attention for the steps.
+
+    The prompt is appended compacted (all T slots, real tokens first) and seqlens is then set to
+    each prompt's length, so the padding slots are overwritten by the first generated tokens.
+    The caches run with check=False (no host sync, capturable); generate has already checked that
+    prompt + new tokens fit in max_len, so nothing is ever clamped."""
+
+    name = "forkattn"
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, *, dtype, device, static_shapes: bool = False):
+        self.caches = [forkattn.KVCache(batch, config.n_head, max_len, config.head_dim, dtype=dtype, device=device,
+                                        check=False) for _ in range(config.n_layer)]
+        self.max_len, self.static_shapes = max_len, static_shapes
+        self.prefilling = False
+
+    def end_prefill(self) -> None:
+        super().end_prefill()
+        for c in self.caches:
+            c.seqlens.copy_(self.prompt_lens)
+            # an upper bound of the lengths (the eager decode backend slices to it); with static
+            # shapes (a CUDA graph) the whole buffer, since a captured slice cannot grow
+            c.seqlen_bound = self.max_len if self.static_shapes else self.host_max_len
+
+    def begin_step(self) -> Tensor:
+        return self.caches[0].seqlens.long()
+
+    def end_step(self) -> None:
+        if self.static_shapes:
+            for c in self.caches:
+                c.seqlen_bound = self.max_len
+
+    def attend(self, layer, q, k, v, *, scale, backend):
+        c = self.caches[layer]
+        if self.prefilling:
+            c.append(self._compacted(k), self._compacted(v), backend=backend)
+            return self._prefill_attend(q, k, v, scale, backend)
+        c.append(k, v, backend=backend)
+        return forkattn.decode_attention(q, c, scale=scale, backend=backend)
+
+    def state(self):
+        return [(c.seqlens.clone(), c.seqlen_bound) for c in self.caches]
+
+    def load_state(self, s) -> None:
+        for c, (lens, bound) in zip(self.caches, s):
+            c.seqlens.copy_(lens)
+            c.seqlen_bound = bound
+
+
+CACHES = {"static": StaticKVCache, "forkattn": ForkattnKVCache}
 
 
 def forkattn_cache_available() -> Optional[str]:
@@ -635,8 +684,9 @@ def forkattn_cache_available() -> Optional[str]:
 def make_cache(kind: str, config: GPTConfig, batch: int, max_len: int, *, dtype, device,
                static_shapes: bool = False) -> KVCacheBase:
     if kind == "auto":
-        kind = "forkattn" if forkattn_cache_available() is None and "forkattn" in CACHES else "static"
+        kind = "forkattn" if forkattn_cache_available() is None else "static"
     if kind not in CACHES:
-        why = forkattn_cache_available() if kind == "forkattn" else None
-        raise ValueError(f"cache must be 'auto' or one of {sorted(CACHES)}, got {kind!r}" + (f" ({why})" if why else ""))
+        raise ValueError(f"cache must be 'auto' or one of {sorted(CACHES)}, got {kind!r}")
+    if kind == "forkattn" and forkattn_cache_available() is not None:
+        raise ValueError(f"cache='forkattn' is not available: {forkattn_cache_available()}")
     return CACHES[kind](config, batch, max_len, dtype=dtype, device=device, static_shapes=static_shapes)
