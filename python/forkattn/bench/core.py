@@ -30,6 +30,7 @@ class Case:
     fns: Dict[str, Callable[[], object]]
     flops: Optional[float] = None  # per call, FlashAttention's count
     bytes: Optional[float] = None  # per call, read + written
+    tokens: Optional[float] = None  # per call, tokens processed or generated (a tok/s column)
     params: dict = field(default_factory=dict)
 
 
@@ -99,6 +100,8 @@ def run_cases(cases: List[Case], device: torch.device, *, quick: bool) -> List[d
                     row["tflops"] = case.flops / t / 1e12
                 if case.bytes:
                     row["tbps"] = case.bytes / t / 1e12
+                if case.tokens:
+                    row["tok_s"] = case.tokens / t
                 if isinstance(base, float):
                     row["vs_eager"] = base / t
                 sdpa = results.get("sdpa")
@@ -111,7 +114,8 @@ def run_cases(cases: List[Case], device: torch.device, *, quick: bool) -> List[d
 
 def print_case(case: Case, rows: List[dict]) -> None:
     print(f"\n{case.family}: {case.name}")
-    print(f"  {'impl':<22}{'ms':>10}{'TFLOP/s':>10}{'TB/s':>9}{'vs eager':>10}{'vs sdpa':>9}")
+    print(f"  {'impl':<22}{'ms':>10}{'TFLOP/s':>10}{'TB/s':>9}{'vs eager':>10}{'vs sdpa':>9}"
+          + (f"{'tok/s':>12}" if case.tokens else ""))
     for r in rows:
         if r.get("ms") is None:
             print(f"  {r['impl']:<22}  {r['error']}")
@@ -120,7 +124,8 @@ def print_case(case: Case, rows: List[dict]) -> None:
         tb = f"{r['tbps']:.3f}" if "tbps" in r else "-"
         ve = f"{r['vs_eager']:.2f}x" if "vs_eager" in r else "-"
         vs = f"{r['vs_sdpa']:.2f}x" if "vs_sdpa" in r else "-"
-        print(f"  {r['impl']:<22}{r['ms']:>10.3f}{tf:>10}{tb:>9}{ve:>10}{vs:>9}")
+        ts = f"{r['tok_s']:>12,.0f}" if "tok_s" in r else ""
+        print(f"  {r['impl']:<22}{r['ms']:>10.3f}{tf:>10}{tb:>9}{ve:>10}{vs:>9}{ts}")
 
 
 def environment(device: torch.device) -> dict:
