@@ -548,3 +548,14 @@ def test_collator_special_ids_list_and_padding():
     assert (batch["labels"][:, 4:] == -100).all() and (batch["labels"][:, 0] == -100).all()
     with pytest.raises(ValueError, match="pass vocab_size"):
         forkattn.data.MLMCollator(SPECIALS, mask_token_id=MASK, pad_token_id=PAD)
+
+
+def test_public_api_under_fake_tensor_mode_uses_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ids, att = make_batch(4, 16, seed=19)
+    with FakeTensorMode() as mode:
+        x, a = mode.from_tensor(ids), mode.from_tensor(att)
+        out, lab = forkattn.mlm_mask(x, attention_mask=a, seed=3, **KW)
+        assert out.shape == ids.shape and lab.dtype == ids.dtype
+        assert type(out) is not torch.Tensor  # fake outputs from register_fake, the kernel never ran
