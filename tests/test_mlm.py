@@ -478,6 +478,7 @@ def _bad(**kw):
         (dict(special_token_ids=[1, "a"]), TypeError, "special_token_ids must hold ints"),
         (dict(special_token_ids=list(range(70))), ValueError, "at most 64"),
         (dict(generator=3), TypeError, "generator must be"),
+        (dict(input_ids=torch.tensor([[CLS, 500, SEP]]).expand(3, 3), inplace=True), ValueError, "do not share memory"),
         (dict(backend="nope"), ValueError, "unknown backend"),
         (dict(backend="eager", mode="exact"), forkattn.BackendUnavailableError, "exact"),
         (dict(vocab_size=6, special_token_ids=[0, 1, 2, 3, 4, 5], mask_token_id=5, input_ids=torch.tensor([[1]])),

@@ -303,6 +303,11 @@ def mlm_mask(
         raise TypeError(f"random_excludes_special must be a bool, got {type(random_excludes_special).__name__}")
     if not isinstance(inplace, bool):
         raise TypeError(f"inplace must be a bool, got {type(inplace).__name__}")
+    if inplace and input_ids.numel() > 1 and any(st == 0 and n > 1 for st, n in zip(input_ids.stride(), input_ids.shape)):
+        raise ValueError(
+            f"inplace=True needs input_ids whose elements do not share memory, got strides {input_ids.stride()} "
+            "(an expanded tensor); pass input_ids.clone() or inplace=False"
+        )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
     if seed is not None:
