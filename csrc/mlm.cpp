@@ -6,6 +6,7 @@
 #include <algorithm>
 
 #include "checks.h"
+#include "mlm/mlm.h"
 
 namespace forkattn {
 namespace {
@@ -38,7 +39,7 @@ void fill_ids(const std::vector<int64_t>& ids, const char* name, int64_t* dst, i
 
 }  // namespace
 
-mlm::Params make_mlm_params(FORKATTN_MLM_ARGS) {
+void fill_mlm_params(mlm::Params* params, FORKATTN_MLM_ARGS) {
   FA_CHECK_DIM(input_ids, 2);
   TORCH_CHECK_TYPE(input_ids.scalar_type() == at::kInt || input_ids.scalar_type() == at::kLong,
                    "input_ids must be int32 or int64, got ", input_ids.scalar_type());
@@ -85,13 +86,14 @@ mlm::Params make_mlm_params(FORKATTN_MLM_ARGS) {
   p.exact = exact ? 1 : 0;
   fill_ids(special_ids, "special_ids", p.special_ids, &p.n_special);
   fill_ids(excluded_ids, "excluded_ids", p.excluded_ids, &p.n_excluded);
-  return p;
+  *params = p;
 }
 
 void mlm_mask_cpu(FORKATTN_MLM_ARGS) {
-  const mlm::Params p = make_mlm_params(input_ids, out_ids, out_labels, special_tokens_mask, attention_mask, labels,
-                                        word_ids, special_ids, excluded_ids, vocab_size, mask_token_id, seed,
-                                        t_select, t_mask, t_random, n_random, exact, min_masked);
+  mlm::Params p;
+  fill_mlm_params(&p, input_ids, out_ids, out_labels, special_tokens_mask, attention_mask, labels,
+                  word_ids, special_ids, excluded_ids, vocab_size, mask_token_id, seed,
+                  t_select, t_mask, t_random, n_random, exact, min_masked);
   TORCH_CHECK_VALUE(input_ids.device().is_cpu(), "input_ids must be a CPU tensor for the cpu backend, got ",
                     input_ids.device());
   if (input_ids.numel() == 0) return;

@@ -7,9 +7,10 @@
 #include <optional>
 #include <vector>
 
-#include "mlm/mlm.h"
-
 namespace forkattn {
+namespace mlm {
+struct Params;  // kernels/mlm/mlm.h (not included here, so the bindings do not rebuild with the kernels)
+}
 
 // Writes out_ids and out_labels ([B, L], input_ids' dtype; out_ids may be input_ids itself).
 // special_ids / excluded_ids: ascending, at most mlm::kMaxSpecial each. t_*: thresholds in [0, 2^32].
@@ -27,8 +28,8 @@ void mlm_mask_cpu(FORKATTN_MLM_ARGS);
 void mlm_mask_cuda(FORKATTN_MLM_ARGS);
 #endif
 
-// Checks every tensor and fills the params (shared by the CPU and CUDA entry points).
-mlm::Params make_mlm_params(FORKATTN_MLM_ARGS);
+// Checks every tensor and fills *params (shared by the CPU and CUDA entry points).
+void fill_mlm_params(mlm::Params* params, FORKATTN_MLM_ARGS);
 
 namespace cpu {
 // csrc/cpu/mlm_cpu.cpp. Returns true when a non-padding id is outside [0, vocab_size) and stores one

@@ -478,6 +478,7 @@ def _bad(**kw):
         (dict(special_token_ids=[1, "a"]), TypeError, "special_token_ids must hold ints"),
         (dict(special_token_ids=list(range(70))), ValueError, "at most 64"),
         (dict(generator=3), TypeError, "generator must be"),
+        (dict(input_ids=torch.tensor([[CLS, 500, SEP]]).expand(3, 3), inplace=True), ValueError, "do not share memory"),
         (dict(backend="nope"), ValueError, "unknown backend"),
         (dict(backend="eager", mode="exact"), forkattn.BackendUnavailableError, "exact"),
         (dict(vocab_size=6, special_token_ids=[0, 1, 2, 3, 4, 5], mask_token_id=5, input_ids=torch.tensor([[1]])),
@@ -548,3 +549,14 @@ def test_collator_special_ids_list_and_padding():
     assert (batch["labels"][:, 4:] == -100).all() and (batch["labels"][:, 0] == -100).all()
     with pytest.raises(ValueError, match="pass vocab_size"):
         forkattn.data.MLMCollator(SPECIALS, mask_token_id=MASK, pad_token_id=PAD)
+
+
+def test_public_api_under_fake_tensor_mode_uses_the_op():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ids, att = make_batch(4, 16, seed=19)
+    with FakeTensorMode() as mode:
+        x, a = mode.from_tensor(ids), mode.from_tensor(att)
+        out, lab = forkattn.mlm_mask(x, attention_mask=a, seed=3, **KW)
+        assert out.shape == ids.shape and lab.dtype == ids.dtype
+        assert type(out) is not torch.Tensor  # fake outputs from register_fake, the kernel never ran

@@ -105,6 +105,7 @@ FORKATTN_HD bool eligible(const Params& p, int64_t b, int64_t l, int64_t id) {
   if (p.attention_mask.ptr && load_aux(p.attention_mask, b, l) == 0) return false;
   if (p.special_mask.ptr && load_aux(p.special_mask, b, l) != 0) return false;
   if (p.labels.ptr && load_aux(p.labels, b, l) == kIgnoreIndex) return false;
+  if (p.n_special == 0 || id > p.special_ids[p.n_special - 1]) return true;  // the common case: a word id
   for (int i = 0; i < p.n_special; ++i) {
     if (p.special_ids[i] == id) return false;
     if (p.special_ids[i] > id) break;
@@ -167,15 +168,20 @@ FORKATTN_HD int64_t quota(const Params& p, int64_t n, int64_t below) {
   return k < n ? k : n;
 }
 
-// The id that selected token (b, l) with original id `id` is written as (80/10/10 by default).
-FORKATTN_HD int64_t replacement(const Params& p, int64_t b, int64_t l, int64_t id) {
-  const Philox4 r = philox4x32_10(p.seed, static_cast<uint32_t>(l), static_cast<uint32_t>(b), 1u, 0u);
-  const uint64_t fate = r.r[0];
+// The id a selected token with original id `id` becomes, given its fate and random draws
+// (80/10/10 by default).
+FORKATTN_HD int64_t replacement_from(const Params& p, uint32_t fate, uint32_t rnd, int64_t id) {
   if (fate < p.t_mask) return p.mask_token_id;
   if (fate >= p.t_random) return id;
-  int64_t j = static_cast<int64_t>((static_cast<uint64_t>(r.r[1]) * p.n_random) >> 32);
+  int64_t j = static_cast<int64_t>((static_cast<uint64_t>(rnd) * p.n_random) >> 32);
   for (int i = 0; i < p.n_excluded; ++i) j += (j >= p.excluded_ids[i]) ? 1 : 0;
   return j;
+}
+
+// Token (b, l)'s fate and random draws: Philox(l, b, 1, 0).r[0], .r[1].
+FORKATTN_HD int64_t replacement(const Params& p, int64_t b, int64_t l, int64_t id) {
+  const Philox4 r = philox4x32_10(p.seed, static_cast<uint32_t>(l), static_cast<uint32_t>(b), 1u, 0u);
+  return replacement_from(p, r.r[0], r.r[1], id);
 }
 
 FORKATTN_HD void store_int(void* base, int bytes, int64_t off, int64_t v) {
@@ -186,11 +192,15 @@ FORKATTN_HD void store_int(void* base, int bytes, int64_t off, int64_t v) {
   }
 }
 
+// Stores token (b, l)'s output id and label.
+FORKATTN_HD void store_token(const Params& p, int64_t b, int64_t l, int64_t out_id, int64_t label) {
+  store_int(p.out_ids, p.id_bytes, b * p.out_stride_b + l * p.out_stride_l, out_id);
+  store_int(p.out_labels, p.id_bytes, b * p.lab_stride_b + l * p.lab_stride_l, label);
+}
+
 // Writes token (b, l)'s output id and label. `id` is its original id.
 FORKATTN_HD void write_token(const Params& p, int64_t b, int64_t l, int64_t id, bool selected) {
-  const int64_t out = selected ? replacement(p, b, l, id) : id;
-  store_int(p.out_ids, p.id_bytes, b * p.out_stride_b + l * p.out_stride_l, out);
-  store_int(p.out_labels, p.id_bytes, b * p.lab_stride_b + l * p.lab_stride_l, selected ? id : kIgnoreIndex);
+  store_token(p, b, l, selected ? replacement(p, b, l, id) : id, selected ? id : kIgnoreIndex);
 }
 
 }  // namespace mlm
