@@ -34,9 +34,11 @@ tail -15 "$OUT/tests_gpu.log" | tee -a "$OUT/summary.log"
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool" | tee -a "$OUT/summary.log"
-    timeout ${SANITIZER_TIMEOUT:-60} compute-sanitizer --tool $tool --error-exitcode 9 \
-      $PY scripts/sanitize_smoke.py >> "$OUT/sanitizer.log" 2>&1
-    echo "$tool exit $?" | tee -a "$OUT/summary.log"
+    for smoke in scripts/sanitize_*.py; do
+      timeout ${SANITIZER_TIMEOUT:-60} compute-sanitizer --tool $tool --error-exitcode 9 \
+        $PY "$smoke" >> "$OUT/sanitizer.log" 2>&1
+      echo "$tool $smoke exit $?" | tee -a "$OUT/summary.log"
+    done
   done
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tee -a "$OUT/summary.log"
 fi

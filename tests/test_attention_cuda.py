@@ -62,7 +62,7 @@ def test_key_padding(dtype, causal, Lq, Lk):
     mask = make_padding(B, Lk, "cuda", fully_padded=(2,))
     out = check_against_reference(q, k, v, backend="cuda", causal=causal, key_padding_mask=mask)
     assert torch.equal(out[2], torch.zeros_like(out[2]))
-    out.sum().backward()
+    forkattn.attention(q, k, v, backend="cuda", causal=causal, key_padding_mask=mask).float().sum().backward()
     for g in (q.grad, k.grad, v.grad):
         assert torch.equal(g[2], torch.zeros_like(g[2]))
 
@@ -241,6 +241,93 @@ def test_native_limits_raise_clear_errors():
         _C.attention_fwd_cuda(q.cpu(), k.cpu(), v.cpu(), None, False, 1.0)
 
 
+# --- GPU: varlen ----------------------------------------------------------------------------------
+
+def _pack(lens, H, D, dtype):
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    return torch.randn(sum(lens), H, D, dtype=dtype, device="cuda"), cu
+
+
+def _grads(fn, inputs, dout):
+    ins = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*ins)
+    return [out.detach()] + [g.detach() for g in torch.autograd.grad(out, ins, dout.to(out.dtype))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_matches_fp64(dtype, causal):
+    _needs_cuda_backend()
+    from forkattn.attention import _eager_varlen
+
+    lq, lk = [1, 129, 0, 300, 7, 64], [1, 97, 5, 300, 0, 130]
+    q, cu_q = _pack(lq, 4, 64, dtype)
+    k, cu_k = _pack(lk, 2, 64, dtype)
+    v = torch.randn_like(k)
+    dout = torch.randn(q.shape, dtype=torch.float64, device="cuda")
+
+    def fn(backend):
+        return lambda q, k, v: forkattn.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=causal,
+                                                         backend=backend)
+
+    ours = _grads(fn("cuda"), (q, k, v), dout)
+    eager = _grads(fn("eager"), (q, k, v), dout)
+    exact = _grads(lambda q, k, v: _eager_varlen(q, k, v, cu_q, cu_k, causal, 64 ** -0.5),
+                   (q.double(), k.double(), v.double()), dout)
+    for name, a, e, x in zip(("out", "dq", "dk", "dv"), ours, eager, exact):
+        assert_within_budget(name, a, e, x)
+    no_keys = ours[0][int(cu_q[4]):int(cu_q[5])]  # sequence 4 has queries but no key: zeros
+    assert no_keys.numel() and torch.equal(no_keys, torch.zeros_like(no_keys))
+
+
+@pytest.mark.gpu
+def test_varlen_equals_padded_per_sequence():
+    """Each packed sequence gives what the padded cuda path gives for it alone."""
+    _needs_cuda_backend()
+    lq, lk = [70, 1, 200], [90, 64, 33]
+    q, cu_q = _pack(lq, 4, 128, torch.float16)
+    k, cu_k = _pack(lk, 1, 128, torch.float16)
+    v = torch.randn_like(k)
+    dout = torch.randn(q.shape, dtype=torch.float16, device="cuda")
+    ours = _grads(lambda q, k, v: forkattn.attention_varlen(q, k, v, cu_q, cu_k, 200, 90, causal=True,
+                                                            backend="cuda"), (q, k, v), dout)
+    for b in range(3):
+        rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+        one = _grads(lambda q, k, v: forkattn.attention(
+            q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None], causal=True,
+            backend="cuda")[0].transpose(0, 1), (q[rq], k[rk], v[rk]), dout[rq])
+        for name, a, e, r in zip(("out", "dq", "dk", "dv"), ours, one, (rq, rq, rk, rk)):
+            torch.testing.assert_close(a[r], e, msg=lambda m: f"sequence {b}, {name}: {m}")
+
+
+@pytest.mark.gpu
+def test_varlen_cuda_graph_capture():
+    _needs_cuda_backend()
+    lens = [5, 130, 64]
+    q, cu = _pack(lens, 2, 64, torch.bfloat16)
+    k, v = torch.randn_like(q), torch.randn_like(q)
+
+    def step():
+        out, lse = torch.ops.forkattn.attention_varlen_fwd(q, k, v, cu, cu, 130, 130, True, 0.125, "cuda")
+        return (out, lse) + tuple(torch.ops.forkattn.attention_varlen_bwd(
+            out, q, k, v, out, lse, cu, cu, 130, 130, True, 0.125, "cuda"))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    q.copy_(torch.randn_like(q))
+    graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(captured, step()):
+        assert torch.equal(a, b)
+
+
 # --- anywhere: host side ---------------------------------------------------------------------------
 
 def test_cuda_backend_unavailable_says_why():
@@ -269,6 +356,15 @@ def test_native_entry_points_follow_the_build():
 
     assert hasattr(_C, "attention_fwd_cuda") == forkattn._native.WITH_CUDA
     assert hasattr(_C, "attention_bwd_cuda") == forkattn._native.WITH_CUDA
+    assert hasattr(_C, "attention_varlen_fwd_cuda") == forkattn._native.WITH_CUDA
+    assert hasattr(_C, "attention_varlen_bwd_cuda") == forkattn._native.WITH_CUDA
+
+
+def test_cuda_varlen_backend_unavailable_says_why():
+    q = torch.randn(8, 2, 64, dtype=torch.float16)
+    cu = torch.tensor([0, 3, 8], dtype=torch.int32)
+    with pytest.raises(forkattn.BackendUnavailableError, match="backend 'cuda' cannot run this call"):
+        forkattn.attention_varlen(q, q, q, cu, cu, 5, 5, backend="cuda")
 
 
 def _preference_in_subprocess(env_value):
@@ -276,17 +372,17 @@ def _preference_in_subprocess(env_value):
     env.pop("FORKATTN_PREFER_CUDA_ATTENTION", None)
     if env_value is not None:
         env["FORKATTN_PREFER_CUDA_ATTENTION"] = env_value
-    code = ("import sys; sys.path.insert(0, 'python'); import forkattn; "
-            "print(forkattn.backends.get('attention').preference['cuda'])")
+    code = ("import sys; sys.path.insert(0, 'python'); import forkattn; r = forkattn.backends.get; "
+            "print([r('attention').preference['cuda'], r('attention_varlen').preference['cuda']])")
     res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     return eval(res.stdout.strip().splitlines()[-1])
 
 
 def test_cuda_backend_is_opt_in_until_verified():
-    """Not in the default preference; FORKATTN_PREFER_CUDA_ATTENTION=1 puts it first."""
-    assert "cuda" not in _preference_in_subprocess(None)
-    assert _preference_in_subprocess("1")[0] == "cuda"
+    """Not in the default preference; FORKATTN_PREFER_CUDA_ATTENTION=1 puts it first (both families)."""
+    assert all("cuda" not in pref for pref in _preference_in_subprocess(None))
+    assert all(pref[0] == "cuda" for pref in _preference_in_subprocess("1"))
 
 
 def test_generated_kernels_are_up_to_date(tmp_path):

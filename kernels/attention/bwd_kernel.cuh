@@ -79,7 +79,7 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
 
   int n_tiles = cdiv(len_k, BN);
   if constexpr (CAUSAL) {
-    const int last_key = m0 + BM - 1 + offset;
+    const int last_key = min(m0 + BM, len_q) - 1 + offset;  // the last key any row of this tile sees
     n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
   }
 

@@ -1,7 +1,7 @@
 // Forward: one block of 4 warps per (64-query tile, head, batch entry or packed sequence); each
-// warp owns 16 query rows. K/V tiles of 64 keys stream through shared memory in two cp.async stages; key tiles
-// with no visible key (padding, or past the causal limit) are never loaded. Online softmax
-// in base 2 with fp32 accumulators; only lse is stored for the backward pass.
+// warp owns 16 query rows. K/V tiles of 64 keys stream through shared memory in two cp.async
+// stages; key tiles with no visible key (padding, or past the causal limit) are never loaded.
+// Online softmax in base 2 with fp32 accumulators; only lse is stored for the backward pass.
 #pragma once
 #include "attention/api.h"
 #include "attention/common.cuh"
@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
 
   int n_tiles = cdiv(len_k, BN);
   if constexpr (CAUSAL) {
-    const int last_key = m0 + BM - 1 + offset;  // the last key any row of this tile sees
+    const int last_key = min(m0 + BM, len_q) - 1 + offset;  // the last key any row of this tile sees
     n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
   }
 
