@@ -5,6 +5,8 @@ from ._native import config as _config
 from .attention import attention, select_backend
 from .backends import BackendUnavailableError, available_backends
 from . import reference
+from .mlm import mlm_mask
+from . import data
 
 __version__ = _config.VERSION
 
@@ -36,4 +38,6 @@ __all__ = [
     "available_backends",
     "BackendUnavailableError",
     "reference",
+    "mlm_mask",
+    "data",
 ]

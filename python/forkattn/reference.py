@@ -69,3 +69,60 @@ def attention(
     if allowed is not None:
         p = p.masked_fill(~row_any, 0.0)  # ... which then contribute nothing
     return torch.matmul(p.to(v.dtype), v)
+
+
+def mlm_mask(
+    input_ids: Tensor,
+    *,
+    vocab_size: int,
+    mask_token_id: int,
+    mask_prob: float = 0.15,
+    mask_replace_prob: float = 0.8,
+    random_replace_prob: float = 0.1,
+    special_token_ids: Optional[list] = None,
+    special_tokens_mask: Optional[Tensor] = None,
+    attention_mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    excluded_ids: Optional[list] = None,
+    generator: Optional[torch.Generator] = None,
+):
+    """BERT's 80/10/10 masking the way transformers' DataCollatorForLanguageModeling writes it:
+    clone, three torch.bernoulli draws over full-size probability tensors, torch.randint and
+    boolean-index writes. Returns (masked_input_ids, labels) with -100 at unselected positions.
+
+    excluded_ids: ids a random replacement never produces (drawn uniformly from the others).
+    """
+    inputs = input_ids.clone()
+    out_labels = input_ids.clone()
+    shape, dev = input_ids.shape, input_ids.device
+    probability_matrix = torch.full(shape, mask_prob, device=dev)
+    ineligible = torch.zeros(shape, dtype=torch.bool, device=dev)
+    if special_tokens_mask is not None:
+        ineligible |= special_tokens_mask.bool()
+    if special_token_ids:
+        ineligible |= torch.isin(input_ids, torch.tensor(special_token_ids, device=dev, dtype=input_ids.dtype))
+    if attention_mask is not None:
+        ineligible |= attention_mask == 0
+    if labels is not None:
+        ineligible |= labels == -100
+    probability_matrix.masked_fill_(ineligible, 0.0)
+    masked_indices = torch.bernoulli(probability_matrix, generator=generator).bool()
+    out_labels[~masked_indices] = -100
+
+    replaced = torch.bernoulli(torch.full(shape, mask_replace_prob, device=dev), generator=generator).bool()
+    replaced &= masked_indices
+    inputs[replaced] = mask_token_id
+
+    rest = 1.0 - mask_replace_prob
+    p_random = 0.0 if rest <= 0 else min(1.0, random_replace_prob / rest)
+    random_idx = torch.bernoulli(torch.full(shape, p_random, device=dev), generator=generator).bool()
+    random_idx &= masked_indices & ~replaced
+    if excluded_ids:
+        allowed = torch.ones(vocab_size, dtype=torch.bool, device=dev)
+        allowed[torch.tensor(excluded_ids, device=dev)] = False
+        table = allowed.nonzero().squeeze(1).to(input_ids.dtype)
+        random_words = table[torch.randint(len(table), shape, device=dev, generator=generator)]
+    else:
+        random_words = torch.randint(vocab_size, shape, dtype=input_ids.dtype, device=dev, generator=generator)
+    inputs[random_idx] = random_words[random_idx]
+    return inputs, out_labels

