@@ -458,3 +458,25 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
     assert any(not torch.equal(s0[k], init[k]) for k in s0)  # it trained
     log = json.loads((out / "train_log.json").read_text())
     assert log[0]["world_size"] == 2 and log[0]["rank0_batch_hash"] != log[0]["rank1_batch_hash"]  # different data per rank
+
+
+def test_mask_tokens_fresh_masks_every_step_never_special_or_padding():
+    import forkattn
+    from forkattn.models.bert_tokenizer import BertTokenizer
+    from forkattn.training import bert as tb
+
+    path = _minilm_path()
+    tok = BertTokenizer.from_pretrained(path)
+    batch = tok(["the quick brown fox jumps over the lazy dog " * 6, "a short one"], padding=True, return_tensors="pt")
+    g = torch.Generator().manual_seed(0)
+    masks = []
+    for _ in range(2):
+        ids, labels = tb.mask_tokens({k: v.clone() for k, v in batch.items()}, tok, 0.3, g)
+        special = torch.isin(batch["input_ids"], torch.tensor(tok.all_special_ids)) | (batch["attention_mask"] == 0)
+        assert (labels[special] == -100).all() and (ids[special] == batch["input_ids"][special]).all()
+        sel = labels != -100
+        assert sel.sum(1).min() >= 1  # every row predicts something
+        assert torch.equal(labels[sel], batch["input_ids"][sel])
+        masks.append(sel)
+    assert not torch.equal(masks[0], masks[1])  # dynamic masking
+    assert hasattr(forkattn, "mlm_mask")  # this build trains with the fused sampler, not the fallback
