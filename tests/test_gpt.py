@@ -374,15 +374,15 @@ def test_cuda_graph_generate_equals_eager_steps(dtype, cache):
 # ------------------------------------------------------------------------------------------------
 # in-context learning: a tiny model trained (here, in seconds) on "review -> label" lines
 
-POS = ["great", "wonderful", "brilliant", "moving", "delightful", "superb"]
-NEG = ["awful", "boring", "dull", "terrible", "tedious", "weak"]
-SUBJ = ["the film", "the plot", "the acting", "the score", "the ending", "the cast"]
+POS = ["great", "wonderful", "moving", "superb"]
+NEG = ["awful", "boring", "dull", "weak"]
+SUBJ = ["the film", "the plot", "the cast"]
 LABELS = ["positive", "negative", "mixed"]
 
 
 def review(rng):
     kind = rng.choice(LABELS)
-    s1, s2, p, n = (rng.randrange(6) for _ in range(4))
+    s1, s2, p, n = rng.randrange(3), rng.randrange(3), rng.randrange(4), rng.randrange(4)
     if kind == "positive":
         return f"{SUBJ[s1]} was {POS[p]}", kind
     if kind == "negative":
@@ -408,12 +408,12 @@ def icl_model(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_positions=128, n_embd=64, n_layer=ICL_LAYERS, n_head=4,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    losses = fit(model, tokens, steps=ICL_STEPS, batch_size=16, block_size=48, lr=3e-3, warmup=20)
+    losses = fit(model, tokens, steps=ICL_STEPS, batch_size=16, block_size=48, lr=6e-3, warmup=20)
     assert losses[-1] < losses[0] / 3
     return model.eval(), tok
 
 
-ICL_LAYERS, ICL_STEPS = 2, 150
+ICL_LAYERS, ICL_STEPS = 2, 240  # the label-polarity plateau breaks near step 160 (seeds 0 and 1)
 
 
 def test_format_prompt():
@@ -434,7 +434,7 @@ def test_icl_scores_are_label_log_likelihoods(icl_model):
 
     model, tok = icl_model
     clf = ICLClassifier(model, tok, LABELS, [("the plot was dull", "negative")])
-    text = "the cast was superb but the ending was weak"
+    text = "the cast was superb but the plot was weak"
     scores = clf.score(text)
     head = clf.prompt(text).rstrip(" ")
     p = tok.encode(head).ids
@@ -460,8 +460,8 @@ def test_icl_zero_and_few_shot_accuracy(icl_model):
     model, tok = icl_model
     rng = random.Random(1)
     test = [review(rng) for _ in range(60)]
-    shots = [("the score was weak", "negative"), ("the cast was moving", "positive"),
-             ("the plot was great but the acting was dull", "mixed")]
+    shots = [("the plot was weak", "negative"), ("the cast was moving", "positive"),
+             ("the plot was great but the film was dull", "mixed")]
     for examples in ([], shots):
         clf = ICLClassifier(model, tok, LABELS, examples)
         preds = clf([t for t, _ in test])

@@ -342,7 +342,7 @@ class GPT(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         cfg = self.config.to_dict()
-        cfg["torch_dtype"] = str(self.transformer.wte.weight.dtype).replace("torch.", "")
+        cfg["dtype"] = cfg["torch_dtype"] = str(self.transformer.wte.weight.dtype).replace("torch.", "")  # transformers 5 / 4
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
         save_file(self.hf_state_dict(), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
