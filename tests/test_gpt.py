@@ -23,8 +23,10 @@ def _one_thread():
 
 
 def hf_config(**kw):
+    # initializer_range 0.2: with GPT-2's 0.02 a random tiny model repeats its last token whatever
+    # the context, and generation tests could not tell a broken cache from a working one
     d = dict(vocab_size=97, n_positions=64, n_embd=48, n_layer=2, n_head=3, resid_pdrop=0.0, embd_pdrop=0.0,
-             attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+             attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
     d.update(kw)
     return GPT2Config(**d)
 
@@ -322,6 +324,28 @@ def test_static_shapes_cache_equals_eager_shapes(cache):
     finally:
         gm.make_cache = orig
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("cache", ["static", "forkattn"])
+def test_warm_up_steps_leave_the_cache_as_it_was(cache, monkeypatch):
+    """The CUDA-graph path runs warm-up decode steps and restores the cache state before capture;
+    on CPU, run the same warm-up (static shapes) before the eager steps: tokens must not change."""
+    needs_cache(cache)
+    _, ours = pair()
+    ids, mask = left_padded_batch()
+    want = ours.generate(ids, 12, do_sample=False, attention_mask=mask, cache=cache)
+    import forkattn.models.gpt as gm
+
+    orig_make, orig_step = gm.make_cache, GPT._eager_step
+    monkeypatch.setattr(gm, "make_cache", lambda *a, **k: orig_make(*a, **{**k, "static_shapes": True}))
+
+    def warm_then_eager(self, kv):
+        self._warm_up(kv, torch.randint(3, 97, (ids.shape[0],)), n=3)
+        return orig_step(self, kv)
+
+    monkeypatch.setattr(GPT, "_eager_step", warm_then_eager)
+    got = ours.generate(ids, 12, do_sample=False, attention_mask=mask, cache=cache)
+    assert torch.equal(got, want)
 
 
 def test_cache_writes_only_its_slots():

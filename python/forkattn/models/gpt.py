@@ -438,7 +438,7 @@ class GPT(nn.Module):
             last = T - 1 - attention_mask.flip(1).long().argmax(1)  # each row's last real token
             next_logits = logits[torch.arange(B, device=device), last].float()
 
-            step = self._graphed_step(kv, B, device) if cuda_graph else (lambda tok: self.decode_step(tok, kv))
+            step = self._graphed_step(kv, B, device) if cuda_graph else self._eager_step(kv)
             out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
             finished = torch.zeros(B, dtype=torch.bool, device=device)
             n = 0
@@ -460,20 +460,29 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
+    def _eager_step(self, kv: "KVCacheBase"):
+        return lambda tok: self.decode_step(tok, kv)
+
+    def _warm_up(self, kv: "KVCacheBase", static_tok: Tensor, n: int = 2) -> None:
+        """Run n decode steps (kernels pick their plans, allocators settle) and restore the cache:
+        those steps write k/v past each sequence's length (overwritten later) and advance lengths."""
+        snapshot = kv.state()
+        for _ in range(n):
+            self.decode_step(static_tok, kv)
+            kv.load_state(snapshot)
+
     def _graphed_step(self, kv: "KVCacheBase", B: int, device):
         """Capture decode_step on static buffers once; each call copies the token in and replays.
-        Capturing runs the step once on a side stream after warm-up runs, and those runs change
-        the cache (they write k/v and advance lengths), so the cache state is saved and restored
-        around warm-up and capture."""
+        Warm-up runs on a side stream before capture (as torch.cuda.graphs asks); capture records
+        kernels without running them, but Python-side cache state (host length bounds) still
+        moves, so it is restored after capture too."""
         static_tok = torch.zeros(B, dtype=torch.long, device=device)
-        snapshot = kv.state()
         s = torch.cuda.Stream(device)
         s.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(s):
-            for _ in range(2):
-                self.decode_step(static_tok, kv)
-                kv.load_state(snapshot)
+            self._warm_up(kv, static_tok)
         torch.cuda.current_stream(device).wait_stream(s)
+        snapshot = kv.state()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_logits = self.decode_step(static_tok, kv)
