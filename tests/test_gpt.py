@@ -252,6 +252,10 @@ def test_seeded_sampling_reproducible():
     c = ours.generate(ids, 15, seed=124, **kw)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    # the same draws whichever attention/decode backend computed the (equal up to rounding) logits
+    for backend in ("eager", "cpu"):
+        assert torch.equal(ours.set_backend(backend).generate(ids, 15, seed=123, **kw), a), backend
+    ours.set_backend(None)
     greedy = ours.generate(ids, 15, attention_mask=mask, do_sample=False)
     assert torch.equal(ours.generate(ids, 15, attention_mask=mask, top_k=1, seed=5), greedy)
     assert torch.equal(ours.generate(ids, 15, attention_mask=mask, temperature=0.0, seed=5), greedy)
