@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #ifdef FORKATTN_CPU_AVX2
@@ -173,6 +174,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
     std::vector<float> qf(R * D), acc(R * D), kf(kBlock * D), vf(kBlock * D), m(R), l(R), s(kBlock);
     std::vector<int64_t> limit(R);
     std::vector<char> valid(kBlock);
+    std::vector<const float*> krow(kBlock), vrow(kBlock);  // fp32 rows: the cache itself, or kf/vf
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / Hkv, hk = task % Hkv;
       const int64_t L = std::clamp<int64_t>(lens[b], 0, max_seqlen);
@@ -192,8 +194,15 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
           const int64_t page = (pos / cv.page_size < pages_per_seq) ? cv.page(b, pos) : -1;
           valid[jj] = page >= 0;
           if (!valid[jj]) continue;
-          to_float(kc + cv.offset(page, hk, pos), kf.data() + jj * D, D);
-          to_float(vc + cv.offset(page, hk, pos), vf.data() + jj * D, D);
+          if constexpr (std::is_same_v<T, float>) {  // read fp32 caches in place
+            krow[jj] = kc + cv.offset(page, hk, pos);
+            vrow[jj] = vc + cv.offset(page, hk, pos);
+          } else {
+            to_float(kc + cv.offset(page, hk, pos), kf.data() + jj * D, D);
+            to_float(vc + cv.offset(page, hk, pos), vf.data() + jj * D, D);
+            krow[jj] = kf.data() + jj * D;
+            vrow[jj] = vf.data() + jj * D;
+          }
         }
         for (int64_t r = 0; r < R; ++r) {
           const int64_t n = std::min(nb, limit[r] - j0 + 1);  // keys of this block the row sees
@@ -201,7 +210,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
           const float* qr = qf.data() + r * D;
           float bmax = kNegInf;
           for (int64_t jj = 0; jj < n; ++jj) {
-            s[jj] = valid[jj] ? dot(qr, kf.data() + jj * D, D) : kNegInf;
+            s[jj] = valid[jj] ? dot(qr, krow[jj], D) : kNegInf;
             bmax = std::max(bmax, s[jj]);
           }
           if (bmax == kNegInf) continue;
@@ -215,10 +224,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
             const float p = std::exp(s[jj] - m_new);
             lsum += p;
             if (first) {
-              scale_axpy(ar, corr, p, vf.data() + jj * D, D);
+              scale_axpy(ar, corr, p, vrow[jj], D);
               first = false;
             } else {
-              axpy(ar, p, vf.data() + jj * D, D);
+              axpy(ar, p, vrow[jj], D);
             }
           }
           l[r] = l[r] * corr + lsum;

@@ -1,7 +1,7 @@
 // CUDA host glue of KV-cache append and decode attention: shared checks (csrc/decode.cpp),
 // params filling, the current stream, a launch-error check. Compiled only with CUDA.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include "checks.h"
@@ -56,7 +56,7 @@ void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens,
   p.page_size = static_cast<int>(s.page_size);
   p.pages_per_seq = static_cast<int>((max_seqlen + s.page_size - 1) / s.page_size);
   p.max_seqlen = static_cast<int>(max_seqlen);
-  const cudaError_t err = run_kv_append(p, at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = run_kv_append(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "kv_append (cuda) launch failed: ", cudaGetErrorString(err));
 }
 
@@ -106,7 +106,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   p.num_splits = static_cast<int>(num_splits);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   const DecodeDType dt = q.scalar_type() == at::kHalf ? DecodeDType::kHalf : DecodeDType::kBFloat16;
-  const cudaError_t err = run_decode(p, dt, static_cast<int>(s.head_dim), at::cuda::getCurrentCUDAStream());
+  const cudaError_t err = run_decode(p, dt, static_cast<int>(s.head_dim), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "decode_attention (cuda) launch failed: ", cudaGetErrorString(err));
   return out;
 }

@@ -160,6 +160,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     limit[i] = rg < p.rows ? L - p.new_tokens + rg % p.new_tokens : -1;
   }
   const int my_row = tid / kThreadsPerRow, d0 = (tid % kThreadsPerRow) * kDims;
+  const bool row_active = rb * ROWS + my_row < p.rows;
+  const bool warp_active = rb * ROWS + warp < p.rows;  // the warp's first (smallest) row
   float acc[kDims];
 #pragma unroll
   for (int e = 0; e < kDims; ++e) acc[e] = 0.f;
@@ -175,50 +177,61 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     }
     __syncthreads();
 
-    // scores of key lane for the warp's rows, then the online-softmax update of each row
-    const int pos = start + it * kTileN + lane;
-    const bool key_ok = sm.valid[stage][lane] != 0;
-    float s[kRowsPerWarp];
+    // scores of key lane for the warp's rows, then the online-softmax update of each row; a warp
+    // whose rows are all past the group's (MHA at T = 1 fills one row of 4) only clears its p rows
+    if (warp_active) {
+      const int pos = start + it * kTileN + lane;
+      const bool key_ok = sm.valid[stage][lane] != 0;
+      float s[kRowsPerWarp];
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) s[i] = 0.f;
+      for (int i = 0; i < kRowsPerWarp; ++i) s[i] = 0.f;
 #pragma unroll 4
-    for (int c = 0; c < kChunks; ++c) {
-      float kf[8];
-      unpack8<T>(*reinterpret_cast<const uint4*>(&sm.k[stage][lane][c * 8]), kf);
+      for (int c = 0; c < kChunks; ++c) {
+        float kf[8];
+        unpack8<T>(*reinterpret_cast<const uint4*>(&sm.k[stage][lane][c * 8]), kf);
+#pragma unroll
+        for (int i = 0; i < kRowsPerWarp; ++i) {
+          const float4 q0 = *reinterpret_cast<const float4*>(&sm.q[warp + kWarps * i][c * 8]);
+          const float4 q1 = *reinterpret_cast<const float4*>(&sm.q[warp + kWarps * i][c * 8 + 4]);
+          s[i] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
+                  q1.z * kf[6] + q1.w * kf[7];
+        }
+      }
 #pragma unroll
       for (int i = 0; i < kRowsPerWarp; ++i) {
-        const float4 q0 = *reinterpret_cast<const float4*>(&sm.q[warp + kWarps * i][c * 8]);
-        const float4 q1 = *reinterpret_cast<const float4*>(&sm.q[warp + kWarps * i][c * 8 + 4]);
-        s[i] += q0.x * kf[0] + q0.y * kf[1] + q0.z * kf[2] + q0.w * kf[3] + q1.x * kf[4] + q1.y * kf[5] +
-                q1.z * kf[6] + q1.w * kf[7];
+        const float si = (key_ok && pos <= limit[i]) ? s[i] : -INFINITY;
+        const float m_new = fmaxf(m[i], warp_max(si));
+        const float m_use = m_new == -INFINITY ? 0.f : m_new;
+        const float pr = exp2f(si - m_use);
+        const float corr = exp2f(m[i] - m_use);
+        l[i] = l[i] * corr + warp_sum(pr);
+        m[i] = m_new;
+        const int r = warp + kWarps * i;
+        sm.p[r][lane] = pr;
+        if (lane == 0) sm.corr[r] = corr;
       }
-    }
+    } else {
 #pragma unroll
-    for (int i = 0; i < kRowsPerWarp; ++i) {
-      const float si = (key_ok && pos <= limit[i]) ? s[i] : -INFINITY;
-      const float m_new = fmaxf(m[i], warp_max(si));
-      const float m_use = m_new == -INFINITY ? 0.f : m_new;
-      const float pr = exp2f(si - m_use);
-      const float corr = exp2f(m[i] - m_use);
-      l[i] = l[i] * corr + warp_sum(pr);
-      m[i] = m_new;
-      const int r = warp + kWarps * i;
-      sm.p[r][lane] = pr;
-      if (lane == 0) sm.corr[r] = corr;
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        sm.p[warp + kWarps * i][lane] = 0.f;
+        if (lane == 0) sm.corr[warp + kWarps * i] = 1.f;
+      }
     }
     __syncthreads();
 
-    // acc = acc * corr + P @ V over the thread's dims of its row
-    const float c = sm.corr[my_row];
+    // acc = acc * corr + P @ V over the thread's dims of its row (rows past the group's skip it)
+    if (row_active) {
+      const float c = sm.corr[my_row];
 #pragma unroll
-    for (int e = 0; e < kDims; ++e) acc[e] *= c;
+      for (int e = 0; e < kDims; ++e) acc[e] *= c;
 #pragma unroll 4
-    for (int jj = 0; jj < kTileN; ++jj) {
-      const float pj = sm.p[my_row][jj];
-      float vf[kDims];
-      load_row<T, kDims>(&sm.v[stage][jj][d0], vf);
+      for (int jj = 0; jj < kTileN; ++jj) {
+        const float pj = sm.p[my_row][jj];
+        float vf[kDims];
+        load_row<T, kDims>(&sm.v[stage][jj][d0], vf);
 #pragma unroll
-      for (int e = 0; e < kDims; ++e) acc[e] = fmaf(pj, vf[e], acc[e]);
+        for (int e = 0; e < kDims; ++e) acc[e] = fmaf(pj, vf[e], acc[e]);
+      }
     }
     __syncthreads();  // the next iteration refills this stage and p
   }

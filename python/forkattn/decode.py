@@ -26,6 +26,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import reference
 from ._native import _C
@@ -78,10 +79,9 @@ def _triton_supports(*, device_type, dtype, head_dim, **_):
 
 
 def _append_supports_cuda(*, device_type, dtype, head_dim, **_):
+    # any dtype and head_dim: 16-byte copies when rows are aligned, element copies otherwise
     if device_type != "cuda":
         return f"runs CUDA tensors only, got {device_type} tensors"
-    if head_dim % 8 != 0 and dtype != torch.float32:
-        return f"head_dim must be a multiple of 8, got {head_dim}"
     return None
 
 
@@ -109,6 +109,34 @@ APPEND_BACKENDS.register("triton", available=triton_available, supports=_triton_
 
 # --- the custom ops ---------------------------------------------------------------------------------
 
+def _kv_append_impl(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen, backend) -> None:
+    if backend == "eager":
+        reference.kv_append(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen)
+    else:
+        APPEND_BACKENDS.impl(backend)(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen)
+
+
+def _decode_impl(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_partial, max_seqlen, num_splits, scale,
+                 backend) -> Tensor:
+    if backend == "eager":
+        return reference.decode_attention(q, k_cache, v_cache, seqlens, block_table, max_seqlen, scale=scale)
+    return DECODE_BACKENDS.impl(backend)(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_partial,
+                                         max_seqlen, num_splits, scale)
+
+
+def _direct_call_ok(*tensors) -> bool:
+    """Whether calling the backend directly cannot be told apart from calling the custom op: no
+    tracing (torch.compile, make_fx, FakeTensorMode or any other dispatch mode), no functorch
+    transform, plain tensors that need no gradient. The custom-op dispatch costs ~50 us per call
+    (~130 us with mutated arguments) on the 2-core dev machine, a large share of a decode step at
+    small sizes; torch.compile, opcheck and tracing still see the op."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return all(t is None or (type(t) is Tensor and not t.requires_grad) for t in tensors)
+
+
 @torch.library.custom_op("forkattn::kv_append", mutates_args=("k_cache", "v_cache", "seqlens"))
 def kv_append(
     k_cache: Tensor,
@@ -123,10 +151,7 @@ def kv_append(
     """Writes k, v [B, Hkv, T, D] at positions seqlens[b] + t and advances seqlens. Tokens that do not
     fit (position >= max_seqlen, or a page entry < 0) are not written and seqlens stops before them;
     the checked path of KVCache.append refuses such calls before this op runs."""
-    if backend == "eager":
-        reference.kv_append(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen)
-    else:
-        APPEND_BACKENDS.impl(backend)(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen)
+    _kv_append_impl(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen, backend)
 
 
 @kv_append.register_fake
@@ -151,10 +176,8 @@ def decode_attention_op(
     """out [B, H, T, D] (memory [B, T, H, D]). o_partial float32 [num_splits, B, H, T, D] and
     lse_partial float32 [num_splits, B, H, T] are the split-KV workspace (unused, may be empty, when
     num_splits == 1 or the backend does not split)."""
-    if backend == "eager":
-        return reference.decode_attention(q, k_cache, v_cache, seqlens, block_table, max_seqlen, scale=scale)
-    return DECODE_BACKENDS.impl(backend)(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_partial,
-                                         max_seqlen, num_splits, scale)
+    return _decode_impl(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_partial, max_seqlen, num_splits,
+                        scale, backend)
 
 
 @decode_attention_op.register_fake
@@ -263,11 +286,6 @@ class KVCache:
         return (f"KVCache(batch_size={self.batch_size}, num_kv_heads={self.num_kv_heads}, max_seqlen="
                 f"{self.max_seqlen}, head_dim={self.head_dim}, dtype={self.dtype}, device={self.device}, {kind})")
 
-    # storage seen by the kernels as pages: (page_size, block_table)
-    @property
-    def kernel_page_size(self) -> int:
-        return self.page_size if self.paged else self.max_seqlen
-
     def capacity(self) -> Tensor:
         """int32 [B] on the device: how many tokens each sequence can hold (max_seqlen, or fewer when
         its block table runs out of pages)."""
@@ -320,7 +338,12 @@ class KVCache:
                 )
         k = k if k.stride(-1) == 1 else k.contiguous()
         v = v if v.stride(-1) == 1 else v.contiguous()
-        kv_append(self.k_cache, self.v_cache, self.seqlens, self.block_table, k, v, self.max_seqlen, name)
+        args = (self.k_cache, self.v_cache, self.seqlens, self.block_table, k, v, self.max_seqlen, name)
+        if _direct_call_ok(*args[:6]):
+            _kv_append_impl(*args)
+            torch.autograd.graph.increment_version([self.k_cache, self.v_cache, self.seqlens])  # as the op does
+        else:
+            kv_append(*args)
         self.seqlen_bound = min(self.max_seqlen, self.seqlen_bound + T)
 
     def reset(self, batch_index=None) -> None:
@@ -352,15 +375,24 @@ class KVCache:
                 raise IndexError(f"batch_index {i} is out of range for batch_size {self.batch_size}")
         self.seqlens[torch.tensor(idx, dtype=torch.int64, device=self.device)] = 0
 
-    def plan(self, num_heads: int, num_new_tokens: int, backend: Optional[str] = None) -> Tuple[int, Tensor, Tensor]:
-        """Choose the split count for decode_attention with these q sizes and preallocate its workspace
-        (done on the first call automatically; call it before capturing a CUDA graph)."""
+    def plan(self, num_heads: int, num_new_tokens: int, backend: Optional[str] = None, *,
+             num_splits: Optional[int] = None) -> Tuple[int, Tensor, Tensor]:
+        """Choose the split count for decode_attention with these q sizes (num_heads, num_new_tokens)
+        and preallocate its workspace; returns (num_splits, o_partial, lse_partial). decode_attention
+        plans on its first call by itself; call this before capturing a CUDA graph, or to override
+        the heuristic's split count (num_splits, for tuning and tests; only cuda and triton split)."""
         _check_int("num_heads", num_heads)
         _check_int("num_new_tokens", num_new_tokens)
+        if num_splits is not None:
+            _check_int("num_splits", num_splits)
+            if num_splits > MAX_SPLITS:
+                raise ValueError(f"num_splits must be at most {MAX_SPLITS}, got {num_splits}")
         name = DECODE_BACKENDS.resolve(backend, self.device.type, dtype=self.dtype, head_dim=self.head_dim)
-        return self._plan(num_heads, num_new_tokens, name)
+        if num_splits is not None:
+            self._plans.pop((num_heads, num_new_tokens, name), None)
+        return self._plan(num_heads, num_new_tokens, name, num_splits)
 
-    def _plan(self, H: int, T: int, backend: str) -> Tuple[int, Tensor, Tensor]:
+    def _plan(self, H: int, T: int, backend: str, num_splits: Optional[int] = None) -> Tuple[int, Tensor, Tensor]:
         key = (H, T, backend)
         plan = self._plans.get(key)
         if plan is None:
@@ -368,8 +400,8 @@ class KVCache:
             if backend in ("cuda", "triton"):
                 group = H // self.num_kv_heads
                 row_blocks = -(-(group * T) // rows_per_program(group, T))
-                splits = num_splits_heuristic(_num_sms(self.device), self.batch_size, self.num_kv_heads,
-                                              row_blocks, self.max_seqlen)
+                splits = num_splits or num_splits_heuristic(_num_sms(self.device), self.batch_size,
+                                                            self.num_kv_heads, row_blocks, self.max_seqlen)
             n = splits if splits > 1 else 0
             o_ws = torch.empty((n, self.batch_size, H, T, self.head_dim), dtype=torch.float32, device=self.device)
             lse_ws = torch.empty((n, self.batch_size, H, T), dtype=torch.float32, device=self.device)
@@ -429,5 +461,7 @@ def decode_attention(q: Tensor, cache: KVCache, *, scale: Optional[float] = None
     # The kernels read each sequence up to its own length (clamped to max_seqlen); the eager
     # baseline multiplies over one padded slice, as long as the host-side bound on the lengths.
     kv_len = cache.max_seqlen if name != "eager" else max(1, min(cache.max_seqlen, cache.seqlen_bound))
-    return decode_attention_op(q, cache.k_cache, cache.v_cache, cache.seqlens, cache.block_table, o_ws, lse_ws,
-                               kv_len, splits, scale, name)
+    args = (q, cache.k_cache, cache.v_cache, cache.seqlens, cache.block_table, o_ws, lse_ws, kv_len, splits, scale, name)
+    if _direct_call_ok(*args[:7]):
+        return _decode_impl(*args)
+    return decode_attention_op(*args)

@@ -16,7 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import interpreting
+from . import interpreter_compat, interpreting
+
+interpreter_compat()
 
 ROWS = 16  # query rows per program; tl.dot needs >= 16
 BLOCK_N = 32  # keys per step
@@ -133,7 +135,7 @@ def _kv_append_kernel(
     b = tl.program_id(0)
     L = tl.load(seqlens_ptr + b)
     # how many of the T tokens fit: up to the first position past max_seqlen or on a missing page
-    first_bad = T
+    first_bad = L * 0 + T  # a tensor from the start (T == 1 is specialized to a constexpr)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
         pos = L + t
@@ -183,7 +185,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_p
         bt.stride(0), out.stride(0), out.stride(1), out.stride(2),
         H, Hkv, T, R, k_cache.shape[2], max_seqlen, num_splits, scale * LOG2E,
         PAGED=paged, SPLIT=split, UPCAST=(interpreting() and q.dtype == torch.bfloat16),
-        IEEE=(q.dtype == torch.float32), D=D, ROWS=ROWS, BLOCK_N=BLOCK_N,
+        IEEE=(q.dtype == torch.float32), D=D, ROWS=ROWS, BLOCK_N=64 if interpreting() else BLOCK_N,
     )
     if split:
         _decode_merge_kernel[(B * H * T,)](
