@@ -210,6 +210,20 @@ def test_greedy_equals_recompute_and_transformers_left_padded(backend, cache):
         assert torch.equal(alone[0, -n:], g[b, -n:])
 
 
+def test_separate_decode_backend():
+    needs_cache("forkattn")
+    _, ours = pair()
+    ids, mask = left_padded_batch()
+    want = ours.set_backend("cpu").generate(ids, 10, do_sample=False, attention_mask=mask, cache="forkattn")
+    assert ours.decode_backend == "cpu"
+    ours.set_backend("cpu", decode_backend="eager")
+    assert ours.decode_backend == "eager" and ours.transformer.h[0].attn.backend == "cpu"
+    assert torch.equal(ours.generate(ids, 10, do_sample=False, attention_mask=mask, cache="forkattn"), want)
+    ours.set_backend("cpu", decode_backend="no-such-backend")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        ours.generate(ids, 3, do_sample=False, attention_mask=mask, cache="forkattn")
+
+
 @pytest.mark.parametrize("cache", ["static", "forkattn"])
 def test_ragged_right_padded_prompt_matches_unpadded(cache):
     needs_cache(cache)

@@ -196,9 +196,12 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=std)
 
-    def set_backend(self, backend: Optional[str]) -> "GPT":
-        """forkattn.attention backend for every layer ("eager", "cpu", "cuda", "triton", None = auto)."""
+    def set_backend(self, backend: Optional[str], decode_backend: Optional[str] = "same") -> "GPT":
+        """forkattn.attention backend for every layer ("eager", "cpu", "cuda", "triton", None = auto),
+        and the backend of the KV-cache ops during generate (forkattn.KVCache.append and
+        forkattn.decode_attention; "same" = the attention backend)."""
         self.backend = backend
+        self.decode_backend = backend if decode_backend == "same" else decode_backend
         for blk in self.transformer.h:
             blk.attn.backend = backend
         return self
@@ -430,6 +433,7 @@ class GPT(nn.Module):
         try:
             kv = make_cache(cache, self.config, B, max_len, dtype=self.transformer.wte.weight.dtype, device=device,
                             static_shapes=cuda_graph)
+            kv.decode_backend = self.decode_backend
             # prefill: the whole prompt through forkattn.attention; each layer's k, v go to the cache
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
             kv.begin_prefill(attention_mask)
@@ -544,6 +548,8 @@ class KVCacheBase:
     lengths. Steps do only device work (no host syncs), so they can be captured in a CUDA graph;
     state()/load_state() save and restore what a step mutates.
     """
+
+    decode_backend: Optional[str] = None  # backend of the cache's own ops (set by generate)
 
     def begin_prefill(self, attention_mask: Tensor) -> None:
         self.prefilling = True
@@ -664,12 +670,12 @@ class ForkattnKVCache(KVCacheBase):
                 c.seqlen_bound = self.max_len
 
     def attend(self, layer, q, k, v, *, scale, backend):
-        c = self.caches[layer]
+        c, db = self.caches[layer], self.decode_backend
         if self.prefilling:
-            c.append(self._compacted(k), self._compacted(v), backend=backend)
+            c.append(self._compacted(k), self._compacted(v), backend=db)
             return self._prefill_attend(q, k, v, scale, backend)
-        c.append(k, v, backend=backend)
-        return forkattn.decode_attention(q, c, scale=scale, backend=backend)
+        c.append(k, v, backend=db)
+        return forkattn.decode_attention(q, c, scale=scale, backend=db)
 
     def state(self):
         return [(c.seqlens.clone(), c.seqlen_bound) for c in self.caches]
