@@ -225,6 +225,16 @@ class GPT(nn.Module):
         ignored); position_ids default to 0..T-1 as in transformers' forward (pass
         `attention_mask.cumsum(-1) - 1` for left-padded rows, as generate does). `cache`: a
         KVCacheBase in its prefill phase, which keeps each layer's keys and values."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                      position_ids: Optional[Tensor] = None, cache: Optional["KVCacheBase"] = None) -> Tensor:
+        """The final LayerNorm's output [B, T, n_embd] (forward without the LM head)."""
         B, T = input_ids.shape
         if T > self.config.n_positions:
             raise ValueError(f"input_ids has {T} tokens, more than n_positions={self.config.n_positions}")
@@ -240,11 +250,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
         for blk in self.transformer.h:
             x = blk(x, kpm, cache)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        return self.transformer.ln_f(x)
 
     def decode_step(self, tokens: Tensor, cache: "KVCacheBase") -> Tensor:
         """One new token per sequence, tokens [B] -> logits [B, V] (float32). Only device ops and
@@ -437,10 +443,10 @@ class GPT(nn.Module):
             # prefill: the whole prompt through forkattn.attention; each layer's k, v go to the cache
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
             kv.begin_prefill(attention_mask)
-            logits = self.forward(input_ids, attention_mask, position_ids=position_ids, cache=kv).logits
+            h = self.hidden_states(input_ids, attention_mask, position_ids, cache=kv)
             kv.end_prefill()
             last = T - 1 - attention_mask.flip(1).long().argmax(1)  # each row's last real token
-            next_logits = logits[torch.arange(B, device=device), last].float()
+            next_logits = self.lm_head(h[torch.arange(B, device=device), last]).float()  # LM head on B rows only
 
             step = self._graphed_step(kv, B, device) if cuda_graph else self._eager_step(kv)
             out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
