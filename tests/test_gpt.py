@@ -23,8 +23,10 @@ def _one_thread():
 
 
 def hf_config(**kw):
+    # initializer_range 0.2: with GPT-2's 0.02 a random tiny model repeats its last token whatever
+    # the context, and generation tests could not tell a broken cache from a working one
     d = dict(vocab_size=97, n_positions=64, n_embd=48, n_layer=2, n_head=3, resid_pdrop=0.0, embd_pdrop=0.0,
-             attn_pdrop=0.0, bos_token_id=1, eos_token_id=2)
+             attn_pdrop=0.0, bos_token_id=1, eos_token_id=2, initializer_range=0.2)
     d.update(kw)
     return GPT2Config(**d)
 
@@ -208,6 +210,20 @@ def test_greedy_equals_recompute_and_transformers_left_padded(backend, cache):
         assert torch.equal(alone[0, -n:], g[b, -n:])
 
 
+def test_separate_decode_backend():
+    needs_cache("forkattn")
+    _, ours = pair()
+    ids, mask = left_padded_batch()
+    want = ours.set_backend("cpu").generate(ids, 10, do_sample=False, attention_mask=mask, cache="forkattn")
+    assert ours.decode_backend == "cpu"
+    ours.set_backend("cpu", decode_backend="eager")
+    assert ours.decode_backend == "eager" and ours.transformer.h[0].attn.backend == "cpu"
+    assert torch.equal(ours.generate(ids, 10, do_sample=False, attention_mask=mask, cache="forkattn"), want)
+    ours.set_backend("cpu", decode_backend="no-such-backend")
+    with pytest.raises(ValueError, match="unknown backend 'no-such-backend'"):
+        ours.generate(ids, 3, do_sample=False, attention_mask=mask, cache="forkattn")
+
+
 @pytest.mark.parametrize("cache", ["static", "forkattn"])
 def test_ragged_right_padded_prompt_matches_unpadded(cache):
     needs_cache(cache)
@@ -250,6 +266,10 @@ def test_seeded_sampling_reproducible():
     c = ours.generate(ids, 15, seed=124, **kw)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
+    # the same draws whichever attention/decode backend computed the (equal up to rounding) logits
+    for backend in ("eager", "cpu"):
+        assert torch.equal(ours.set_backend(backend).generate(ids, 15, seed=123, **kw), a), backend
+    ours.set_backend(None)
     greedy = ours.generate(ids, 15, attention_mask=mask, do_sample=False)
     assert torch.equal(ours.generate(ids, 15, attention_mask=mask, top_k=1, seed=5), greedy)
     assert torch.equal(ours.generate(ids, 15, attention_mask=mask, temperature=0.0, seed=5), greedy)
@@ -324,6 +344,28 @@ def test_static_shapes_cache_equals_eager_shapes(cache):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("cache", ["static", "forkattn"])
+def test_warm_up_steps_leave_the_cache_as_it_was(cache, monkeypatch):
+    """The CUDA-graph path runs warm-up decode steps and restores the cache state before capture;
+    on CPU, run the same warm-up (static shapes) before the eager steps: tokens must not change."""
+    needs_cache(cache)
+    _, ours = pair()
+    ids, mask = left_padded_batch()
+    want = ours.generate(ids, 12, do_sample=False, attention_mask=mask, cache=cache)
+    import forkattn.models.gpt as gm
+
+    orig_make, orig_step = gm.make_cache, GPT._eager_step
+    monkeypatch.setattr(gm, "make_cache", lambda *a, **k: orig_make(*a, **{**k, "static_shapes": True}))
+
+    def warm_then_eager(self, kv):
+        self._warm_up(kv, torch.randint(3, 97, (ids.shape[0],)), n=3)
+        return orig_step(self, kv)
+
+    monkeypatch.setattr(GPT, "_eager_step", warm_then_eager)
+    got = ours.generate(ids, 12, do_sample=False, attention_mask=mask, cache=cache)
+    assert torch.equal(got, want)
+
+
 def test_cache_writes_only_its_slots():
     cfg = GPTConfig(vocab_size=97, n_positions=32, n_embd=16, n_layer=1, n_head=2)
     c = make_cache("static", cfg, 3, 8, dtype=torch.float32, device="cpu")
@@ -374,15 +416,15 @@ def test_cuda_graph_generate_equals_eager_steps(dtype, cache):
 # ------------------------------------------------------------------------------------------------
 # in-context learning: a tiny model trained (here, in seconds) on "review -> label" lines
 
-POS = ["great", "wonderful", "brilliant", "moving", "delightful", "superb"]
-NEG = ["awful", "boring", "dull", "terrible", "tedious", "weak"]
-SUBJ = ["the film", "the plot", "the acting", "the score", "the ending", "the cast"]
+POS = ["great", "wonderful", "moving", "superb"]
+NEG = ["awful", "boring", "dull", "weak"]
+SUBJ = ["the film", "the plot", "the cast"]
 LABELS = ["positive", "negative", "mixed"]
 
 
 def review(rng):
     kind = rng.choice(LABELS)
-    s1, s2, p, n = (rng.randrange(6) for _ in range(4))
+    s1, s2, p, n = rng.randrange(3), rng.randrange(3), rng.randrange(4), rng.randrange(4)
     if kind == "positive":
         return f"{SUBJ[s1]} was {POS[p]}", kind
     if kind == "negative":
@@ -408,12 +450,12 @@ def icl_model(tmp_path_factory):
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=tok.get_vocab_size(), n_positions=128, n_embd=64, n_layer=ICL_LAYERS, n_head=4,
                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
-    losses = fit(model, tokens, steps=ICL_STEPS, batch_size=16, block_size=48, lr=3e-3, warmup=20)
+    losses = fit(model, tokens, steps=ICL_STEPS, batch_size=16, block_size=48, lr=6e-3, warmup=20)
     assert losses[-1] < losses[0] / 3
     return model.eval(), tok
 
 
-ICL_LAYERS, ICL_STEPS = 2, 150
+ICL_LAYERS, ICL_STEPS = 2, 240  # the label-polarity plateau breaks near step 160 (seeds 0 and 1)
 
 
 def test_format_prompt():
@@ -434,7 +476,7 @@ def test_icl_scores_are_label_log_likelihoods(icl_model):
 
     model, tok = icl_model
     clf = ICLClassifier(model, tok, LABELS, [("the plot was dull", "negative")])
-    text = "the cast was superb but the ending was weak"
+    text = "the cast was superb but the plot was weak"
     scores = clf.score(text)
     head = clf.prompt(text).rstrip(" ")
     p = tok.encode(head).ids
@@ -460,8 +502,8 @@ def test_icl_zero_and_few_shot_accuracy(icl_model):
     model, tok = icl_model
     rng = random.Random(1)
     test = [review(rng) for _ in range(60)]
-    shots = [("the score was weak", "negative"), ("the cast was moving", "positive"),
-             ("the plot was great but the acting was dull", "mixed")]
+    shots = [("the plot was weak", "negative"), ("the cast was moving", "positive"),
+             ("the plot was great but the film was dull", "mixed")]
     for examples in ([], shots):
         clf = ICLClassifier(model, tok, LABELS, examples)
         preds = clf([t for t, _ in test])

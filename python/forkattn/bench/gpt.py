@@ -51,7 +51,26 @@ def cases(device, quick: bool) -> List[Case]:
     torch.manual_seed(0)
     model = GPT(cfg).eval().to(device=device, dtype=dtype)
     hf = _hf_models(model, dtype, device)
-    backends = [b for b in _ATTENTION.available_names() if b != "eager"]
+    try:
+        from ..decode import DECODE_BACKENDS
+    except ImportError:
+        DECODE_BACKENDS = None
+
+    def runs(reg, b):
+        try:
+            reg.resolve(b, device.type, dtype=dtype, head_dim=cfg.head_dim)
+            return True
+        except Exception:
+            return False
+
+    # a row per backend that runs the attention or the decode op here; the other op of that row
+    # uses the fastest backend available for it (e.g. GPU prefill on "eager" until this build has
+    # CUDA attention kernels)
+    regs = [_ATTENTION] + ([DECODE_BACKENDS] if DECODE_BACKENDS is not None else [])
+    names = sorted({b for reg in regs for b in reg.available_names()} - {"eager"})
+    backends = {b: (b if runs(_ATTENTION, b) else None,
+                    b if DECODE_BACKENDS is not None and runs(DECODE_BACKENDS, b) else None)
+                for b in names if any(runs(reg, b) for reg in regs)}
     small_cpu = device.type == "cpu" and quick
     prefill_len = 128 if small_cpu else 1024
     prompt_len, new = (8, 16) if small_cpu else (32, 128)
@@ -66,13 +85,7 @@ def cases(device, quick: bool) -> List[Case]:
                 return model.set_backend(backend)(x).logits
         return fn
 
-    fns = {}
-    for b in backends:
-        try:
-            _ATTENTION.resolve(b, device.type, dtype=dtype, head_dim=cfg.head_dim)
-        except Exception:
-            continue
-        fns[f"forkattn-{b}"] = ours_forward(b)
+    fns = {f"forkattn-{b}": ours_forward(b) for b, (ab, _) in backends.items() if ab is not None}
     fns["eager"] = ours_forward("eager")
     for impl, m in hf.items():
         fns["sdpa" if impl == "sdpa" else "hf-eager"] = (lambda m=m: m(x).logits)
@@ -85,22 +98,18 @@ def cases(device, quick: bool) -> List[Case]:
     for B in (1, 32):
         prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
 
-        def ours_generate(backend, graph):
+        def ours_generate(backends_, graph):
             def fn():
-                model.set_backend(backend)
+                model.set_backend(*backends_)
                 return model.generate(prompt, new, do_sample=False, cuda_graph=graph)
             return fn
 
         fns = {}
-        for b in backends:
-            try:
-                _ATTENTION.resolve(b, device.type, dtype=dtype, head_dim=cfg.head_dim)
-            except Exception:
-                continue
-            fns[f"forkattn-{b}"] = ours_generate(b, False)
+        for b, pair in backends.items():
+            fns[f"forkattn-{b}"] = ours_generate(pair, False)
             if device.type == "cuda":
-                fns[f"forkattn-{b}-graph"] = ours_generate(b, True)
-        fns["eager"] = ours_generate("eager", False)
+                fns[f"forkattn-{b}-graph"] = ours_generate(pair, True)
+        fns["eager"] = ours_generate(("eager", "eager"), False)
         for impl, m in hf.items():
             fns["sdpa" if impl == "sdpa" else "hf-eager"] = (
                 lambda m=m: m.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,

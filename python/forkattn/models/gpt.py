@@ -196,9 +196,12 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=std)
 
-    def set_backend(self, backend: Optional[str]) -> "GPT":
-        """forkattn.attention backend for every layer ("eager", "cpu", "cuda", "triton", None = auto)."""
+    def set_backend(self, backend: Optional[str], decode_backend: Optional[str] = "same") -> "GPT":
+        """forkattn.attention backend for every layer ("eager", "cpu", "cuda", "triton", None = auto),
+        and the backend of the KV-cache ops during generate (forkattn.KVCache.append and
+        forkattn.decode_attention; "same" = the attention backend)."""
         self.backend = backend
+        self.decode_backend = backend if decode_backend == "same" else decode_backend
         for blk in self.transformer.h:
             blk.attn.backend = backend
         return self
@@ -222,6 +225,16 @@ class GPT(nn.Module):
         ignored); position_ids default to 0..T-1 as in transformers' forward (pass
         `attention_mask.cumsum(-1) - 1` for left-padded rows, as generate does). `cache`: a
         KVCacheBase in its prefill phase, which keeps each layer's keys and values."""
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                      position_ids: Optional[Tensor] = None, cache: Optional["KVCacheBase"] = None) -> Tensor:
+        """The final LayerNorm's output [B, T, n_embd] (forward without the LM head)."""
         B, T = input_ids.shape
         if T > self.config.n_positions:
             raise ValueError(f"input_ids has {T} tokens, more than n_positions={self.config.n_positions}")
@@ -237,11 +250,7 @@ class GPT(nn.Module):
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(position_ids))
         for blk in self.transformer.h:
             x = blk(x, kpm, cache)
-        logits = self.lm_head(self.transformer.ln_f(x))
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutput(logits=logits, loss=loss)
+        return self.transformer.ln_f(x)
 
     def decode_step(self, tokens: Tensor, cache: "KVCacheBase") -> Tensor:
         """One new token per sequence, tokens [B] -> logits [B, V] (float32). Only device ops and
@@ -342,7 +351,7 @@ class GPT(nn.Module):
 
         os.makedirs(path, exist_ok=True)
         cfg = self.config.to_dict()
-        cfg["torch_dtype"] = str(self.transformer.wte.weight.dtype).replace("torch.", "")
+        cfg["dtype"] = cfg["torch_dtype"] = str(self.transformer.wte.weight.dtype).replace("torch.", "")  # transformers 5 / 4
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
         save_file(self.hf_state_dict(), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
@@ -430,15 +439,16 @@ class GPT(nn.Module):
         try:
             kv = make_cache(cache, self.config, B, max_len, dtype=self.transformer.wte.weight.dtype, device=device,
                             static_shapes=cuda_graph)
+            kv.decode_backend = self.decode_backend
             # prefill: the whole prompt through forkattn.attention; each layer's k, v go to the cache
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
             kv.begin_prefill(attention_mask)
-            logits = self.forward(input_ids, attention_mask, position_ids=position_ids, cache=kv).logits
+            h = self.hidden_states(input_ids, attention_mask, position_ids, cache=kv)
             kv.end_prefill()
             last = T - 1 - attention_mask.flip(1).long().argmax(1)  # each row's last real token
-            next_logits = logits[torch.arange(B, device=device), last].float()
+            next_logits = self.lm_head(h[torch.arange(B, device=device), last]).float()  # LM head on B rows only
 
-            step = self._graphed_step(kv, B, device) if cuda_graph else (lambda tok: self.decode_step(tok, kv))
+            step = self._graphed_step(kv, B, device) if cuda_graph else self._eager_step(kv)
             out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
             finished = torch.zeros(B, dtype=torch.bool, device=device)
             n = 0
@@ -460,20 +470,29 @@ class GPT(nn.Module):
         finally:
             self.train(was_training)
 
+    def _eager_step(self, kv: "KVCacheBase"):
+        return lambda tok: self.decode_step(tok, kv)
+
+    def _warm_up(self, kv: "KVCacheBase", static_tok: Tensor, n: int = 2) -> None:
+        """Run n decode steps (kernels pick their plans, allocators settle) and restore the cache:
+        those steps write k/v past each sequence's length (overwritten later) and advance lengths."""
+        snapshot = kv.state()
+        for _ in range(n):
+            self.decode_step(static_tok, kv)
+            kv.load_state(snapshot)
+
     def _graphed_step(self, kv: "KVCacheBase", B: int, device):
         """Capture decode_step on static buffers once; each call copies the token in and replays.
-        Capturing runs the step once on a side stream after warm-up runs, and those runs change
-        the cache (they write k/v and advance lengths), so the cache state is saved and restored
-        around warm-up and capture."""
+        Warm-up runs on a side stream before capture (as torch.cuda.graphs asks); capture records
+        kernels without running them, but Python-side cache state (host length bounds) still
+        moves, so it is restored after capture too."""
         static_tok = torch.zeros(B, dtype=torch.long, device=device)
-        snapshot = kv.state()
         s = torch.cuda.Stream(device)
         s.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(s):
-            for _ in range(2):
-                self.decode_step(static_tok, kv)
-                kv.load_state(snapshot)
+            self._warm_up(kv, static_tok)
         torch.cuda.current_stream(device).wait_stream(s)
+        snapshot = kv.state()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             static_logits = self.decode_step(static_tok, kv)
@@ -535,6 +554,8 @@ class KVCacheBase:
     lengths. Steps do only device work (no host syncs), so they can be captured in a CUDA graph;
     state()/load_state() save and restore what a step mutates.
     """
+
+    decode_backend: Optional[str] = None  # backend of the cache's own ops (set by generate)
 
     def begin_prefill(self, attention_mask: Tensor) -> None:
         self.prefilling = True
@@ -655,12 +676,12 @@ class ForkattnKVCache(KVCacheBase):
                 c.seqlen_bound = self.max_len
 
     def attend(self, layer, q, k, v, *, scale, backend):
-        c = self.caches[layer]
+        c, db = self.caches[layer], self.decode_backend
         if self.prefilling:
-            c.append(self._compacted(k), self._compacted(v), backend=backend)
+            c.append(self._compacted(k), self._compacted(v), backend=db)
             return self._prefill_attend(q, k, v, scale, backend)
-        c.append(k, v, backend=backend)
-        return forkattn.decode_attention(q, c, scale=scale, backend=backend)
+        c.append(k, v, backend=db)
+        return forkattn.decode_attention(q, c, scale=scale, backend=db)
 
     def state(self):
         return [(c.seqlens.clone(), c.seqlen_bound) for c in self.caches]
