@@ -59,6 +59,15 @@ def _impls(mask, causal, backends):
     return impls
 
 
+def _bind(impls, q, k, v):
+    """Zero-argument callables over these very tensors: forward, and forward+backward."""
+    dout = torch.randn_like(q)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    fwd = {n: (lambda f=f: f(q, k, v)) for n, f in impls.items()}
+    fwd_bwd = {n: (lambda f=f: torch.autograd.grad(f(qg, kg, vg), (qg, kg, vg), dout)) for n, f in impls.items()}
+    return fwd, fwd_bwd
+
+
 def cases(device: torch.device, quick: bool) -> List[Case]:
     out = []
     gen = torch.Generator().manual_seed(0)
@@ -68,20 +77,14 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
             lengths = torch.randint(L // 2, L + 1, (B,), generator=gen)
             mask = (torch.arange(L)[None, :] < lengths[:, None]).to(device)
         q, k, v = (torch.randn(B, H, L, D, device=device, dtype=dtype, generator=None) for _ in range(3))
-        dout = torch.randn_like(q)
         impls = _impls(mask, causal, fused_backends(device, dtype, D))
         kind = "causal" if causal else ("padded" if padded else "full")
         name = f"{label} B{B} H{H} L{L} D{D} {str(dtype).split('.')[-1]} {kind}"
         params = dict(B=B, H=H, L=L, D=D, dtype=str(dtype), causal=causal, padded=padded)
-        out.append(Case("attention", f"{name} fwd",
-                        {n: (lambda f=f: f(q, k, v)) for n, f in impls.items()},
-                        flops=attention_flops(B, H, L, L, D, causal=causal), params={**params, "pass": "fwd"}))
-        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
-
-        def fwd_bwd(f):
-            return lambda: torch.autograd.grad(f(qg, kg, vg), (qg, kg, vg), dout)
-
-        out.append(Case("attention", f"{name} fwd+bwd", {n: fwd_bwd(f) for n, f in impls.items()},
+        fwd, fwd_bwd = _bind(impls, q, k, v)
+        out.append(Case("attention", f"{name} fwd", fwd, flops=attention_flops(B, H, L, L, D, causal=causal),
+                        params={**params, "pass": "fwd"}))
+        out.append(Case("attention", f"{name} fwd+bwd", fwd_bwd,
                         flops=attention_flops(B, H, L, L, D, causal=causal, backward=True),
                         params={**params, "pass": "fwd+bwd"}))
     return out
