@@ -57,6 +57,12 @@ sources = _rel(ROOT.glob("csrc/*.cpp")) + _rel(ROOT.glob("csrc/cpu/*.cpp")) + _r
 # -Wno-unknown-pragmas: torch's at::vec headers use `#pragma unroll`, unknown to GCC (and a
 # diagnostic pragma cannot silence it before GCC 13).
 cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
+# at::parallel_for is a header template around `#pragma omp parallel`: without -fopenmp the
+# extension's loops silently run on one thread. libgomp.so.1 is the one torch already loaded.
+link_flags = []
+if platform.system() == "Linux":
+    cxx_flags.append("-fopenmp")
+    link_flags.append("-fopenmp")
 if isa == "avx2":
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DFORKATTN_CPU_AVX2"]
 define_macros = [("FORKATTN_VERSION", f'"{VERSION}"')]
@@ -70,6 +76,7 @@ if with_cuda:
         sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
+        extra_link_args=link_flags,
         extra_compile_args={
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-warn-spills"],
@@ -81,6 +88,7 @@ else:
         sources,
         include_dirs=include_dirs,
         define_macros=define_macros,
+        extra_link_args=link_flags,
         extra_compile_args={"cxx": cxx_flags},
     )
 
