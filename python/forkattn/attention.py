@@ -115,16 +115,13 @@ def empty_bhld(like: Tensor, B: int, H: int, L: int, D: int, dtype=None) -> Tens
 
 # --- argument checks: one place, messages that name the argument --------------------------------
 
-def _describe(t) -> str:
-    return f"{tuple(t.shape)} {t.dtype} on {t.device}" if isinstance(t, Tensor) else type(t).__name__
-
-
-def check_inputs(q, k, v, key_padding_mask=None, causal=False, scale=None) -> None:
+def _check_qkv(q, k, v, ndim: int, layout: str) -> None:
+    """Each of q, k, v is a floating tensor of rank `ndim`; k and v share q's dtype and device."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D [batch, heads, seq, head_dim], got shape {tuple(t.shape)}")
+        if t.dim() != ndim:
+            raise ValueError(f"{name} must be {ndim}-D {layout}, got shape {tuple(t.shape)}")
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     for name, t in (("k", k), ("v", v)):
@@ -132,6 +129,10 @@ def check_inputs(q, k, v, key_padding_mask=None, causal=False, scale=None) -> No
             raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+
+
+def check_inputs(q, k, v, key_padding_mask=None, causal=False, scale=None) -> None:
+    _check_qkv(q, k, v, 4, "[batch, heads, seq, head_dim]")
     B, H, _, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
         raise ValueError(f"batch sizes differ: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -374,18 +375,7 @@ def _values_checkable(cu: Tensor) -> bool:
 
 
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None) -> None:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D [total, heads, head_dim] (packed varlen), got shape {tuple(t.shape)}")
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dtype != q.dtype:
-            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    _check_qkv(q, k, v, 3, "[total, heads, head_dim] (packed varlen)")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape[2] != q.shape[2] or q.shape[2] == 0:

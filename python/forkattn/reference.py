@@ -126,6 +126,8 @@ def mlm_mask(
         random_words = torch.randint(vocab_size, shape, dtype=input_ids.dtype, device=dev, generator=generator)
     inputs[random_idx] = random_words[random_idx]
     return inputs, out_labels
+
+
 # --- KV-cache decoding ------------------------------------------------------------------------------
 
 def kv_append(
