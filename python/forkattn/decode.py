@@ -26,11 +26,10 @@ from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from . import reference
 from ._native import _C
-from .backends import cuda_available, native_available, op_backends, triton_available
+from .backends import cuda_available, direct_call_ok, native_available, op_backends, triton_available
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_NEW_TOKENS = 16  # decode_attention's T; append takes any T
@@ -122,19 +121,6 @@ def _decode_impl(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_parti
         return reference.decode_attention(q, k_cache, v_cache, seqlens, block_table, max_seqlen, scale=scale)
     return DECODE_BACKENDS.impl(backend)(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_partial,
                                          max_seqlen, num_splits, scale)
-
-
-def _direct_call_ok(*tensors) -> bool:
-    """Whether calling the backend directly cannot be told apart from calling the custom op: no
-    tracing (torch.compile, make_fx, FakeTensorMode or any other dispatch mode), no functorch
-    transform, plain tensors that need no gradient. The custom-op dispatch costs ~50 us per call
-    (~130 us with mutated arguments) on the 2-core dev machine, a large share of a decode step at
-    small sizes; torch.compile, opcheck and tracing still see the op."""
-    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
-        return False
-    if torch._C._are_functorch_transforms_active():
-        return False
-    return all(t is None or (type(t) is Tensor and not t.requires_grad) for t in tensors)
 
 
 @torch.library.custom_op("forkattn::kv_append", mutates_args=("k_cache", "v_cache", "seqlens"))
@@ -339,7 +325,7 @@ class KVCache:
         k = k if k.stride(-1) == 1 else k.contiguous()
         v = v if v.stride(-1) == 1 else v.contiguous()
         args = (self.k_cache, self.v_cache, self.seqlens, self.block_table, k, v, self.max_seqlen, name)
-        if _direct_call_ok(*args[:6]):
+        if direct_call_ok(*args[:6]):
             _kv_append_impl(*args)
             torch.autograd.graph.increment_version([self.k_cache, self.v_cache, self.seqlens])  # as the op does
         else:
@@ -462,6 +448,6 @@ def decode_attention(q: Tensor, cache: KVCache, *, scale: Optional[float] = None
     # baseline multiplies over one padded slice, as long as the host-side bound on the lengths.
     kv_len = cache.max_seqlen if name != "eager" else max(1, min(cache.max_seqlen, cache.seqlen_bound))
     args = (q, cache.k_cache, cache.v_cache, cache.seqlens, cache.block_table, o_ws, lse_ws, kv_len, splits, scale, name)
-    if _direct_call_ok(*args[:7]):
+    if direct_call_ok(*args[:7]):
         return _decode_impl(*args)
     return decode_attention_op(*args)

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import reference
 from ._native import _C
-from .backends import cuda_available, native_available, op_backends, triton_available
+from .backends import cuda_available, direct_call_ok, native_available, op_backends, triton_available
 
 MAX_SPECIAL_IDS = 64  # kernels/mlm/mlm.h kMaxSpecial
 IGNORE_INDEX = -100
@@ -348,7 +348,7 @@ def mlm_mask(
     args = (special_tokens_mask, attention_mask, labels, word_ids, specials, excluded if t_random > t_mask else [],
             vocab_size, mask_token_id, _signed64(seed), threshold(mask_prob), t_mask, t_random,
             max(n_random, 1), exact, min_masked, name)
-    if _direct_ok(input_ids, special_tokens_mask, attention_mask, labels, word_ids):
+    if direct_call_ok(input_ids, special_tokens_mask, attention_mask, labels, word_ids):
         # Plain eager call: run the kernel without the custom op's dispatcher round trip (~0.1 ms on
         # this CPU, more than the kernel at BERT batch sizes). Same kernel, same outputs.
         out = input_ids if inplace else _new_like(input_ids)
@@ -359,17 +359,3 @@ def mlm_mask(
         lab = mlm_mask_inplace_op(input_ids, *args)
         return input_ids, lab
     return mlm_mask_op(input_ids, *args)
-
-
-def _direct_ok(*tensors) -> bool:
-    """True when nothing needs to see the op: not compiling or tracing, no tensor subclass (fake,
-    functional, ...), no torch function or dispatch mode active."""
-    if torch.compiler.is_compiling():
-        return False
-    if any(t is not None and type(t) is not Tensor for t in tensors):
-        return False
-    fn_mode = getattr(torch._C, "_is_torch_function_mode_enabled", None)
-    if fn_mode is None or fn_mode():
-        return False
-    dispatch_len = getattr(torch._C, "_len_torch_dispatch_stack", None)
-    return dispatch_len is not None and dispatch_len() == 0
