@@ -58,7 +58,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
-    shapes = [(32, 128), (32, 512)] if cuda else ([(2, 128), (1, 512)] if quick else [(8, 128), (4, 512)])
+    shapes = [(32, 128), (32, 512)] if cuda else ([(2, 128), (1, 512)] if quick else [(4, 128), (2, 512)])
     backends = _attention_backends(device) + ["eager"]
 
     torch.manual_seed(0)
