@@ -18,7 +18,14 @@ from torch import Tensor
 
 from . import reference
 from ._native import _C
-from .backends import cuda_available, native_available, op_backends, triton_available
+from .backends import (
+    CUDA_HEAD_DIMS,
+    cuda_available,
+    cuda_kernel_supports,
+    native_available,
+    op_backends,
+    triton_available,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,17 +58,7 @@ BACKENDS.register(
 )
 
 
-CUDA_HEAD_DIMS = (32, 64, 128)
-
-
-def _cuda_supports(*, device_type, dtype, head_dim, **_):
-    if device_type != "cuda":
-        return f"runs CUDA tensors only, got {device_type} tensors"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"runs float16 and bfloat16 only, got {dtype}"
-    if head_dim not in CUDA_HEAD_DIMS:
-        return f"head_dim must be 32, 64 or 128, got {head_dim}"
-    return None
+_cuda_supports = cuda_kernel_supports
 
 
 BACKENDS.register(

@@ -107,6 +107,22 @@ def direct_call_ok(*tensors) -> bool:
     return all(t is None or (type(t) is torch.Tensor and not t.requires_grad) for t in tensors)
 
 
+CUDA_HEAD_DIMS = (32, 64, 128)
+
+
+def cuda_kernel_supports(*, device_type, dtype, head_dim, **_) -> Reason:
+    """What the hand-written CUDA attention and decode kernels are instantiated for."""
+    import torch
+
+    if device_type != "cuda":
+        return f"runs CUDA tensors only, got {device_type} tensors"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"runs float16 and bfloat16 only, got {dtype}"
+    if head_dim not in CUDA_HEAD_DIMS:
+        return f"head_dim must be 32, 64 or 128, got {head_dim}"
+    return None
+
+
 # --- availability of the shared backends -------------------------------------------------------
 
 def native_available() -> Reason:

@@ -29,12 +29,20 @@ from torch import Tensor
 
 from . import reference
 from ._native import _C
-from .backends import cuda_available, direct_call_ok, native_available, op_backends, triton_available
+from .backends import (
+    CUDA_HEAD_DIMS,
+    cuda_available,
+    cuda_kernel_supports,
+    direct_call_ok,
+    native_available,
+    op_backends,
+    triton_available,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_NEW_TOKENS = 16  # decode_attention's T; append takes any T
 MAX_HEAD_DIM_CPU = 256
-GPU_HEAD_DIMS = (32, 64, 128)
+GPU_HEAD_DIMS = CUDA_HEAD_DIMS  # the triton decode kernels are built for the same head dims
 MAX_SPLITS = 64
 
 
@@ -56,14 +64,7 @@ def _cpu_supports(*, device_type, dtype, head_dim, **_):
     return None
 
 
-def _cuda_supports(*, device_type, dtype, head_dim, **_):
-    if device_type != "cuda":
-        return f"runs CUDA tensors only, got {device_type} tensors"
-    if dtype not in (torch.float16, torch.bfloat16):
-        return f"supports float16 and bfloat16, got {dtype}"
-    if head_dim not in GPU_HEAD_DIMS:
-        return f"head_dim must be one of {GPU_HEAD_DIMS}, got {head_dim}"
-    return None
+_cuda_supports = cuda_kernel_supports
 
 
 def _triton_supports(*, device_type, dtype, head_dim, **_):
