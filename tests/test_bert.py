@@ -99,7 +99,7 @@ def _call(model, kind, ids, mask, tt, labels, ours):
     return out
 
 
-def _hf_pair(kind, hf_name, albert, tmp_path, backend, **cfg):
+def _hf_pair(kind, hf_name, albert, tmp_path, backend, unpad=True, **cfg):
     torch.manual_seed(0)
     config = _hf_albert_config(**cfg) if albert else _hf_bert_config(**cfg)
     config._attn_implementation = "eager"
@@ -110,7 +110,8 @@ def _hf_pair(kind, hf_name, albert, tmp_path, backend, **cfg):
                 p.add_(torch.randn_like(p) * 0.1)
     hf.save_pretrained(tmp_path)
     ours_cls = dict((k, c) for k, c, *_ in HEADS)[kind]
-    ours, info = ours_cls.from_pretrained(str(tmp_path), output_loading_info=True, attention_backend=backend)
+    ours, info = ours_cls.from_pretrained(str(tmp_path), output_loading_info=True, attention_backend=backend,
+                                          unpad_inputs=unpad)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == [], info
     return hf, ours
 
@@ -125,12 +126,17 @@ def _check_close(ours, base, ref, what):
     assert e_ours <= 2 * e_base + 1e-5, f"{what}: our error {e_ours:.3g} > 2 x transformers' {e_base:.3g} + 1e-5"
 
 
-def _run_parity(kind, hf_name, albert, tmp_path, backend, fields, train, **cfg):
+def _run_parity(kind, hf_name, albert, tmp_path, backend, fields, train, unpad=True, **cfg):
+    """Outputs (and in train mode loss and every parameter gradient) vs transformers. Unpadded, our
+    padded positions are zeros where transformers computes values for the pad tokens: per-token
+    outputs are compared at the real tokens, and the padded positions checked to be the head
+    applied to zeros."""
     if kind in ("qa", "pretrain-sop"):  # transformers' QA and SOP heads have num_labels outputs
         cfg.setdefault("num_labels", 2)
-    hf, ours = _hf_pair(kind, hf_name, albert, tmp_path, backend, **cfg)
+    hf, ours = _hf_pair(kind, hf_name, albert, tmp_path, backend, unpad, **cfg)
     ref = copy.deepcopy(hf).double()
     ids, mask, tt = _batch()
+    real = mask.bool()
     labels = _labels(kind.split("-")[0], ids, mask) if train else {}
     outs = []
     for m in (ours, hf, ref):
@@ -138,7 +144,14 @@ def _run_parity(kind, hf_name, albert, tmp_path, backend, fields, train, **cfg):
         m.zero_grad(set_to_none=True)
         outs.append(_call(m, kind, ids, mask, tt, labels, m is ours))
     for f in fields:
-        _check_close(outs[0][f], outs[1][f], outs[2][f], f)
+        o, h, r = outs[0][f], outs[1][f], outs[2][f]
+        if unpad and o.shape[:2] == real.shape:  # per-token output
+            if f == "last_hidden_state":
+                assert o[~real].abs().max() == 0, "padded positions of last_hidden_state must be zeros"
+            else:
+                assert (o[~real] == o[~real][:1]).all(), f"{f}: padded positions must all be the head of zeros"
+            o, h, r = o[real], h[real], r[real]
+        _check_close(o, h, r, f)
     if train:
         for o in outs:
             assert o["loss"] is not None
@@ -158,21 +171,29 @@ def _run_parity(kind, hf_name, albert, tmp_path, backend, fields, train, **cfg):
         assert n == len(ours_params)
 
 
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind,ours_cls,hf_name,albert_name,fields", [h for h in HEADS if h[2]], ids=lambda x: x if isinstance(x, str) else None)
-def test_bert_heads_match_transformers(tmp_path, backend, kind, ours_cls, hf_name, albert_name, fields):
-    _run_parity(kind, hf_name, False, tmp_path, backend, fields, train=False)
+def test_bert_heads_match_transformers(tmp_path, backend, unpad, kind, ours_cls, hf_name, albert_name, fields):
+    _run_parity(kind, hf_name, False, tmp_path, backend, fields, train=False, unpad=unpad)
 
 
+@pytest.mark.parametrize("unpad", [True, False], ids=["unpadded", "padded"])
 @pytest.mark.parametrize("kind,ours_cls,hf_name,albert_name,fields", [h for h in HEADS if h[2] and h[0] != "base"], ids=lambda x: x if isinstance(x, str) else None)
-def test_bert_heads_train_mode_gradients_match(tmp_path, kind, ours_cls, hf_name, albert_name, fields):
-    _run_parity(kind, hf_name, False, tmp_path, "cpu", fields, train=True)
+def test_bert_heads_train_mode_gradients_match(tmp_path, unpad, kind, ours_cls, hf_name, albert_name, fields):
+    if unpad and kind == "qa":
+        # QA's loss is a softmax over all L positions, pads included (as in transformers): there
+        # the pad logits differ by construction (head of zeros vs head of the pad token's state)
+        pytest.skip("QA loss includes padded positions; compared padded, and at real tokens in eval mode")
+    _run_parity(kind, hf_name, False, tmp_path, "cpu", fields, train=True, unpad=unpad)
 
 
 @pytest.mark.parametrize("groups", [1, 2])
 @pytest.mark.parametrize("kind,ours_cls,hf_name,albert_name,fields", [h for h in HEADS if h[3]], ids=lambda x: x if isinstance(x, str) else None)
 def test_albert_sharing_and_factorized_embeddings_match_transformers(tmp_path, groups, kind, ours_cls, hf_name, albert_name, fields):
-    _run_parity(kind, albert_name, True, tmp_path, "cpu", fields, train=kind != "base", num_hidden_groups=groups)
+    # unpadded (the default), except QA in train mode: see the test above
+    _run_parity(kind, albert_name, True, tmp_path, "cpu", fields, train=kind != "base", unpad=kind != "qa",
+                num_hidden_groups=groups)
 
 
 def test_albert_structure():
@@ -243,8 +264,9 @@ def test_albert_round_trip_writes_albert_names(tmp_path):
     ours.save_pretrained(str(tmp_path / "ours"))
     hf2 = transformers.AlbertForMaskedLM.from_pretrained(str(tmp_path / "ours")).eval()
     ids, mask, tt = _batch()
-    torch.testing.assert_close(hf2(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits,
-                               ours(ids, mask, tt).logits, rtol=1e-4, atol=1e-5)
+    real = mask.bool()  # unpadded: our logits at padded positions are the head of zeros
+    torch.testing.assert_close(hf2(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits[real],
+                               ours(ids, mask, tt).logits[real], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_inputs():
@@ -315,10 +337,15 @@ def test_minilm_matches_transformers_and_embeds_sensibly():
     assert batch["attention_mask"].sum(1).min() < batch["attention_mask"].shape[1]  # really padded
     ours = fb.BertModel.from_pretrained(path)
     hf = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    real = batch["attention_mask"].bool()
     with torch.no_grad():
         h_ours = ours(**batch).last_hidden_state
         h_hf = hf(**batch).last_hidden_state
-    assert (h_ours - h_hf).abs().max().item() <= 1e-4
+        ours.config.unpad_inputs = False
+        h_padded = ours(**batch).last_hidden_state
+    assert (h_ours - h_hf)[real].abs().max().item() <= 1e-4
+    assert h_ours[~real].abs().max().item() == 0  # unpadded: nothing computed at the pads
+    assert (h_padded - h_hf).abs().max().item() <= 1e-4  # padded layout: every position as transformers
     m = batch["attention_mask"].unsqueeze(-1).float()
     emb = torch.nn.functional.normalize((h_ours * m).sum(1) / m.sum(1), dim=-1)
     sim = emb @ emb.T
@@ -480,3 +507,84 @@ def test_mask_tokens_fresh_masks_every_step_never_special_or_padding():
         masks.append(sel)
     assert not torch.equal(masks[0], masks[1])  # dynamic masking
     assert hasattr(forkattn, "mlm_mask")  # this build trains with the fused sampler, not the fallback
+
+
+# --- the unpadded encoder ------------------------------------------------------------------------
+
+def _unpad_model(**kw):
+    torch.manual_seed(0)
+    c = fb.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=64, **kw)
+    m = fb.BertForMaskedLM(c)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+def _mixed_batch(B=5, L=33):
+    """Right padding, left padding, a full row, a one-token row and a fully padded row."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, 97, (B, L), generator=g)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    mask[0] = 1
+    mask[1, :17] = 1
+    mask[2, L - 9:] = 1  # left padded
+    mask[3, :1] = 1
+    # row 4: no real token at all
+    tt = torch.randint(0, 2, (B, L), generator=g) * mask
+    return ids.masked_fill(mask == 0, 0), mask, tt
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_unpadded_encoder_equals_padded_layout(backend):
+    """Outputs and every parameter gradient of the unpadded path equal the padded path's at the
+    real tokens, whatever the padding pattern; nothing leaks into or out of padded positions."""
+    if backend == "triton":
+        tr = pytest.importorskip("forkattn.triton")
+        if tr.unavailable_reason() is not None:
+            pytest.skip(f"triton backend unavailable: {tr.unavailable_reason()}")
+    m = _unpad_model(attention_backend=backend)
+    ids, mask, tt = _mixed_batch()
+    real = mask.bool()
+    labels = torch.where(real & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(4)) < 0.5), ids, -100)
+    res = {}
+    for unpad in (True, False):
+        m.config.unpad_inputs = unpad
+        m.zero_grad(set_to_none=True)
+        out = m(ids, mask, tt, labels=labels)
+        out.loss.backward()
+        res[unpad] = (out.logits.detach(), {k: p.grad.clone() for k, p in m.named_parameters()})
+        h = m.bert(ids, mask, tt).last_hidden_state.detach()
+        res[unpad] += (h,)
+    (lu, gu, hu), (lp, gp, hp) = res[True], res[False]
+    torch.testing.assert_close(hu[real], hp[real], rtol=1e-4, atol=2e-5)
+    assert hu[~real].abs().max() == 0 and torch.isfinite(hp).all()
+    torch.testing.assert_close(lu[real], lp[real], rtol=1e-4, atol=2e-5)
+    for k in gp:
+        torch.testing.assert_close(gu[k], gp[k], rtol=1e-3, atol=1e-5, msg=k)
+    # a different pad token id / garbage at the padded positions changes nothing at the real ones
+    m.config.unpad_inputs = True
+    noisy = torch.where(real, ids, torch.randint(1, 97, ids.shape))
+    torch.testing.assert_close(m.bert(noisy, mask, tt).last_hidden_state.detach(), hu, rtol=0, atol=0)
+
+
+def test_packing_bookkeeping_and_dense_batches():
+    ids, mask, _ = _mixed_batch()
+    p = fb.Packing.from_mask(mask)
+    lengths = mask.sum(1)
+    assert p.cu_seqlens.dtype == torch.int32 and p.cu_seqlens.tolist() == [0, *lengths.cumsum(0).tolist()]
+    assert p.max_seqlen == int(lengths.max()) and p.indices.numel() == int(lengths.sum()) and not p.dense
+    packed = p.pack(ids)
+    assert packed.tolist() == ids[mask.bool()].tolist()  # row-major: each sequence contiguous, in order
+    back = p.unpack(packed)
+    assert torch.equal(back, ids * mask)
+    # no padding at all: the padded layout without a mask (no gather/scatter)
+    m = _unpad_model()
+    full = torch.ones_like(mask)
+    assert fb.Packing.from_mask(full).dense
+    m.eval()
+    a = m.bert(ids, full).last_hidden_state
+    m.config.unpad_inputs = False
+    torch.testing.assert_close(a, m.bert(ids, None).last_hidden_state, rtol=0, atol=0)

@@ -16,6 +16,13 @@ loading a transformers checkpoint is a key-for-key copy; ALBERT checkpoints are 
 (`_albert_to_ours`). Attention is forkattn.attention with BERT's attention_mask as the key-padding
 mask; `config.attention_backend` (None = fastest for the device) picks its backend.
 
+Padded batches run unpadded (config.unpad_inputs, on by default): the attention mask is read once,
+the real tokens are packed into [tokens, hidden] right after the embedding lookup, every layer works
+on them alone (forkattn.attention_varlen for attention), and the result is scattered back into
+[B, L, hidden] with zeros at the padded positions. At BERT's usual lengths uniform in L/2..L that
+skips a quarter of every GEMM, not only of attention. transformers computes values at the padded
+positions; we do not (they are zeros, and heads see zeros there): compare outputs at real tokens.
+
 Difference from transformers: the fused attention kernels have no dropout on the attention
 probabilities, so attention_probs_dropout_prob is not applied (hidden-state dropout is); a warning
 says so the first time a model trains with it set.
@@ -67,6 +74,10 @@ class BertConfig:
     num_hidden_groups: Optional[int] = None  # None = num_hidden_layers, no sharing
     model_type: str = "bert"  # "bert" or "albert": which checkpoint key names to read and write
     attention_backend: Optional[str] = None  # forkattn.attention backend; None = fastest available
+    # Padded batches run unpadded: the real tokens are packed once after the embeddings and every
+    # layer (linears, LayerNorms, attention via forkattn.attention_varlen) sees only them; padded
+    # positions of last_hidden_state are zeros. False = the padded layout with a key-padding mask.
+    unpad_inputs: bool = True
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -123,6 +134,7 @@ class BertConfig:
         """transformers-style config.json contents (loadable by transformers when model_type allows)."""
         d = dataclasses.asdict(self)
         d.pop("attention_backend")
+        d.pop("unpad_inputs")
         if self.id2label is None:
             d.pop("id2label")
         else:
@@ -182,18 +194,62 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
-        L = input_ids.shape[1]
-        if L > self.position_embeddings.num_embeddings:
-            raise ValueError(f"input_ids has length {L}, more than max_position_embeddings "
-                             f"{self.position_embeddings.num_embeddings}")
+        """input_ids [B, L] (positions 0..L-1 unless given), or packed tokens [T] with position_ids [T]."""
         if position_ids is None:
-            position_ids = torch.arange(L, device=input_ids.device)[None]
+            L = input_ids.shape[-1]
+            if L > self.position_embeddings.num_embeddings:
+                raise ValueError(f"input_ids has length {L}, more than max_position_embeddings "
+                                 f"{self.position_embeddings.num_embeddings}")
+            position_ids = torch.arange(L, device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
         else:
             x = x + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
+
+
+@dataclass
+class Packing:
+    """Where the real tokens of a padded [B, L] batch go when packed: the unpadded encoder's bookkeeping.
+
+    indices [T] int64: flat positions b * L + i of the real tokens, row-major (so each sequence's
+    tokens are contiguous and in order, whatever the mask's pattern: right or left padding);
+    cu_seqlens [B + 1] int32 and max_seqlen: forkattn.attention_varlen's arguments.
+    """
+
+    indices: Tensor
+    cu_seqlens: Tensor
+    max_seqlen: int
+    batch: int
+    seqlen: int
+
+    @classmethod
+    def from_mask(cls, attention_mask: Tensor) -> "Packing":
+        """One device-to-host copy of the [B, L] mask (bytes), bookkeeping on the host, two small copies back."""
+        B, L = attention_mask.shape
+        m = attention_mask.detach().to("cpu", torch.bool)
+        lengths = m.sum(1, dtype=torch.int32)
+        cu = torch.zeros(B + 1, dtype=torch.int32)
+        torch.cumsum(lengths, 0, out=cu[1:])
+        indices = m.flatten().nonzero().squeeze(1)
+        dev = attention_mask.device
+        return cls(indices.to(dev, non_blocking=True), cu.to(dev, non_blocking=True),
+                   int(lengths.max()) if B else 0, B, L)
+
+    @property
+    def dense(self) -> bool:
+        """No padding at all: the padded layout without a mask is then cheaper than packing."""
+        return self.indices.numel() == self.batch * self.seqlen
+
+    def pack(self, t: Tensor) -> Tensor:
+        """[B, L, ...] -> [T, ...] (differentiable)."""
+        return t.flatten(0, 1).index_select(0, self.indices)
+
+    def unpack(self, t: Tensor) -> Tensor:
+        """[T, ...] -> [B, L, ...] with zeros at the padded positions (differentiable)."""
+        out = t.new_zeros((self.batch * self.seqlen, *t.shape[1:]))
+        return out.index_copy(0, self.indices, t).unflatten(0, (self.batch, self.seqlen))
 
 
 class BertLayer(nn.Module):
@@ -213,14 +269,27 @@ class BertLayer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.config = config
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
-        B, L, H = x.shape
-        att = self.attention
-        # [B, L, H] -> [B, heads, L, head_dim] views; forkattn reads the strides in place.
-        q, k, v = (lin(x).view(B, L, self.num_heads, -1).transpose(1, 2)
-                   for lin in (att.self.query, att.self.key, att.self.value))
-        y = forkattn.attention(q, k, v, key_padding_mask=key_padding_mask, backend=self.config.attention_backend)
-        y = y.transpose(1, 2).reshape(B, L, H)  # free: the output has [B, L, heads, head_dim] memory
+    def qkv(self, x: Tensor):
+        """q, k, v as [..., heads, head_dim] views of one GEMM against the concatenated weights (one
+        read of x instead of three; the parameters stay transformers' three Linears)."""
+        s = self.attention.self
+        w = torch.cat([s.query.weight, s.key.weight, s.value.weight])
+        b = torch.cat([s.query.bias, s.key.bias, s.value.bias])
+        return F.linear(x, w, b).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], packing: Optional[Packing] = None) -> Tensor:
+        """x [B, L, hidden] with key_padding_mask [B, L] or None; or packed [T, hidden] with `packing`."""
+        att, backend = self.attention, self.config.attention_backend
+        if packing is None:
+            B, L, H = x.shape
+            # [B, L, heads, head_dim] -> [B, heads, L, head_dim] views; forkattn reads the strides in place
+            q, k, v = (t.transpose(1, 2) for t in self.qkv(x))
+            y = forkattn.attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend)
+            y = y.transpose(1, 2).reshape(B, L, H)  # free: the output has [B, L, heads, head_dim] memory
+        else:
+            q, k, v = self.qkv(x)  # [T, heads, head_dim] views
+            y = forkattn.attention_varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
+                                          packing.max_seqlen, backend=backend).flatten(1)
         x = att.output.LayerNorm(x + self.dropout(att.output.dense(y)))
         y = self.output.dense(self.act(self.intermediate.dense(x)))
         return self.output.LayerNorm(x + self.dropout(y))
@@ -234,12 +303,12 @@ class BertEncoder(nn.Module):
         self.layer = nn.ModuleList(BertLayer(config) for _ in range(config.num_groups))
         self.num_hidden_layers = config.num_hidden_layers
 
-    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], packing: Optional[Packing] = None) -> Tensor:
         if hasattr(self, "embedding_hidden_mapping_in"):
             x = self.embedding_hidden_mapping_in(x)
         groups = len(self.layer)
         for i in range(self.num_hidden_layers):
-            x = self.layer[i * groups // self.num_hidden_layers](x, key_padding_mask)
+            x = self.layer[i * groups // self.num_hidden_layers](x, key_padding_mask, packing)
         return x
 
 
@@ -403,17 +472,47 @@ class BertModel(BertPreTrainedModel):
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
                 add_pooling: bool = True) -> Output:
         """input_ids [B, L]; attention_mask [B, L] (1/True = real token, 0 = padding); -> Output with
-        last_hidden_state [B, L, hidden] and pooler_output [B, hidden] (None without a pooler)."""
+        last_hidden_state [B, L, hidden] and pooler_output [B, hidden] (None without a pooler).
+
+        With padding and config.unpad_inputs, the encoder runs on the packed real tokens and
+        last_hidden_state is zero at the padded positions; reading the mask costs one small
+        device-to-host copy (so this path is not CUDA-graph capturable: see BertGraphRunner)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
-        key_padding_mask = None if attention_mask is None else attention_mask.bool()
-        x = self.embeddings(input_ids, token_type_ids, position_ids)
-        x = self.encoder(x, key_padding_mask)
+        packing = None
+        if attention_mask is not None and self.config.unpad_inputs:
+            packing = Packing.from_mask(attention_mask)
+            if packing.dense:
+                packing, attention_mask = None, None
+        if packing is None:
+            key_padding_mask = None if attention_mask is None else attention_mask.bool()
+            x = self.embeddings(input_ids, token_type_ids, position_ids)
+            x = self.encoder(x, key_padding_mask)
+        else:
+            x = self.encode_packed(packing, packing.pack(input_ids),
+                                   None if token_type_ids is None else packing.pack(token_type_ids.expand_as(input_ids)),
+                                   packing.pack(self._positions(input_ids, position_ids)))
+            x = packing.unpack(x)
         pooled = torch.tanh(self.pooler.dense(x[:, 0])) if (self.pooler is not None and add_pooling) else None
         return Output(last_hidden_state=x, pooler_output=pooled)
+
+    def _positions(self, input_ids: Tensor, position_ids: Optional[Tensor]) -> Tensor:
+        B, L = input_ids.shape
+        if L > self.config.max_position_embeddings:
+            raise ValueError(f"input_ids has length {L}, more than max_position_embeddings "
+                             f"{self.config.max_position_embeddings}")
+        if position_ids is None:
+            position_ids = torch.arange(L, device=input_ids.device)
+        return position_ids.expand(B, L)
+
+    def encode_packed(self, packing: Packing, input_ids: Tensor, token_type_ids: Optional[Tensor],
+                      position_ids: Tensor) -> Tensor:
+        """The encoder on packed tokens: ids, types, positions [T] -> hidden states [T, hidden]."""
+        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        return self.encoder(x, None, packing)
 
 
 class BertLMHead(nn.Module):
@@ -623,4 +722,4 @@ MODEL_CLASSES = {
     "BertForQuestionAnswering": BertForQuestionAnswering,
 }
 
-__all__ = ["BertConfig", "Output", "load_state_dict_file", *MODEL_CLASSES]
+__all__ = ["BertConfig", "Output", "Packing", "load_state_dict_file", *MODEL_CLASSES]
