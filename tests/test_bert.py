@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -588,3 +589,93 @@ def test_packing_bookkeeping_and_dense_batches():
     a = m.bert(ids, full).last_hidden_state
     m.config.unpad_inputs = False
     torch.testing.assert_close(a, m.bert(ids, None).last_hidden_state, rtol=0, atol=0)
+
+
+# --- CUDA-graph inference runner -----------------------------------------------------------------
+
+def _runner_model(device="cpu", dtype=torch.float32, backend=None):
+    torch.manual_seed(0)
+    c = fb.BertConfig(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96,
+                      max_position_embeddings=64, attention_backend=backend)
+    return fb.BertModel(c).to(device, dtype).eval()
+
+
+def _check_runner(m, runner, batches, atol):
+    for ids, mask, tt in batches:
+        with torch.inference_mode():
+            ref = m(ids, mask, tt)
+        out = runner(ids, mask, tt)
+        real = (mask if mask is not None else torch.ones_like(ids)).bool()
+        torch.testing.assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], rtol=0, atol=atol)
+        assert out.last_hidden_state[~real].abs().max() == 0 if (~real).any() else True
+        torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["triton"])
+def test_graph_runner_static_path_equals_model(backend):
+    """The runner's bucketed static-shape path (what the CUDA graph replays) gives the model's
+    outputs: filler sequences and empty slots never reach the real tokens, buckets are reused."""
+    if backend == "triton":
+        tr = pytest.importorskip("forkattn.triton")
+        if tr.unavailable_reason() is not None:
+            pytest.skip(f"triton backend unavailable: {tr.unavailable_reason()}")
+    m = _runner_model(backend=backend)
+    runner = fb.BertGraphRunner(m, max_batch=6, max_seqlen=40, token_bucket=16, graphs=False)
+    ids, mask, tt = _mixed_batch()  # 60 real tokens -> the 64-token bucket, 4 filler tokens
+    ids2, mask2, tt2 = (t[:3, :20].repeat(1, 2) for t in _mixed_batch())  # 40 + 17 + 9 = 66 -> 80
+    mask2.zero_()
+    mask2[0], mask2[1, :17], mask2[2, 31:] = 1, 1, 1  # full, right padded, left padded
+    one = (ids[:1, :7], None, None)  # no mask, no types: 7 tokens -> 16
+    _check_runner(m, runner, [(ids, mask, tt), (ids2, mask2, tt2), one, (ids, mask, tt)], atol=1e-5)
+    assert sorted(runner._buckets) == [16, 64, 80] and runner.captured == []
+    cu = runner._buckets[64].cu_seqlens.tolist()  # the last call's layout: 5 rows, filler, empty slots
+    assert cu == [0, 33, 50, 59, 60, 60, 64] + [64] * (len(cu) - 7)
+
+
+def test_graph_runner_bad_inputs():
+    m = _runner_model()
+    with pytest.raises(TypeError, match="BertModel"):
+        fb.BertGraphRunner(fb.BertForMaskedLM(m.config), max_batch=2, max_seqlen=8)
+    with pytest.raises(ValueError, match="max_batch must be a positive int"):
+        fb.BertGraphRunner(m, max_batch=0, max_seqlen=8)
+    with pytest.raises(ValueError, match="max_seqlen 65 exceeds max_position_embeddings 64"):
+        fb.BertGraphRunner(m, max_batch=2, max_seqlen=65)
+    with pytest.raises(ValueError, match="graphs=True needs the model on a CUDA device"):
+        fb.BertGraphRunner(m, max_batch=2, max_seqlen=8, graphs=True)
+    r = fb.BertGraphRunner(m, max_batch=2, max_seqlen=8)
+    assert r.graphs is False
+    ids = torch.randint(1, 97, (3, 8))
+    with pytest.raises(ValueError, match="batch 3, more than this runner's max_batch 2"):
+        r(ids)
+    with pytest.raises(ValueError, match="more than this runner's max_seqlen 8"):
+        r(torch.randint(1, 97, (1, 9)))
+    with pytest.raises(ValueError, match="attention_mask must have"):
+        r(ids[:2], torch.ones(2, 7))
+    with pytest.raises(ValueError, match="input_ids must be"):
+        r(ids[0])
+    m.train()
+    with pytest.raises(RuntimeError, match="model.eval"):
+        r(ids[:2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_graph_runner_captures_and_replays_on_gpu(backend):
+    from forkattn.attention import VARLEN_BACKENDS
+
+    why = VARLEN_BACKENDS.why_not(backend, "cuda", dtype=torch.float16, head_dim=16)
+    if why:
+        pytest.skip(why)
+    m = _runner_model("cuda", torch.float16, backend)
+    runner = fb.BertGraphRunner(m, max_batch=6, max_seqlen=40, token_bucket=16)
+    ids, mask, tt = (t.cuda() for t in _mixed_batch())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _check_runner(m, runner, [(ids, mask, tt)], atol=2e-3)
+    assert not [w for w in caught if "BertGraphRunner" in str(w.message)], [str(w.message) for w in caught]
+    assert runner.captured == [64]
+    # replay the same graph with other data of the same bucket: the static buffers are refilled
+    ids2 = torch.randint(1, 97, ids.shape, device="cuda").masked_fill(mask == 0, 0)
+    _check_runner(m, runner, [(ids2, mask, tt), (ids2, mask, None)], atol=2e-3)
+    assert runner.captured == [64]
+
