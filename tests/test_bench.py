@@ -41,3 +41,33 @@ def test_attention_flops_count():
     assert core.attention_flops(1, 1, 4, 4, 2) == 4 * 4 * 4 * 2
     assert core.attention_flops(1, 1, 4, 4, 2, causal=True) == 2 * 4 * 4 * 2
     assert core.attention_flops(1, 1, 4, 4, 2, backward=True) == 3.5 * 4 * 4 * 4 * 2
+
+
+def test_each_case_runs_on_its_own_batch(monkeypatch):
+    """Every timed callable of the BERT and GPT cases works on its case's shapes (closures built
+    in a loop once all read the last iteration's batch)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from forkattn.bench import bert, gpt
+
+    monkeypatch.setitem(bert.BASE, "hidden_size", 32)
+    monkeypatch.setitem(bert.BASE, "num_hidden_layers", 1)
+    monkeypatch.setitem(bert.BASE, "num_attention_heads", 2)
+    monkeypatch.setitem(bert.BASE, "intermediate_size", 48)
+    monkeypatch.setitem(bert.BASE, "vocab_size", 1100)
+    cases = bert.cases(torch.device("cpu"), quick=True)
+    assert len({c.params["B"] for c in cases}) > 1  # the shapes differ, so a mix-up shows
+    for case in cases:
+        B, L = case.params["B"], case.params["L"]
+        assert {"eager", "sdpa", "forkattn-cpu", "forkattn-cpu-padded"} <= set(case.fns)
+        for name, fn in case.fns.items():
+            out = fn()
+            if case.params["mode"] == "inference":
+                assert out.shape == (B, L, 32), (case.name, name, out.shape)
+            else:
+                assert out.dim() == 0 and torch.isfinite(out), (case.name, name)
+    gen = [c for c in gpt.cases(torch.device("cpu"), quick=True) if "generate" in c.name]
+    assert [c.params["batch"] for c in gen] == [1, 32]
+    for case in gen:
+        for name, fn in case.fns.items():
+            out = fn()
+            assert out.shape == (case.params["batch"], case.params["prompt"] + case.params["new_tokens"]), (case.name, name)

@@ -1,5 +1,8 @@
 """BERT-base end to end: forkattn's BertModel (each attention backend) vs the same model with the
 "eager" attention backend vs transformers' BertModel with attn_implementation "eager" and "sdpa".
+forkattn-<backend> runs unpadded (the default: real tokens packed, attention_varlen);
+forkattn-<backend>-padded is the padded layout with a key-padding mask, to show what unpadding
+buys; forkattn-<backend>-graph (CUDA) is BertGraphRunner, the unpadded encoder in CUDA graphs.
 
 Random weights (the same in every model), padded batches with lengths uniform in L/2..L.
 Inference: BertModel forward under inference_mode (fp16 on GPU, fp32 on CPU). Training: one
@@ -81,51 +84,80 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 
     out = []
     # inference
-    models = {f"forkattn-{b}": (ours(fb.BertModel).to(dtype).eval(), b) for b in backends[:1]}
-    our_inf = next(iter(models.values()))[0]
+    our_inf = ours(fb.BertModel).to(dtype).eval()
     hf_inf = {impl: hf_model("BertModel", impl, add_pooling_layer=True).to(dtype).eval() for impl in ("eager", "sdpa")}
     for B, L in shapes:
         ids, mask, _ = _batch(B, L, device)
-        fns = {}
-        for b in backends:
-            def run(b=b):
-                our_inf.set_attention_backend(b)
-                with torch.inference_mode():
-                    return our_inf(ids, attention_mask=mask).last_hidden_state
-            fns[f"forkattn-{b}"] = run
-        for impl, m in hf_inf.items():
-            def run_hf(m=m):
-                with torch.inference_mode():
-                    return m(input_ids=ids, attention_mask=mask).last_hidden_state
-            fns[impl] = run_hf
-        out.append(Case("bert", f"bert-base inference B{B} L{L} {str(dtype)[6:]} padded L/2..L", fns,
+        out.append(Case("bert", f"bert-base inference B{B} L{L} {str(dtype)[6:]} padded L/2..L",
+                        _inference_fns(our_inf, hf_inf, backends, ids, mask, cuda),
                         flops=_flops(B, L, False), params={"B": B, "L": L, "dtype": str(dtype), "mode": "inference"}))
 
     # one training step (MLM head)
-    amp = (lambda: torch.autocast("cuda", dtype=torch.float16)) if cuda else nullcontext
     our_tr = ours(fb.BertForMaskedLM).train()
     hf_tr = {impl: hf_model("BertForMaskedLM", impl).train() for impl in ("eager", "sdpa")}
     opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in [our_tr, *hf_tr.values()]}
     for B, L in shapes:
         ids, mask, labels = _batch(B, L, device, seed=1)
-
-        def step(m, call):
-            opt = opts[id(m)]
-            opt.zero_grad(set_to_none=True)
-            with amp():
-                loss = call()
-            loss.backward()
-            opt.step()
-            return loss
-
-        fns = {}
-        for b in backends:
-            def run(b=b):
-                our_tr.set_attention_backend(b)
-                return step(our_tr, lambda: our_tr(ids, attention_mask=mask, labels=labels).loss)
-            fns[f"forkattn-{b}"] = run
-        for impl, m in hf_tr.items():
-            fns[impl] = lambda m=m: step(m, lambda: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
-        out.append(Case("bert", f"bert-base MLM train step B{B} L{L} {'fp16-autocast' if cuda else 'fp32'} padded", fns,
+        out.append(Case("bert", f"bert-base MLM train step B{B} L{L} {'fp16-autocast' if cuda else 'fp32'} padded",
+                        _train_fns(our_tr, hf_tr, opts, backends, ids, mask, labels, cuda),
                         flops=_flops(B, L, True), params={"B": B, "L": L, "dtype": str(dtype), "mode": "train"}))
     return out
+
+
+# The timed callables. Built by these functions so each case's closures bind its own batch.
+
+def _inference_fns(our, hf_models, backends, ids, mask, cuda):
+    from forkattn.models.bert import BertGraphRunner
+
+    def ours_fn(backend, unpad):
+        def run():
+            our.set_attention_backend(backend)
+            our.config.unpad_inputs = unpad
+            with torch.inference_mode():
+                return our(ids, attention_mask=mask).last_hidden_state
+        return run
+
+    fns = {f"forkattn-{b}": ours_fn(b, True) for b in backends}
+    fns[f"forkattn-{backends[0]}-padded"] = ours_fn(backends[0], False)
+    if cuda:
+        runner = []
+
+        def graphed(backend=backends[0]):
+            our.set_attention_backend(backend)
+            our.config.unpad_inputs = True
+            if not runner:  # graphs are captured on the first (warm-up) call
+                runner.append(BertGraphRunner(our, max_batch=ids.shape[0], max_seqlen=ids.shape[1], token_bucket=128))
+            return runner[0](ids, mask).last_hidden_state
+        fns[f"forkattn-{backends[0]}-graph"] = graphed
+    for impl, m in hf_models.items():
+        def run_hf(m=m):
+            with torch.inference_mode():
+                return m(input_ids=ids, attention_mask=mask).last_hidden_state
+        fns[impl] = run_hf
+    return fns
+
+
+def _train_fns(our, hf_models, opts, backends, ids, mask, labels, cuda):
+    amp = (lambda: torch.autocast("cuda", dtype=torch.float16)) if cuda else nullcontext
+
+    def step(m, call):
+        opt = opts[id(m)]
+        opt.zero_grad(set_to_none=True)
+        with amp():
+            loss = call()
+        loss.backward()
+        opt.step()
+        return loss
+
+    def ours_fn(backend, unpad):
+        def run():
+            our.set_attention_backend(backend)
+            our.config.unpad_inputs = unpad
+            return step(our, lambda: our(ids, attention_mask=mask, labels=labels).loss)
+        return run
+
+    fns = {f"forkattn-{b}": ours_fn(b, True) for b in backends}
+    fns[f"forkattn-{backends[0]}-padded"] = ours_fn(backends[0], False)
+    for impl, m in hf_models.items():
+        fns[impl] = lambda m=m: step(m, lambda: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
+    return fns

@@ -98,7 +98,7 @@ def cases(device, quick: bool) -> List[Case]:
     for B in (1, 32):
         prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
 
-        def ours_generate(backends_, graph):
+        def ours_generate(backends_, graph, prompt=prompt):  # bind this case's prompt, not the loop variable
             def fn():
                 model.set_backend(*backends_)
                 return model.generate(prompt, new, do_sample=False, cuda_graph=graph)
@@ -112,7 +112,7 @@ def cases(device, quick: bool) -> List[Case]:
         fns["eager"] = ours_generate(("eager", "eager"), False)
         for impl, m in hf.items():
             fns["sdpa" if impl == "sdpa" else "hf-eager"] = (
-                lambda m=m: m.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                lambda m=m, prompt=prompt: m.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                        pad_token_id=0))
         out.append(Case("gpt", f"generate B{B} prompt {prompt_len} + {new} new tokens {str(dtype)[6:]}",
                         {k: _no_grad(f) for k, f in fns.items()},
