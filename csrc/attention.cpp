@@ -99,4 +99,93 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   return {dq, dk, dv};
 }
 
+// --- varlen ---------------------------------------------------------------------------------------
+
+at::Tensor packed_as_bhld(const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); }
+
+void check_cu_seqlens(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& q) {
+  for (const auto& [cu, name] : {std::pair{&cu_seqlens_q, "cu_seqlens_q"}, std::pair{&cu_seqlens_k, "cu_seqlens_k"}}) {
+    FA_CHECK_DTYPE_NAMED((*cu), name, at::kInt);
+    FA_CHECK_DIM_NAMED((*cu), name, 1);
+    FA_CHECK_DEVICE_NAMED((*cu), name, q.device());
+    TORCH_CHECK_VALUE(cu->numel() >= 2, name, " must have batch + 1 >= 2 entries, got ", cu->numel());
+  }
+  TORCH_CHECK_VALUE(cu_seqlens_q.numel() == cu_seqlens_k.numel(),
+                    "cu_seqlens_q and cu_seqlens_k must have the same length, got ", cu_seqlens_q.numel(), " and ",
+                    cu_seqlens_k.numel());
+}
+
+namespace {
+
+// Host values of one cu_seqlens (CPU tensors only): 0, non-decreasing, ends at total, every
+// sequence at most max_seqlen long. The kernels index rows with these: checked, never trusted.
+void check_cu_values(const at::Tensor& cu, const char* name, int64_t total, int64_t max_seqlen,
+                     const char* max_name) {
+  const at::Tensor c = cu.contiguous();
+  const int* v = c.data_ptr<int>();
+  const int64_t n = c.numel();
+  TORCH_CHECK_VALUE(v[0] == 0, name, " must start at 0, got ", v[0]);
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    TORCH_CHECK_VALUE(v[i + 1] >= v[i], name, " must be non-decreasing, got ", name, "[", i, "] = ", v[i], " > ",
+                      name, "[", i + 1, "] = ", v[i + 1]);
+    TORCH_CHECK_VALUE(v[i + 1] - v[i] <= max_seqlen, max_name, " = ", max_seqlen,
+                      " is smaller than sequence ", i, " of ", name, " (", v[i + 1] - v[i], ")");
+  }
+  TORCH_CHECK_VALUE(v[n - 1] == total, name, "[-1] must equal the packed length ", total, ", got ", v[n - 1]);
+}
+
+AttnSizes check_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                           const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                           int64_t max_seqlen_k) {
+  FA_CHECK_DIM(q, 3);
+  FA_CHECK_DIM(k, 3);
+  FA_CHECK_DIM(v, 3);
+  check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q);
+  const AttnSizes s = check_attention_inputs(packed_as_bhld(q), packed_as_bhld(k), packed_as_bhld(v), std::nullopt);
+  TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the cpu backend, got ", q.device());
+  check_cu_values(cu_seqlens_q, "cu_seqlens_q", s.len_q, max_seqlen_q, "max_seqlen_q");
+  check_cu_values(cu_seqlens_k, "cu_seqlens_k", s.len_k, max_seqlen_k, "max_seqlen_k");
+  return s;
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                            const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                            int64_t max_seqlen_k, bool causal, double scale) {
+  const AttnSizes s = check_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor lse = at::empty({s.heads, s.len_q}, q.options().dtype(at::kFloat));
+  if (out.numel() > 0) {
+    cpu::attention_varlen_fwd_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                                     static_cast<float>(scale), out, lse);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
+  FA_CHECK_DIM(dout, 3);
+  FA_CHECK_DIM(out, 3);
+  FA_CHECK_DIM(lse, 2);
+  const AttnSizes s = check_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_attention_bwd_inputs(packed_as_bhld(dout), packed_as_bhld(q), packed_as_bhld(k), packed_as_bhld(v),
+                             packed_as_bhld(out), lse.unsqueeze(0), std::nullopt);
+  at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
+  at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
+  at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
+  if (s.len_q == 0 || s.len_k == 0 || s.heads == 0 || s.head_dim == 0) {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  cpu::attention_varlen_bwd_kernel(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                   causal, static_cast<float>(scale), dq, dk, dv);
+  return {dq, dk, dv};
+}
+
 }  // namespace forkattn

@@ -39,6 +39,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
     bool causal, double scale);
 
+// Varlen (packed sequences, FlashAttention's convention): q [total_q, H, D], k and v
+// [total_k, Hkv, D], cu_seqlens int32 [B + 1]; sequence b is rows cu[b]..cu[b+1]. Returns out
+// [total_q, H, D] contiguous and lse float32 [H, total_q]; the backward returns contiguous dq, dk,
+// dv. The CPU versions read and validate cu_seqlens' values (free on the host).
+std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                            const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                            const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                            int64_t max_seqlen_k, bool causal, double scale);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale);
+
+// Shared by the CPU and CUDA varlen entry points: [total, H, D] -> a [1, H, total, D] view the
+// padded-batch checks understand; dtype/rank/device checks of one cu_seqlens tensor and that
+// both have the same length.
+at::Tensor packed_as_bhld(const at::Tensor& t);
+void check_cu_seqlens(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& q);
+
 // CUDA versions (csrc/cuda/attention_cuda.cpp, CUDA builds only): fp16/bf16, head_dim 32, 64
 // or 128, sm_80 or newer; same contract as the CPU ones. Deterministic (no atomics).
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
@@ -73,6 +92,14 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                           const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
                           at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+void attention_varlen_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, bool causal, float scale, at::Tensor& out, at::Tensor& lse);
+void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, bool causal, float scale, at::Tensor& dq, at::Tensor& dk,
+                                 at::Tensor& dv);
 }  // namespace cpu
 
 }  // namespace forkattn

@@ -16,6 +16,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd_cpu", &forkattn::attention_bwd_cpu, "fused attention backward (CPU): (dq, dk, dv)",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
         py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"));
+  m.def("attention_varlen_fwd_cpu", &forkattn::attention_varlen_fwd_cpu,
+        "fused attention over packed sequences, forward (CPU): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
+        py::arg("causal"), py::arg("scale"));
+  m.def("attention_varlen_bwd_cpu", &forkattn::attention_varlen_bwd_cpu,
+        "fused attention over packed sequences, backward (CPU): (dq, dk, dv)", py::arg("dout"), py::arg("q"),
+        py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"));
   // MLM masking: writes out_ids and out_labels in place (see csrc/mlm.h).
 #define FORKATTN_MLM_PYARGS                                                                              \
   py::arg("input_ids"), py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"),       \

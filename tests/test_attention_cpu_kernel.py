@@ -114,3 +114,85 @@ def test_fallback_gemm(monkeypatch):
     monkeypatch.setenv("FORKATTN_CPU_NAIVE_GEMM", "1")
     q, k, v = _qkv(2, 2, 1, 33, 150, 40, torch.float32, strided=True)
     _check(q, k, v, causal=True, mask=torch.arange(150)[None].expand(2, -1) < torch.tensor([[150], [60]]))
+
+
+# --- varlen: packed sequences in one call -------------------------------------------------------
+
+def _packed(lens, H, D, dtype, fused=False):
+    """[total, H, D] rows; fused=True: the q slice of a [total, 3, H, D] projection (row stride 3HD)."""
+    T = sum(lens)
+    t = torch.randn(T, 3, H, D).to(dtype)[:, 0] if fused else torch.randn(T, H, D).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(lens, dtype=torch.long).cumsum(0).tolist()], dtype=torch.int32)
+    return t, cu
+
+
+def _varlen_runs(q, k, v, cu_q, cu_k, causal, backends=("ref", "eager", "ours")):
+    from forkattn.attention import _eager_varlen
+
+    go = torch.randn(q.shape, dtype=torch.float64)
+    mq, mk = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
+    runs = {}
+    for name in backends:
+        dtype = torch.float64 if name == "ref" else q.dtype
+        qq, kk, vv = (t.detach().to(dtype).clone().requires_grad_() for t in (q, k, v))
+        if name == "ours":
+            out = forkattn.attention_varlen(qq, kk, vv, cu_q, cu_k, mq, mk, causal=causal, backend="cpu")
+        else:
+            out = _eager_varlen(qq, kk, vv, cu_q, cu_k, causal, q.shape[-1] ** -0.5)
+        out.backward(go.to(dtype))
+        runs[name] = (out, qq.grad, kk.grad, vv.grad)
+    return runs
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_fp64(dtype, causal):
+    """Uneven sequences (odd sizes, Lq != Lk per sequence, empty on either side), GQA, and q read
+    in place from a fused QKV projection: out and every gradient within the 2x rule."""
+    lq, lk = [97, 0, 1, 129, 7, 300], [129, 5, 1, 97, 0, 257]
+    q, cu_q = _packed(lq, 4, 64, dtype, fused=True)
+    k, cu_k = _packed(lk, 2, 64, dtype)
+    v = torch.randn_like(k)
+    runs = _varlen_runs(q, k, v, cu_q, cu_k, causal)
+    for i, what in enumerate(("out", "dq", "dk", "dv")):
+        ours, eager, ref = runs["ours"][i], runs["eager"][i], runs["ref"][i]
+        assert torch.isfinite(ours).all(), f"{what}: not finite"
+        err, base = _err(ours, ref), _err(eager, ref)
+        assert err <= 2 * base + 1e-5, f"{what}: err {err:.3e} > 2 * eager {base:.3e} + 1e-5"
+    out, dq, dk, dv = runs["ours"]
+    assert (out[cu_q[4]:cu_q[5]] == 0).all() and (dq[cu_q[4]:cu_q[5]] == 0).all()  # sequence 4 has no key
+    assert (dk[cu_k[1]:cu_k[2]] == 0).all() and (dv[cu_k[1]:cu_k[2]] == 0).all()  # sequence 1 has no query
+
+
+def test_varlen_equals_padded_kernel_exactly():
+    """The packed call and the padded call (key-padding mask) run the same tiles: same bits."""
+    lens = [40, 128, 3]
+    q, cu = _packed(lens, 2, 32, torch.float32, fused=True)
+    k, _ = _packed(lens, 2, 32, torch.float32)
+    v = torch.randn_like(k)
+    out, lse = _C.attention_varlen_fwd_cpu(q, k, v, cu, cu, 128, 128, False, 0.2)
+    for b, n in enumerate(lens):
+        r = slice(int(cu[b]), int(cu[b + 1]))
+        one, one_lse = _C.attention_fwd_cpu(*(t[r].transpose(0, 1)[None] for t in (q, k, v)), None, False, 0.2)
+        assert torch.equal(out[r], one[0].transpose(0, 1)) and torch.equal(lse[:, r], one_lse[0])
+
+
+BAD_CU = [
+    (lambda cu: torch.tensor([1, 40, 171], dtype=torch.int32), "cu_seqlens_q must start at 0"),
+    (lambda cu: torch.tensor([0, 140, 130, 171], dtype=torch.int32), "same length"),
+    (lambda cu: torch.tensor([0, 131, 130], dtype=torch.int32), "non-decreasing"),
+    (lambda cu: torch.tensor([0, 40, 170], dtype=torch.int32), r"cu_seqlens_q\[-1\] must equal the packed length 171"),
+    (lambda cu: torch.tensor([0, 171, 171], dtype=torch.int32), "max_seqlen_q = 131 is smaller than sequence 0"),
+    (lambda cu: cu.long(), "cu_seqlens_q must have dtype Int"),
+]
+
+
+@pytest.mark.parametrize("make,msg", BAD_CU)
+def test_varlen_native_entry_validates_cu_seqlens(make, msg):
+    """The _C entry reads cu_seqlens to index rows: bad values raise, never index out of bounds."""
+    q, cu = _packed([40, 131], 2, 32, torch.float32)
+    with pytest.raises((ValueError, TypeError), match=msg):
+        _C.attention_varlen_fwd_cpu(q, q, q, make(cu), cu, 131, 131, False, 1.0)
+    out, lse = _C.attention_varlen_fwd_cpu(q, q, q, cu, cu, 131, 131, False, 1.0)
+    with pytest.raises(ValueError, match="lse must have shape"):
+        _C.attention_varlen_bwd_cpu(out, q, q, q, out, lse[:, 1:], cu, cu, 131, 131, False, 1.0)

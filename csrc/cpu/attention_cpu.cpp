@@ -111,11 +111,16 @@ void gemm(bool blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float al
 
 // ---------------------------------------------------------------------------------------------
 // Operands: fp32 [B, H, L, D] rows with any batch/head/row strides and unit stride in D.
+// Varlen (packed sequences): one [1, H, total, D] operand, batch stride 0, and sequence b's
+// rows start at row start[b].
 
 struct Rows {
   float* p;
-  int64_t sb, sh, sl;  // strides of batch, head, row
-  float* at(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + i * sl; }
+  int64_t sb, sh, sl;               // strides of batch, head, row
+  const int64_t* start = nullptr;   // varlen: first row of each sequence
+  float* at(int64_t b, int64_t h, int64_t i) const {
+    return p + b * sb + h * sh + ((start ? start[b] : 0) + i) * sl;
+  }
 };
 
 // t as fp32 with a BLAS-usable row stride (>= D): a view when it already is one, else a copy.
@@ -270,18 +275,26 @@ void run_tasks(int64_t n, const MakeScratch& make_scratch, const Fn& fn) {
   });
 }
 
-// Shapes and operands shared by the forward and backward passes.
+// Shapes and operands shared by the forward and backward passes. Varlen: Lq and Lk are the
+// longest sequences and len_q/len_k (with q.start/k.start) give each one.
 struct Problem {
-  int64_t B, H, Hkv, Lq, Lk, D, off;  // off = Lk - Lq (causal diagonal)
+  int64_t B, H, Hkv, Lq, Lk, D;
   bool causal, blas;
   float scale;
   int64_t bq, bk;  // tile: query rows x keys
   Rows q, k, v;
   const KeyPlan* plan;
+  std::vector<int64_t> q_start, k_start, len_q, len_k;  // varlen only (empty: padded batch)
 
+  int64_t lq(int64_t b) const { return len_q.empty() ? Lq : len_q[b]; }
+  int64_t lk(int64_t b) const { return len_k.empty() ? Lk : len_k[b]; }
+  int64_t off(int64_t b) const { return lk(b) - lq(b); }  // causal diagonal: j <= i + off
   int64_t nqb() const { return (Lq + bq - 1) / bq; }
-  // Keys [0, end) are visible to at least one query row before i1.
-  int64_t key_end(int64_t i1) const { return causal ? std::clamp<int64_t>(i1 + off, 0, Lk) : Lk; }
+  int64_t nqb(int64_t b) const { return (lq(b) + bq - 1) / bq; }
+  // Keys [0, end) of sequence b are visible to at least one query row before i1.
+  int64_t key_end(int64_t b, int64_t i1) const {
+    return causal ? std::clamp<int64_t>(i1 + off(b), 0, lk(b)) : lk(b);
+  }
   // S = scale * Q K^T for a tile into s (row stride bk); masks hidden keys; false if skipped.
   bool scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* s) const;
 };
@@ -291,10 +304,10 @@ bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
   if (state == kSkip) return false;
   const int64_t hk = h / (H / Hkv);
   gemm(blas, true, false, cols, rows, D, scale, k.at(b, hk, j0), k.sl, q.at(b, h, i0), q.sl, 0.f, s, bk);
-  const bool diagonal = causal && j0 + cols - 1 > i0 + off;
+  const bool diagonal = causal && j0 + cols - 1 > i0 + off(b);
   if (state == kMixed || diagonal) {
     mask_tile(s, bk, rows, cols, state == kMixed ? plan->bias.data() + b * Lk + j0 : nullptr, diagonal, i0, j0,
-              off);
+              off(b));
   }
   return true;
 }
@@ -325,14 +338,23 @@ void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, float* m, 
   }
 }
 
-// One query block of one (batch, head): out rows and their lse (lse[r * lse_sl]).
-void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const Rows& out, float* lse,
-                     int64_t lse_sl, FwdScratch& w) {
-  const int64_t D = p.D, i0 = qb * p.bq, rows = std::min(p.bq, p.Lq - i0), hk = h / (p.H / p.Hkv);
+// Log-sum-exp rows: [B, H, Lq] strides, or varlen [H, total_q] (sb = 0, start = q starts).
+struct LseRows {
+  float* p;
+  int64_t sb, sh, sl;
+  const int64_t* start = nullptr;
+  float* at(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + ((start ? start[b] : 0) + i) * sl; }
+};
+
+// One query block of one (batch, head): out rows and their lse.
+void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const Rows& out, const LseRows& lse,
+                     FwdScratch& w) {
+  const int64_t D = p.D, i0 = qb * p.bq, rows = std::min(p.bq, p.lq(b) - i0), hk = h / (p.H / p.Hkv);
+  if (rows <= 0) return;  // varlen: past this sequence's end
   std::fill(w.m.begin(), w.m.end(), -kInf);
   std::fill(w.l.begin(), w.l.end(), 0.f);
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
-  const int64_t kend = p.key_end(i0 + rows);
+  const int64_t kend = p.key_end(b, i0 + rows);
   for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
     const int64_t cols = std::min(p.bk, kend - j0);
     if (!p.scores(b, h, i0, rows, j0, cols, w.s.data())) continue;
@@ -346,7 +368,7 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
     float* o = out.at(b, h, i0 + r);
     std::copy(w.acc.begin() + r * D, w.acc.begin() + (r + 1) * D, o);
     scale_row(o, D, empty ? 0.f : 1.f / w.l[r]);
-    lse[(i0 + r) * lse_sl] = empty ? kInf : w.m[r] + std::log(w.l[r]);
+    *lse.at(b, h, i0 + r) = empty ? kInf : w.m[r] + std::log(w.l[r]);
   }
 }
 
@@ -364,8 +386,7 @@ struct BwdScratch {
 
 struct BwdIO {
   Rows out, dout, dq, dk, dv;
-  const float* lse;
-  int64_t lse_sb, lse_sh, lse_sl;
+  LseRows lse;
 };
 
 // P = exp(S - lse) for a tile; rows with lse = +inf (no visible key) become zeros.
@@ -381,15 +402,15 @@ void probs_from_lse(float* s, int64_t ld, int64_t rows, int64_t cols, const floa
 }
 
 void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, int64_t qb, BwdScratch& w) {
-  const int64_t D = p.D, i0 = qb * p.bq, rows = std::min(p.bq, p.Lq - i0), hk = h / (p.H / p.Hkv);
+  const int64_t D = p.D, i0 = qb * p.bq, rows = std::min(p.bq, p.lq(b) - i0), hk = h / (p.H / p.Hkv);
   const float* q = p.q.at(b, h, i0);
   const float* dout = io.dout.at(b, h, i0);
   for (int64_t r = 0; r < rows; ++r) {
     w.delta[r] = dot(io.dout.at(b, h, i0 + r), io.out.at(b, h, i0 + r), D);
-    w.lse[r] = io.lse[b * io.lse_sb + h * io.lse_sh + (i0 + r) * io.lse_sl];
+    w.lse[r] = *io.lse.at(b, h, i0 + r);
   }
   std::fill(w.dq.begin(), w.dq.end(), 0.f);
-  const int64_t kend = p.key_end(i0 + rows);
+  const int64_t kend = p.key_end(b, i0 + rows);
   for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
     const int64_t cols = std::min(p.bk, kend - j0);
     float* s = w.s.data();
@@ -413,9 +434,9 @@ void bwd_kv_head(const Problem& p, const BwdIO& io, int64_t b, int64_t hk, BwdSc
   std::fill(w.dv.begin(), w.dv.end(), 0.f);
   const int64_t group = p.H / p.Hkv;
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-    for (int64_t qb = 0; qb < p.nqb(); ++qb) bwd_query_block(p, io, b, h, qb, w);
+    for (int64_t qb = 0; qb < p.nqb(b); ++qb) bwd_query_block(p, io, b, h, qb, w);
   }
-  for (int64_t j = 0; j < p.Lk; ++j) {
+  for (int64_t j = 0; j < p.lk(b); ++j) {
     std::copy(w.dk.begin() + j * p.D, w.dk.begin() + (j + 1) * p.D, io.dk.at(b, hk, j));
     std::copy(w.dv.begin() + j * p.D, w.dv.begin() + (j + 1) * p.D, io.dv.at(b, hk, j));
   }
@@ -432,7 +453,6 @@ Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tenso
   p.Lq = qf.size(2);
   p.Lk = kf.size(2);
   p.D = qf.size(3);
-  p.off = p.Lk - p.Lq;
   p.causal = causal;
   p.blas = blas_enabled();
   p.scale = scale;
@@ -443,6 +463,75 @@ Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tenso
   return p;
 }
 
+// Varlen: sequence b is rows cu[b]..cu[b+1] of the packed operands. The host reads cu_seqlens
+// (CPU tensors) once; q and k rows then index through Rows::start.
+void set_varlen(Problem& p, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_q,
+                int64_t max_k) {
+  const at::Tensor cq = cu_seqlens_q.contiguous(), ck = cu_seqlens_k.contiguous();
+  const int* a = cq.data_ptr<int>();
+  const int* c = ck.data_ptr<int>();
+  p.B = cq.numel() - 1;
+  p.Lq = max_q;
+  p.Lk = max_k;
+  for (int64_t b = 0; b < p.B; ++b) {
+    p.q_start.push_back(a[b]);
+    p.len_q.push_back(a[b + 1] - a[b]);
+    p.k_start.push_back(c[b]);
+    p.len_k.push_back(c[b + 1] - c[b]);
+  }
+  for (Rows* r : {&p.q, &p.k, &p.v}) r->sb = 0;
+  p.q.start = p.q_start.data();
+  p.k.start = p.v.start = p.k_start.data();
+}
+
+// Output-side rows of a [B, H, L, D] (or varlen [1, H, total, D]) tensor indexed like q or k.
+Rows io_rows(const at::Tensor& f, const Problem& p, bool like_q) {
+  Rows r = rows_of(f);
+  if (!p.len_q.empty()) {
+    r.sb = 0;
+    r.start = like_q ? p.q_start.data() : p.k_start.data();
+  }
+  return r;
+}
+
+// lse: padded [B, H, Lq]; varlen [H, total_q].
+LseRows lse_rows(const at::Tensor& lse, const Problem& p) {
+  float* d = lse.data_ptr<float>();
+  if (p.len_q.empty()) return {d, lse.stride(0), lse.stride(1), lse.stride(2)};
+  return {d, 0, lse.stride(0), lse.stride(1), p.q_start.data()};
+}
+
+void run_fwd(const Problem& p, const Tiles& tiles, at::Tensor& out, const at::Tensor& lse) {
+  at::Tensor out_f = f32_output(out);
+  const Rows out_rows = io_rows(out_f, p, true);
+  const LseRows lr = lse_rows(lse, p);
+  const int64_t nqb = p.nqb(), bh = p.B * p.H;
+  // Largest query blocks (the last ones, under causal) first.
+  run_tasks(
+      bh * nqb, [&] { return FwdScratch(tiles, p.D); },
+      [&](int64_t t, FwdScratch& w) {
+        const int64_t qb = nqb - 1 - t / bh, b = (t % bh) / p.H, h = t % p.H;
+        fwd_query_block(p, b, h, qb, out_rows, lr, w);
+      });
+  finish_output(out, out_f);
+}
+
+void run_bwd(const Problem& p, const Tiles& tiles, const at::Tensor& of, const at::Tensor& dof, const at::Tensor& lse,
+             at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  at::Tensor dq_f = f32_output(dq), dk_f = f32_output(dk), dv_f = f32_output(dv);
+  BwdIO io{io_rows(of, p, true), io_rows(dof, p, true), io_rows(dq_f, p, true), io_rows(dk_f, p, false),
+           io_rows(dv_f, p, false), lse_rows(lse, p)};
+  run_tasks(
+      p.B * p.Hkv, [&] { return BwdScratch(tiles, p.Lk, p.D); },
+      [&](int64_t t, BwdScratch& w) { bwd_kv_head(p, io, t / p.Hkv, t % p.Hkv, w); });
+  finish_output(dq, dq_f);
+  finish_output(dk, dk_f);
+  finish_output(dv, dv_f);
+}
+
+// [total, H, D] -> [1, H, total, D] view.
+at::Tensor packed_view(const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); }
+
 }  // namespace
 
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -452,18 +541,7 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   const Tiles tiles = choose_tiles(q.size(0) * q.size(1), q.size(2));
   const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2), tiles.bk);
   const Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
-  at::Tensor out_f = f32_output(out);
-  const Rows out_rows = rows_of(out_f);
-  float* lse_p = lse.data_ptr<float>();
-  const int64_t nqb = p.nqb(), bh = p.B * p.H;
-  // Largest query blocks (the last ones, under causal) first.
-  run_tasks(
-      bh * nqb, [&] { return FwdScratch(tiles, p.D); },
-      [&](int64_t t, FwdScratch& w) {
-        const int64_t qb = nqb - 1 - t / bh, b = (t % bh) / p.H, h = t % p.H;
-        fwd_query_block(p, b, h, qb, out_rows, lse_p + b * lse.stride(0) + h * lse.stride(1), lse.stride(2), w);
-      });
-  finish_output(out, out_f);
+  run_fwd(p, tiles, out, lse);
 }
 
 void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
@@ -474,15 +552,34 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   const Tiles tiles = choose_tiles(q.size(0) * q.size(1), q.size(2));
   const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2), tiles.bk);
   const Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
-  at::Tensor dq_f = f32_output(dq), dk_f = f32_output(dk), dv_f = f32_output(dv);
-  BwdIO io{rows_of(of), rows_of(dof), rows_of(dq_f), rows_of(dk_f), rows_of(dv_f), lse.data_ptr<float>(),
-           lse.stride(0), lse.stride(1), lse.stride(2)};
-  run_tasks(
-      p.B * p.Hkv, [&] { return BwdScratch(tiles, p.Lk, p.D); },
-      [&](int64_t t, BwdScratch& w) { bwd_kv_head(p, io, t / p.Hkv, t % p.Hkv, w); });
-  finish_output(dq, dq_f);
-  finish_output(dk, dk_f);
-  finish_output(dv, dv_f);
+  run_bwd(p, tiles, of, dof, lse, dq, dk, dv);
+}
+
+void attention_varlen_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, bool causal, float scale, at::Tensor& out, at::Tensor& lse) {
+  const at::Tensor qf = as_f32(packed_view(q)), kf = as_f32(packed_view(k)), vf = as_f32(packed_view(v));
+  const Tiles tiles = choose_tiles((cu_seqlens_q.numel() - 1) * q.size(1), max_seqlen_q);
+  const KeyPlan plan = plan_keys(std::nullopt, 1, max_seqlen_k, tiles.bk);
+  Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
+  set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  at::Tensor out4 = packed_view(out);
+  run_fwd(p, tiles, out4, lse);
+}
+
+void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
+                                 const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, bool causal, float scale, at::Tensor& dq, at::Tensor& dk,
+                                 at::Tensor& dv) {
+  const at::Tensor qf = as_f32(packed_view(q)), kf = as_f32(packed_view(k)), vf = as_f32(packed_view(v));
+  const at::Tensor of = as_f32(packed_view(out)), dof = as_f32(packed_view(dout));
+  const Tiles tiles = choose_tiles((cu_seqlens_q.numel() - 1) * q.size(1), max_seqlen_q);
+  const KeyPlan plan = plan_keys(std::nullopt, 1, max_seqlen_k, tiles.bk);
+  Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
+  set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  at::Tensor dq4 = packed_view(dq), dk4 = packed_view(dk), dv4 = packed_view(dv);
+  run_bwd(p, tiles, of, dof, lse, dq4, dk4, dv4);
 }
 
 }  // namespace cpu

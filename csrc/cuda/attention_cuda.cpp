@@ -86,19 +86,10 @@ void fill_bwd(AttnBwdParams& p, const at::Tensor& dout, const at::Tensor& dq, co
 }
 
 // Varlen: [total, H, D] -> a [1, H, total, D] view the padded code path understands.
-at::Tensor as_bhld(const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); }
-
-void check_cu_seqlens(const at::Tensor& cu, const char* name, const at::Tensor& q) {
-  FA_CHECK_DTYPE_NAMED(cu, name, at::kInt);
-  FA_CHECK_DIM_NAMED(cu, name, 1);
-  FA_CHECK_DEVICE_NAMED(cu, name, q.device());
-  TORCH_CHECK_VALUE(cu.numel() >= 2, name, " must have batch + 1 >= 2 entries, got ", cu.numel());
-}
+at::Tensor as_bhld(const at::Tensor& t) { return packed_as_bhld(t); }
 
 // Turns padded-batch params of the [1, H, total, D] views into varlen params.
 void make_varlen(AttnFwdParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
-  TORCH_CHECK_VALUE(cu_q.numel() == cu_k.numel(), "cu_seqlens_q and cu_seqlens_k must have the same length, got ",
-                    cu_q.numel(), " and ", cu_k.numel());
   TORCH_CHECK_VALUE(cu_q.numel() - 1 <= 65535, "the cuda backend takes at most 65535 sequences, got ", cu_q.numel() - 1);
   TORCH_CHECK_VALUE(max_q >= 0 && max_k >= 0 && max_q <= INT_MAX - 256 && max_k <= INT_MAX - 256,
                     "max_seqlen_q and max_seqlen_k must be in [0, 2^31 - 256], got ", max_q, " and ", max_k);
@@ -173,8 +164,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q
   FA_CHECK_DIM_NAMED(q_in, "q", 3);
   FA_CHECK_DIM_NAMED(k_in, "k", 3);
   FA_CHECK_DIM_NAMED(v_in, "v", 3);
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_in);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_in);
+  check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q_in);
   const at::Tensor q4 = as_bhld(q_in), k4 = as_bhld(k_in), v4 = as_bhld(v_in);
   const AttnSizes s = check_attention_inputs(q4, k4, v4, std::nullopt);
   check_cuda_limits(q_in, s);
@@ -199,8 +189,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
     FA_CHECK_DIM_NAMED((*t), name, 3);
   }
   FA_CHECK_DIM_NAMED(lse_in, "lse", 2);
-  check_cu_seqlens(cu_seqlens_q, "cu_seqlens_q", q_in);
-  check_cu_seqlens(cu_seqlens_k, "cu_seqlens_k", q_in);
+  check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q_in);
   const AttnSizes s = check_attention_bwd_inputs(as_bhld(dout_in), as_bhld(q_in), as_bhld(k_in), as_bhld(v_in),
                                                  as_bhld(out_in), lse_in.unsqueeze(0), std::nullopt);
   check_cuda_limits(q_in, s);

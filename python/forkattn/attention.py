@@ -282,7 +282,7 @@ def _seq_bounds(cu: Tensor):
 
 
 def _per_sequence(q, k, cu_q, cu_k):
-    """(q rows, k rows) of each sequence; reads cu_seqlens on the host (CPU backends only)."""
+    """(q rows, k rows) of each sequence; reads cu_seqlens on the host (the eager backend)."""
     return list(zip(_seq_bounds(cu_q), _seq_bounds(cu_k)))
 
 
@@ -291,36 +291,13 @@ def _bhld(t: Tensor) -> Tensor:
     return t.unsqueeze(0).transpose(1, 2)
 
 
-def _cpu_varlen_fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    lse = q.new_full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32)
-    for (qs, qe), (ks, ke) in _per_sequence(q, k, cu_q, cu_k):
-        if qe == qs or ke == ks:  # no query, or no key: zeros and +inf
-            continue
-        o, l = _C.attention_fwd_cpu(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), None, causal, scale)
-        out[qs:qe] = o[0].transpose(0, 1)
-        lse[:, qs:qe] = l[0]
-    return out, lse
-
-
-def _cpu_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale):
-    dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
-    dk = torch.zeros_like(k, memory_format=torch.contiguous_format)
-    dv = torch.zeros_like(v, memory_format=torch.contiguous_format)
-    for (qs, qe), (ks, ke) in _per_sequence(q, k, cu_q, cu_k):
-        if qe == qs or ke == ks:
-            continue
-        g = _C.attention_bwd_cpu(
-            _bhld(dout[qs:qe]), _bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), _bhld(out[qs:qe]),
-            lse[:, qs:qe].unsqueeze(0), None, causal, scale)
-        for dst, src, s, e in ((dq, g[0], qs, qe), (dk, g[1], ks, ke), (dv, g[2], ks, ke)):
-            dst[s:e] = src[0].transpose(0, 1)
-    return dq, dk, dv
-
-
 VARLEN_BACKENDS.register("eager", available=lambda: None, supports=lambda **_: None)
 VARLEN_BACKENDS.register(
-    "cpu", available=native_available, supports=_cpu_supports, impl=AttentionImpl(_cpu_varlen_fwd, _cpu_varlen_bwd)
+    "cpu",
+    available=native_available,
+    supports=_cpu_supports,
+    # one call for all sequences: the C++ kernel schedules (sequence, head, query block) tasks
+    impl=AttentionImpl(getattr(_C, "attention_varlen_fwd_cpu", None), getattr(_C, "attention_varlen_bwd_cpu", None)),
 )
 VARLEN_BACKENDS.register(
     "cuda",
