@@ -18,8 +18,11 @@ What is emulated, and how faithfully
       B: b0,b1 (k=2t+i, n=g)  b2,b3 (k=2t+8+i, n=g)
       C/D: c0,c1 (g, 2t+i)  c2,c3 (g+8, 2t+i)
   These tables are written from the PTX ISA ("Matrix Fragments for mma.m16n8k16 with floating
-  point type", "ldmatrix"; the same maps as CuTe's SM80_16x8x16 ALayout/BLayout/CLayout), not from
-  the kernel; mma_layout_self_check() checks they are bijections.
+  point type", "ldmatrix"), cross-checked against CuTe's SM80 16x8x16 ALayout/BLayout/CLayout
+  (as ported in MoYe.jl src/traits/mma_sm80.jl) and TVM's ldmatrix notes ("lane 8*matrix+row
+  provides that row's address; word (matrix, row, word) belongs to lane 4*row+word"), not from
+  the kernel; mma_layout_self_check() checks they are bijections, and the test checks the
+  kernel's load_a/load_b_nk/load_b_kn + mma against a plain matmul.
 - Shared memory is one byte array of the kernel's kSmem bytes with the kernel's carve-up (sQ, sK,
   sV, sBias, ... and the padded row kRow = D + 8), poisoned with NaN bytes, bounds-checked; fp16
   tiles and fp32 vectors alias it exactly as in the kernel.
@@ -50,7 +53,15 @@ What it cannot prove
 - bf16 (only fp16 is emulated; bf16 differs in pack2/unpack2 and the mma type only).
 - Anything the compiler does differently from the source (e.g. a miscompile).
 
-Run: python scripts/emulate_attention_kernel.py [--quick]   (full matrix: see the docstring of main)
+Checks (run_case / run_varlen_case): every output and gradient against fp64 with the project's
+rule (max error <= 2 x eager-fp16's + 1e-5; where only the final fp16 rounding of a value breaks
+it, + half an fp16 ulp of the largest value instead, reported), lse against fp64 (1e-4, +inf
+exactly on rows that see no key), exact zeros on such rows and on keys nobody sees, and an
+elementwise bound against a same-rounding model (model_close), which catches small errors the
+2x rule would hide.
+
+Run: python scripts/emulate_attention_kernel.py [--quick]. The full matrix (198 cases) takes
+about 5 minutes on the 2-core development machine; --quick about 5 s.
 """
 from __future__ import annotations
 
@@ -1214,12 +1225,14 @@ def main(argv=None):
         run_varlen_case([65, 0, 7], [70, 3, 0], 2, 1, 128, True)
     else:
         cases = full_matrix()
-        worst = {}
+        worst, ratio = {}, {}
         for fn in cases:
             for name, (e, b) in fn().items():
                 worst[name] = max(worst.get(name, (0, 0)), (e, b))
-        print(f"{len(cases)} cases ok; worst error (against bound): "
-              + " ".join(f"{n} {e:.2e}/{b:.2e}" for n, (e, b) in worst.items()))
+                ratio[name] = max(ratio.get(name, 0.0), e / b)
+        print(f"{len(cases)} cases ok; largest error (its bound): "
+              + " ".join(f"{n} {e:.2e} ({b:.2e})" for n, (e, b) in worst.items()))
+        print("largest error / bound: " + " ".join(f"{n} {r:.2f}" for n, r in ratio.items()))
         print(f"checks that needed the half-ulp allowance of within_budget: {len(RULE2)} {sorted(set(RULE2))}")
     print(f"done in {time.time() - t0:.0f} s")
     return 0
