@@ -679,3 +679,31 @@ def test_graph_runner_captures_and_replays_on_gpu(backend):
     _check_runner(m, runner, [(ids2, mask, tt), (ids2, mask, None)], atol=2e-3)
     assert runner.captured == [64]
 
+
+
+@pytest.mark.parametrize("cls", [fb.BertForMaskedLM, fb.BertForPreTraining])
+def test_sparse_prediction_same_loss_and_gradients(cls):
+    """Projecting only the labelled tokens to the vocabulary changes no loss and no gradient;
+    the logits are the dense logits' labelled rows."""
+    m = _unpad_model()
+    m = cls(m.config)
+    ids, mask, tt = _mixed_batch()
+    labels = torch.where(mask.bool() & (torch.rand(ids.shape, generator=torch.Generator().manual_seed(5)) < 0.3), ids, -100)
+    extra = {"next_sentence_label": torch.tensor([0, 1, 1, 0, 1])} if cls is fb.BertForPreTraining else {}
+    name = "logits" if cls is fb.BertForMaskedLM else "prediction_logits"
+    res = {}
+    for sparse in (False, True):
+        m.config.sparse_prediction = sparse
+        m.zero_grad(set_to_none=True)
+        out = m(ids, mask, tt, labels=labels, **extra)
+        out.loss.backward()
+        res[sparse] = (out.loss.detach(), out[name].detach(), {k: p.grad.clone() for k, p in m.named_parameters()})
+    picked = labels != -100
+    assert res[True][1].shape == (int(picked.sum()), m.config.vocab_size)
+    torch.testing.assert_close(res[True][1], res[False][1][picked], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(res[True][0], res[False][0], rtol=1e-6, atol=1e-6)
+    for k in res[False][2]:
+        torch.testing.assert_close(res[True][2][k], res[False][2][k], rtol=1e-4, atol=1e-7, msg=k)
+    # without labels there is nothing to select: full logits
+    with torch.no_grad():
+        assert m(ids, mask, tt)[name].shape == (*ids.shape, m.config.vocab_size)

@@ -2,7 +2,9 @@
 "eager" attention backend vs transformers' BertModel with attn_implementation "eager" and "sdpa".
 forkattn-<backend> runs unpadded (the default: real tokens packed, attention_varlen);
 forkattn-<backend>-padded is the padded layout with a key-padding mask, to show what unpadding
-buys; forkattn-<backend>-graph (CUDA) is BertGraphRunner, the unpadded encoder in CUDA graphs.
+buys; forkattn-<backend>-graph (CUDA) is BertGraphRunner, the unpadded encoder in CUDA graphs;
+forkattn-<backend>-sparse-mlm (training) also projects only the labelled tokens to the
+vocabulary (config.sparse_prediction, what `forkattn.train bert-mlm` uses).
 
 Random weights (the same in every model), padded batches with lengths uniform in L/2..L.
 Inference: BertModel forward under inference_mode (fp16 on GPU, fp32 on CPU). Training: one
@@ -149,15 +151,17 @@ def _train_fns(our, hf_models, opts, backends, ids, mask, labels, cuda):
         opt.step()
         return loss
 
-    def ours_fn(backend, unpad):
+    def ours_fn(backend, unpad, sparse=False):
         def run():
             our.set_attention_backend(backend)
             our.config.unpad_inputs = unpad
+            our.config.sparse_prediction = sparse
             return step(our, lambda: our(ids, attention_mask=mask, labels=labels).loss)
         return run
 
     fns = {f"forkattn-{b}": ours_fn(b, True) for b in backends}
     fns[f"forkattn-{backends[0]}-padded"] = ours_fn(backends[0], False)
+    fns[f"forkattn-{backends[0]}-sparse-mlm"] = ours_fn(backends[0], True, sparse=True)
     for impl, m in hf_models.items():
         fns[impl] = lambda m=m: step(m, lambda: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
     return fns

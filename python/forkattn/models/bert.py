@@ -78,6 +78,11 @@ class BertConfig:
     # layer (linears, LayerNorms, attention via forkattn.attention_varlen) sees only them; padded
     # positions of last_hidden_state are zeros. False = the padded layout with a key-padding mask.
     unpad_inputs: bool = True
+    # Masked-LM heads with labels: project to the vocabulary only at the labelled positions
+    # (~15% of tokens) instead of all B x L; `logits` / `prediction_logits` are then
+    # [n_labelled, vocab] in row-major order of the labels. Same loss and gradients; for training
+    # (the bert-mlm trainer turns it on). False = transformers' [B, L, vocab] logits.
+    sparse_prediction: bool = False
 
     def __post_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -135,6 +140,7 @@ class BertConfig:
         d = dataclasses.asdict(self)
         d.pop("attention_backend")
         d.pop("unpad_inputs")
+        d.pop("sparse_prediction")
         if self.id2label is None:
             d.pop("id2label")
         else:
@@ -534,6 +540,18 @@ def _mlm_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100)
 
 
+def _mlm_logits_and_loss(head: "BertLMHead", x: Tensor, word_embeddings: Tensor, labels: Optional[Tensor],
+                         sparse: bool):
+    """(logits, loss or None). sparse (with labels): only the labelled rows of x reach the
+    vocabulary projection, the largest GEMM of a BERT training step and its biggest activation."""
+    if sparse and labels is not None:
+        picked = labels.reshape(-1) != -100
+        logits = head(x.flatten(0, -2)[picked], word_embeddings)
+        return logits, F.cross_entropy(logits.float(), labels.reshape(-1)[picked])
+    logits = head(x, word_embeddings)
+    return logits, (_mlm_loss(logits, labels) if labels is not None else None)
+
+
 class BertForMaskedLM(BertPreTrainedModel):
     def __init__(self, config: BertConfig):
         super().__init__(config)
@@ -542,10 +560,11 @@ class BertForMaskedLM(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None) -> Output:
-        """labels [B, L]: the original ids at masked positions, -100 elsewhere (ignored by the loss)."""
+        """labels [B, L]: the original ids at masked positions, -100 elsewhere (ignored by the loss).
+        logits [B, L, vocab], or [n_labelled, vocab] with config.sparse_prediction and labels."""
         x = self._bert(input_ids, attention_mask, token_type_ids, position_ids, pool=False).last_hidden_state
-        logits = self.cls.predictions(x, self.bert.embeddings.word_embeddings.weight)
-        loss = _mlm_loss(logits, labels) if labels is not None else None
+        logits, loss = _mlm_logits_and_loss(self.cls.predictions, x, self.bert.embeddings.word_embeddings.weight,
+                                            labels, self.config.sparse_prediction)
         return Output(loss=loss, logits=logits)
 
 
@@ -563,14 +582,13 @@ class BertForPreTraining(BertPreTrainedModel):
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
                 next_sentence_label=None, sentence_order_label=None) -> Output:
         out = self._bert(input_ids, attention_mask, token_type_ids, position_ids)
-        prediction_logits = self.cls.predictions(out.last_hidden_state, self.bert.embeddings.word_embeddings.weight)
+        prediction_logits, loss = _mlm_logits_and_loss(self.cls.predictions, out.last_hidden_state,
+                                                       self.bert.embeddings.word_embeddings.weight, labels,
+                                                       self.config.sparse_prediction)
         pair_logits = self.cls.seq_relationship(out.pooler_output)
         pair_label = next_sentence_label if sentence_order_label is None else sentence_order_label
-        loss = None
-        if labels is not None and pair_label is not None:
-            loss = _mlm_loss(prediction_logits, labels) + F.cross_entropy(pair_logits.float(), pair_label.view(-1))
-        elif labels is not None:
-            loss = _mlm_loss(prediction_logits, labels)
+        if loss is not None and pair_label is not None:
+            loss = loss + F.cross_entropy(pair_logits.float(), pair_label.view(-1))
         name = "sop_logits" if self.pair_task == "sop" else "seq_relationship_logits"
         return Output(loss=loss, prediction_logits=prediction_logits, **{name: pair_logits})
 

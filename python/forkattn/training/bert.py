@@ -254,6 +254,7 @@ def main_mlm(argv=None) -> int:
         model = head(config)
     if model.config.vocab_size < tok.vocab_size:
         raise ValueError(f"the model's vocab_size {model.config.vocab_size} is smaller than the tokenizer's {tok.vocab_size}")
+    model.config.sparse_prediction = True  # only the loss is used: project only the masked tokens
     model.to(device).train()
     if args.save_replicas and ddp.is_main:
         os.makedirs(args.out, exist_ok=True)
