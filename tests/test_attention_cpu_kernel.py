@@ -196,3 +196,13 @@ def test_varlen_native_entry_validates_cu_seqlens(make, msg):
     out, lse = _C.attention_varlen_fwd_cpu(q, q, q, cu, cu, 131, 131, False, 1.0)
     with pytest.raises(ValueError, match="lse must have shape"):
         _C.attention_varlen_bwd_cpu(out, q, q, q, out, lse[:, 1:], cu, cu, 131, 131, False, 1.0)
+
+
+def test_varlen_validate_seqlens_false_skips_python_check_but_cpu_kernel_still_checks():
+    q, cu = _packed([40, 131], 2, 32, torch.float32)
+    with pytest.raises(ValueError, match="smaller than the longest sequence"):  # the Python check
+        forkattn.attention_varlen(q, q, q, cu, cu, 100, 131, backend="cpu")
+    with pytest.raises(ValueError, match="max_seqlen_q = 100 is smaller than sequence 1"):  # the C++ entry's
+        forkattn.attention_varlen(q, q, q, cu, cu, 100, 131, backend="cpu", validate_seqlens=False)
+    a = forkattn.attention_varlen(q, q, q, cu, cu, 131, 131, backend="cpu", validate_seqlens=False)
+    torch.testing.assert_close(a, forkattn.attention_varlen(q, q, q, cu, cu, 131, 131, backend="cpu"), rtol=0, atol=0)

@@ -348,7 +348,8 @@ def _values_checkable(cu: Tensor) -> bool:
     return True
 
 
-def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None) -> None:
+def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None,
+                        values: bool = True) -> None:
     _check_qkv(q, k, v, 3, "[total, heads, head_dim] (packed varlen)")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -369,7 +370,7 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
         raise ValueError(f"scale must be a finite number or None, got {scale!r}")
-    if _values_checkable(cu_seqlens_q):
+    if values and _values_checkable(cu_seqlens_q):
         both = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host read for both
         _check_cu_values("cu_seqlens_q", both[0], q.shape[0], "max_seqlen_q", max_seqlen_q)
         _check_cu_values("cu_seqlens_k", both[1], k.shape[0], "max_seqlen_k", max_seqlen_k)
@@ -444,6 +445,7 @@ def attention_varlen(
     causal: bool = False,
     scale: Optional[float] = None,
     backend: Optional[str] = None,
+    validate_seqlens: bool = True,
 ) -> Tensor:
     """Attention over packed variable-length sequences (FlashAttention's varlen convention).
 
@@ -456,11 +458,15 @@ def attention_varlen(
 
     Validation reads cu_seqlens' values on the host: free for CPU tensors, one device-to-host sync
     for CUDA tensors. It is skipped (the kernels then trust the caller) while torch.compile traces
-    and during CUDA-graph capture, where a sync is not allowed.
+    and during CUDA-graph capture, where a sync is not allowed. validate_seqlens=False skips it
+    always: for callers that built cu_seqlens themselves on the host (the unpadded BERT encoder
+    calls this once per layer with the same cu_seqlens; a sync per layer would stall the GPU).
+    The CPU backend checks the values regardless (free on the host, and it indexes rows by them).
     backend: as for attention(); "cuda" (float16/bfloat16, head_dim 32/64/128) is opt-in like
     there: name it, or set FORKATTN_PREFER_CUDA_ATTENTION=1 before importing forkattn.
     """
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                        values=validate_seqlens)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = VARLEN_BACKENDS.resolve(backend, q.device.type, dtype=q.dtype, head_dim=q.shape[-1])
     if name == "eager":
