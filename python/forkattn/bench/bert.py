@@ -109,7 +109,7 @@ def cases(device: torch.device, quick: bool) -> List[Case]:
 # The timed callables. Built by these functions so each case's closures bind its own batch.
 
 def _inference_fns(our, hf_models, backends, ids, mask, cuda):
-    from forkattn.models.bert import BertGraphRunner
+    from forkattn.models.bert_graphs import BertGraphRunner
 
     def ours_fn(backend, unpad):
         def run():

@@ -200,13 +200,10 @@ class BertEmbeddings(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, input_ids: Tensor, token_type_ids: Optional[Tensor], position_ids: Optional[Tensor]) -> Tensor:
-        """input_ids [B, L] (positions 0..L-1 unless given), or packed tokens [T] with position_ids [T]."""
+        """input_ids [B, L] (positions 0..L-1 unless given), or packed tokens [T] with position_ids [T].
+        Lengths are checked by the callers (check_length)."""
         if position_ids is None:
-            L = input_ids.shape[-1]
-            if L > self.position_embeddings.num_embeddings:
-                raise ValueError(f"input_ids has length {L}, more than max_position_embeddings "
-                                 f"{self.position_embeddings.num_embeddings}")
-            position_ids = torch.arange(L, device=input_ids.device)
+            position_ids = torch.arange(input_ids.shape[-1], device=input_ids.device)
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         if token_type_ids is None:
             x = x + self.token_type_embeddings.weight[0]
@@ -215,13 +212,19 @@ class BertEmbeddings(nn.Module):
         return self.dropout(self.LayerNorm(x))
 
 
+def check_length(L: int, config: BertConfig) -> None:
+    if L > config.max_position_embeddings:
+        raise ValueError(f"input_ids has length {L}, more than max_position_embeddings {config.max_position_embeddings}")
+
+
 @dataclass
 class Packing:
     """Where the real tokens of a padded [B, L] batch go when packed: the unpadded encoder's bookkeeping.
 
     indices [T] int64: flat positions b * L + i of the real tokens, row-major (so each sequence's
     tokens are contiguous and in order, whatever the mask's pattern: right or left padding);
-    cu_seqlens [B + 1] int32 and max_seqlen: forkattn.attention_varlen's arguments.
+    cu_seqlens [B + 1] int32 and max_seqlen: forkattn.attention_varlen's arguments; lengths: the
+    real tokens of each row, on the host.
     """
 
     indices: Tensor
@@ -229,6 +232,7 @@ class Packing:
     max_seqlen: int
     batch: int
     seqlen: int
+    lengths: Optional[list] = None
 
     @classmethod
     def from_mask(cls, attention_mask: Tensor) -> "Packing":
@@ -241,7 +245,7 @@ class Packing:
         indices = m.flatten().nonzero().squeeze(1)
         dev = attention_mask.device
         return cls(indices.to(dev, non_blocking=True), cu.to(dev, non_blocking=True),
-                   int(lengths.max()) if B else 0, B, L)
+                   int(lengths.max()) if B else 0, B, L, lengths.tolist())
 
     @property
     def dense(self) -> bool:
@@ -483,12 +487,14 @@ class BertModel(BertPreTrainedModel):
 
         With padding and config.unpad_inputs, the encoder runs on the packed real tokens and
         last_hidden_state is zero at the padded positions; reading the mask costs one small
-        device-to-host copy (so this path is not CUDA-graph capturable: see BertGraphRunner)."""
+        device-to-host copy (so this path is not CUDA-graph capturable: see
+        forkattn.models.bert_graphs.BertGraphRunner)."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, "
                              f"got {tuple(attention_mask.shape)}")
+        check_length(input_ids.shape[1], self.config)
         packing = None
         if attention_mask is not None and self.config.unpad_inputs:
             packing = Packing.from_mask(attention_mask)
@@ -508,9 +514,6 @@ class BertModel(BertPreTrainedModel):
 
     def _positions(self, input_ids: Tensor, position_ids: Optional[Tensor]) -> Tensor:
         B, L = input_ids.shape
-        if L > self.config.max_position_embeddings:
-            raise ValueError(f"input_ids has length {L}, more than max_position_embeddings "
-                             f"{self.config.max_position_embeddings}")
         if position_ids is None:
             position_ids = torch.arange(L, device=input_ids.device)
         return position_ids.expand(B, L)
@@ -673,158 +676,6 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         return Output(loss=loss, start_logits=start_logits, end_logits=end_logits)
 
 
-# --- CUDA-graph inference -------------------------------------------------------------------------
-
-class _Bucket:
-    """Static buffers (and the graph, once captured) for one packed token count."""
-
-    def __init__(self, tokens: int, slots: int, device, pad_id: int):
-        self.tokens = tokens
-        self.ids = torch.full((tokens,), pad_id, dtype=torch.long, device=device)
-        self.types = torch.zeros(tokens, dtype=torch.long, device=device)
-        self.positions = torch.zeros(tokens, dtype=torch.long, device=device)
-        self.cu_seqlens = torch.zeros(slots + 1, dtype=torch.int32, device=device)
-        self.graph = None
-        self.out: Optional[Tensor] = None
-
-
-class BertGraphRunner:
-    """Padded-batch inference of a BertModel through CUDA graphs of its unpadded encoder.
-
-        runner = BertGraphRunner(model.eval(), max_batch=32, max_seqlen=128)
-        out = runner(input_ids, attention_mask)   # like model(...): last_hidden_state, pooler_output
-
-    A call reads the mask on the host (one small copy), packs the real tokens, rounds their count up
-    to a multiple of `token_bucket` and replays the graph captured for that count (captured on first
-    use; all graphs share one memory pool, so the buckets cost one activation set, not one each).
-    The tokens added to fill the bucket are pad tokens in filler sequences of at most max_seqlen,
-    whose outputs are dropped; sequence slots past the batch are empty. The graph holds the whole
-    encoder (embeddings, every layer); outside it run the host bookkeeping, three small copies in,
-    the scatter back to [B, L, hidden] and the pooler. At BERT-base B32 L128 the encoder is ~150
-    kernel launches, which without a graph cost about as much as its arithmetic.
-
-    graphs=None captures on CUDA and runs the same static-shape path eagerly elsewhere (that is what
-    the CPU tests exercise); a capture that fails warns and leaves that bucket eager. For a model
-    with a head, pass its `.bert` and apply the head to the outputs. Weights are read by reference:
-    in-place updates (load_state_dict) are seen; swapping parameter tensors needs a new runner.
-    """
-
-    def __init__(self, model: "BertModel", max_batch: int, max_seqlen: int, token_bucket: int = 256,
-                 graphs: Optional[bool] = None):
-        if not isinstance(model, BertModel):
-            raise TypeError(f"model must be a BertModel (for a head model pass its .bert), got {type(model).__name__}")
-        for name, v in (("max_batch", max_batch), ("max_seqlen", max_seqlen), ("token_bucket", token_bucket)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        if max_seqlen > model.config.max_position_embeddings:
-            raise ValueError(f"max_seqlen {max_seqlen} exceeds max_position_embeddings {model.config.max_position_embeddings}")
-        self.model, self.max_batch, self.max_seqlen, self.token_bucket = model, max_batch, max_seqlen, token_bucket
-        self.device = model.device
-        self.graphs = (self.device.type == "cuda") if graphs is None else bool(graphs)
-        if self.graphs and self.device.type != "cuda":
-            raise ValueError(f"graphs=True needs the model on a CUDA device, it is on {self.device}")
-        self._buckets: Dict[int, _Bucket] = {}
-        self._pool = torch.cuda.graph_pool_handle() if self.graphs else None
-
-    @property
-    def captured(self) -> list:
-        """Token counts whose graph has been captured."""
-        return sorted(n for n, b in self._buckets.items() if b.graph is not None)
-
-    def _slots(self, tokens: int) -> int:
-        return self.max_batch + -(-tokens // self.max_seqlen)
-
-    def _bucket(self, tokens: int) -> _Bucket:
-        b = self._buckets.get(tokens)
-        if b is None:
-            b = self._buckets[tokens] = _Bucket(tokens, self._slots(tokens), self.device, self.model.config.pad_token_id)
-            if self.graphs:
-                self._capture(b)
-        return b
-
-    def _encode(self, b: _Bucket) -> Tensor:
-        packing = Packing(b.ids[:0], b.cu_seqlens, self.max_seqlen, 0, 0)
-        return self.model.encode_packed(packing, b.ids, b.types, b.positions)
-
-    def _capture(self, b: _Bucket) -> None:
-        self._fill_cu(b, [])  # all filler: valid sequences for the warm-up runs
-        try:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side), torch.inference_mode():
-                for _ in range(2):  # compile / autotune every kernel before capture
-                    self._encode(b)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.inference_mode(), torch.cuda.graph(g, pool=self._pool):
-                b.out = self._encode(b)
-            b.graph = g
-        except Exception as e:  # noqa: BLE001 - any capture failure leaves the bucket eager
-            b.graph, b.out = None, None
-            warnings.warn(f"BertGraphRunner: capturing the {b.tokens}-token graph failed ({type(e).__name__}: {e}); "
-                          "that bucket runs without a graph")
-
-    def _fill_cu(self, b: _Bucket, lengths: list) -> None:
-        """Real sequences, then filler sequences of at most max_seqlen up to the bucket, then empty slots."""
-        cu, total = [0], 0
-        for n in lengths:
-            total += n
-            cu.append(total)
-        while total < b.tokens:
-            total = min(total + self.max_seqlen, b.tokens)
-            cu.append(total)
-        cu += [total] * (b.cu_seqlens.numel() - len(cu))
-        b.cu_seqlens.copy_(torch.tensor(cu, dtype=torch.int32))
-
-    def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                 token_type_ids: Optional[Tensor] = None) -> Output:
-        if self.model.training:
-            raise RuntimeError("BertGraphRunner is for inference: call model.eval() first (dropout would be frozen into the graph)")
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [batch, seq_len], got shape {tuple(input_ids.shape)}")
-        B, L = input_ids.shape
-        if B > self.max_batch:
-            raise ValueError(f"input_ids has batch {B}, more than this runner's max_batch {self.max_batch}")
-        if L > self.model.config.max_position_embeddings:
-            raise ValueError(f"input_ids has length {L}, more than max_position_embeddings "
-                             f"{self.model.config.max_position_embeddings}")
-        if input_ids.device != self.device:
-            raise ValueError(f"input_ids must be on the model's device {self.device}, got {input_ids.device}")
-        for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-            if t is not None and t.shape != input_ids.shape:
-                raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
-        m = (torch.ones(B, L, dtype=torch.bool) if attention_mask is None
-             else attention_mask.detach().to("cpu", torch.bool))
-        lengths = m.sum(1).tolist()
-        if max(lengths, default=0) > self.max_seqlen:
-            raise ValueError(f"a sequence has {max(lengths)} real tokens, more than this runner's max_seqlen {self.max_seqlen}")
-        T = sum(lengths)
-        b = self._bucket(max(1, -(-T // self.token_bucket)) * self.token_bucket)
-        flat = m.flatten().nonzero().squeeze(1)
-        positions = (flat % L).to(self.device)
-        indices = flat.to(self.device)
-        with torch.inference_mode():
-            b.ids[:T].copy_(input_ids.flatten().index_select(0, indices))
-            b.ids[T:].fill_(self.model.config.pad_token_id)
-            b.positions[:T].copy_(positions)
-            b.positions[T:].zero_()
-            if token_type_ids is None:
-                b.types.zero_()
-            else:
-                b.types[:T].copy_(token_type_ids.flatten().index_select(0, indices))
-                b.types[T:].zero_()
-            self._fill_cu(b, lengths)
-            if b.graph is not None:
-                b.graph.replay()
-                y = b.out[:T]
-            else:
-                y = self._encode(b)[:T]
-            x = Packing(indices, b.cu_seqlens, self.max_seqlen, B, L).unpack(y)
-            pooler = self.model.pooler
-            pooled = torch.tanh(pooler.dense(x[:, 0])) if pooler is not None else None
-        return Output(last_hidden_state=x, pooler_output=pooled)
-
-
 # --- checkpoint files and ALBERT names -------------------------------------------------------------
 
 def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, Tensor]:
@@ -893,4 +744,4 @@ MODEL_CLASSES = {
     "BertForQuestionAnswering": BertForQuestionAnswering,
 }
 
-__all__ = ["BertConfig", "BertGraphRunner", "Output", "Packing", "load_state_dict_file", *MODEL_CLASSES]
+__all__ = ["BertConfig", "Output", "Packing", "load_state_dict_file", *MODEL_CLASSES]
