@@ -60,6 +60,14 @@ AttnSizes check_attention_bwd_inputs(const at::Tensor& dout, const at::Tensor& q
   return s;
 }
 
+bool zero_grads_if_empty(const AttnSizes& s, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  if (s.batch > 0 && s.len_q > 0 && s.len_k > 0 && s.heads > 0) return false;
+  dq.zero_();  // no-ops on empty tensors
+  dk.zero_();
+  dv.zero_();
+  return true;
+}
+
 at::Tensor empty_bhld(const at::Tensor& like, int64_t B, int64_t H, int64_t L, int64_t D) {
   return at::empty({B, L, H, D}, like.options()).transpose(1, 2);
 }
@@ -87,13 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dq = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
   at::Tensor dv = empty_bhld(v, s.batch, s.kv_heads, s.len_k, s.head_dim);
-  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
-  if (s.len_q == 0 || s.len_k == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
+  if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv};
   cpu::attention_bwd_kernel(dout, q, k, v, out, lse, key_padding_mask, causal, static_cast<float>(scale), dq,
                             dk, dv);
   return {dq, dk, dv};
@@ -177,12 +179,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
-  if (s.len_q == 0 || s.len_k == 0 || s.heads == 0 || s.head_dim == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
+  if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv};
   cpu::attention_varlen_bwd_kernel(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    causal, static_cast<float>(scale), dq, dk, dv);
   return {dq, dk, dv};

@@ -23,6 +23,10 @@ AttnSizes check_attention_bwd_inputs(const at::Tensor& dout, const at::Tensor& q
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                      const std::optional<at::Tensor>& key_padding_mask);
 
+// A backward with nothing to compute (no batch entry, query row, key or head): zero-fills dq, dk, dv
+// and returns true, so the caller returns them without a kernel launch.
+bool zero_grads_if_empty(const AttnSizes& s, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+
 // Allocates a [B, H, L, D] tensor whose memory is [B, L, H, D], so that
 // out.transpose(1, 2).reshape(B, L, H * D) is a view.
 at::Tensor empty_bhld(const at::Tensor& like, int64_t B, int64_t H, int64_t L, int64_t D);

@@ -137,13 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   at::Tensor dq = empty_bhld(q_in, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor dk = empty_bhld(k_in, s.batch, s.kv_heads, s.len_k, s.head_dim);
   at::Tensor dv = empty_bhld(v_in, s.batch, s.kv_heads, s.len_k, s.head_dim);
-  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
-  if (s.len_q == 0 || s.len_k == 0) {  // no (query, key) pair: every gradient is zero
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
+  if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv};  // no (query, key) pair
   const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   const at::Tensor out = rows_aligned(out_in), dout = rows_aligned(dout_in);
   const at::Tensor lse = lse_in.contiguous();
@@ -197,13 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   at::Tensor dq = at::empty_like(q_in, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k_in, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v_in, at::MemoryFormat::Contiguous);
-  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
-  if (s.len_q == 0 || s.len_k == 0) {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
-    return {dq, dk, dv};
-  }
+  if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv};  // no (query, key) pair
   const at::Tensor q = as_bhld(rows_aligned(q_in)), k = as_bhld(rows_aligned(k_in)), v = as_bhld(rows_aligned(v_in));
   const at::Tensor out = as_bhld(rows_aligned(out_in)), dout = as_bhld(rows_aligned(dout_in));
   const at::Tensor lse = lse_in.contiguous().unsqueeze(0);

@@ -51,8 +51,16 @@ def attention(
     k and v may have fewer heads than q (GQA). Rows with no visible key give zeros, and their
     gradients are zero rather than NaN.
     """
-    B, H, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
+    B, Lq = q.shape[0], q.shape[2]
+    allowed = visible_keys(B, Lq, k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    return _attend(q, k, v, allowed, scale)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: Optional[float]) -> Tensor:
+    """The eager computation shared by attention and decode_attention: GQA heads expanded, scores
+    in fp32, keys not `allowed` (bool, broadcast to [B, H, Lq, Lk]; None = all) masked, rows with
+    no allowed key zero."""
+    H, D, Hkv = q.shape[1], q.shape[-1], k.shape[1]
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
@@ -60,7 +68,6 @@ def attention(
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if s.dtype in (torch.float16, torch.bfloat16):
         s = s.float()
-    allowed = visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
     if allowed is not None:
         s = s.masked_fill(~allowed, float("-inf"))
         row_any = allowed.any(dim=-1, keepdim=True)
@@ -189,24 +196,12 @@ def decode_attention(
     """Eager decode attention: gather the cache slice [B, Hkv, kv_len, D] (kv_len >= every length),
     then matmul -> mask (query t of sequence b sees keys j <= seqlens[b] - T + t) -> softmax in
     fp32 -> matmul. Returns [B, H, T, D] with [B, T, H, D] memory, like the kernels."""
-    B, H, T, D = q.shape
+    T = q.shape[2]
     k = gather_kv(k_cache, block_table, kv_len)
     v = gather_kv(v_cache, block_table, kv_len)
-    Hkv = k.shape[1]
-    if Hkv != H:
-        k = k.repeat_interleave(H // Hkv, dim=1)
-        v = v.repeat_interleave(H // Hkv, dim=1)
-    scale = D ** -0.5 if scale is None else scale
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
-    if s.dtype in (torch.float16, torch.bfloat16):
-        s = s.float()
     L = seqlens.to(torch.int64).clamp(max=kv_len)
     t = torch.arange(T, device=q.device)
     j = torch.arange(kv_len, device=q.device)
     allowed = (j[None, None, :] <= (L[:, None, None] - T + t[None, :, None]))[:, None]  # [B, 1, T, kv_len]
-    s = s.masked_fill(~allowed, float("-inf"))
-    row_any = allowed.any(dim=-1, keepdim=True)
-    s = s.masked_fill(~row_any, 0.0)
-    p = torch.softmax(s, dim=-1).masked_fill(~row_any, 0.0)
-    out = torch.matmul(p.to(v.dtype), v)
+    out = _attend(q, k, v, allowed, scale)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
