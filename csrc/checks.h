@@ -31,6 +31,7 @@
                    #x " must be float32, float16 or bfloat16, got ", (x).scalar_type())
 
 #define FA_CHECK_LAST_DIM_CONTIGUOUS_NAMED(x, name)                                             \
-  TORCH_CHECK_VALUE((x).size(-1) <= 1 || (x).stride(-1) == 1, name, " must have stride 1 in its last dimension, got strides ", \
+  TORCH_CHECK_VALUE((x).numel() == 0 || (x).size(-1) <= 1 || (x).stride(-1) == 1, name,                 \
+                    " must have stride 1 in its last dimension, got strides ",                                \
                     (x).strides())
 #define FA_CHECK_LAST_DIM_CONTIGUOUS(x) FA_CHECK_LAST_DIM_CONTIGUOUS_NAMED(x, #x)

@@ -126,6 +126,22 @@ def test_scale_and_empty(backend):
     assert forkattn.attention(q0, k0, v0, backend=backend).shape == (0, 2, 9, 32)
 
 
+@pytest.mark.parametrize("shape", [(0, 2, 2, 9, 11), (1, 2, 2, 0, 11), (1, 2, 2, 9, 0), (1, 0, 1, 9, 11)],
+                         ids=["batch0", "lq0", "lk0", "heads0"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_of_empty_inputs(backend, shape):
+    """Nothing to attend: the backward still runs (autograd's gradient of an empty output has
+    stride 0, which no kernel reads) and gives zero gradients of the inputs' shapes."""
+    _skip(backend)
+    B, H, Hkv, Lq, Lk = shape
+    q, k, v = make_qkv(B, H, Hkv, Lq, Lk, 32, torch.float32)
+    out = forkattn.attention(q, k, v, backend=backend)
+    assert out.shape == (B, H, Lq, 32)
+    (out.sum() + 0 * (q.sum() + k.sum() + v.sum())).backward()
+    for t in (q, k, v):
+        assert t.grad.shape == t.shape and not t.grad.any()
+
+
 def test_backend_none_picks_a_fused_backend_on_cpu():
     q, k, v = make_qkv(1, 2, 2, 8, 8, 64, torch.float32, requires_grad=False)
     assert forkattn.select_backend(q) == "cpu"
