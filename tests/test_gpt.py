@@ -13,13 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 warnings.filterwarnings("ignore", message=".*token_id must be.*")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: intra-op threads only add contention (30x slower on a busy 2-core machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def hf_config(**kw):
