@@ -17,6 +17,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 import forkattn  # noqa: E402
 from forkattn import KVCache, decode_attention, reference  # noqa: E402
 
+# FORKATTN_BOUNDS_DEVICE=cuda runs the same cases on a GPU (fp16: the cuda decode kernel's dtypes)
+DEVICE = os.environ.get("FORKATTN_BOUNDS_DEVICE", "cpu")
+DTYPE, TOL = (torch.float32, 1e-4) if DEVICE == "cpu" else (torch.float16, 2e-2)
 B, HKV, G, S, D, P = 3, 2, 2, 16, 32, 4
 NUM_PAGES = B * (S // P)  # 12
 BAD_VALUES = [NUM_PAGES, 1000, 10**6, 2**31 - 1]
@@ -25,9 +28,9 @@ LEN0 = 5  # every sequence holds 5 tokens: pages 0 and 1 of each are in use
 
 def make_cache(check):
     torch.manual_seed(0)
-    cache = KVCache(B, HKV, S, D, dtype=torch.float32, device="cpu", page_size=P, check=check)
+    cache = KVCache(B, HKV, S, D, dtype=DTYPE, device=DEVICE, page_size=P, check=check)
     cache.block_table.copy_(torch.randperm(NUM_PAGES).to(torch.int32).view(B, S // P))
-    k, v = torch.randn(B, HKV, LEN0, D), torch.randn(B, HKV, LEN0, D)
+    k, v = randn(B, HKV, LEN0, D), randn(B, HKV, LEN0, D)
     cache.append(k, v, backend="eager")
     # poison every slot that is not part of a sequence: a read of it would show as NaN
     pos = torch.arange(S)
@@ -38,6 +41,10 @@ def make_cache(check):
             cache.k_cache[page, :, unused[: P]] = float("nan")
             cache.v_cache[page, :, unused[: P]] = float("nan")
     return cache
+
+
+def randn(*shape):
+    return torch.randn(*shape).to(device=DEVICE, dtype=DTYPE)
 
 
 def snapshot(cache):
@@ -62,7 +69,7 @@ def expect_value_error(fn, row, value):
 def decode_truth(cache, q, skip_page_of=None):
     """fp64 attention of each sequence over its cached tokens, without the tokens of the page
     block_table[b, j] for (b, j) = skip_page_of."""
-    out = torch.empty(q.shape, dtype=torch.float64)
+    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
     for b in range(B):
         L = int(cache.seqlens[b])
         ks, vs = [], []
@@ -87,7 +94,7 @@ def run(backend):
             raises = check or backend == "cpu"
             # decode: sequence 1's second page (holding its token 4) points outside the pool
             cache = make_cache(check)
-            good = decode_truth(cache, q := torch.randn(B, HKV * G, 1, D), None)
+            good = decode_truth(cache, q := randn(B, HKV * G, 1, D), None)
             cache.block_table[1, 1] = value
             snap = snapshot(cache)
             if raises:
@@ -97,8 +104,8 @@ def run(backend):
                 out = decode_attention(q, cache, backend=backend)
                 want = decode_truth(cache, q, skip_page_of=(1, 1))
                 assert not out.isnan().any(), "NaN: a poisoned or out-of-pool slot was read"
-                assert (out.double() - want).abs().max() < 1e-4, "the bad page was not skipped"
-                assert (out[[0, 2]].double() - good[[0, 2]]).abs().max() < 1e-4, "a good sequence changed"
+                assert (out.double() - want).abs().max() < TOL, "the bad page was not skipped"
+                assert (out[[0, 2]].double() - good[[0, 2]]).abs().max() < TOL, "a good sequence changed"
             print(f"ok decode value={value} check={check}", flush=True)
             n += 1
 
@@ -106,7 +113,7 @@ def run(backend):
             cache = make_cache(check)
             cache.block_table[1, 1] = value
             snap = snapshot(cache)
-            k, v = torch.randn(B, HKV, 3, D), torch.randn(B, HKV, 3, D)
+            k, v = randn(B, HKV, 3, D), randn(B, HKV, 3, D)
             if raises:
                 expect_value_error(lambda: cache.append(k, v, backend=backend), 1, value)
                 assert unchanged(cache, snap), "a refused append wrote something"
@@ -125,11 +132,11 @@ def run(backend):
             print(f"ok append value={value} check={check}", flush=True)
             n += 1
     # the issue's own repro: entry 10**6 in row 0, page 0, two tokens per page
-    c = KVCache(2, 1, 8, 32, dtype=torch.float32, device="cpu", page_size=2)
-    k = torch.randn(2, 1, 1, 32)
+    c = KVCache(2, 1, 8, 32, dtype=DTYPE, device=DEVICE, page_size=2)
+    k = randn(2, 1, 1, 32)
     c.append(k, k, backend=backend)
     c.block_table[0, 0] = 10**6
-    expect_value_error(lambda: decode_attention(torch.randn(2, 1, 1, 32), c, backend=backend), 0, 10**6)
+    expect_value_error(lambda: decode_attention(randn(2, 1, 1, 32), c, backend=backend), 0, 10**6)
     expect_value_error(lambda: c.append(k, k, backend=backend), 0, 10**6)
     print("ok issue repro", flush=True)
     return n + 1

@@ -36,6 +36,19 @@ def test_out_of_pool_block_table_entry(which):
         assert f"done {name} {want}" in r.stdout, log
 
 
+@pytest.mark.gpu
+def test_out_of_pool_block_table_entry_gpu():
+    # the cuda and triton kernels alone (check=False) must skip the page; a fault would poison the
+    # CUDA context of the whole test run, hence the child process here too
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1", "FORKATTN_BOUNDS_DEVICE": "cuda"}
+    r = subprocess.run([sys.executable, os.path.join(HERE, "decode_bounds_cases.py"), "cuda", "triton", "eager"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    log = (r.stdout + r.stderr)[-4000:]
+    assert r.returncode == 0, f"exit {r.returncode}\n{log}"
+    for name in ("cuda", "triton", "eager"):
+        assert f"done {name} {4 * 2 * 2 + 1}" in r.stdout, log
+
+
 # --- negative lengths -----------------------------------------------------------------------------------
 
 BACKENDS = ["cpu", "eager", TRITON]

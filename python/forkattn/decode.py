@@ -17,7 +17,9 @@ Two op families, each dispatched through forkattn.backends:
 Storage: contiguous k_cache/v_cache [B, Hkv, max_seqlen, D], or paged [num_pages, Hkv,
 page_size, D] with an int32 block_table [B, pages_per_seq] (page index per logical page, -1 =
 none; the vLLM/FlashInfer convention). Kernels see both as "pages": a contiguous cache is the
-paged layout with page_size = max_seqlen and page b for sequence b (block_table None).
+paged layout with page_size = max_seqlen and page b for sequence b (block_table None). No backend
+ever dereferences an entry outside [0, num_pages): the cpu entry points refuse it (ValueError),
+check=True refuses it on the host for every backend, and the cuda/triton/eager kernels skip it.
 """
 from __future__ import annotations
 
