@@ -201,12 +201,12 @@ def rows_per_program(group: int, T: int) -> int:
 # --- the cache ------------------------------------------------------------------------------------
 
 def seqlens_error(b: int, value: int) -> str:
-    # the same text as csrc/decode.cpp's check_cache_state
+    # the same text as csrc/decode.cpp's check_cache_state_cpu
     return f"seqlens[{b}] = {value} is negative (a sequence's length is at least 0)"
 
 
 def block_table_error(b: int, j: int, value: int, num_pages: int) -> str:
-    # the same text as csrc/decode.cpp's check_cache_state
+    # the same text as csrc/decode.cpp's check_cache_state_cpu
     return (f"block_table[{b}, {j}] = {value}: row {b} names page {value}, outside the pool [0, num_pages={num_pages}) "
             f"(an entry is a page index, or negative for no page)")
 
