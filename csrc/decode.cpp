@@ -94,6 +94,35 @@ int64_t check_decode_inputs(const CacheSizes& s, const at::Tensor& k_cache, cons
   return H;
 }
 
+namespace {
+
+// The CPU entry points read lengths and the block table on the host anyway, so they validate them
+// whatever KVCache's check says: a negative length, or an entry naming a page outside the pool
+// (one the kernel would dereference), raises before anything is read or written. Same texts as
+// python/forkattn/decode.py's seqlens_error / block_table_error.
+void check_cache_state_cpu(const at::Tensor& seqlens, const std::optional<at::Tensor>& block_table,
+                           const CacheSizes& s, int64_t max_seqlen, const char* suffix) {
+  const int32_t* lens = seqlens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < s.batch; ++b) {
+    TORCH_CHECK_VALUE(lens[b] >= 0, "seqlens[", b, "] = ", lens[b], " is negative (a sequence's length is at least 0)",
+                      suffix);
+  }
+  if (!block_table.has_value()) return;
+  const int32_t* bt = block_table->data_ptr<int32_t>();
+  const int64_t stride = block_table->stride(0);
+  const int64_t pages = (max_seqlen + s.page_size - 1) / s.page_size;  // the columns a kernel reads
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t j = 0; j < pages; ++j) {
+      const int64_t page = bt[b * stride + j];
+      TORCH_CHECK_VALUE(page < s.num_pages, "block_table[", b, ", ", j, "] = ", page, ": row ", b, " names page ", page,
+                        ", outside the pool [0, num_pages=", s.num_pages,
+                        ") (an entry is a page index, or negative for no page)", suffix);
+    }
+  }
+}
+
+}  // namespace
+
 void kv_append_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens,
                    const std::optional<at::Tensor>& block_table, const at::Tensor& k, const at::Tensor& v,
                    int64_t max_seqlen) {
@@ -101,6 +130,7 @@ void kv_append_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens,
   TORCH_CHECK_VALUE(k_cache.device().is_cpu(), "k_cache must be a CPU tensor for the cpu backend, got ",
                     k_cache.device());
   check_append_inputs(s, k_cache, k, v);
+  check_cache_state_cpu(seqlens, block_table, s, max_seqlen, "; nothing was written");
   const int32_t* bt = block_table ? block_table->data_ptr<int32_t>() : nullptr;
   cpu::kv_append_kernel(k_cache, v_cache, seqlens, bt, block_table ? block_table->stride(0) : 0, k, v,
                         max_seqlen);
@@ -113,6 +143,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   const CacheSizes s = check_cache(k_cache, v_cache, seqlens, block_table, max_seqlen);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the cpu backend, got ", q.device());
   const int64_t H = check_decode_inputs(s, k_cache, q, o_partial, lse_partial, 1);
+  check_cache_state_cpu(seqlens, block_table, s, max_seqlen, "");
   at::Tensor out = empty_bhld(q, s.batch, H, q.size(2), s.head_dim);
   const int32_t* bt = block_table ? block_table->data_ptr<int32_t>() : nullptr;
   cpu::decode_kernel(q, k_cache, v_cache, seqlens, bt, block_table ? block_table->stride(0) : 0, max_seqlen,

@@ -2,13 +2,21 @@
 warps and threads emulated phase by phase with the kernel's own index formulas (row/warp mapping, chunking,
 paging, partial and merge indexing), outputs and workspace poisoned with NaN, checked against the fp64
 reference. A check of the index math without a GPU (not of cp.async, barriers or shuffles); keep it in step
-with the .cuh when that changes. Run: python scripts/emulate_decode_kernel.py (about a minute)."""
+with the .cuh when that changes. Also kernels/decode/kv_append.cu's append kernel, and block tables with an
+entry outside the pool: every cache access goes through a checked accessor, so a dereference of such a page
+fails the run instead of reading a neighbour. Run: python scripts/emulate_decode_kernel.py (about a minute)."""
 import math, sys
 import numpy as np, torch
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "python"))
 from forkattn import reference
 
 kThreads, kWarps, kTileN = 128, 4, 32
+
+def pool_row(pool, page, head, slot):
+    """The one way the emulated kernels touch k_cache / v_cache: an index outside the pool is an error
+    (NumPy would wrap a negative one silently)."""
+    assert 0 <= page < pool.shape[0] and 0 <= slot < pool.shape[2], f"out-of-pool access: page {page} slot {slot}"
+    return pool[page, head, slot]
 
 def split_kernel(p, ROWS, D, blockIdx):
     bh, rb, split = blockIdx
@@ -22,7 +30,8 @@ def split_kernel(p, ROWS, D, blockIdx):
     def page_of(pos):
         if p["block_table"] is None: return b
         lp = pos // p["page_size"]
-        return int(p["block_table"][b, lp]) if lp < p["pages_per_seq"] else -1
+        page = int(p["block_table"][b, lp]) if lp < p["pages_per_seq"] else -1
+        return page if page < p["num_pages"] else -1
     smk = np.zeros((2, kTileN, D), np.float32); smv = np.zeros((2, kTileN, D), np.float32); valid = np.zeros((2, kTileN), bool)
     def load_tile(tile, stage):
         n0 = start + tile * kTileN
@@ -32,8 +41,8 @@ def split_kernel(p, ROWS, D, blockIdx):
             page = page_of(pos) if pos < end else -1
             ok = page >= 0
             if ok:
-                smk[stage, jj, c*8:c*8+8] = p["k"][page, hk, pos % p["page_size"], c*8:c*8+8]
-                smv[stage, jj, c*8:c*8+8] = p["v"][page, hk, pos % p["page_size"], c*8:c*8+8]
+                smk[stage, jj, c*8:c*8+8] = pool_row(p["k"], page, hk, pos % p["page_size"])[c*8:c*8+8]
+                smv[stage, jj, c*8:c*8+8] = pool_row(p["v"], page, hk, pos % p["page_size"])[c*8:c*8+8]
             else:
                 smk[stage, jj, c*8:c*8+8] = 0; smv[stage, jj, c*8:c*8+8] = 0
             if c == 0: valid[stage, jj] = ok
@@ -113,7 +122,8 @@ def merge_kernel(p, D, blockIdx):
         b = row // (p["heads"] * p["T"]); h = (row // p["T"]) % p["heads"]; t = row % p["T"]
         p["out"][b, h, t, :] = acc * inv
 
-def run(B, Hkv, G, T, D, S, lens, splits, page_size=None):
+def run(B, Hkv, G, T, D, S, lens, splits, page_size=None, bad=None):
+    """bad = (b, j, value): block_table[b, j] = value, a page outside the pool (paged only)."""
     H = Hkv * G
     torch.manual_seed(0)
     if page_size is None:
@@ -122,11 +132,15 @@ def run(B, Hkv, G, T, D, S, lens, splits, page_size=None):
         P = page_size; pps = -(-S // P); n = B * pps
         k = torch.randn(n, Hkv, P, D); v = torch.randn(n, Hkv, P, D)
         bt = torch.randperm(n)[:B * pps].view(B, pps).int()
+        orig_bt = bt.clone()
+        if bad is not None:
+            bt[bad[0], bad[1]] = bad[2]
     q = torch.randn(B, H, T, D)
     seqlens = torch.tensor(lens, dtype=torch.int32)
     p = dict(q=q.numpy(), k=k.numpy(), v=v.numpy(), block_table=None if bt is None else bt.numpy(), seqlens=seqlens.numpy(),
              out=np.full((B, H, T, D), np.nan, np.float32), batch=B, heads=H, kv_heads=Hkv, group=G, T=T, rows=G*T,
-             page_size=P, pages_per_seq=-(-S // P), max_seqlen=S, num_splits=splits, scale_log2=D**-0.5 * 1.4426950408889634,
+             page_size=P, pages_per_seq=-(-S // P), max_seqlen=S, num_pages=k.shape[0], num_splits=splits,
+             scale_log2=D**-0.5 * 1.4426950408889634,
              o_partial=np.full(splits * B * H * T * D, np.nan, np.float32), lse_partial=np.full(splits * B * H * T, np.nan, np.float32))
     ROWS = 4 if p["rows"] <= 4 else 16
     for bh in range(B * Hkv):
@@ -138,11 +152,68 @@ def run(B, Hkv, G, T, D, S, lens, splits, page_size=None):
             merge_kernel(p, D, blk)
     ref = reference.decode_attention(q.double(), k.double(), v.double(), seqlens, bt, S).float()
     err = np.abs(p["out"] - ref.numpy()).max()
-    print(f"B{B} Hkv{Hkv} G{G} T{T} D{D} S{S} lens{lens} splits{splits} paged={page_size}: max err {err:.2e}")
+    print(f"B{B} Hkv{Hkv} G{G} T{T} D{D} S{S} lens{lens} splits{splits} paged={page_size} bad={bad}: max err {err:.2e}")
     assert err < 1e-4, err
+    if bad is not None:  # the page was in use: with the table's original entry the answer differs
+        full = reference.decode_attention(q.double(), k.double(), v.double(), seqlens, orig_bt, S).float().numpy()
+        assert np.abs(full[bad[0]] - p["out"][bad[0]]).max() > 1e-3, "the bad entry changed nothing: a vacuous case"
+
+def append_kernel(p, b, T):
+    """kernels/decode/kv_append.cu, one block: thread 0 counts the tokens that fit, the block copies them
+    (the copy unit does not change the index math), thread 0 advances seqlens."""
+    L = int(p["seqlens"][b]); n = 0
+    if L >= 0:
+        while n < T:
+            pos = L + n
+            if pos >= p["max_seqlen"]: break
+            if p["block_table"] is not None:
+                lp = pos // p["page_size"]
+                if lp >= p["pages_per_seq"]: break
+                page = int(p["block_table"][b, lp])
+                if page < 0 or page >= p["num_pages"]: break
+            n += 1
+    for t in range(n):
+        pos = L + t
+        page = int(p["block_table"][b, pos // p["page_size"]]) if p["block_table"] is not None else b
+        for h in range(p["kv_heads"]):
+            pool_row(p["k_cache"], page, h, pos % p["page_size"])[:] = p["k"][b, h, t]
+            pool_row(p["v_cache"], page, h, pos % p["page_size"])[:] = p["v"][b, h, t]
+    p["seqlens"][b] = L + n
+
+def run_append(B, Hkv, T, D, S, lens, page_size=None, bad=None):
+    """The emulated append against the eager one (reference.kv_append), from the same poisoned cache."""
+    torch.manual_seed(1)
+    P = page_size or S
+    n_pages = B * -(-S // P) if page_size else B
+    kc = torch.full((n_pages, Hkv, P, D), float("nan")); vc = kc.clone()
+    bt = None
+    if page_size:
+        bt = torch.randperm(n_pages).view(B, -1).int()
+        if bad is not None:
+            bt[bad[0], bad[1]] = bad[2]
+    k = torch.randn(B, Hkv, T, D); v = torch.randn(B, Hkv, T, D)
+    seqlens = torch.tensor(lens, dtype=torch.int32)
+    p = dict(k_cache=kc.numpy().copy(), v_cache=vc.numpy().copy(), k=k.numpy(), v=v.numpy(), seqlens=seqlens.numpy().copy(),
+             block_table=None if bt is None else bt.numpy(), kv_heads=Hkv, page_size=P, pages_per_seq=-(-S // P),
+             max_seqlen=S, num_pages=n_pages)
+    for b in range(B):
+        append_kernel(p, b, T)
+    reference.kv_append(kc, vc, seqlens, bt, k, v, S)
+    same = np.array_equal(np.isnan(p["k_cache"]), kc.isnan().numpy()) and np.array_equal(np.nan_to_num(p["k_cache"]), kc.nan_to_num().numpy())
+    print(f"append B{B} Hkv{Hkv} T{T} D{D} S{S} lens{lens} paged={page_size} bad={bad}: seqlens {p['seqlens'].tolist()}")
+    assert same and p["seqlens"].tolist() == seqlens.tolist(), "emulated append != eager append"
+    return p["seqlens"].tolist()
 
 run(2, 1, 1, 1, 32, 70, [70, 1], 1)
 run(2, 2, 2, 3, 32, 70, [70, 3], 3)
 run(2, 1, 8, 3, 32, 100, [100, 37], 4, page_size=16)
 run(1, 1, 1, 16, 64, 40, [16], 2)
 run(2, 1, 3, 1, 32, 130, [129, 2], 5, page_size=8)
+# a block-table entry outside the pool (== num_pages, far past it, int32 max): its page gets no weight
+run(2, 1, 2, 1, 32, 40, [40, 30], 1, page_size=8, bad=(0, 1, 10))
+run(2, 2, 2, 3, 32, 70, [70, 50], 3, page_size=16, bad=(1, 0, 10**6))
+run(2, 1, 3, 1, 32, 130, [129, 2], 5, page_size=8, bad=(0, 15, 2**31 - 1))
+run_append(3, 2, 3, 16, 20, [0, 18, 5], page_size=4)
+run_append(3, 2, 3, 16, 20, [0, 18, 5])
+assert run_append(3, 2, 5, 16, 20, [2, 6, 5], page_size=4, bad=(1, 2, 15)) == [7, 8, 10]  # stops before page 2
+assert run_append(2, 1, 4, 16, 20, [1, -3], page_size=4, bad=(0, 0, 2**31 - 1)) == [1, -3]  # nothing fits

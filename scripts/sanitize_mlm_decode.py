@@ -1,7 +1,10 @@
 """A small run of the CUDA MLM sampler and the CUDA KV-cache kernels (append, split-KV decode),
 paged and contiguous, for compute-sanitizer (memcheck, racecheck) in scripts/gpu_check.sh.
 Results are compared with the CPU/eager backends so a kernel that writes nothing is noticed.
-Exits 0 without running the parts whose cuda backend is unavailable."""
+Also the no-check path with block-table entries outside the page pool (cuda and triton kernels):
+the pools are views into guard buffers, so a read of the page just past the pool would change
+the output and a write there would change the guard, on top of what memcheck sees for entries far
+outside any allocation. Exits 0 without running the parts whose backend is unavailable."""
 import sys
 
 import torch
@@ -55,7 +58,49 @@ def decode():
             expect(f"decode cuda paged={paged} T={T}: max err {err:.1e}", err < 2e-2)
 
 
+
+def out_of_pool():
+    """check=False (the kernels alone): entries >= num_pages must be skipped by append and decode."""
+    for backend in ("cuda", "triton"):
+        why = forkattn.backends.get("decode_attention").why_not(backend, "cuda", dtype=torch.float16, head_dim=64)
+        if why:
+            print(f"out-of-pool {backend}: unavailable ({why}), skipped")
+            continue
+        for value in (None, "next", 10**6, 2**31 - 1):
+            B, Hkv, S, D, P, GUARD = 3, 2, 200, 64, 16, 4
+            cache = forkattn.KVCache(B, Hkv, S, D, dtype=torch.float16, device="cuda", page_size=P, check=False)
+            N = cache.num_pages
+            guards = []
+            for name in ("k_cache", "v_cache"):  # the pool in the middle of a guard buffer of 1e4s
+                g = torch.full((N + 2 * GUARD, Hkv, P, D), 1e4, dtype=torch.float16, device="cuda")
+                g[GUARD:GUARD + N].normal_()
+                setattr(cache, name, g[GUARD:GUARD + N])
+                guards.append(g)
+            k, v = (torch.randn(B, Hkv, 40, D, device="cuda", dtype=torch.float16) for _ in range(2))
+            cache.append(k, v, backend=backend)
+            bad = N if value == "next" else value
+            if bad is not None:
+                cache.block_table[1, 1] = bad  # holds tokens 16..31 of sequence 1, and no token yet of 2
+                cache.block_table[2, 3] = bad  # tokens 48.. of sequence 2: the append below reaches it
+            k, v = (torch.randn(B, Hkv, 9, D, device="cuda", dtype=torch.float16) for _ in range(2))
+            cache.append(k, v, backend=backend)
+            want_lens = [49, 49, 48] if bad is not None else [49, 49, 49]
+            expect(f"out-of-pool {backend} entry={bad}: append stops before the bad page",
+                   cache.seqlens.tolist() == want_lens)
+            q = torch.randn(B, 4, 1, D, device="cuda", dtype=torch.float16)
+            cache.plan(4, 1, backend, num_splits=3)  # the split + merge path too
+            got = forkattn.decode_attention(q, cache, backend=backend)
+            want = forkattn.decode_attention(q, cache, backend="eager")  # skips the same pages
+            err = (got.float() - want.float()).abs().max().item()
+            expect(f"out-of-pool {backend} entry={bad}: decode == eager (max err {err:.1e})", err < 2e-2)
+            for g in guards:
+                torch.cuda.synchronize()
+                intact = bool((g[:GUARD] == 1e4).all()) and bool((g[GUARD + N:] == 1e4).all())
+                expect(f"out-of-pool {backend} entry={bad}: guard pages untouched", intact)
+
+
 mlm()
 decode()
+out_of_pool()
 torch.cuda.synchronize()
 sys.exit(1 if failures else 0)

@@ -114,7 +114,8 @@ CacheView cache_view(const at::Tensor& c, const int32_t* bt, int64_t bt_stride) 
 }
 
 // Number of tokens of an append of T at length L that fit: stops at the first position that is
-// at or past max_seqlen or lies on a missing page. A negative L writes nothing.
+// at or past max_seqlen or lies on a missing page. A negative L writes nothing. (The entry point,
+// csrc/decode.cpp, has already refused negative lengths and entries >= num_pages.)
 inline int64_t tokens_that_fit(const CacheView& cv, int64_t b, int64_t L, int64_t T, int64_t max_seqlen,
                                int64_t pages_per_seq) {
   if (L < 0) return 0;

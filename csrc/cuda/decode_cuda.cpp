@@ -30,6 +30,7 @@ void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens,
   const CacheSizes s = check_cache(k_cache, v_cache, seqlens, block_table, max_seqlen);
   TORCH_CHECK_VALUE(k_cache.is_cuda(), "k_cache must be a CUDA tensor for the cuda backend, got ", k_cache.device());
   const int64_t T = check_append_inputs(s, k_cache, k, v);
+  TORCH_CHECK_VALUE(s.num_pages <= INT32_MAX, "k_cache has ", s.num_pages, " pages, more than int32 indexing allows");
   const c10::cuda::CUDAGuard guard(k_cache.device());
   AppendParams p{};
   p.k_cache = k_cache.data_ptr();
@@ -56,6 +57,7 @@ void kv_append_cuda(at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens,
   p.page_size = static_cast<int>(s.page_size);
   p.pages_per_seq = static_cast<int>((max_seqlen + s.page_size - 1) / s.page_size);
   p.max_seqlen = static_cast<int>(max_seqlen);
+  p.num_pages = static_cast<int>(s.num_pages);
   const cudaError_t err = run_kv_append(p, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "kv_append (cuda) launch failed: ", cudaGetErrorString(err));
 }
@@ -103,6 +105,7 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   p.page_size = static_cast<int>(s.page_size);
   p.pages_per_seq = static_cast<int>((max_seqlen + s.page_size - 1) / s.page_size);
   p.max_seqlen = static_cast<int>(max_seqlen);
+  p.num_pages = static_cast<int>(s.num_pages);
   p.num_splits = static_cast<int>(num_splits);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   const DecodeDType dt = q.scalar_type() == at::kHalf ? DecodeDType::kHalf : DecodeDType::kBFloat16;

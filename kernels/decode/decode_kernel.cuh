@@ -77,11 +77,13 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;
 }
 
-// Page of position pos of sequence b (-1: none or past the table).
+// Page of position pos of sequence b (-1: none, past the table, or an entry outside the pool,
+// which is never dereferenced).
 __device__ __forceinline__ int page_of(const DecodeParams& p, int b, int pos) {
   if (p.block_table == nullptr) return b;
   const int lp = pos / p.page_size;
-  return lp < p.pages_per_seq ? __ldg(p.block_table + static_cast<int64_t>(b) * p.bt_b + lp) : -1;
+  const int page = lp < p.pages_per_seq ? __ldg(p.block_table + static_cast<int64_t>(b) * p.bt_b + lp) : -1;
+  return page < p.num_pages ? page : -1;
 }
 
 template <typename T, int D, int ROWS>

@@ -4,7 +4,9 @@
 // Cache storage is seen as pages: element (page, kv-head, slot, d) of k_cache / v_cache lives at
 // page * c_page + head * c_head + slot * c_slot + d. Position pos of sequence b is in page
 // block_table[b * bt_b + pos / page_size] (-1 = none), slot pos % page_size; a contiguous cache
-// has block_table == nullptr, page b and page_size = max_seqlen.
+// has block_table == nullptr, page b and page_size = max_seqlen. An entry outside [0, num_pages)
+// is never dereferenced: decode gives its tokens no weight, append stops before it. The host does
+// not read block_table (that would sync); KVCache's check=True refuses such a table beforehand.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -31,6 +33,7 @@ struct DecodeParams {
   int new_tokens;                       // T: the last T tokens of each sequence are the queries
   int rows;                             // group * new_tokens: query rows per kv-head
   int page_size, pages_per_seq, max_seqlen;
+  int num_pages;                        // pages in the pool (k_cache.size(0)); larger entries are skipped
   int num_splits;                       // chunks per sequence; 1 writes out directly, no merge
   float scale_log2;                     // softmax scale * log2(e)
 };
@@ -48,6 +51,7 @@ struct AppendParams {
   int batch, kv_heads, new_tokens, head_dim;
   int elem_bytes;                       // 2 (fp16/bf16) or 4 (fp32)
   int page_size, pages_per_seq, max_seqlen;
+  int num_pages;                        // pages in the pool; a token on a larger entry is not written
 };
 
 // kernels/decode/decode_dispatch.cu: picks the instantiation for (dtype, head_dim 32/64/128).

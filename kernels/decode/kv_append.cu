@@ -1,6 +1,6 @@
 // KV-cache append: one launch, one block per sequence. Thread 0 counts how many of the T new
-// tokens fit (stopping at the first position >= max_seqlen or on a missing page, so nothing is
-// ever written out of bounds: the "clamp" of the no-check mode), the block copies them in
+// tokens fit (stopping at the first position >= max_seqlen or on a missing page: an entry < 0 or
+// >= num_pages, so nothing is ever written out of bounds: the "clamp" of the no-check mode), the block copies them in
 // 16-byte vectors (element-wise when a row is not 16-byte aligned), then thread 0 advances
 // seqlens[b]. Only block b reads or writes seqlens[b], so there is no cross-block race and the
 // launch is CUDA-graph capturable.
@@ -26,7 +26,9 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(const AppendP
         if (pos >= p.max_seqlen) break;
         if (p.block_table != nullptr) {
           const int64_t lp = pos / p.page_size;
-          if (lp >= p.pages_per_seq || p.block_table[b * p.bt_b + lp] < 0) break;
+          if (lp >= p.pages_per_seq) break;
+          const int page = p.block_table[b * p.bt_b + lp];
+          if (page < 0 || page >= p.num_pages) break;
         }
       }
     }

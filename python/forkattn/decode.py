@@ -17,7 +17,9 @@ Two op families, each dispatched through forkattn.backends:
 Storage: contiguous k_cache/v_cache [B, Hkv, max_seqlen, D], or paged [num_pages, Hkv,
 page_size, D] with an int32 block_table [B, pages_per_seq] (page index per logical page, -1 =
 none; the vLLM/FlashInfer convention). Kernels see both as "pages": a contiguous cache is the
-paged layout with page_size = max_seqlen and page b for sequence b (block_table None).
+paged layout with page_size = max_seqlen and page b for sequence b (block_table None). No backend
+ever dereferences an entry outside [0, num_pages): the cpu entry points refuse it (ValueError),
+check=True refuses it on the host for every backend, and the cuda/triton/eager kernels skip it.
 """
 from __future__ import annotations
 
@@ -198,6 +200,17 @@ def rows_per_program(group: int, T: int) -> int:
 
 # --- the cache ------------------------------------------------------------------------------------
 
+def seqlens_error(b: int, value: int) -> str:
+    # the same text as csrc/decode.cpp's check_cache_state_cpu
+    return f"seqlens[{b}] = {value} is negative (a sequence's length is at least 0)"
+
+
+def block_table_error(b: int, j: int, value: int, num_pages: int) -> str:
+    # the same text as csrc/decode.cpp's check_cache_state_cpu
+    return (f"block_table[{b}, {j}] = {value}: row {b} names page {value}, outside the pool [0, num_pages={num_pages}) "
+            f"(an entry is a page index, or negative for no page)")
+
+
 def _check_int(name: str, x, lo: int = 1) -> int:
     if isinstance(x, bool) or not isinstance(x, int):
         raise TypeError(f"{name} must be an int, got {type(x).__name__}")
@@ -220,11 +233,17 @@ class KVCache:
 
     append(k, v): k, v [B, Hkv, T, D] are written at positions seqlens[b] .. seqlens[b] + T - 1 of each
     sequence, in place, in one kernel, and seqlens advances by T.
-    Overflow: with check=True (default) an append that would pass max_seqlen or need a missing page
-    (-1) raises KVCacheOverflowError and writes nothing; the check SYNCS WITH THE HOST (one .item()
-    on a device reduction), so it cannot be captured in a CUDA graph. With check=False there is no
-    sync and the kernel clamps instead: tokens that do not fit are dropped, seqlens stops at the
-    capacity, and nothing is ever written out of bounds.
+    Checks: with check=True (default) append and decode_attention first validate the cache on the
+    host (validate()): a negative length in seqlens, or a block_table entry >= num_pages, raises
+    ValueError naming it (row and value), and an append that would pass max_seqlen or need a missing
+    page (-1) raises KVCacheOverflowError; a refused call writes nothing. The check SYNCS WITH THE
+    HOST (one .tolist() of a few device reductions), so it cannot be captured in a CUDA graph. With
+    check=False there is no sync and the kernels clamp instead: tokens that do not fit are dropped and
+    seqlens stops at the capacity; a negative length writes nothing and reads as 0; a page entry
+    outside [0, num_pages) is never dereferenced by any backend (an append stops before it, decode
+    gives its tokens no weight), so nothing is ever read or written outside the pools. The cpu
+    backend (and forkattn._C's entry points) validate lengths and entries on their own whatever
+    check says: on the CPU that costs no sync.
     reset(batch_index=None): sets seqlens of all (or the given) sequences to 0 (the data stays).
     """
 
@@ -242,6 +261,12 @@ class KVCache:
             raise TypeError(f"check must be a bool, got {type(check).__name__}")
         self.dtype = dtype
         self.device = torch.device(device)
+        if self.device.type == "meta":
+            # append and decode write and read the cache's values (and check=True reads seqlens on
+            # the host), none of which a meta tensor has; refuse here rather than fail at first use
+            raise ValueError("device must be a real device (cpu, cuda) holding the cache's storage, got meta; "
+                             "for shapes only, trace decode_attention and append under torch.compile / "
+                             "FakeTensorMode with a cache on a real device")
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.check = check
@@ -278,7 +303,8 @@ class KVCache:
         its block table runs out of pages)."""
         if not self.paged:
             return torch.full_like(self.seqlens, self.max_seqlen)
-        leading = (self.block_table >= 0).to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
+        usable = (self.block_table >= 0) & (self.block_table < self.num_pages)
+        leading = usable.to(torch.int32).cumprod(dim=1).sum(dim=1, dtype=torch.int32)
         return torch.clamp(leading * self.page_size, max=self.max_seqlen).to(torch.int32)
 
     def _check_kv(self, k, v) -> int:
@@ -304,25 +330,16 @@ class KVCache:
 
     def append(self, k: Tensor, v: Tensor, *, backend: Optional[str] = None, check: Optional[bool] = None) -> None:
         """Write k, v [B, Hkv, T, D] after each sequence's last token, in place, and advance seqlens by T.
-        check (default self.check): True raises KVCacheOverflowError (writing nothing) when a sequence
-        would not fit, at the cost of one host sync; False never syncs and clamps (see the class doc)."""
+        check (default self.check): True raises KVCacheOverflowError when a sequence would not fit,
+        and ValueError on a negative length or a block_table entry outside the pool (writing nothing),
+        at the cost of one host sync; False never syncs and clamps (see the class doc)."""
         T = self._check_kv(k, v)
         check = self.check if check is None else check
         if not isinstance(check, bool):
             raise TypeError(f"check must be a bool or None, got {type(check).__name__}")
         name = APPEND_BACKENDS.resolve(backend, self.device.type, dtype=self.dtype, head_dim=self.head_dim)
         if check:
-            over = (self.seqlens.to(torch.int64) + T) > self.capacity()
-            if bool(over.any().item()):
-                bad = over.nonzero().flatten().tolist()
-                lens = self.seqlens[bad].tolist()
-                caps = self.capacity()[bad].tolist()
-                raise KVCacheOverflowError(
-                    f"append of {T} tokens would overflow sequences {bad[:8]} (lengths {lens[:8]}, capacity "
-                    f"{caps[:8]}: max_seqlen={self.max_seqlen}"
-                    + (f", page_size={self.page_size}, pages without an entry in block_table" if self.paged else "")
-                    + "); nothing was written"
-                )
+            self.validate(new_tokens=T)
         k = k if k.stride(-1) == 1 else k.contiguous()
         v = v if v.stride(-1) == 1 else v.contiguous()
         args = (self.k_cache, self.v_cache, self.seqlens, self.block_table, k, v, self.max_seqlen, name)
@@ -332,6 +349,38 @@ class KVCache:
         else:
             kv_append(*args)
         self.seqlen_bound = min(self.max_seqlen, self.seqlen_bound + T)
+
+    def validate(self, new_tokens: int = 0) -> None:
+        """The host-side check of check=True (ONE HOST SYNC): raises ValueError when a length in
+        seqlens is negative or a block_table entry names a page outside the pool (>= num_pages; an
+        entry is a page index or negative for none), and, when new_tokens > 0, KVCacheOverflowError
+        when an append of that many tokens would not fit. append and decode_attention call it
+        before running anything, so a refused call writes nothing."""
+        lens = self.seqlens.to(torch.int64)
+        flags = [lens.min() < 0]
+        if self.paged:
+            flags.append((self.block_table >= self.num_pages).any())
+        if new_tokens:
+            over = (lens + new_tokens) > self.capacity()
+            flags.append(over.any())
+        flags = torch.stack(flags).tolist()
+        suffix = "; nothing was written" if new_tokens else ""
+        if flags.pop(0):
+            b = int((lens < 0).nonzero()[0, 0])
+            raise ValueError(seqlens_error(b, int(lens[b])) + suffix)
+        if self.paged and flags.pop(0):
+            b, j = ((self.block_table >= self.num_pages).nonzero()[0]).tolist()
+            raise ValueError(block_table_error(b, j, int(self.block_table[b, j]), self.num_pages) + suffix)
+        if new_tokens and flags.pop(0):
+            bad = over.nonzero().flatten().tolist()
+            lens = self.seqlens[bad].tolist()
+            caps = self.capacity()[bad].tolist()
+            raise KVCacheOverflowError(
+                f"append of {new_tokens} tokens would overflow sequences {bad[:8]} (lengths {lens[:8]}, capacity "
+                f"{caps[:8]}: max_seqlen={self.max_seqlen}"
+                + (f", page_size={self.page_size}, pages without an entry in block_table" if self.paged else "")
+                + "); nothing was written"
+            )
 
     def reset(self, batch_index=None) -> None:
         """Empty all sequences (batch_index None) or the given ones (an int, a list of ints or a 1-D
@@ -427,7 +476,8 @@ def select_decode_backend(q: Tensor, backend: Optional[str] = None) -> str:
     return DECODE_BACKENDS.resolve(backend, q.device.type, dtype=q.dtype, head_dim=q.shape[-1])
 
 
-def decode_attention(q: Tensor, cache: KVCache, *, scale: Optional[float] = None, backend: Optional[str] = None) -> Tensor:
+def decode_attention(q: Tensor, cache: KVCache, *, scale: Optional[float] = None, backend: Optional[str] = None,
+                     check: Optional[bool] = None) -> Tensor:
     """Attention of the T newest tokens of each sequence over its cached context.
 
     q [B, H, T, D], 1 <= T <= 16: the queries of the T tokens most recently appended to `cache`
@@ -436,12 +486,21 @@ def decode_attention(q: Tensor, cache: KVCache, *, scale: Optional[float] = None
     H may be a multiple of the cache's num_kv_heads (GQA/MQA). scale defaults to head_dim ** -0.5.
     backend: None picks the fastest for the device/dtype/head_dim, or "cpu", "cuda", "triton", "eager".
     Returns [B, H, T, D] with [B, T, H, D] memory (out.transpose(1, 2).reshape(B, T, H * D) is a view).
-    Never syncs with the host, so it can be captured in a CUDA graph (plan first: KVCache.plan).
+    check (default cache.check): True validates the cache's state first (KVCache.validate: a negative
+    length or a block_table entry outside [0, num_pages) raises ValueError), which SYNCS WITH THE HOST
+    on a GPU; False never syncs, so the call can be captured in a CUDA graph (plan first:
+    KVCache.plan), and the cuda/triton/eager kernels then give a page outside the pool no weight and
+    treat a negative length as 0. The cpu backend always validates (in C++, no sync to avoid).
     """
     check_decode_inputs(q, cache, scale)
+    check = cache.check if check is None else check
+    if not isinstance(check, bool):
+        raise TypeError(f"check must be a bool or None, got {type(check).__name__}")
     B, H, T, D = q.shape
     scale = D ** -0.5 if scale is None else float(scale)
     name = select_decode_backend(q, backend)
+    if check and name != "cpu":  # the cpu entry point checks the same on its own
+        cache.validate()
     if q.stride(-1) != 1:
         q = q.contiguous()
     splits, o_ws, lse_ws = cache._plan(H, T, name)

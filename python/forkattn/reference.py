@@ -148,8 +148,9 @@ def kv_append(
 ) -> None:
     """Eager KVCache append with index_put: token t of sequence b goes to position seqlens[b] + t
     (page block_table[b, pos // P], slot pos % P; page b, slot pos when block_table is None).
-    Tokens that do not fit (position >= max_seqlen or no page) and every later token of that
-    sequence are dropped; seqlens advances by the tokens written. Uses a data-dependent index
+    Tokens that do not fit (position >= max_seqlen, or no page: an entry < 0 or >= the pool's
+    num_pages) and every later token of that sequence are dropped, as is every token of a sequence
+    with a negative length; seqlens advances by the tokens written. Uses a data-dependent index
     (syncs with the host), unlike the kernels."""
     B, Hkv, T, D = k.shape
     P = k_cache.shape[2]
@@ -160,9 +161,10 @@ def kv_append(
         ok = pos < max_seqlen
     else:
         logical = pos // P
-        in_table = logical < block_table.shape[1]
-        page = block_table.to(torch.int64).gather(1, logical.clamp(max=block_table.shape[1] - 1))
-        ok = in_table & (pos < max_seqlen) & (page >= 0)
+        in_table = (logical >= 0) & (logical < block_table.shape[1])
+        page = block_table.to(torch.int64).gather(1, logical.clamp(min=0, max=block_table.shape[1] - 1))
+        ok = in_table & (pos < max_seqlen) & (page >= 0) & (page < k_cache.shape[0])
+    ok = ok & (seqlens[:, None] >= 0)
     ok = ok.to(torch.int32).cumprod(dim=1).bool()  # stop at the first token that does not fit
     bi, ti = ok.nonzero(as_tuple=True)
     slot = pos % P
@@ -172,15 +174,28 @@ def kv_append(
 
 
 def gather_kv(cache_t: Tensor, block_table: Optional[Tensor], kv_len: int) -> Tensor:
-    """[B, Hkv, kv_len, D] view/copy of a contiguous or paged cache tensor (missing pages read page 0)."""
+    """[B, Hkv, kv_len, D] view/copy of a contiguous or paged cache tensor. A position whose page
+    entry is missing (< 0) or outside the pool (>= num_pages) reads page 0 instead, never out of
+    bounds; page_valid tells which positions those are."""
     if block_table is None:
         return cache_t[:, :, :kv_len]
     P = cache_t.shape[2]
     n = -(-kv_len // P)
-    pages = block_table[:, :n].to(torch.int64).clamp(min=0)
+    pages = block_table[:, :n].to(torch.int64)
+    pages = torch.where(pages < cache_t.shape[0], pages, 0).clamp(min=0)
     g = cache_t[pages]  # [B, n, Hkv, P, D]
     B, _, Hkv, _, D = g.shape
     return g.permute(0, 2, 1, 3, 4).reshape(B, Hkv, n * P, D)[:, :, :kv_len]
+
+
+def page_valid(block_table: Optional[Tensor], num_pages: int, page_size: int, kv_len: int) -> Optional[Tensor]:
+    """Bool [B, kv_len]: position j of sequence b lies on a page of the pool (None: contiguous, all do)."""
+    if block_table is None:
+        return None
+    n = -(-kv_len // page_size)
+    pages = block_table[:, :n]
+    ok = (pages >= 0) & (pages < num_pages)
+    return ok.repeat_interleave(page_size, dim=1)[:, :kv_len]
 
 
 def decode_attention(
@@ -199,9 +214,16 @@ def decode_attention(
     T = q.shape[2]
     k = gather_kv(k_cache, block_table, kv_len)
     v = gather_kv(v_cache, block_table, kv_len)
-    L = seqlens.to(torch.int64).clamp(max=kv_len)
+    L = seqlens.to(torch.int64).clamp(min=0, max=kv_len)
     t = torch.arange(T, device=q.device)
     j = torch.arange(kv_len, device=q.device)
-    allowed = (j[None, None, :] <= (L[:, None, None] - T + t[None, :, None]))[:, None]  # [B, 1, T, kv_len]
+    stored = j[None, :] < L[:, None]  # [B, kv_len]: the sequence's tokens ...
+    valid = page_valid(block_table, k_cache.shape[0], k_cache.shape[2], kv_len)
+    if valid is not None:
+        stored = stored & valid  # ... on pages of the pool (the kernels skip the others)
+    allowed = stored[:, None, None, :] & (j[None, None, :] <= (L[:, None, None] - T + t[None, :, None]))[:, None]
+    # masked scores drop whatever an unused slot's key holds; its value (NaN, inf) would still reach
+    # the output through 0 * NaN in P @ V
+    v = v.masked_fill(~stored[:, None, :, None], 0)
     out = _attend(q, k, v, allowed, scale)
     return out.transpose(1, 2).contiguous().transpose(1, 2)

@@ -6,7 +6,9 @@ chunk of the sequence: chunk = ceil(L / num_splits) rounded up to BLOCK_N, compu
 seqlens on the device, so the grid is fixed by the plan while the lengths grow. With one split
 the program writes the output; otherwise it writes (out, lse) partials that the merge kernel
 combines. Online softmax in base 2 with fp32 accumulators. Pages: position pos of sequence b
-is in page block_table[b, pos // P], slot pos % P (page b, slot pos when not paged).
+is in page block_table[b, pos // P], slot pos % P (page b, slot pos when not paged). An entry
+outside [0, num_pages) is never dereferenced: decode gives its tokens no weight, append stops
+before it (KVCache's check=True refuses such a table on the host before either runs).
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ LOG2E = 1.4426950408889634
 def _decode_split_kernel(
     q_ptr, k_ptr, v_ptr, seqlens_ptr, bt_ptr, out_ptr, o_part_ptr, lse_part_ptr,
     sq_b, sq_h, sq_t, sc_page, sc_head, sc_slot, s_bt, so_b, so_h, so_t,
-    H, Hkv, T, R, page_size, max_seqlen, num_splits, scale_log2,
+    H, Hkv, T, R, page_size, num_pages, max_seqlen, num_splits, scale_log2,
     PAGED: tl.constexpr, SPLIT: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
     D: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -66,7 +68,7 @@ def _decode_split_kernel(
             page = tl.load(bt_ptr + b * s_bt + pos // page_size, mask=inb, other=-1)
         else:
             page = tl.zeros([BLOCK_N], tl.int32) + b
-        ok = inb & (page >= 0)
+        ok = inb & (page >= 0) & (page < num_pages)  # a page outside the pool is never read
         off = page.to(tl.int64) * sc_page + hk * sc_head + (pos % page_size) * sc_slot
         k = tl.load(k_ptr + off[:, None] + d[None, :], mask=ok[:, None], other=0.0)
         v = tl.load(v_ptr + off[:, None] + d[None, :], mask=ok[:, None], other=0.0)
@@ -129,12 +131,13 @@ def _decode_merge_kernel(
 def _kv_append_kernel(
     kc_ptr, vc_ptr, seqlens_ptr, bt_ptr, k_ptr, v_ptr,
     sc_page, sc_head, sc_slot, s_bt, sk_b, sk_h, sk_t, sv_b, sv_h, sv_t,
-    Hkv, T, page_size, pages_per_seq, max_seqlen,
+    Hkv, T, page_size, pages_per_seq, num_pages, max_seqlen,
     PAGED: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     b = tl.program_id(0)
     L = tl.load(seqlens_ptr + b)
     # how many of the T tokens fit: up to the first position past max_seqlen or on a missing page
+    # (entry < 0) or one outside the pool (>= num_pages): the store loop below never reaches those
     first_bad = L * 0 + T  # a tensor from the start (T == 1 is specialized to a constexpr)
     for t0 in range(0, T, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
@@ -143,7 +146,7 @@ def _kv_append_kernel(
         if PAGED:
             lp = pos // page_size
             page = tl.load(bt_ptr + b * s_bt + lp, mask=ok & (t < T) & (lp < pages_per_seq), other=-1)
-            ok = ok & (page >= 0)
+            ok = ok & (page >= 0) & (page < num_pages)
         first_bad = tl.minimum(first_bad, tl.min(tl.where(ok | (t >= T), T, t), 0))
     n = first_bad
     d = tl.arange(0, D)
@@ -183,7 +186,7 @@ def decode_attention(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_p
         q, k_cache, v_cache, seqlens, bt, out, o_ws, lse_ws,
         q.stride(0), q.stride(1), q.stride(2), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         bt.stride(0), out.stride(0), out.stride(1), out.stride(2),
-        H, Hkv, T, R, k_cache.shape[2], max_seqlen, num_splits, scale * LOG2E,
+        H, Hkv, T, R, k_cache.shape[2], k_cache.shape[0], max_seqlen, num_splits, scale * LOG2E,
         PAGED=paged, SPLIT=split, UPCAST=(interpreting() and q.dtype == torch.bfloat16),
         IEEE=(q.dtype == torch.float32), D=D, ROWS=ROWS, BLOCK_N=64 if interpreting() else BLOCK_N,
     )
@@ -204,6 +207,6 @@ def kv_append(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen):
         k_cache, v_cache, seqlens, bt, k, v,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), bt.stride(0),
         k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        Hkv, T, P, -(-max_seqlen // P), max_seqlen,
+        Hkv, T, P, -(-max_seqlen // P), k_cache.shape[0], max_seqlen,
         PAGED=paged, D=D, BLOCK_T=min(16, _pow2(T)),
     )
