@@ -299,3 +299,26 @@ def test_all_minilm_l6_v2_matches_sdpa(monkeypatch):
     with torch.no_grad():
         got = {k: m(**batch).last_hidden_state[valid] for k, m in (("o", ours), ("s", sdpa), ("r", ref))}
     assert_within_budget("all-MiniLM-L6-v2 last_hidden_state", got["o"], got["s"], got["r"])
+
+
+# --- the benchmark family -----------------------------------------------------------------------
+
+def test_bench_family_runs_every_implementation(monkeypatch):
+    """forkattn.bench.hf builds eager / sdpa / forkattn variants of each model (tiny configs here)
+    and every one of them runs and agrees with sdpa."""
+    from forkattn.bench import hf as bench_hf
+
+    tiny = {name: _configs()[name][1] for name in ("bert", "gpt2", "llama")}
+    monkeypatch.setattr(bench_hf, "_configs", lambda device, quick: (tiny["bert"], tiny["gpt2"], tiny["llama"]))
+    monkeypatch.setattr(bench_hf, "_shapes", lambda cpu: dict(bert=(3, 17), prefill=(2, 19), generate=(3, 7, 4)))
+    cases = bench_hf.cases("cpu", quick=True)
+    assert [c.name.split()[0] for c in cases] == ["BertModel", "gpt2", "gpt2", "llama-gqa", "llama-gqa"]
+    want_shapes = [(3, 17, 32), (2, 19, V), (3, 11), (2, 19, V), (3, 11)]  # each case on its own inputs
+    for case, shape in zip(cases, want_shapes):
+        assert set(case.fns) == {"eager", "sdpa", "forkattn"}
+        outs = {k: fn() for k, fn in case.fns.items()}
+        assert all(tuple(o.shape) == shape for o in outs.values()), (case.name, {k: o.shape for k, o in outs.items()})
+        if "generate" in case.name:
+            assert torch.equal(outs["forkattn"], outs["sdpa"]), case.name
+        else:
+            assert torch.isfinite(outs["forkattn"]).all(), case.name

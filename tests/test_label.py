@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import sys
 
 import pytest
 import torch
@@ -68,6 +69,7 @@ def test_prefix_cache_scores_equal_whole_prompt_scores(gpt_dir, arch):
     model = tl.load_causal_lm(str(gpt_dir), "cpu")[0] if arch == "gpt2" else _llama(tok.get_vocab_size())
     shots = [(r["text"], r["label"]) for r in _read(os.path.join(DATA, "shots.csv"))]
     clf = ICLClassifier(model, tok, LABELS.split(","), shots, instruction=PROMPT)
+    assert model.config._attn_implementation == "forkattn"  # through the integration
     lab = tl.CachedLabeler(clf)
     assert lab.use_cache and len(lab.prefix_ids) > 50
     texts = [r["text"] for r in _read(os.path.join(DATA, "gold.csv"))[:5]] + ["ok"]
@@ -132,3 +134,18 @@ def test_bad_arguments_exit_with_a_message(gpt_dir, tmp_path):
         tl.main(base + ["--min-confidence", "1.5"])
     with pytest.raises(ValueError, match="no column 'body'"):
         tl.main(base[:-4] + ["--data", os.path.join(DATA, "gold.csv"), "--text-column", "body", "--out", str(tmp_path / "y.csv")])
+
+
+def test_without_transformers_a_forkattn_gpt_scores_each_prompt(gpt_dir, monkeypatch, tmp_path):
+    """No transformers: the forkattn GPT itself, one prompt at a time (no prefix cache), same scores."""
+    want = tl.CachedLabeler(ICLClassifier(tl.load_causal_lm(str(gpt_dir), "cpu")[0], tl.load_tokenizer(str(gpt_dir)),
+                                          LABELS.split(","), instruction=PROMPT)).score(["fine", "broken again"])
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    monkeypatch.delitem(sys.modules, "forkattn.integrations.transformers", raising=False)
+    model, kind = tl.load_causal_lm(str(gpt_dir), "cpu")
+    assert kind == "forkattn" and isinstance(model, GPT)
+    clf = ICLClassifier(model, tl.load_tokenizer(str(gpt_dir)), LABELS.split(","), instruction=PROMPT)
+    got = tl.CachedLabeler(clf, use_cache=False).score(["fine", "broken again"])
+    for g, w in zip(got, want):
+        for k in w:
+            assert abs(g[k] - w[k]) < 1e-3 * max(1.0, abs(w[k])), (k, g, w)

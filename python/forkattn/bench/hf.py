@@ -64,6 +64,13 @@ def _configs(device, quick: bool):
     return bert, gpt2, llama
 
 
+def _shapes(cpu: bool):
+    """(batch, length) of the BERT and prefill cases and (batch, prompt, new tokens) of generate."""
+    if cpu:
+        return dict(bert=(8, 128), prefill=(4, 256), generate=(4, 32, 16))
+    return dict(bert=(32, 128), prefill=(8, 1024), generate=(32, 128, 64))
+
+
 def cases(device, quick: bool) -> List[Case]:
     import transformers
 
@@ -74,16 +81,18 @@ def cases(device, quick: bool) -> List[Case]:
     cpu = device.type == "cpu"
     bert_cfg, gpt2_cfg, llama_cfg = _configs(device, quick)
     dt = str(dtype)[6:]
+    shapes = _shapes(cpu)
     out: List[Case] = []
 
     # --- BertModel padded inference
     torch.manual_seed(0)
     bert = _variants(transformers.BertModel(bert_cfg), dtype, device)
-    B, L = (8, 128) if cpu else (32, 128)
+    B, L = shapes["bert"]
     ids, mask = _left_padded(B, L, bert_cfg.vocab_size, device, left=False)
     out.append(Case("hf", f"BertModel padded B{B} L{L} {dt} (hidden {bert_cfg.hidden_size}, "
                           f"{bert_cfg.num_hidden_layers} layers)",
-                    {k: _infer(lambda m=m: m(input_ids=ids, attention_mask=mask).last_hidden_state) for k, m in bert.items()},
+                    {k: _infer(lambda m=m, i=ids, a=mask: m(input_ids=i, attention_mask=a).last_hidden_state)
+                     for k, m in bert.items()},
                     params=dict(model="bert", batch=B, seqlen=L, dtype=dt), tokens=int(mask.sum())))
     del bert
 
@@ -92,16 +101,18 @@ def cases(device, quick: bool) -> List[Case]:
                            ("llama-gqa", transformers.LlamaForCausalLM, llama_cfg)):
         torch.manual_seed(0)
         models = _variants(cls(cfg), dtype, device)
-        B, L = (4, 256) if cpu else (8, 1024)
+        B, L = shapes["prefill"]
         ids, mask = _left_padded(B, L, cfg.vocab_size, device)
         out.append(Case("hf", f"{name} prefill left-padded B{B} L{L} {dt}",
-                        {k: _infer(lambda m=m: m(input_ids=ids, attention_mask=mask).logits) for k, m in models.items()},
+                        {k: _infer(lambda m=m, i=ids, a=mask: m(input_ids=i, attention_mask=a).logits)
+                         for k, m in models.items()},
                         params=dict(model=name, batch=B, seqlen=L, dtype=dt), tokens=int(mask.sum())))
-        B, P, new = (4, 32, 16) if cpu else (32, 128, 64)
+        B, P, new = shapes["generate"]
         ids, mask = _left_padded(B, P, cfg.vocab_size, device, seed=1)
         gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         out.append(Case("hf", f"{name} generate B{B} prompt {P} (left-padded) + {new} new {dt}",
-                        {k: _infer(lambda m=m: m.generate(ids, attention_mask=mask, **gen)) for k, m in models.items()},
+                        {k: _infer(lambda m=m, i=ids, a=mask: m.generate(i, attention_mask=a, **gen))
+                         for k, m in models.items()},
                         params=dict(model=name, batch=B, prompt=P, new_tokens=new, dtype=dt), tokens=B * new))
     return out
 
