@@ -175,8 +175,17 @@ def test_torch_compile_fullgraph():
     torch._dynamo.reset()
     m = _model("llama", "forkattn").train()
     ids, mask = _batch([11, 6], 11)
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    from torch._dynamo.backends.debugging import aot_eager
+
+    ops = []
+
+    def backend(gm, example_inputs):  # records the captured graph's ops, then runs it through AOTAutograd
+        ops.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(m, fullgraph=True, backend=backend)
     got = _main_output(compiled(ids, attention_mask=mask))
+    assert ops.count("forkattn.attention_fwd.default") == 2 and not any("scaled_dot" in o for o in ops), ops
     got[mask.bool()].sum().backward()
     g_got = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
     m.zero_grad()
