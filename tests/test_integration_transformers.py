@@ -198,6 +198,43 @@ def test_torch_compile_fullgraph():
             torch.testing.assert_close(g_got[n], p.grad, msg=n)
 
 
+def test_static_cache_decode_compiles_once():
+    """Decode steps through a StaticCache with a fixed-size [B, max_cache_len] mask: one fullgraph
+    capture serves every step (the mask keeps its shape), and the tokens equal the eager steps'."""
+    m = _model("llama", "forkattn")
+    ids, mask = _batch([6, 3], 6, left=True)
+    S = 12
+
+    def decode(step):
+        cache = transformers.StaticCache(config=m.config, max_cache_len=S)
+        with torch.no_grad():
+            logits = m(ids, attention_mask=mask, cache_position=torch.arange(6), past_key_values=cache).logits
+            full = torch.cat([mask, torch.zeros(2, S - 6, dtype=mask.dtype)], 1)
+            pos, toks = mask.sum(1, keepdim=True) - 1, []
+            for i in range(3):
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+                toks.append(tok)
+                full[:, 6 + i] = 1
+                pos = pos + 1
+                logits = step(tok, full.clone(), pos, torch.tensor([6 + i]), cache)
+        return torch.cat(toks, 1)
+
+    def step(tok, full, pos, cache_position, cache):
+        return m(tok, attention_mask=full, position_ids=pos, cache_position=cache_position, past_key_values=cache).logits
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    want = decode(step)
+    got = decode(torch.compile(step, fullgraph=True, backend=backend, dynamic=False))
+    assert torch.equal(got, want)
+    assert len(graphs) == 1
+
+
 # --- what forkattn cannot do yet ----------------------------------------------------------------
 
 def _fresh_warnings():
