@@ -9,6 +9,7 @@ COMMANDS = {
     "bert-mlm": ("forkattn.training.bert", "main_mlm"),
     "bert-finetune": ("forkattn.training.bert", "main_finetune"),
     "gpt": ("forkattn.training.gpt", "main"),
+    "label": ("forkattn.training.label", "main"),
 }
 
 

@@ -361,6 +361,8 @@ def _finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--text-column", default="text")
     p.add_argument("--pair-column", default=None, help="second segment column, e.g. a hypothesis")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--labeler-column", default="labeler",
+                   help="--eval column with a labeler's labels (forkattn.train label): also report agreement with it")
     p.add_argument("--tokens-column", default="tokens")
     p.add_argument("--tags-column", default="tags")
     p.add_argument("--epochs", type=float, default=3)
@@ -540,6 +542,12 @@ def main_finetune(argv=None) -> int:
             print(f"epoch {res['epoch']}: loss {res['loss']:.4f} " +
                   " ".join(f"{k} {v:.4f}" for k, v in res.items() if k in ("accuracy", "exact_match")), flush=True)
     bar.close()
+    if ddp.is_main and args.task == "sequence-classification" and eval_records and args.labeler_column in eval_records[0]:
+        # agreement with the labeler: the same evaluation, against its labels instead of the hand labels
+        teacher = [dict(r, label=label2id.get(str(rec[args.labeler_column]), -1)) for r, rec in zip(eval_rows, eval_records)]
+        results[-1]["labeler_agreement"] = evaluate(model, teacher, tok, args, device, autocast)["accuracy"]
+        print(f"accuracy {results[-1]['accuracy']:.4f} on {args.eval or 'the eval rows'}, agreement with the labeler "
+              f"({args.labeler_column!r}) {results[-1]['labeler_agreement']:.4f}", flush=True)
     if ddp.is_main:
         _save(model, tok, args.out)
         with open(os.path.join(args.out, "eval_results.json"), "w") as f:
