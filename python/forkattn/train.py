@@ -24,8 +24,8 @@ def main(argv=None) -> int:
         return 0
     if not argv or argv[0] not in COMMANDS:
         print(usage, file=sys.stderr)
-        if argv:
-            print(f"python -m forkattn.train: error: unknown command {argv[0]!r}", file=sys.stderr)
+        why = f"unknown command {argv[0]!r}" if argv else "a command is needed"
+        print(f"python -m forkattn.train: error: {why}", file=sys.stderr)
         return 2
     module, fn = COMMANDS[argv[0]]
     from .training.common import UsageError

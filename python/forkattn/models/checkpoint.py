@@ -55,17 +55,34 @@ def read_state_dict(path, map_location="cpu") -> Dict[str, Tensor]:
         from safetensors.torch import load_file
 
         if os.path.isfile(st):
-            return load_file(st, device=str(map_location))
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+            return _read(load_file, st, map_location)
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as e:
+            raise ValueError(f"{index} is not a safetensors index (a JSON object with a weight_map): {e}") from None
         state: Dict[str, Tensor] = {}
         for shard in shards:
-            state.update(load_file(os.path.join(path, shard), device=str(map_location)))
+            state.update(_read(load_file, os.path.join(path, shard), map_location))
         return state
     pt = os.path.join(path, "pytorch_model.bin")
     if os.path.isfile(pt):
-        return torch.load(pt, map_location=map_location, weights_only=True)
+        return _read(lambda f, device: torch.load(f, map_location=device, weights_only=True), pt, map_location)
     raise FileNotFoundError(f"{path} has none of {', '.join(WEIGHTS_FILES)}")
+
+
+def _read(reader, file: str, map_location) -> Dict[str, Tensor]:
+    """reader(file, device=...), with a damaged or foreign file reported as a ValueError naming it
+    (safetensors raises its own SafetensorError, torch.load an UnpicklingError or RuntimeError)."""
+    try:
+        state = reader(file, device=str(map_location))
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - re-raised with the file's name
+        raise ValueError(f"cannot read the weights file {file}: {type(e).__name__}: {e}") from e
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"the weights file {file} does not hold a dict of tensors")
+    return state
 
 
 def save_safetensors(state: Dict[str, Tensor], file: str) -> None:
