@@ -228,3 +228,20 @@ def test_gpt_no_progress_logs_lines_and_writes_train_log(tmp_path, capsys, folde
     assert [e["step"] for e in log] == list(range(1, 13))
     assert all(e["loss"] > 0 and e["lr"] > 0 and "seconds" in e for e in log)
     assert stat.S_IMODE(os.stat(out / "model.safetensors").st_mode) == stat.S_IMODE(os.stat(out / "config.json").st_mode)
+
+
+def test_finetune_with_other_labels_needs_the_flag(tmp_path, capsys, folders):
+    """A fine-tuned 2-label classifier re-fine-tuned on 3 labels: the classifier's shapes differ, which
+    is refused with the flag to pass, and accepted with it."""
+    (tmp_path / "two.csv").write_text("text,label\n" + "a great film,positive\na dull film,negative\n" * 2)
+    (tmp_path / "three.csv").write_text("text,label\n" + "a great film,positive\na dull film,negative\nok,mixed\n")
+    args = ["--epochs", "1", "--batch-size", "4", "--device", "cpu", "--no-progress"]
+    rc, _, err = _run(["bert-finetune", "--model", str(folders / "runs" / "bert"), "--train", str(tmp_path / "two.csv"),
+                       "--out", str(tmp_path / "ft2"), *args], capsys)
+    assert rc == 0, err
+    rc, _, err = _run(["bert-finetune", "--model", str(tmp_path / "ft2"), "--train", str(tmp_path / "three.csv"),
+                       "--out", str(tmp_path / "ft3"), *args], capsys)
+    _clean_error(rc, err, "classifier.weight: checkpoint (2, 32), model (3, 32)", "--ignore-mismatched-sizes")
+    rc, out, err = _run(["bert-finetune", "--model", str(tmp_path / "ft2"), "--train", str(tmp_path / "three.csv"),
+                         "--out", str(tmp_path / "ft3"), "--ignore-mismatched-sizes", *args], capsys)
+    assert rc == 0 and "re-initialized (other shape) ['classifier.bias', 'classifier.weight']" in out, out + err

@@ -385,13 +385,14 @@ class BertPreTrainedModel(nn.Module):
         config = BertConfig.from_json_file(os.path.join(path, "config.json"), **config_overrides)
         model = cls(config)
         state = read_state_dict(path, map_location=map_location)
-        info = model.load_hf_state_dict(state, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict)
+        info = model.load_hf_state_dict(state, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict, log=True)
         model.eval()
         return (model, info) if output_loading_info else model
 
     def load_hf_state_dict(self, state: Dict[str, Tensor], *, ignore_mismatched_sizes: bool = False,
-                           strict: bool = False) -> dict:
-        """Copy a transformers-named state dict in (checkpoint.load_state); return the key report."""
+                           strict: bool = False, log: bool = False) -> dict:
+        """Copy a transformers-named state dict in (checkpoint.load_state); return the key report
+        (logged too with log=True, as from_pretrained does)."""
         albert = self.config.model_type == "albert"
         has_prefix = any(k.startswith(("bert.", "albert.")) for k in state)
         prefix = self.base_model_prefix + "." if self.base_model_prefix else ""
@@ -421,7 +422,7 @@ class BertPreTrainedModel(nn.Module):
             return name, value
 
         return load_state(self, state, map_head, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict,
-                          owner=f"{type(self).__name__}.from_pretrained")
+                          owner=f"{type(self).__name__}.from_pretrained", log=log)
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """The state dict under transformers' names (ALBERT names when config.model_type == 'albert')."""

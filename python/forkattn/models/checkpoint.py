@@ -98,12 +98,13 @@ def save_safetensors(state: Dict[str, Tensor], file: str) -> None:
 
 def load_state(model: nn.Module, state: Dict[str, Tensor], map_key: MapKey, *,
                tied: Iterable[Tuple[str, str]] = (), ignore_mismatched_sizes: bool = False,
-               strict: bool = False, owner: Optional[str] = None) -> Dict[str, list]:
+               strict: bool = False, owner: Optional[str] = None, log: bool = True) -> Dict[str, list]:
     """Copy `state` into `model` through map_key; returns the key report (see the module docstring).
 
     tied: (a, b) pairs of model keys holding one tensor: when only one of them is in the
     checkpoint it fills both. owner names the model in messages (default: its class name).
-    Nothing is copied when this raises."""
+    log=False returns the report without logging it (from_pretrained logs; a bare state-dict load,
+    like torch's load_state_dict, does not). Nothing is copied when this raises."""
     owner = owner or type(model).__name__
     if not isinstance(ignore_mismatched_sizes, bool):
         raise TypeError(f"ignore_mismatched_sizes must be a bool, got {type(ignore_mismatched_sizes).__name__}")
@@ -142,13 +143,13 @@ def load_state(model: nn.Module, state: Dict[str, Tensor], map_key: MapKey, *,
     with torch.no_grad():
         for name, value in loaded.items():
             own[name].copy_(value)
-    if mismatched:
+    if log and mismatched:
         logger.warning("%s: %d tensors with other shapes in the checkpoint, left newly initialized "
                        "(ignore_mismatched_sizes=True): %s", owner, len(mismatched),
                        "; ".join(m for _, m in sorted(mismatched)))
-    if missing:
+    if log and missing:
         logger.warning("%s: %d keys missing from the checkpoint, newly initialized: %s", owner, len(missing), missing)
-    if unexpected:
+    if log and unexpected:
         logger.warning("%s: %d unexpected keys in the checkpoint, not used: %s", owner, len(unexpected), unexpected)
     return {"missing_keys": missing, "unexpected_keys": unexpected,
             "mismatched_keys": sorted(bad), "ignored_keys": sorted(ignored)}

@@ -294,14 +294,15 @@ class GPT(nn.Module):
         config = GPTConfig.from_json(os.path.join(path, "config.json"))
         model = cls(config, backend=backend)
         info = model.load_hf_state_dict(read_state_dict(path), strict=strict,
-                                        ignore_mismatched_sizes=ignore_mismatched_sizes)
+                                        ignore_mismatched_sizes=ignore_mismatched_sizes, log=True)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return (model, info) if output_loading_info else model
 
     def load_hf_state_dict(self, sd: Dict[str, Tensor], *, strict: bool = False,
-                           ignore_mismatched_sizes: bool = False) -> Dict[str, List[str]]:
-        """Copy a transformers GPT2LMHeadModel / GPT2Model state dict in (checkpoint.load_state)."""
+                           ignore_mismatched_sizes: bool = False, log: bool = False) -> Dict[str, List[str]]:
+        """Copy a transformers GPT2LMHeadModel / GPT2Model state dict in (checkpoint.load_state);
+        returns the key report (logged too with log=True, as from_pretrained does)."""
         if sd and not any(k.startswith("transformer.") for k in sd):
             sd = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in sd.items()}
 
@@ -311,7 +312,7 @@ class GPT(nn.Module):
             return key, (value.t() if key.endswith(self.CONV1D) and value.dim() == 2 else value)
 
         return load_state(self, sd, map_key, tied=[("transformer.wte.weight", "lm_head.weight")], strict=strict,
-                          ignore_mismatched_sizes=ignore_mismatched_sizes, owner="GPT.from_pretrained")
+                          ignore_mismatched_sizes=ignore_mismatched_sizes, owner="GPT.from_pretrained", log=log)
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """transformers' GPT2LMHeadModel keys and layouts (Conv1D weights [in, out]), without the

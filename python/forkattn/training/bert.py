@@ -32,7 +32,7 @@ import forkattn
 from forkattn.models import bert as fb
 from forkattn.models.bert_tokenizer import BertTokenizer
 from forkattn.training.common import (Distributed, HelpFormatter, UsageError, adamw, add_dtype_arg, autocast_dtype,
-                                      default_device, input_file, model_dir, warmup_schedule)
+                                      default_device, input_file, model_dir, quiet_logger, warmup_schedule)
 
 
 # --- shared pieces -------------------------------------------------------------------------------
@@ -372,22 +372,6 @@ def _checked_records(path: str, flag: str, args) -> List[dict]:
     return records
 
 
-class _quiet:
-    """Raise a logger's level to ERROR for a block."""
-
-    def __init__(self, name: str):
-        import logging
-
-        self.logger = logging.getLogger(name)
-
-    def __enter__(self):
-        self.level = self.logger.level
-        self.logger.setLevel("ERROR")
-
-    def __exit__(self, *exc):
-        self.logger.setLevel(self.level)
-
-
 TASKS = {"sequence-classification": fb.BertForSequenceClassification,
          "token-classification": fb.BertForTokenClassification,
          "question-answering": fb.BertForQuestionAnswering}
@@ -542,9 +526,15 @@ def main_finetune(argv=None) -> int:
     overrides = {"attention_backend": args.backend}
     if labels:
         overrides["id2label"] = dict(enumerate(labels))
-    with _quiet("forkattn.models"):  # reported once, by the line below
-        model, info = TASKS[args.task].from_pretrained(args.model, output_loading_info=True,
-                                                       ignore_mismatched_sizes=args.ignore_mismatched_sizes, **overrides)
+    with quiet_logger("forkattn.models"):  # reported once, by the line below
+        try:
+            model, info = TASKS[args.task].from_pretrained(args.model, output_loading_info=True,
+                                                           ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+                                                           **overrides)
+        except ValueError as e:
+            if "ignore_mismatched_sizes" not in str(e):
+                raise
+            raise UsageError(f"--model {args.model}: {e} (on the command line: --ignore-mismatched-sizes)") from None
     if ddp.is_main:
         print(f"bert-finetune: {args.task} from {args.model}; new head {info['missing_keys']}, "
               f"dropped {info['unexpected_keys']}" +

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import math
 import os
 import shutil
@@ -166,3 +167,15 @@ def output_dir(path: str, enabled: bool = True):
         if enabled and not existed and os.path.isdir(path) and not os.listdir(path):
             shutil.rmtree(path, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR):
+    """Raise a logger's level for a block (a command that reports the same thing itself)."""
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield logger
+    finally:
+        logger.setLevel(old)
