@@ -456,20 +456,36 @@ def _judge(r: dict) -> str:
     return ""
 
 
+def _start(entry: str, first: int = 0) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "python"))
+    return subprocess.Popen([sys.executable, os.path.abspath(__file__), entry, str(first)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def launched():
+    """Every entry's first subprocess, started together (most of their time is importing torch)."""
+    procs = {entry: _start(entry) for entry in ENTRIES}
+    yield procs
+    for p in procs.values():
+        if p.poll() is None:
+            p.kill()
+            p.communicate()
+
+
 @pytest.mark.parametrize("entry", list(ENTRIES))
-def test_bad_inputs_raise_clean_errors(entry):
+def test_bad_inputs_raise_clean_errors(entry, launched):
     """One subprocess runs the entry's cases; when a case kills it (segfault, abort) or hangs, that case
     is reported and a fresh subprocess goes on with the next one."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.join(ROOT, "python"))
-    problems, n_run, first = [], 0, 0
+    problems, n_run, first, proc = [], 0, 0, launched[entry]
     for _ in range(20):  # at most 20 crashes per entry
         try:
-            p = subprocess.run([sys.executable, os.path.abspath(__file__), entry, str(first)], capture_output=True,
-                               text=True, timeout=240, env=env, cwd=ROOT)
-            out, err, rc = p.stdout, p.stderr, p.returncode
-        except subprocess.TimeoutExpired as e:
-            out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-            err, rc = "", "timeout (240 s)"
+            out, err = proc.communicate(timeout=300)
+            rc = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            rc = "timeout (300 s)"
         started = [json.loads(l[6:]) for l in out.splitlines() if l.startswith("START ")]
         results = [json.loads(l[7:]) for l in out.splitlines() if l.startswith("RESULT ")]
         problems += [f"{r['case']}: {why}" for r in results if (why := _judge(r))]
@@ -477,6 +493,7 @@ def test_bad_inputs_raise_clean_errors(entry):
         if len(results) < len(started):  # died inside a case: report it, resume after it
             problems.append(f"{started[len(results)]}: the process died ({rc}) in this case; stderr: {err[-600:]}")
             first += len(started)
+            proc = _start(entry, first)
             continue
         if rc != 0:
             problems.append(f"the process exited with {rc} outside any case: {err[-1500:]}")
