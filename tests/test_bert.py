@@ -214,6 +214,59 @@ def test_albert_structure():
         fb.BertConfig(num_hidden_layers=2, num_hidden_groups=3)
 
 
+def test_config_that_disagrees_with_the_weights_is_refused(tmp_path, caplog):
+    """Issue 12 section 4: config.json edited to intermediate_size=48 over 64-wide weights loaded with six
+    tensors left random. Now a ValueError names them with both shapes; ignore_mismatched_sizes=True loads
+    the rest and lists the six in a warning and in mismatched_keys."""
+    c = fb.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                      max_position_embeddings=32)
+    fb.BertModel(c).save_pretrained(str(tmp_path))
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    cfg["intermediate_size"] = 48
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError) as e:
+        fb.BertModel.from_pretrained(str(tmp_path))
+    msg = str(e.value)
+    assert "6 checkpoint tensors" in msg and "ignore_mismatched_sizes=True" in msg
+    for i in range(2):
+        assert f"encoder.layer.{i}.intermediate.dense.weight: checkpoint (64, 32), model (48, 32)" in msg
+        assert f"encoder.layer.{i}.intermediate.dense.bias: checkpoint (64,), model (48,)" in msg
+        assert f"encoder.layer.{i}.output.dense.weight: checkpoint (32, 64), model (32, 48)" in msg
+    with caplog.at_level("WARNING", logger="forkattn.models"):
+        m, info = fb.BertModel.from_pretrained(str(tmp_path), ignore_mismatched_sizes=True, output_loading_info=True)
+    assert len(info["mismatched_keys"]) == 6 and info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert "encoder.layer.1.output.dense.weight: checkpoint (32, 64), model (32, 48)" in caplog.text
+    # strict=True refuses missing / unexpected keys too
+    with pytest.raises(ValueError, match=r"strict=True.*missing keys \['qa_outputs.bias', 'qa_outputs.weight'\]"):
+        fb.BertForQuestionAnswering.from_pretrained(str(tmp_path), intermediate_size=64, strict=True)
+    with pytest.raises(FileNotFoundError, match="no-such-model.*does not exist"):
+        fb.BertModel.from_pretrained(str(tmp_path / "no-such-model"))
+
+
+def test_sharded_safetensors_checkpoint(tmp_path):
+    from safetensors.torch import save_file
+
+    c = fb.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                      max_position_embeddings=32)
+    m = fb.BertModel(c).eval()
+    m.save_pretrained(str(tmp_path))
+    state = m.hf_state_dict()
+    keys = sorted(state)
+    shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+              "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
+    for name, ks in shards.items():
+        save_file({k: state[k].clone() for k in ks}, str(tmp_path / name))
+    with open(tmp_path / "model.safetensors.index.json", "w") as f:
+        json.dump({"weight_map": {k: name for name, ks in shards.items() for k in ks}}, f)
+    os.remove(tmp_path / "model.safetensors")
+    m2, info = fb.BertModel.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k]), k
+
+
 def test_save_pretrained_round_trip_and_key_report(tmp_path, caplog):
     c = fb.BertConfig(vocab_size=60, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
                       max_position_embeddings=32, num_labels=3, id2label={0: "negative", 1: "mixed", 2: "positive"})
@@ -221,7 +274,7 @@ def test_save_pretrained_round_trip_and_key_report(tmp_path, caplog):
     ids, mask, tt = _batch(vocab=60)
     m.save_pretrained(str(tmp_path / "a"))
     m2, info = fb.BertForSequenceClassification.from_pretrained(str(tmp_path / "a"), output_loading_info=True)
-    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": []}
+    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "ignored_keys": []}
     assert m2.config.id2label == c.id2label
     torch.testing.assert_close(m2(ids, mask, tt).logits, m(ids, mask, tt).logits, rtol=0, atol=0)
     # transformers reads what we write
@@ -229,7 +282,7 @@ def test_save_pretrained_round_trip_and_key_report(tmp_path, caplog):
     torch.testing.assert_close(hf(input_ids=ids, attention_mask=mask, token_type_ids=tt).logits, m(ids, mask, tt).logits,
                                rtol=1e-4, atol=1e-5)
     # head swap: classification checkpoint -> QA model: the classifier/pooler are unexpected, qa_outputs missing
-    with caplog.at_level("WARNING", logger="forkattn.models.bert"):
+    with caplog.at_level("WARNING", logger="forkattn.models"):
         qa, info = fb.BertForQuestionAnswering.from_pretrained(str(tmp_path / "a"), output_loading_info=True)
     assert info["missing_keys"] == ["qa_outputs.bias", "qa_outputs.weight"]
     assert info["unexpected_keys"] == ["bert.pooler.dense.bias", "bert.pooler.dense.weight", "classifier.bias",
@@ -238,9 +291,15 @@ def test_save_pretrained_round_trip_and_key_report(tmp_path, caplog):
     # base model from a head checkpoint: the prefix is stripped
     base, info = fb.BertModel.from_pretrained(str(tmp_path / "a"), output_loading_info=True)
     assert info["missing_keys"] == [] and info["unexpected_keys"] == ["classifier.bias", "classifier.weight"]
-    # more labels than the checkpoint: the classifier is reported as mismatched and re-initialized
-    m5, info = fb.BertForSequenceClassification.from_pretrained(str(tmp_path / "a"), output_loading_info=True, num_labels=5)
+    # more labels than the checkpoint: a ValueError naming the classifier and both shapes, unless
+    # ignore_mismatched_sizes=True, which re-initializes it and says so
+    with pytest.raises(ValueError, match=r"classifier.bias: checkpoint \(3,\), model \(5,\).*ignore_mismatched_sizes"):
+        fb.BertForSequenceClassification.from_pretrained(str(tmp_path / "a"), num_labels=5)
+    caplog.clear()
+    m5, info = fb.BertForSequenceClassification.from_pretrained(str(tmp_path / "a"), output_loading_info=True,
+                                                                 num_labels=5, ignore_mismatched_sizes=True)
     assert m5.config.num_labels == 5 and info["mismatched_keys"] == ["classifier.bias", "classifier.weight"]
+    assert "classifier.weight: checkpoint (3, 32), model (5, 32)" in caplog.text
     # pytorch_model.bin works too
     m.save_pretrained(str(tmp_path / "b"), safe_serialization=False)
     m3 = fb.BertForSequenceClassification.from_pretrained(str(tmp_path / "b"))

@@ -1,5 +1,6 @@
 """GPT-2 on forkattn: parity with transformers, checkpoints, KV-cache generation, ICL, training."""
 import os
+import re
 import warnings
 
 import pytest
@@ -123,7 +124,7 @@ def test_save_pretrained_round_trip_and_transformers_loads_it(tmp_path):
     assert max_err(hf(x).logits, ours(x).logits) < 1e-5
 
 
-def test_key_reports(tmp_path):
+def test_key_reports(tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
     _, ours = pair()
@@ -134,8 +135,9 @@ def test_key_reports(tmp_path):
     sd["transformer.h.0.extra.weight"] = torch.ones(3)
     sd = {k[len("transformer."):]: v for k, v in sd.items()}  # GPT2Model-style keys, no prefix
     save_file(sd, str(tmp_path / "model.safetensors"))
-    with pytest.warns(UserWarning, match="missing"):
+    with caplog.at_level("WARNING", logger="forkattn.models"):
         m, info = GPT.from_pretrained(str(tmp_path), output_loading_info=True)
+    assert "missing" in caplog.text and "transformer.h.1.mlp.c_fc.bias" in caplog.text
     assert info["missing_keys"] == ["transformer.h.1.mlp.c_fc.bias"]
     assert info["unexpected_keys"] == ["transformer.h.0.extra.weight"]
     assert info["ignored_keys"] == ["transformer.h.0.attn.bias"]
@@ -146,9 +148,14 @@ def test_key_reports(tmp_path):
     save_file(sd, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"h.0.ln_1.weight: checkpoint \(7,\), model \(48,\)"):
         GPT.from_pretrained(str(tmp_path))
+    m, info = GPT.from_pretrained(str(tmp_path), ignore_mismatched_sizes=True, output_loading_info=True)
+    assert info["mismatched_keys"] == ["transformer.h.0.ln_1.weight"]
+    assert torch.equal(m.transformer.h[0].ln_1.weight, torch.ones(48))  # left at its initialization
     os.remove(tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         GPT.from_pretrained(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+        GPT.from_pretrained(str(tmp_path / "nowhere"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -535,7 +542,7 @@ def test_train_command_cpu(tmp_path, capsys):
     assert rc == 0
     text = capsys.readouterr().out
     assert "tokens/parameter vs ~20 compute-optimal (Chinchilla)" in text
-    first, last = (float(x) for x in text.split("loss ")[1].split(" (mean")[0].split(" -> "))
+    first, last = (float(x) for x in re.search(r"loss ([\d.]+) -> ([\d.]+) \(mean", text).groups())
     assert last < first - 1.0, text
     assert "validation loss" in text and "sample:" in text
     for f in ("config.json", "model.safetensors", "tokenizer.json"):

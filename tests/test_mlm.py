@@ -1,6 +1,7 @@
 """forkattn.mlm_mask: statistics over >= 1M tokens, the documented Philox layout, bit-identical
 backends (cpu vs triton here, cuda on a GPU), exact / whole-word / min_masked, dtypes, strides,
 inplace, bad inputs, transformers' DataCollatorForLanguageModeling, opcheck."""
+import math
 import os
 
 import numpy as np
@@ -196,7 +197,11 @@ def test_seed_none_draws_from_torch_generator():
 # --- modes -------------------------------------------------------------------------------------------------
 
 def _expected_k(n, p=0.15):
-    return (n * fmlm.threshold(p) + 2**31) >> 32
+    """mode="exact"'s documented count: n * p rounded half up, p as the decimal it prints as."""
+    from fractions import Fraction
+
+    q = Fraction(str(p))
+    return math.floor(n * q + Fraction(1, 2))
 
 
 def test_exact_mode_counts():
@@ -208,6 +213,34 @@ def test_exact_mode_counts():
     k = (lab != -100).sum(1).tolist()
     assert k == [_expected_k(x) for x in n]
     assert all(abs(kk - 0.15 * nn) <= 0.5 + 1e-6 for kk, nn in zip(k, n))
+
+
+EXACT_BACKENDS = ["cpu", pytest.param("triton", marks=needs_triton)]
+
+
+@pytest.mark.parametrize("backend", EXACT_BACKENDS)
+def test_exact_mode_rounds_ties_half_up(backend):
+    """Issue 12: at p=0.15, 10 eligible tokens gave 1 and 50 gave 7 (1.5 and 7.5 rounded down by the
+    binary 0.15 and the 2^-32 threshold). Every n from 1 to 400 (128 on triton) now gives round half up."""
+    L = 402 if backend == "cpu" else 130  # the triton interpreter is slow
+    for p in (0.15, 0.25, 0.35, 0.05, 0.5) if backend == "cpu" else (0.15, 0.35):
+        n = torch.arange(1, L - 1)
+        ids = torch.randint(200, V, (len(n), L), generator=torch.Generator().manual_seed(1))
+        att = (torch.arange(L)[None, :] < n[:, None]).to(torch.int64)
+        out, lab = forkattn.mlm_mask(ids, attention_mask=att, mode="exact", mask_prob=p, seed=11, backend=backend,
+                                     **KW)
+        k = (lab != -100).sum(1).tolist()
+        want = [_expected_k(x, p) for x in n.tolist()]
+        bad = [(x, kk, w) for x, kk, w in zip(n.tolist(), k, want) if kk != w]
+        assert not bad, f"p={p}: (n, got, want) {bad[:5]}"
+    assert _expected_k(10) == 2 and _expected_k(50) == 8 and fmlm.exact_count(10, 0.15) == 2
+
+
+def test_exact_count_matches_the_kernel_formula():
+    """The kernels count floor((n * T + 2^31) / 2^32); exact_threshold's T makes that exact_count."""
+    for p in (0.15, 0.1, 0.2, 0.3, 0.45, 0.55, 0.85, 0.125, 0.001, 1.0, 0.0):
+        t = fmlm.exact_threshold(p)
+        assert all((n * t + 2**31) >> 32 == fmlm.exact_count(n, p) for n in range(0, 70000)), p
 
 
 def make_words(ids, att, seed=0):
@@ -560,3 +593,46 @@ def test_public_api_under_fake_tensor_mode_uses_the_op():
         out, lab = forkattn.mlm_mask(x, attention_mask=a, seed=3, **KW)
         assert out.shape == ids.shape and lab.dtype == ids.dtype
         assert type(out) is not torch.Tensor  # fake outputs from register_fake, the kernel never ran
+
+
+# --- meta tensors and the collator's input checks (issue 12 section 6) ---------------------------------
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_meta_input_gives_meta_outputs(inplace):
+    """Eager mlm_mask on meta failed deep inside ("META device type not an accelerator" / nonzero)."""
+    ids = torch.empty(3, 7, dtype=torch.int32, device="meta")
+    att = torch.empty(3, 7, dtype=torch.int64, device="meta")
+    out, lab = forkattn.mlm_mask(ids, attention_mask=att, inplace=inplace, **KW)
+    assert out.device.type == lab.device.type == "meta"
+    assert out.shape == lab.shape == (3, 7) and out.dtype == lab.dtype == torch.int32
+    assert (out is ids) == inplace
+    with pytest.raises(ValueError, match="input_ids must be 2-D"):
+        forkattn.mlm_mask(torch.empty(7, dtype=torch.int64, device="meta"), **KW)
+    with pytest.raises(forkattn.BackendUnavailableError, match="cpu"):
+        forkattn.mlm_mask(ids, backend="cpu", **KW)
+
+
+def test_collator_rejects_ragged_or_nested_fields_by_name():
+    """An attention_mask longer than input_ids, or a 2-D tensor example, raised a raw broadcasting error."""
+    from forkattn.data import MLMCollator
+
+    col = MLMCollator(SPECIALS, vocab_size=V, mask_token_id=MASK, pad_token_id=PAD)
+    good = {"input_ids": [CLS, 500, 600, SEP]}
+    assert col([good, {"input_ids": [CLS, 700, SEP]}], seed=1)["input_ids"].shape == (2, 4)
+    cases = [
+        ({"input_ids": [CLS, 500, SEP], "attention_mask": [1, 1, 1, 1, 1]}, r"example 1: 'attention_mask' has 5 "
+                                                                             r"entries but 'input_ids' has 3"),
+        ({"input_ids": [CLS, 500, SEP], "token_type_ids": [0]}, r"'token_type_ids' has 1 entries"),
+        ({"input_ids": torch.tensor([[CLS, 500, SEP], [CLS, 501, SEP]])}, r"example 1: 'input_ids' must be 1-D.*\(2, 3\)"),
+        (torch.tensor([[CLS, 500, SEP], [CLS, 501, SEP]]), r"example 1: 'input_ids' must be 1-D"),
+        ({"input_ids": [[CLS, 500], [SEP, 4]]}, r"'input_ids' must be a flat list"),
+        ({"input_ids": 5}, r"'input_ids' must be a list or 1-D tensor"),
+        ({"input_ids": [CLS, SEP], "special_tokens_mask": [1, 0, 0]}, r"'special_tokens_mask' has 3 entries"),
+        ({"ids": [CLS, SEP]}, r"every example must have 'input_ids'; example 1 has \['ids'\]"),
+    ]
+    for bad, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            col([good, bad], seed=1)
+    wcol = MLMCollator(SPECIALS, vocab_size=V, mask_token_id=MASK, pad_token_id=PAD, whole_word=True)
+    with pytest.raises(ValueError, match="'word_ids' has 2 entries but 'input_ids' has 4"):
+        wcol([{"input_ids": [CLS, 500, 600, SEP], "word_ids": [None, 0]}], seed=1)

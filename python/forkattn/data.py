@@ -16,10 +16,24 @@ from .mlm import mlm_mask
 __all__ = ["MLMCollator"]
 
 
-def _as_list(x) -> List[int]:
-    if isinstance(x, Tensor):
-        return x.tolist()
-    return list(x)
+def _row(x, field: str, i: int, length: Optional[int] = None) -> List:
+    """Example i's `field` as a flat list, after checking it is one row (a 1-D tensor or a flat
+    sequence) of `length` entries: ValueError naming the field and example otherwise."""
+    where = f"example {i}: {field!r}"
+    if isinstance(x, Tensor) or hasattr(x, "ndim"):
+        if x.ndim != 1:
+            raise ValueError(f"{where} must be 1-D (one sequence), got shape {tuple(x.shape)}; "
+                             "pass one dict per sequence")
+        x = x.tolist()
+    elif isinstance(x, (str, bytes)) or not hasattr(x, "__len__") or not hasattr(x, "__iter__"):
+        raise ValueError(f"{where} must be a list or 1-D tensor of ints, got {type(x).__name__}")
+    x = list(x)
+    if any(isinstance(v, (list, tuple)) or hasattr(v, "__len__") for v in x):
+        raise ValueError(f"{where} must be a flat list of ints (one sequence), got nested lists; "
+                         "pass one example per sequence")
+    if length is not None and len(x) != length:
+        raise ValueError(f"{where} has {len(x)} entries but 'input_ids' has {length}; they must be equally long")
+    return x
 
 
 class MLMCollator:
@@ -110,26 +124,33 @@ class MLMCollator:
         if len(examples) == 0:
             raise ValueError("examples must not be empty")
         exs = [e if isinstance(e, Mapping) else {"input_ids": e} for e in examples]
-        if any("input_ids" not in e for e in exs):
-            raise ValueError("every example must have 'input_ids'")
-        ids = [_as_list(e["input_ids"]) for e in exs]
+        missing = [i for i, e in enumerate(exs) if "input_ids" not in e]
+        if missing:
+            raise ValueError(f"every example must have 'input_ids'; example {missing[0]} has {sorted(exs[missing[0]])}")
+        ids = [_row(e["input_ids"], "input_ids", i) for i, e in enumerate(exs)]
         length = max(len(r) for r in ids)
         if self.pad_to_multiple_of:
             m = self.pad_to_multiple_of
             length = (length + m - 1) // m * m
         input_ids = self._pad(ids, length, self.pad_token_id)
-        att = [_as_list(e["attention_mask"]) if "attention_mask" in e else [1] * len(r) for e, r in zip(exs, ids)]
+        def field(name: str, default: int) -> List[List]:
+            return [_row(e[name], name, i, len(r)) if e.get(name) is not None else [default] * len(r)
+                    for i, (e, r) in enumerate(zip(exs, ids))]
+
+        att = field("attention_mask", 1)
         attention_mask = self._pad(att, length, 0)
-        tti = [_as_list(e["token_type_ids"]) if "token_type_ids" in e else [0] * len(r) for e, r in zip(exs, ids)]
+        tti = field("token_type_ids", 0)
         token_type_ids = self._pad(tti, length, 0)
         special_tokens_mask = None
-        if all("special_tokens_mask" in e for e in exs):
-            special_tokens_mask = self._pad([_as_list(e["special_tokens_mask"]) for e in exs], length, 1).bool()
+        stm = field("special_tokens_mask", 0)  # checked wherever given; used when every example has one
+        if all(e.get("special_tokens_mask") is not None for e in exs):
+            special_tokens_mask = self._pad(stm, length, 1).bool()
         word_ids = None
         if self.whole_word:
             if not all("word_ids" in e for e in exs):
                 raise ValueError("whole_word=True needs 'word_ids' in every example (tokenizer(...).word_ids())")
-            word_ids = self._pad([[-1 if w is None else int(w) for w in e["word_ids"]] for e in exs], length, -1)
+            words = [_row(e["word_ids"], "word_ids", i, len(r)) for i, (e, r) in enumerate(zip(exs, ids))]
+            word_ids = self._pad([[-1 if w is None else int(w) for w in row] for row in words], length, -1)
         tensors = [input_ids, attention_mask, token_type_ids, special_tokens_mask, word_ids]
         if self.device is not None:
             tensors = [t if t is None else t.to(self.device, non_blocking=True) for t in tensors]

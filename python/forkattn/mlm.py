@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from fractions import Fraction
 from typing import Iterable, List, Optional, Tuple
 
 import torch
@@ -207,6 +208,25 @@ def threshold(p: float) -> int:
     return min(_TWO32, int(round(p * _TWO32)))
 
 
+def exact_count(n: int, p: float) -> int:
+    """mode="exact"'s count for n units: round half up of n * p, with p read as the shortest decimal
+    that prints as p (0.15 is 15/100, not the binary double 0.1499999999999999944...), computed in
+    integers: floor((2 * n * num + den) / (2 * den)). So 10 units at 0.15 give 2 and 50 give 8."""
+    q = Fraction(repr(float(p)))
+    return (2 * n * q.numerator + q.denominator) // (2 * q.denominator)
+
+
+def exact_threshold(p: float) -> int:
+    """The t_select to hand the kernels in mode="exact". They count k = floor((n * T + 2^31) / 2^32);
+    with T = ceil(q * 2^32) (q as in exact_count) that is exact_count(n, p) for every n with
+    n * den(q) < 2^31 (e.g. any row below 21 million units at two decimals): T / 2^32 exceeds q by
+    less than 2^-32, which lifts a tie n * q + 1/2 = integer onto the integer and stays below the
+    next rounding step, at least 1 / (2 den(q)) away. Only k depends on T in this mode (the k
+    smallest keys are selected), so the selection statistics do not change."""
+    q = Fraction(repr(float(p)))
+    return min(_TWO32, -((-q.numerator * _TWO32) // q.denominator))
+
+
 def _draw_seed(generator: Optional[torch.Generator]) -> int:
     """A fresh 64-bit seed from `generator` (or torch's default generator, so torch.manual_seed
     reproduces a run)."""
@@ -254,7 +274,8 @@ def mlm_mask(
     input_ids: int32 or int64 [B, L] (any strides). A token is eligible unless special
     (special_tokens_mask nonzero, or its id in special_token_ids), padding (attention_mask == 0) or
     already ignored (labels == -100). Each eligible token is selected with probability mask_prob
-    (mode="bernoulli"), or exactly round(mask_prob * n_eligible) per sequence (mode="exact"); with
+    (mode="bernoulli"), or exactly round(mask_prob * n_eligible) per sequence (mode="exact"; rounding
+    half up, mask_prob read as the decimal it prints as: 10 tokens at 0.15 give 2; see exact_count); with
     min_masked=m every sequence gets at least min(m, n_eligible) selected. A selected token becomes
     mask_token_id with probability mask_replace_prob, a uniformly random id with random_replace_prob
     (never a special id nor mask_token_id when random_excludes_special), and stays otherwise.
@@ -271,7 +292,8 @@ def mlm_mask(
     into input_ids and returns it. backend: None picks the fastest for the device; or "cpu",
     "cuda", "triton", "eager" (transformers' recipe in plain PyTorch: same statistics, its own
     random stream, no exact/word_ids/min_masked). The cpu backend also raises if a non-padding id
-    is outside [0, vocab_size).
+    is outside [0, vocab_size). Meta tensors (backend None or "eager") give meta outputs of the
+    same shapes and dtype, as other torch ops do.
     """
     if not isinstance(input_ids, Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
@@ -324,6 +346,11 @@ def mlm_mask(
     if len(excluded) > MAX_SPECIAL_IDS:
         raise ValueError(f"special_token_ids plus mask_token_id may hold at most {MAX_SPECIAL_IDS} ids, got {len(excluded)}")
     exact = mode == "exact"
+    if input_ids.device.type == "meta" and backend in (None, "eager"):
+        # shapes only (model tracing, torch.device("meta") initialisation): the outputs a real
+        # device would give, without drawing random numbers a meta tensor cannot hold
+        lab = _new_like(input_ids)
+        return (input_ids if inplace else _new_like(input_ids)), lab
     name = select_backend(input_ids, backend, exact=exact, word_ids=word_ids is not None, min_masked=min_masked)
 
     if name == "eager":
@@ -346,7 +373,8 @@ def mlm_mask(
     t_mask = threshold(mask_replace_prob)
     t_random = max(t_mask, threshold(min(1.0, mask_replace_prob + random_replace_prob)))
     args = (special_tokens_mask, attention_mask, labels, word_ids, specials, excluded if t_random > t_mask else [],
-            vocab_size, mask_token_id, _signed64(seed), threshold(mask_prob), t_mask, t_random,
+            vocab_size, mask_token_id, _signed64(seed), exact_threshold(mask_prob) if exact else threshold(mask_prob),
+            t_mask, t_random,
             max(n_random, 1), exact, min_masked, name)
     if direct_call_ok(input_ids, special_tokens_mask, attention_mask, labels, word_ids):
         # Plain eager call: run the kernel without the custom op's dispatcher round trip (~0.1 ms on

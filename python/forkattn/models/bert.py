@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import re
 import warnings
@@ -44,7 +43,8 @@ from torch import Tensor, nn
 
 import forkattn
 
-logger = logging.getLogger("forkattn.models.bert")
+from .checkpoint import load_state, model_folder, read_state_dict, save_safetensors
+
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -370,63 +370,59 @@ class BertPreTrainedModel(nn.Module):
     # -- checkpoints ---
     @classmethod
     def from_pretrained(cls, path: str, *, output_loading_info: bool = False, map_location="cpu",
-                        **config_overrides):
+                        ignore_mismatched_sizes: bool = False, strict: bool = False, **config_overrides):
         """Load a transformers-format directory (config.json + model.safetensors or pytorch_model.bin).
 
         Keys the model has but the checkpoint lacks (e.g. a new head) are initialized randomly and
         reported as missing; checkpoint keys the model does not use (e.g. a pre-training head when
-        fine-tuning) are reported as unexpected. Both lists are logged (warning) and returned with
-        output_loading_info=True as {"missing_keys", "unexpected_keys", "mismatched_keys"}.
+        fine-tuning) are reported as unexpected (a warning on the "forkattn.models" logger; strict=True
+        raises instead). A checkpoint tensor whose shape disagrees with the config raises a ValueError
+        naming it and both shapes, unless ignore_mismatched_sizes=True (then it stays initialized, as
+        for a classifier with another num_labels). output_loading_info=True also returns
+        {"missing_keys", "unexpected_keys", "mismatched_keys", "ignored_keys"}. See models/checkpoint.py.
         """
+        path = model_folder(path)
         config = BertConfig.from_json_file(os.path.join(path, "config.json"), **config_overrides)
         model = cls(config)
-        state = load_state_dict_file(path, map_location=map_location)
-        info = model.load_hf_state_dict(state)
-        if info["missing_keys"] or info["unexpected_keys"]:
-            logger.warning("%s.from_pretrained(%s): missing keys (newly initialized) %s; unexpected keys (ignored) %s",
-                           cls.__name__, path, info["missing_keys"], info["unexpected_keys"])
+        state = read_state_dict(path, map_location=map_location)
+        info = model.load_hf_state_dict(state, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict, log=True)
         model.eval()
         return (model, info) if output_loading_info else model
 
-    def load_hf_state_dict(self, state: Dict[str, Tensor]) -> dict:
-        """Copy a transformers-named state dict in; return the missing/unexpected/mismatched keys."""
+    def load_hf_state_dict(self, state: Dict[str, Tensor], *, ignore_mismatched_sizes: bool = False,
+                           strict: bool = False, log: bool = False) -> dict:
+        """Copy a transformers-named state dict in (checkpoint.load_state); return the key report
+        (logged too with log=True, as from_pretrained does)."""
         albert = self.config.model_type == "albert"
-        ours = self.state_dict()
         has_prefix = any(k.startswith(("bert.", "albert.")) for k in state)
-        converted, unexpected = {}, []
-        for key, value in state.items():
+        prefix = self.base_model_prefix + "." if self.base_model_prefix else ""
+        has_bias = any(k.endswith("predictions.bias") for k in state)
+
+        def map_key(key: str, value: Tensor):
             k = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
             if k.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
-                continue  # buffers some checkpoints carry
-            base = None
+                return None  # buffers some checkpoints carry
             if has_prefix and k.startswith(("bert.", "albert.")):
                 base = k.split(".", 1)[1]
             elif not has_prefix:
                 base = k  # a base-model checkpoint: every key is a base-model key
-            if base is not None:
-                if albert:
-                    base = _rename(base, _ALBERT_BASE, reverse=True)
-                name = (self.base_model_prefix + "." if self.base_model_prefix else "") + base
             else:
-                name = _rename(k, _ALBERT_HEADS, reverse=True) if albert else k
-            if name.endswith("predictions.decoder.weight"):
-                continue  # tied to the word embeddings
+                return (_rename(k, _ALBERT_HEADS, reverse=True) if albert else k), value
+            return prefix + (_rename(base, _ALBERT_BASE, reverse=True) if albert else base), value
+
+        def map_head(key: str, value: Tensor):
+            mapped = map_key(key, value)
+            if mapped is None or mapped[0].endswith("predictions.decoder.weight"):
+                return None  # the decoder weight is tied to the word embeddings
+            name = mapped[0]
             if name.endswith("predictions.decoder.bias"):
-                name = name.replace("decoder.bias", "bias")
-                if name in converted:
-                    continue
-            if name in ours:
-                converted[name] = value
-            else:
-                unexpected.append(key)
-        mismatched = [k for k, v in converted.items() if tuple(v.shape) != tuple(ours[k].shape)]
-        for k in mismatched:
-            del converted[k]
-        missing = sorted(set(ours) - set(converted) - set(mismatched))
-        with torch.no_grad():
-            for k, v in converted.items():
-                ours[k].copy_(v)
-        return {"missing_keys": missing, "unexpected_keys": sorted(unexpected), "mismatched_keys": sorted(mismatched)}
+                if has_bias:
+                    return None  # the same tensor as predictions.bias, which the checkpoint holds too
+                name = name[: -len("decoder.bias")] + "bias"
+            return name, value
+
+        return load_state(self, state, map_head, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict,
+                          owner=f"{type(self).__name__}.from_pretrained", log=log)
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """The state dict under transformers' names (ALBERT names when config.model_type == 'albert')."""
@@ -451,10 +447,7 @@ class BertPreTrainedModel(nn.Module):
             json.dump(config, f, indent=2, sort_keys=True)
         state = self.hf_state_dict()
         if safe_serialization:
-            from safetensors.torch import save_file
-
-            save_file({k: v.cpu() for k, v in state.items()}, os.path.join(path, "model.safetensors"),
-                      metadata={"format": "pt"})
+            save_safetensors(state, os.path.join(path, "model.safetensors"))
         else:
             torch.save(state, os.path.join(path, "pytorch_model.bin"))
 
@@ -679,16 +672,9 @@ class BertForQuestionAnswering(BertPreTrainedModel):
 # --- checkpoint files and ALBERT names -------------------------------------------------------------
 
 def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, Tensor]:
-    """model.safetensors, else pytorch_model.bin, from a transformers-format directory."""
-    st = os.path.join(path, "model.safetensors")
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-
-        return load_file(st, device=str(map_location))
-    pt = os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(pt):
-        return torch.load(pt, map_location=map_location, weights_only=True)
-    raise FileNotFoundError(f"{path} has neither model.safetensors nor pytorch_model.bin")
+    """model.safetensors, else pytorch_model.bin, from a transformers-format directory (kept for
+    callers of the old name; see checkpoint.read_state_dict)."""
+    return read_state_dict(path, map_location=map_location)
 
 
 # (our base-model key, ALBERT's) as regex pairs; \1 is the layer group.

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import warnings
 from dataclasses import asdict, dataclass, field, fields
 from typing import Dict, List, Optional
 
@@ -32,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 import forkattn
+
+from .checkpoint import load_state, model_folder, read_state_dict, save_safetensors
 
 # ------------------------------------------------------------------------------------------------
 # config
@@ -274,6 +275,7 @@ class GPT(nn.Module):
         path: str,
         *,
         strict: bool = False,
+        ignore_mismatched_sizes: bool = False,
         dtype: Optional[torch.dtype] = None,
         device=None,
         backend: Optional[str] = None,
@@ -282,57 +284,35 @@ class GPT(nn.Module):
         """Load a transformers GPT-2 directory (config.json + model.safetensors or pytorch_model.bin).
 
         Keys with or without the "transformer." prefix are accepted. Missing keys stay randomly
-        initialized and are reported with a warning (or a ValueError with strict=True); unexpected
-        keys are reported too; the old causal-mask buffers (attn.bias, attn.masked_bias) are
-        ignored. output_loading_info=True returns (model, {"missing_keys", "unexpected_keys",
-        "ignored_keys", "mismatched_keys"})."""
+        initialized and are reported with a warning on the "forkattn.models" logger (or a ValueError
+        with strict=True); unexpected keys are reported too; the old causal-mask buffers (attn.bias,
+        attn.masked_bias) are ignored. A tensor whose shape disagrees with config.json raises a
+        ValueError naming it and both shapes, unless ignore_mismatched_sizes=True. output_loading_info=True
+        returns (model, {"missing_keys", "unexpected_keys", "ignored_keys", "mismatched_keys"}).
+        The loader is shared with BERT: models/checkpoint.py."""
+        path = model_folder(path)
         config = GPTConfig.from_json(os.path.join(path, "config.json"))
         model = cls(config, backend=backend)
-        sd = _read_state_dict(path)
-        info = model.load_hf_state_dict(sd, strict=strict)
+        info = model.load_hf_state_dict(read_state_dict(path), strict=strict,
+                                        ignore_mismatched_sizes=ignore_mismatched_sizes, log=True)
         if dtype is not None or device is not None:
             model.to(device=device, dtype=dtype)
         return (model, info) if output_loading_info else model
 
-    def load_hf_state_dict(self, sd: Dict[str, Tensor], *, strict: bool = False) -> Dict[str, List[str]]:
-        own = self.state_dict()
+    def load_hf_state_dict(self, sd: Dict[str, Tensor], *, strict: bool = False,
+                           ignore_mismatched_sizes: bool = False, log: bool = False) -> Dict[str, List[str]]:
+        """Copy a transformers GPT2LMHeadModel / GPT2Model state dict in (checkpoint.load_state);
+        returns the key report (logged too with log=True, as from_pretrained does)."""
         if sd and not any(k.startswith("transformer.") for k in sd):
             sd = {(k if k == "lm_head.weight" else "transformer." + k): v for k, v in sd.items()}
-        missing, unexpected, ignored, mismatched, loaded = [], [], [], [], {}
-        for k, v in sd.items():
-            if k.endswith(self.IGNORED):
-                ignored.append(k)
-                continue
-            if k not in own:
-                unexpected.append(k)
-                continue
-            if k.endswith(self.CONV1D):
-                v = v.t()
-            if tuple(v.shape) != tuple(own[k].shape):
-                mismatched.append(f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}")
-                continue
-            loaded[k] = v
-        if "lm_head.weight" not in loaded and "transformer.wte.weight" in loaded:
-            loaded["lm_head.weight"] = loaded["transformer.wte.weight"]  # tied, usually not saved
-        if "lm_head.weight" in loaded and "transformer.wte.weight" not in loaded:
-            loaded["transformer.wte.weight"] = loaded["lm_head.weight"]
-        missing = sorted(k for k in own if k not in loaded)
-        if mismatched:
-            raise ValueError("checkpoint shapes do not match the config: " + "; ".join(mismatched))
-        if strict and (missing or unexpected):
-            raise ValueError(f"checkpoint does not match GPT (strict=True): missing keys {missing}, "
-                             f"unexpected keys {sorted(unexpected)}")
-        with torch.no_grad():
-            for k, v in loaded.items():
-                own[k].copy_(v)
-        if missing:
-            warnings.warn(f"GPT.from_pretrained: {len(missing)} keys missing from the checkpoint, left randomly "
-                          f"initialized: {missing}")
-        if unexpected:
-            warnings.warn(f"GPT.from_pretrained: {len(unexpected)} unexpected keys in the checkpoint, not used: "
-                          f"{sorted(unexpected)}")
-        return {"missing_keys": missing, "unexpected_keys": sorted(unexpected), "ignored_keys": sorted(ignored),
-                "mismatched_keys": mismatched}
+
+        def map_key(key: str, value: Tensor):
+            if key.endswith(self.IGNORED):
+                return None
+            return key, (value.t() if key.endswith(self.CONV1D) and value.dim() == 2 else value)
+
+        return load_state(self, sd, map_key, tied=[("transformer.wte.weight", "lm_head.weight")], strict=strict,
+                          ignore_mismatched_sizes=ignore_mismatched_sizes, owner="GPT.from_pretrained", log=log)
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """transformers' GPT2LMHeadModel keys and layouts (Conv1D weights [in, out]), without the
@@ -347,14 +327,12 @@ class GPT(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """config.json + model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads."""
-        from safetensors.torch import save_file
-
         os.makedirs(path, exist_ok=True)
         cfg = self.config.to_dict()
         cfg["dtype"] = cfg["torch_dtype"] = str(self.transformer.wte.weight.dtype).replace("torch.", "")  # transformers 5 / 4
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(cfg, f, indent=2, sort_keys=True)
-        save_file(self.hf_state_dict(), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(self.hf_state_dict(), os.path.join(path, "model.safetensors"))
 
     # --------------------------------------------------------------------------------------------
     # generation
@@ -522,18 +500,6 @@ def _pick(logits: Tensor, greedy: bool, temperature: float, top_k, top_p, gen) -
         logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
-
-def _read_state_dict(path: str) -> Dict[str, Tensor]:
-    st = os.path.join(path, "model.safetensors")
-    if os.path.exists(st):
-        from safetensors.torch import load_file
-
-        return load_file(st)
-    pt = os.path.join(path, "pytorch_model.bin")
-    if os.path.exists(pt):
-        return torch.load(pt, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{path} holds neither model.safetensors nor pytorch_model.bin")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -5,9 +5,14 @@ them: zero-shot; some: few-shot), then the query "text -> ". Each candidate labe
 log-likelihood the model gives to its tokens (and the line end after it, so that a label that
 is a prefix of another cannot win by stopping early) after the prompt; the best label wins.
 
-    clf = ICLClassifier(model, tokenizer, labels=["positive", "negative", "mixed"],
-                        examples=[("a joy from start to end", "positive"), ...])
-    label, scores = clf.predict("the plot drags but the cast shines")
+    >>> from forkattn.models import GPT, GPTConfig, ICLClassifier
+    >>> model = GPT(GPTConfig(vocab_size=256, n_positions=128, n_embd=32, n_layer=1, n_head=2))
+    >>> tokenizer = lambda s: list(s.encode())  # bytes as ids here; a trained GPT's tokenizer in practice
+    >>> clf = ICLClassifier(model, tokenizer, labels=["positive", "negative", "mixed"],
+    ...                     examples=[("a joy from start to end", "positive"), ("dull and far too long", "negative")])
+    >>> label, scores = clf.predict("the plot drags but the cast shines")  # or pred.label, pred.scores
+    >>> label in clf.labels, sorted(scores) == sorted(clf.labels)
+    (True, True)
 
 `tokenizer` is a tokenizers.Tokenizer, a transformers tokenizer, or any callable str -> list[int].
 All labels of one query are scored in one padded batch through the model's forward.
@@ -49,6 +54,10 @@ def format_prompt(text: str, examples: Sequence[Example] = (), *, instruction: O
 class Prediction:
     label: str
     scores: Dict[str, float]  # label -> log-likelihood (sum over its tokens, or mean if normalized)
+
+    def __iter__(self):
+        """`label, scores = clf.predict(text)` unpacks it."""
+        return iter((self.label, self.scores))
 
 
 class ICLClassifier:

@@ -31,7 +31,8 @@ import torch.distributed as dist
 import forkattn
 from forkattn.models import bert as fb
 from forkattn.models.bert_tokenizer import BertTokenizer
-from forkattn.training.common import Distributed, adamw, default_device, warmup_schedule
+from forkattn.training.common import (Distributed, HelpFormatter, UsageError, adamw, add_dtype_arg, autocast_dtype,
+                                      default_device, input_file, model_dir, quiet_logger, warmup_schedule)
 
 
 # --- shared pieces -------------------------------------------------------------------------------
@@ -40,8 +41,7 @@ def _common_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="output directory (model, tokenizer, logs)")
     p.add_argument("--device", default=default_device())
     p.add_argument("--backend", default=None, help="forkattn.attention backend (default: fastest available)")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="autocast dtype (default bf16 on CUDA, fp32 on CPU)")
+    add_dtype_arg(p)
     p.add_argument("--batch-size", type=int, default=16, help="per process")
     p.add_argument("--max-len", type=int, default=128)
     p.add_argument("--weight-decay", type=float, default=0.01)
@@ -51,11 +51,10 @@ def _common_args(p: argparse.ArgumentParser) -> None:
 
 
 def _autocast(device: torch.device, dtype: Optional[str]):
-    dtype = dtype or ("bf16" if device.type == "cuda" else "fp32")
-    if dtype == "fp32":
+    torch_dtype = autocast_dtype(dtype, device)
+    if torch_dtype is None:
         return nullcontext(), None
-    torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float16
-    scaler = torch.amp.GradScaler(device.type) if dtype == "fp16" else None
+    scaler = torch.amp.GradScaler(device.type) if torch_dtype == torch.float16 else None
     return torch.autocast(device.type, dtype=torch_dtype), scaler
 
 
@@ -198,11 +197,11 @@ class PretrainingData:
 
 def _mlm_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m forkattn.train bert-mlm", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="text file: one sentence per line, blank line between documents")
     p.add_argument("--tokenizer", default=None, help="tokenizer dir/file (default: --init's, else train one on --data)")
     p.add_argument("--vocab-size", type=int, default=8000, help="for a tokenizer trained on --data")
-    p.add_argument("--init", default=None, help="continue from a from_pretrained checkpoint")
+    p.add_argument("--init-from", "--init", dest="init", default=None, help="continue from a from_pretrained checkpoint")
     p.add_argument("--config", default=None, help="config.json for a fresh model (else the size flags)")
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
@@ -227,6 +226,11 @@ def _mlm_parser() -> argparse.ArgumentParser:
 
 def main_mlm(argv=None) -> int:
     args = _mlm_parser().parse_args(argv)
+    input_file(args.data, "--data")
+    if args.init:
+        model_dir(args.init, "--init-from")
+    if args.config:
+        input_file(args.config, "--config")
     ddp = Distributed()
     device = ddp.device(args.device)
     torch.manual_seed(args.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
@@ -344,6 +348,30 @@ def read_records(path: str) -> List[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+def _checked_records(path: str, flag: str, args) -> List[dict]:
+    """read_records, after which every row must hold the columns the task reads: a UsageError
+    lists the columns found and the flag that picks another one."""
+    try:
+        records = read_records(path)
+    except (json.JSONDecodeError, UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(f"{flag} {path}: not a readable CSV/TSV/JSONL file ({e})") from None
+    if not records:
+        raise UsageError(f"{flag} {path}: no examples (an empty file, or a header line only)")
+    if not all(isinstance(r, dict) for r in records):
+        raise UsageError(f"{flag} {path}: every example must be an object/row with named columns")
+    needed = {"sequence-classification": [("--text-column", args.text_column), ("--label-column", args.label_column)]
+              + ([("--pair-column", args.pair_column)] if args.pair_column else []),
+              "token-classification": [("--tokens-column", args.tokens_column), ("--tags-column", args.tags_column)],
+              "question-answering": [(None, "question"), (None, "context")]}[args.task]
+    for i, r in enumerate(records):
+        for opt, col in needed:
+            if r.get(col) is None:
+                found = ", ".join(repr(c) for c in r) or "none"
+                how = f"; choose another with {opt}" if opt else ""
+                raise UsageError(f"{flag} {path}: example {i + 1} has no {col!r} column (columns found: {found}){how}")
+    return records
+
+
 TASKS = {"sequence-classification": fb.BertForSequenceClassification,
          "token-classification": fb.BertForTokenClassification,
          "question-answering": fb.BertForQuestionAnswering}
@@ -351,7 +379,7 @@ TASKS = {"sequence-classification": fb.BertForSequenceClassification,
 
 def _finetune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m forkattn.train bert-finetune", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--task", default="sequence-classification", choices=list(TASKS))
     p.add_argument("--model", required=True, help="from_pretrained directory (pre-trained or fine-tuned)")
     p.add_argument("--tokenizer", default=None, help="default: --model's")
@@ -368,6 +396,8 @@ def _finetune_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=3)
     p.add_argument("--lr", type=float, default=2e-5)
     p.add_argument("--warmup-ratio", type=float, default=0.1)
+    p.add_argument("--ignore-mismatched-sizes", action="store_true",
+                   help="re-initialize checkpoint tensors whose shape differs (e.g. a classifier with other labels)")
     _common_args(p)
     return p
 
@@ -477,13 +507,17 @@ def evaluate(model, rows, tok, args, device, autocast) -> dict:
 
 def main_finetune(argv=None) -> int:
     args = _finetune_parser().parse_args(argv)
+    model_dir(args.model, "--model")
+    for flag, path in (("--train", args.train), ("--eval", args.eval)):
+        if path:
+            input_file(path, flag)
     ddp = Distributed()
     device = ddp.device(args.device)
     torch.manual_seed(args.seed)
     tok = BertTokenizer.from_pretrained(args.tokenizer or args.model)
-    train_records = read_records(args.train)
+    train_records = _checked_records(args.train, "--train", args)
     if args.eval:
-        eval_records = read_records(args.eval)
+        eval_records = _checked_records(args.eval, "--eval", args)
     elif args.eval_split > 0:
         random.Random(args.seed).shuffle(train_records)
         n = max(1, int(len(train_records) * args.eval_split))
@@ -494,10 +528,19 @@ def main_finetune(argv=None) -> int:
     overrides = {"attention_backend": args.backend}
     if labels:
         overrides["id2label"] = dict(enumerate(labels))
-    model, info = TASKS[args.task].from_pretrained(args.model, output_loading_info=True, **overrides)
+    with quiet_logger("forkattn.models"):  # reported once, by the line below
+        try:
+            model, info = TASKS[args.task].from_pretrained(args.model, output_loading_info=True,
+                                                           ignore_mismatched_sizes=args.ignore_mismatched_sizes,
+                                                           **overrides)
+        except ValueError as e:
+            if "ignore_mismatched_sizes" not in str(e):
+                raise
+            raise UsageError(f"--model {args.model}: {e} (on the command line: --ignore-mismatched-sizes)") from None
     if ddp.is_main:
         print(f"bert-finetune: {args.task} from {args.model}; new head {info['missing_keys']}, "
-              f"dropped {info['unexpected_keys']}", flush=True)
+              f"dropped {info['unexpected_keys']}" +
+              (f", re-initialized (other shape) {info['mismatched_keys']}" if info["mismatched_keys"] else ""), flush=True)
     label2id = {v: k for k, v in (model.config.id2label or {}).items()}
     train_rows = _encode(train_records, tok, args, label2id)
     eval_rows = _encode(eval_records, tok, args, label2id)
@@ -539,8 +582,8 @@ def main_finetune(argv=None) -> int:
             res = {"step": step, "epoch": round(step / steps_per_epoch, 2), "loss": float(loss.detach()),
                    **evaluate(model, eval_rows, tok, args, device, autocast)}
             results.append(res)
-            print(f"epoch {res['epoch']}: loss {res['loss']:.4f} " +
-                  " ".join(f"{k} {v:.4f}" for k, v in res.items() if k in ("accuracy", "exact_match")), flush=True)
+            bar.write(f"epoch {res['epoch']}: loss {res['loss']:.4f} " +
+                      " ".join(f"{k} {v:.4f}" for k, v in res.items() if k in ("accuracy", "exact_match")))
     bar.close()
     if ddp.is_main and args.task == "sequence-classification" and eval_records and args.labeler_column in eval_records[0]:
         # agreement with the labeler: the same evaluation, against its labels instead of the hand labels

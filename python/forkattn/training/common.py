@@ -1,8 +1,13 @@
-"""Pieces shared by the training commands: optimizer, schedule, DDP, checkpoints."""
+"""Pieces shared by the training commands: optimizer, schedule, DDP, checkpoints, command-line
+helpers (one --dtype vocabulary, help with defaults, input checks that end in one clean line)."""
 from __future__ import annotations
 
+import argparse
+import contextlib
+import logging
 import math
 import os
+import shutil
 from typing import Iterable, Optional
 
 import torch
@@ -78,3 +83,99 @@ class Distributed:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# --- command-line helpers -----------------------------------------------------------------------
+
+class UsageError(Exception):
+    """A bad flag or input file: forkattn.train prints it as one line and exits with status 2."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The module docstring as written, and "(default: X)" after every option that has a default
+    and does not already say it."""
+
+    def add_argument(self, action):
+        if action.help is None and action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            action.help = "(default: %(default)s)"  # an option without help text still shows its default
+        super().add_argument(action)
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default:" in text or "(default" in text or default is None or default is False or default == argparse.SUPPRESS
+                or not action.option_strings):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
+# canonical dtype names (torch's) and the short spellings bert commands used to take
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16",
+          "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def dtype_arg(text: str) -> str:
+    """argparse type for --dtype: float32|bfloat16|float16 (fp32|bf16|fp16 accepted as aliases)."""
+    try:
+        return DTYPES[text.lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"invalid dtype {text!r}: choose float32, bfloat16 or float16 "
+                                         "(or fp32, bf16, fp16)") from None
+
+
+def add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", type=dtype_arg, default=None, metavar="{float32,bfloat16,float16}",
+                   help="autocast dtype; fp32/bf16/fp16 also accepted (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def autocast_dtype(name: Optional[str], device: torch.device) -> Optional[torch.dtype]:
+    """--dtype (or its default for the device) as the torch dtype to autocast to; None for float32."""
+    name = DTYPES[name] if name else ("bfloat16" if device.type == "cuda" else "float32")
+    return {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def input_file(path: str, flag: str) -> str:
+    """path, after checking it is a readable file (UsageError naming flag and path otherwise)."""
+    if not os.path.exists(path):
+        raise UsageError(f"{flag} {path}: no such file")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: is a folder, expected a file")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{flag} {path}: not readable")
+    return path
+
+
+def model_dir(path: str, flag: str) -> str:
+    """path, after checking it is a save_pretrained folder with config.json."""
+    if not os.path.isdir(path):
+        raise UsageError(f"{flag} {path}: no such model folder")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise UsageError(f"{flag} {path}: not a model folder (no config.json)")
+    return path
+
+
+@contextlib.contextmanager
+def output_dir(path: str, enabled: bool = True):
+    """Creates the --out folder; if the command then fails, removes it again when this call created
+    it and nothing was written into it (no empty folders left behind)."""
+    existed = os.path.exists(path)
+    if enabled:
+        os.makedirs(path, exist_ok=True)
+    try:
+        yield path
+    except BaseException:
+        if enabled and not existed and os.path.isdir(path) and not os.listdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+@contextlib.contextmanager
+def quiet_logger(name: str, level: int = logging.ERROR):
+    """Raise a logger's level for a block (a command that reports the same thing itself)."""
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield logger
+    finally:
+        logger.setLevel(old)

@@ -11,6 +11,7 @@ Under torchrun each rank draws its own windows and DDP averages gradients.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import time
@@ -19,7 +20,8 @@ from typing import Optional
 import torch
 
 from ..models.gpt import GPT, GPTConfig
-from .common import Distributed, adamw, default_device, warmup_schedule
+from .common import (Distributed, HelpFormatter, UsageError, adamw, add_dtype_arg, autocast_dtype, default_device,
+                     input_file, model_dir, output_dir, warmup_schedule)
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 EOS = "<|endoftext|>"
@@ -112,7 +114,9 @@ def fit(
     autocast_dtype: Optional[torch.dtype] = None,
     on_step=None,
 ) -> list:
-    """The training loop (also used by tests and notebooks): returns the loss of every step."""
+    """The training loop (also used by tests and notebooks): returns the loss of every step.
+    on_step(step, loss) is called after every step; one that takes a third argument also gets
+    the learning rate the step used."""
     dist = dist or Distributed()
     model.to(device).train()
     ddp = dist.wrap(model)
@@ -129,6 +133,9 @@ def fit(
             it = bar = tqdm(it, desc="train", dynamic_ncols=True)
         except ImportError:
             pass
+    import inspect
+
+    pass_lr = on_step is not None and len(inspect.signature(on_step).parameters) >= 3
     losses = []
     for step in it:
         x, y = next(data)
@@ -141,12 +148,13 @@ def fit(
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         opt.step()
+        lr_used = sched.get_last_lr()[0]
         sched.step()
         losses.append(loss.item())
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
         if on_step is not None:
-            on_step(step, losses[-1])
+            on_step(step, losses[-1], lr_used) if pass_lr else on_step(step, losses[-1])
     return losses
 
 
@@ -162,12 +170,13 @@ def save_checkpoint(model: GPT, tok, out: str, opt_state=None, step: Optional[in
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m forkattn.train gpt", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--data", required=True, help="UTF-8 text file")
     p.add_argument("--out", required=True, help="output directory (checkpoints, tokenizer.json)")
     p.add_argument("--tokenizer", help="tokenizer.json (or a directory with one); default: train a byte-level BPE")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary when training one")
-    p.add_argument("--init-from", help="a transformers GPT-2 directory to start from (its config wins)")
+    p.add_argument("--init-from", "--init", dest="init_from",
+                   help="a transformers GPT-2 directory to start from (its config wins)")
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=128)
@@ -183,28 +192,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="autocast dtype (default: bfloat16 on CUDA, float32 on CPU)")
+    add_dtype_arg(p)
     p.add_argument("--backend", default=None, help="forkattn.attention backend (default: fastest available)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar: plain log lines every --log-every steps")
+    p.add_argument("--log-every", type=int, default=10, help="with --no-progress, print a line every N steps")
     p.add_argument("--sample", type=int, default=0, help="after training, print a sample of this many tokens")
     return p
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    input_file(args.data, "--data")
+    if args.tokenizer:
+        input_file(os.path.join(args.tokenizer, "tokenizer.json") if os.path.isdir(args.tokenizer) else args.tokenizer,
+                   "--tokenizer")
+    if args.init_from:
+        model_dir(args.init_from, "--init-from")
     dist = Distributed()
+    with output_dir(args.out, enabled=dist.is_main):
+        return _train(args, dist)
+
+
+def _train(args, dist: Distributed) -> int:
     device = dist.device(args.device or default_device())
     torch.manual_seed(args.seed)
-    os.makedirs(args.out, exist_ok=True)
-    log = print if dist.is_main else (lambda *a, **k: None)
+    log = (lambda *a: print(*a, flush=True)) if dist.is_main else (lambda *a, **k: None)
 
     if args.tokenizer:
         tok = load_tokenizer(args.tokenizer)
     else:
         tok = train_bpe([args.data], args.vocab_size)  # deterministic, so every rank gets the same one
     tokens = encode_file(tok, args.data)
+    if tokens.numel() == 0:
+        raise UsageError(f"--data {args.data} has no text")
     n_val = int(tokens.numel() * args.val_fraction) if args.val_fraction > 0 else 0
     train_tokens, val_tokens = (tokens[:-n_val], tokens[-n_val:]) if n_val > args.block_size else (tokens, None)
     log(f"data: {tokens.numel():,} tokens ({train_tokens.numel():,} train), vocabulary {tok.get_vocab_size():,}")
@@ -212,7 +233,7 @@ def main(argv=None) -> int:
     if args.init_from:
         model = GPT.from_pretrained(args.init_from, backend=args.backend)
         if tok.get_vocab_size() > model.config.vocab_size:
-            raise ValueError(f"--tokenizer has {tok.get_vocab_size()} tokens, the --init-from model only "
+            raise UsageError(f"--tokenizer has {tok.get_vocab_size()} tokens, the --init-from model only "
                              f"{model.config.vocab_size}")
     else:
         eos = tok.token_to_id(EOS)
@@ -221,16 +242,19 @@ def main(argv=None) -> int:
                            embd_pdrop=args.dropout, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)
         model = GPT(config, backend=args.backend)
     if args.block_size > model.config.n_positions:
-        raise ValueError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
+        raise UsageError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
     total = args.steps * args.batch_size * args.block_size * dist.world_size
     log(tokens_per_param_line(model.num_parameters(exclude_embeddings=True), total))
-    autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": None}.get(
-        args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    autocast = autocast_dtype(args.dtype, device)
 
     t0 = time.time()
+    history = []
 
-    def on_step(step, loss):
+    def on_step(step, loss, lr):
         done = step + 1
+        history.append({"step": done, "loss": loss, "lr": lr, "seconds": round(time.time() - t0, 3)})
+        if args.no_progress and args.log_every and (done % args.log_every == 0 or done == args.steps):
+            log(f"step {done}/{args.steps} loss {loss:.4f} lr {lr:.2e}")
         if args.save_every and done % args.save_every == 0 and done < args.steps and dist.is_main:
             save_checkpoint(model, tok, args.out, step=done)
 
@@ -246,6 +270,8 @@ def main(argv=None) -> int:
         log(f"validation loss {vl:.3f} (perplexity {math.exp(min(vl, 50)):.1f})")
     if dist.is_main:
         path = save_checkpoint(model, tok, args.out)
+        with open(os.path.join(args.out, "train_log.json"), "w") as f:
+            json.dump(history, f, indent=1)
         log(f"saved {path}")
         if args.sample:
             prompt = torch.tensor([[tok.token_to_id(EOS) or 0]], device=device)
