@@ -767,12 +767,12 @@ def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx):
         for j in range(BM // 8):
             for e in range(4):
                 col = j * 8 + 2 * TQ + (e & 1)
-                hidden = key_bias[:, e >> 1] != 0
+                x = (st[:, j, e] * F32(p.scale_log2) + key_bias[:, e >> 1]).astype(F32)
                 if diagonal:
-                    hidden = hidden | (key_base + (e >> 1) * 8 > m0 + col + offset)
-                prob = np.where(hidden, F32(0), np.exp2(st[:, j, e] * F32(p.scale_log2) - sm.read_f(lse2 + 4 * col, TID))).astype(F32)
+                    x = np.where(key_base + (e >> 1) * 8 > m0 + col + offset, -INF, x)
+                prob = np.exp2(x - sm.read_f(lse2 + 4 * col, TID)).astype(F32)
                 st[:, j, e] = prob
-                dpt[:, j, e] = np.where(hidden, F32(0), prob * (dpt[:, j, e] - sm.read_f(delta + 4 * col, TID)))
+                dpt[:, j, e] = prob * (dpt[:, j, e] - sm.read_f(delta + 4 * col, TID))
         mma_tile_reg_a(sm, dv, st, sdOs, ROW, BM, D)
         mma_tile_reg_a(sm, dk, dpt, sQs, ROW, BM, D)
 

@@ -271,10 +271,14 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = j * 8 + 2 * t + (e & 1);  // query m0 + col
-        const bool hidden = key_bias[e >> 1] != 0.f || (diagonal && key_base + (e >> 1) * 8 > m0 + col + offset);
-        const float prob = hidden ? 0.f : exp2f(st[j][e] * p.scale_log2 - lse2[col]);
-        st[j][e] = prob;                                             // P^T
-        dpt[j][e] = hidden ? 0.f : prob * (dpt[j][e] - delta[col]);  // dS^T
+        // Padded keys' K/V rows were loaded as zeros, so their scores are finite unless the query
+        // row is NaN; their dk/dv are zeroed at the end whatever reached them (no per-element
+        // select here: it costs registers this kernel does not have at head_dim 128).
+        float x = st[j][e] * p.scale_log2 + key_bias[e >> 1];
+        if (diagonal && key_base + (e >> 1) * 8 > m0 + col + offset) x = -INFINITY;
+        const float prob = exp2f(x - lse2[col]);
+        st[j][e] = prob;                              // P^T
+        dpt[j][e] = prob * (dpt[j][e] - delta[col]);  // dS^T
       }
     }
     mma_tile_reg_a<T, ROW, BM, D>(dv, st, sdOs, lane);
