@@ -117,6 +117,16 @@ void check_cu_seqlens(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqle
                     cu_seqlens_k.numel());
 }
 
+void check_varlen_bwd_shapes(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse) {
+  for (const auto& [t, name] : {std::pair{&dout, "dout"}, std::pair{&out, "out"}}) {
+    TORCH_CHECK_VALUE(t->sizes() == q.sizes(), name, " must have q's shape [total_q, heads, head_dim] = ", q.sizes(),
+                      ", got ", t->sizes());
+  }
+  FA_CHECK_DTYPE(lse, at::kFloat);
+  TORCH_CHECK_VALUE(lse.dim() == 2 && lse.size(0) == q.size(1) && lse.size(1) == q.size(0),
+                    "lse must have shape [heads, total_q] = [", q.size(1), ", ", q.size(0), "], got ", lse.sizes());
+}
+
 namespace {
 
 // Host values of one cu_seqlens (CPU tensors only): 0, non-decreasing, ends at total, every
@@ -174,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
   FA_CHECK_DIM(out, 3);
   FA_CHECK_DIM(lse, 2);
   const AttnSizes s = check_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_varlen_bwd_shapes(dout, q, out, lse);
   check_attention_bwd_inputs(packed_as_bhld(dout), packed_as_bhld(q), packed_as_bhld(k), packed_as_bhld(v),
                              packed_as_bhld(out), lse.unsqueeze(0), std::nullopt);
   at::Tensor dq = at::empty_like(q, at::MemoryFormat::Contiguous);

@@ -61,6 +61,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
 // both have the same length.
 at::Tensor packed_as_bhld(const at::Tensor& t);
 void check_cu_seqlens(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& q);
+// Varlen backward: dout and out shaped like packed q [total_q, H, D], lse float32 [H, total_q];
+// checked in the caller's layout before the [1, H, total, D] views go to check_attention_bwd_inputs,
+// so a message shows the shapes the caller passed.
+void check_varlen_bwd_shapes(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse);
 
 // CUDA versions (csrc/cuda/attention_cuda.cpp, CUDA builds only): fp16/bf16, head_dim 32, 64
 // or 128, sm_80 or newer; same contract as the CPU ones. Deterministic (no atomics).

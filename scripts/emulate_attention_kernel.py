@@ -359,13 +359,15 @@ def mma_tile_reg_a(sm, c, p, b_tile, ROW, K, N):
             c[:, 2 * j + 1] = mma16816(c[:, 2 * j + 1], a, b[:, 2], b[:, 3])
 
 
-def load_tile_async(sm, tile, ROW, g, row_stride, row0, n_rows, ROWS, D):
+def load_tile_async(sm, tile, ROW, g, row_stride, row0, n_rows, ROWS, D, keep=None):
     kChunks = D // 8
     assert (ROWS * kChunks) % NT == 0
     for i in range(ROWS * kChunks // NT):
         idx = TID + i * NT
         r, c = idx // kChunks, idx % kChunks
         valid = row0 + r < n_rows
+        if keep is not None and valid.any():  # && short-circuits: keep[row] only for rows < n_rows
+            valid[valid] = keep.buf.read(keep.off + (row0 + r)[valid]).astype(bool)
         src = np.where(valid, g.off + (row0 + r).astype(np.int64) * row_stride + c * 8, g.off)
         vals = np.zeros((NT, 8), F32)
         if valid.any():  # cp.async with src-size 0 reads nothing
@@ -464,8 +466,8 @@ def attention_fwd_kernel(p, D, CAUSAL, blockIdx):
     sm.commit()
     n = next_key_tile(sm, 0, n_tiles, mask, len_k, sBias, BN)
     if n < n_tiles:
-        load_tile_async(sm, sK, ROW, k, p.k_row_stride, n * BN, len_k, BN, D)
-        load_tile_async(sm, sV, ROW, v, p.v_row_stride, n * BN, len_k, BN, D)
+        load_tile_async(sm, sK, ROW, k, p.k_row_stride, n * BN, len_k, BN, D, mask)
+        load_tile_async(sm, sV, ROW, v, p.v_row_stride, n * BN, len_k, BN, D, mask)
     sm.commit()
 
     acc = np.zeros((NT, D // 8, 4), F32)
@@ -477,8 +479,8 @@ def attention_fwd_kernel(p, D, CAUSAL, blockIdx):
     while n < n_tiles:
         nxt = next_key_tile(sm, n + 1, n_tiles, mask, len_k, sBias + 4 * (stage ^ 1) * BN, BN)
         if nxt < n_tiles:
-            load_tile_async(sm, sK + 2 * (stage ^ 1) * BN * ROW, ROW, k, p.k_row_stride, nxt * BN, len_k, BN, D)
-            load_tile_async(sm, sV + 2 * (stage ^ 1) * BN * ROW, ROW, v, p.v_row_stride, nxt * BN, len_k, BN, D)
+            load_tile_async(sm, sK + 2 * (stage ^ 1) * BN * ROW, ROW, k, p.k_row_stride, nxt * BN, len_k, BN, D, mask)
+            load_tile_async(sm, sV + 2 * (stage ^ 1) * BN * ROW, ROW, v, p.v_row_stride, nxt * BN, len_k, BN, D, mask)
         sm.commit()
         sm.wait(1)
         sm.barrier()
@@ -494,7 +496,7 @@ def attention_fwd_kernel(p, D, CAUSAL, blockIdx):
         for j in range(BN // 8):
             for e in range(4):
                 col = j * 8 + 2 * TQ + (e & 1)
-                x = (s[:, j, e] * F32(p.scale_log2) + sm.read_f(bias + 4 * col, TID)).astype(F32)
+                x = np.where(sm.read_f(bias + 4 * col, TID) == 0, s[:, j, e] * F32(p.scale_log2), -INF).astype(F32)
                 if diagonal:
                     x = np.where(n0 + col > row_base + (e >> 1) * 8 + offset, -INF, x)
                 s[:, j, e] = x
@@ -526,9 +528,10 @@ def attention_fwd_kernel(p, D, CAUSAL, blockIdx):
     for r in range(2):
         l = quad_sum(row_sum[:, r])
         row = row_base + r * 8
-        mul[:, r] = np.where(l > 0, F32(1) / np.where(l > 0, l, F32(1)), F32(0))
+        live = l != 0  # l == 0: the row sees no key (zeros); NaN l: a NaN score, the row is NaN
+        mul[:, r] = np.where(live, F32(1) / np.where(live, l, F32(1)), F32(0))
         w = (TQ == 0) & (row < len_q)
-        lse_val = np.where(l > 0, (row_max[:, r] + np.log2(np.where(l > 0, l, F32(1)))) * kLn2, INF).astype(F32)
+        lse_val = np.where(live, (row_max[:, r] + np.log2(np.where(live, l, F32(1)))) * kLn2, INF).astype(F32)
         p.lse.write(b * p.lse_batch_stride + h * p.lse_head_stride + q_start + row[w], lse_val[w])
     stage_rows(sm, sQ, ROW, WARP * 16, acc, D, mul[:, 0], mul[:, 1])
     sm.barrier()
@@ -600,8 +603,8 @@ def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx):
     sm.commit()
     n = next_key_tile(sm, 0, n_tiles, mask, len_k, sBias, BN)
     if n < n_tiles:
-        load_tile_async(sm, sK, ROW, k, p.k_row_stride, n * BN, len_k, BN, D)
-        load_tile_async(sm, sV, ROW, v, p.v_row_stride, n * BN, len_k, BN, D)
+        load_tile_async(sm, sK, ROW, k, p.k_row_stride, n * BN, len_k, BN, D, mask)
+        load_tile_async(sm, sV, ROW, v, p.v_row_stride, n * BN, len_k, BN, D, mask)
     sm.commit()
 
     row_base = m0 + WARP * 16 + G
@@ -620,8 +623,8 @@ def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx):
     while n < n_tiles:
         nxt = next_key_tile(sm, n + 1, n_tiles, mask, len_k, sBias + 4 * (stage ^ 1) * BN, BN)
         if nxt < n_tiles:
-            load_tile_async(sm, sK + 2 * (stage ^ 1) * BN * ROW, ROW, k, p.k_row_stride, nxt * BN, len_k, BN, D)
-            load_tile_async(sm, sV + 2 * (stage ^ 1) * BN * ROW, ROW, v, p.v_row_stride, nxt * BN, len_k, BN, D)
+            load_tile_async(sm, sK + 2 * (stage ^ 1) * BN * ROW, ROW, k, p.k_row_stride, nxt * BN, len_k, BN, D, mask)
+            load_tile_async(sm, sV + 2 * (stage ^ 1) * BN * ROW, ROW, v, p.v_row_stride, nxt * BN, len_k, BN, D, mask)
         sm.commit()
         sm.wait(1)
         sm.barrier()
@@ -639,11 +642,11 @@ def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx):
         for j in range(BN // 8):
             for e in range(4):
                 col = j * 8 + 2 * TQ + (e & 1)
-                x = (s[:, j, e] * F32(p.scale_log2) + sm.read_f(bias + 4 * col, TID)).astype(F32)
+                hidden = sm.read_f(bias + 4 * col, TID) != 0
                 if diagonal:
-                    x = np.where(n0 + col > row_base + (e >> 1) * 8 + offset, -INF, x)
-                prob = np.exp2(x - lse2[:, e >> 1]).astype(F32)
-                s[:, j, e] = prob * (dp[:, j, e] - delta[:, e >> 1])
+                    hidden = hidden | (n0 + col > row_base + (e >> 1) * 8 + offset)
+                prob = np.exp2(s[:, j, e] * F32(p.scale_log2) - lse2[:, e >> 1]).astype(F32)
+                s[:, j, e] = np.where(hidden, F32(0), prob * (dp[:, j, e] - delta[:, e >> 1]))
         mma_tile_reg_a(sm, dq, s, sKs, ROW, BN, D)
 
         sm.barrier()
@@ -699,8 +702,8 @@ def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx):
 
     k = p.k + b * p.k_batch_stride + hk * p.k_head_stride + k_row0 * p.k_row_stride
     v = p.v + b * p.v_batch_stride + hk * p.v_head_stride + k_row0 * p.v_row_stride
-    load_tile_async(sm, sK, ROW, k, p.k_row_stride, n0, len_k, BN, D)
-    load_tile_async(sm, sV, ROW, v, p.v_row_stride, n0, len_k, BN, D)
+    load_tile_async(sm, sK, ROW, k, p.k_row_stride, n0, len_k, BN, D, mask)
+    load_tile_async(sm, sV, ROW, v, p.v_row_stride, n0, len_k, BN, D, mask)
     sm.commit()
 
     st8 = SimpleNamespace(next_head=hk * group, next_mt=m_begin)
@@ -777,6 +780,10 @@ def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx):
     sm.wait(0)
     sm.barrier()
 
+    for r in range(2):  # a padded key's gradients are exactly zero
+        pad = key_bias[:, r] != 0
+        dk[pad, :, 2 * r] = dk[pad, :, 2 * r + 1] = 0
+        dv[pad, :, 2 * r] = dv[pad, :, 2 * r + 1] = 0
     stage_rows(sm, sK, ROW, WARP * 16, dk, D, F32(p.scale), F32(p.scale))
     stage_rows(sm, sV, ROW, WARP * 16, dv, D, F32(1), F32(1))
     sm.barrier()
@@ -1068,12 +1075,14 @@ def _grads(fn, inputs, g):
     return outs, torch.autograd.grad(outs, inputs, g)
 
 
-def run_case(B, H, Hkv, Lq, Lk, D, causal, padding=None, seed=0, verbose=True, strided=False, scale=None):
+def run_case(B, H, Hkv, Lq, Lk, D, causal, padding=None, seed=0, verbose=True, strided=False, scale=None,
+             garbage=None):
     """One padded-batch case through the emulated forward + backward. padding: None, "partial"
     (random prefix lengths), "full" (partial, and batch entry 0 fully padded) or "holes" (random
     keys, keys 64..127 all padded: a skipped key tile between visible ones; the mask a column
     slice of a wider one, so its batch stride is not Lk). strided: q, k, v, dout as transposes
-    of [B, L, H, D] tensors (row stride H * D). Returns {name: (error, bound)}."""
+    of [B, L, H, D] tensors (row stride H * D). garbage: a float (inf, -inf, NaN) written into
+    every padded key and value, which must change nothing. Returns {name: (error, bound)}."""
     gen = torch.Generator().manual_seed(seed)
 
     def rnd(heads, L):
@@ -1093,6 +1102,11 @@ def run_case(B, H, Hkv, Lq, Lk, D, causal, padding=None, seed=0, verbose=True, s
         mask = wide[:, :Lk]
     scale = D ** -0.5 if scale is None else scale
     kw = dict(causal=causal, key_padding_mask=mask, scale=scale)
+    k_model, v_model = k, v  # what the kernels compute with: padded keys read as zeros
+    if garbage is not None and mask is not None:
+        pad = ~mask[:, None, :, None].expand_as(k)
+        k_model, v_model = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
+        k, v = k.masked_fill(pad, garbage), v.masked_fill(pad, garbage)
 
     out, lse = attention_fwd_cuda(q, k, v, mask, causal, scale)
     dq, dk, dv = attention_bwd_cuda(g, q, k, v, out, lse, mask, causal, scale)
@@ -1106,9 +1120,9 @@ def run_case(B, H, Hkv, Lq, Lk, D, causal, padding=None, seed=0, verbose=True, s
     for name, a, e, r in zip(("dq", "dk", "dv"), (dq, dk, dv), eg, rg):
         errs[name] = within_budget(name, a, e, r)
     allowed = reference.visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=mask, device="cpu")
-    errs["lse"] = (_check_lse(lse, _lse64(q, k, allowed, scale)), 1e-4)
+    errs["lse"] = (_check_lse(lse, _lse64(q, k_model, allowed, scale)), 1e-4)
     assert errs["lse"][0] <= 1e-4, f"lse: max err {errs['lse'][0]:.3e}"
-    model = same_rounding_model(q, k, v, g, out, lse, allowed, scale)
+    model = same_rounding_model(q, k_model, v_model, g, out, lse, allowed, scale)
     errs["model"] = (max(model_close(n, a, m) for n, a, m in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), model)), 1.0)
     if allowed is not None:  # rows that see no key: exact zeros in out and dq
         empty = ~allowed.expand(B, 1, Lq, Lk).any(-1)[:, 0]  # [B, Lq]

@@ -64,3 +64,33 @@ def check_against_reference(q, k, v, *, backend, causal=False, key_padding_mask=
         for name, a, b, r in zip(("dq", "dk", "dv"), ours, base, refg):
             assert_within_budget(name, a, b, r)
     return out
+
+
+# The GPU backends (triton, cuda) form the backward's Delta = rowsum(dO * O) from the stored
+# fp16/bf16 output, as FlashAttention does; the cpu backend recomputes O in fp32 for it. Delta's
+# rounding error |dO_i| . |O_i| * u (u = 2^-11 fp16, 2^-8 bf16) enters dS_ij = P_ij (dP_ij - Delta_i)
+# whole, so on a peaked row, where dP_ij - Delta_i nearly cancels, it can dwarf eager's error
+# (which forms its Delta from the same P and dP). README's rule for those backends' fp16/bf16 dq and
+# dk adds this term to the 2x rule; dv and out do not use Delta.
+UNIT_ROUNDOFF = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8}
+
+
+def delta_rounding_allowance(q, k, out64, dout, scale, allowed=None):
+    """{"dq": a, "dk": b}: 2x the largest error the rounded Delta can put into dq and dk.
+    q [B, H, Lq, D], k [B, Hkv, Lk, D] (GQA expanded here), out64 the float64 output, dout the
+    upstream gradient, allowed as reference.visible_keys. 0 for float32."""
+    u = UNIT_ROUNDOFF.get(q.dtype, 0.0)
+    if u == 0.0:
+        return {"dq": 0.0, "dk": 0.0}
+    q64, k64 = q.detach().double(), k.detach().double()
+    group = q64.shape[1] // k64.shape[1]  # a key's gradient sums over its group's query heads
+    if group != 1:
+        k64 = k64.repeat_interleave(group, dim=1)
+    s = q64 @ k64.transpose(-2, -1) * scale
+    if allowed is not None:
+        s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # rows that see nothing: no P
+    d_delta = u * (dout.double().abs() * out64.detach().abs()).sum(-1)  # [B, H, Lq]
+    dq = scale * d_delta.max().item() * k64.abs().max().item() if k64.numel() else 0.0
+    dk = group * scale * (p * d_delta[..., None]).sum(-2).max().item() * q64.abs().max().item() if p.numel() else 0.0
+    return {"dq": 2 * dq, "dk": 2 * dk}

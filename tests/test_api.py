@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -34,14 +35,21 @@ def _bad_cases():
         "integer q": (dict(q=torch.ones(2, 4, 8, 32, dtype=torch.int64)), TypeError, "q must be float32, float16 or bfloat16"),
         "integer v": (dict(v=torch.ones(2, 4, 8, 32, dtype=torch.int32)), TypeError, "v must be float32"),
         "not a tensor": (dict(q=[[1.0]]), TypeError, "q must be a torch.Tensor"),
-        "mask dtype": (dict(key_padding_mask=m.float()), TypeError, "key_padding_mask must have dtype torch.bool"),
+        "mask dtype": (dict(key_padding_mask=m.float()), TypeError, "key_padding_mask must have dtype torch.bool or an integer"),
+        "mask values": (dict(key_padding_mask=m.long() * 2), ValueError, r"key_padding_mask must hold only 0 and 1"),
         "mask shape": (dict(key_padding_mask=m[:, :5]), ValueError, r"key_padding_mask must have shape \[batch, len_k\]"),
         "mask rank": (dict(key_padding_mask=m[:, None, None, :]), ValueError, "key_padding_mask must have shape"),
-        "mask type": (dict(key_padding_mask=[True]), TypeError, "key_padding_mask must be a bool Tensor"),
+        "mask type": (dict(key_padding_mask=[True]), TypeError, "key_padding_mask must be a bool or integer 0/1 Tensor"),
         "meta device k": (dict(k=k.to("meta")), ValueError, "k must be on q's device"),
         "zero head_dim": (dict(q=torch.randn(2, 4, 8, 0), k=torch.randn(2, 4, 8, 0), v=torch.randn(2, 4, 8, 0)), ValueError, "head_dim must be at least 1"),
         "causal not bool": (dict(causal=1), TypeError, "causal must be a bool"),
         "scale nan": (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
+        "scale bool": (dict(scale=True), TypeError, "scale must be a real number"),
+        "scale string": (dict(scale="0.5"), TypeError, "scale must be a real number"),
+        "scale complex": (dict(scale=0.5j), TypeError, "scale must be a real number"),
+        "scale bool tensor": (dict(scale=torch.tensor(True)), TypeError, "scale must be a real number"),
+        "scale 1-d tensor": (dict(scale=torch.tensor([0.5])), ValueError, "scale must be a number or a 0-d tensor"),
+        "scale inf tensor": (dict(scale=torch.tensor(float("inf"))), ValueError, "scale must be a finite number"),
         "unknown backend": (dict(backend="flash"), ValueError, "unknown backend 'flash'"),
         "cpu head_dim": (dict(q=torch.randn(2, 4, 8, 512), k=torch.randn(2, 4, 8, 512), v=torch.randn(2, 4, 8, 512), backend="cpu"),
                          forkattn.BackendUnavailableError, "head_dim must be at most 256"),
@@ -56,6 +64,42 @@ def test_bad_input(case):
     args.update(kwargs)
     with pytest.raises(exc, match=msg):
         forkattn.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+@pytest.mark.parametrize("scale", [np.float32(0.5), np.float64(0.5), torch.tensor(0.5), torch.tensor(0.5, dtype=torch.float64),
+                                   torch.tensor(2), 0.5, 2], ids=repr)
+@pytest.mark.parametrize("fn", ["attention", "attention_varlen"])
+def test_real_scalar_scales_are_accepted(scale, fn):
+    """NumPy scalars and 0-d real tensors are real numbers (issue 12, section 6)."""
+    q, k, v = qkv()
+    want = forkattn.attention(q, k, v, scale=float(scale), backend="eager")
+    if fn == "attention":
+        got = forkattn.attention(q, k, v, scale=scale, backend="eager")
+    else:
+        B, H, L, D = q.shape
+        cu = torch.arange(0, (B + 1) * L, L, dtype=torch.int32)
+        packed = [t.transpose(1, 2).reshape(B * L, H, D) for t in (q, k, v)]
+        got = forkattn.attention_varlen(*packed, cu, cu, L, L, scale=scale, backend="eager")
+        got = got.reshape(B, L, H, D).transpose(1, 2)
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("scale", [True, np.bool_(True)], ids=repr)
+def test_bool_scale_is_refused_by_varlen(scale):
+    q = torch.randn(8, 2, 16)
+    cu = torch.tensor([0, 8], dtype=torch.int32)
+    with pytest.raises(TypeError, match="scale must be a real number"):
+        forkattn.attention_varlen(q, q, q, cu, cu, 8, 8, scale=scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.uint8, torch.bool], ids=str)
+@pytest.mark.parametrize("backend", ["eager", "cpu"])
+def test_integer_key_padding_mask(dtype, backend):
+    """transformers' int64 attention_mask (1 = attend) works as key_padding_mask."""
+    q, k, v = qkv()
+    mask = make_padding(2, 8, fully_padded=(1,))
+    want = forkattn.attention(q, k, v, key_padding_mask=mask, backend=backend)
+    torch.testing.assert_close(forkattn.attention(q, k, v, key_padding_mask=mask.to(dtype), backend=backend), want)
 
 
 def test_unavailable_backend_says_why():
@@ -88,6 +132,18 @@ def test_native_op_checks_arguments_too():
         forkattn._native._C.attention_bwd_cpu(out, q, k, v, out, lse[:, :1], None, False, 1.0)
     with pytest.raises(TypeError, match="dout must have q's dtype"):
         forkattn._native._C.attention_bwd_cpu(out.double(), q, k, v, out, lse, None, False, 1.0)
+
+
+def test_native_varlen_backward_reports_the_callers_shapes():
+    """The varlen backward's messages show [heads, total_q] and [total_q, heads, head_dim], not the
+    [1, H, total, D] views it checks internally (issue 12, section 6)."""
+    q = torch.randn(10, 4, 32)
+    cu = torch.tensor([0, 3, 10], dtype=torch.int32)
+    out, lse = forkattn._native._C.attention_varlen_fwd_cpu(q, q, q, cu, cu, 7, 7, False, 1.0)
+    with pytest.raises(ValueError, match=r"lse must have shape \[heads, total_q\] = \[4, 10\], got \[4, 9\]"):
+        forkattn._native._C.attention_varlen_bwd_cpu(out, q, q, q, out, lse[:, :9], cu, cu, 7, 7, False, 1.0)
+    with pytest.raises(ValueError, match=r"dout must have q's shape \[total_q, heads, head_dim\] = \[10, 4, 32\], got \[10, 4, 16\]"):
+        forkattn._native._C.attention_varlen_bwd_cpu(out[..., :16], q, q, q, out, lse, cu, cu, 7, 7, False, 1.0)
 
 
 # --- custom ops: opcheck and torch.compile -----------------------------------------------------------

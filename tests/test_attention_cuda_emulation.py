@@ -112,7 +112,7 @@ def test_mutation_missing_barrier_is_caught_as_a_race(monkeypatch):
 
 def test_mutation_unpredicated_tile_load_is_caught_out_of_bounds(monkeypatch):
     real = emu.load_tile_async
-    monkeypatch.setattr(emu, "load_tile_async", lambda sm, tile, ROW, g, rs, row0, n_rows, ROWS, D:
+    monkeypatch.setattr(emu, "load_tile_async", lambda sm, tile, ROW, g, rs, row0, n_rows, ROWS, D, keep=None:
                         real(sm, tile, ROW, g, rs, row0, 1 << 30, ROWS, D))
     with pytest.raises(emu.EmulationError, match="out-of-bounds"):
         emu.run_case(1, 1, 1, 7, 7, 32, False, verbose=False)
@@ -126,17 +126,19 @@ def test_mutation_unpredicated_store_is_caught(monkeypatch):
         emu.run_case(2, 2, 2, 7, 9, 32, False, verbose=False)
 
 
-def test_mutation_small_masking_error_in_dq_is_caught(monkeypatch):
-    """A small bias error on one key, in the dq kernel only: far inside the 2x rule's slack, so it is
-    the same-rounding model that must catch it."""
-    real_next, real_dq = emu.next_key_tile, emu.attention_bwd_dq_kernel
+def test_mutation_small_score_error_in_dq_is_caught(monkeypatch):
+    """A small error in one key's score (key 5 of each tile, about 0.01 in log2 units), in the dq
+    kernel only: far inside the 2x rule's slack, so it is the same-rounding model that must catch
+    it. (The masks are selects now, so the former mutation, a perturbed mask bias, hides the key.)"""
+    real_mma, real_dq = emu.mma_tile_smem_a, emu.attention_bwd_dq_kernel
     state = {"in_dq": False}
 
-    def bad_next(sm, n, n_tiles, mask, len_k, bias, BN):
-        out = real_next(sm, n, n_tiles, mask, len_k, bias, BN)
-        if state["in_dq"] and out < n_tiles and out * BN + 5 < len_k:  # key 5 of the tile
-            sm.f[(bias + 4 * 5) // 4] -= np.float32(0.01)
-        return out
+    def bad_mma(sm, c, a_tile, ROW, r0, b_tile, K, N, B_NK):
+        real_mma(sm, c, a_tile, ROW, r0, b_tile, K, N, B_NK)
+        if state["in_dq"] and a_tile == 0:  # S = Q K^T (sQ is at offset 0); column 5: j 0, t 2, e odd
+            lanes = emu.TQ == 2
+            c[lanes, 0, 1] -= np.float32(0.04)
+            c[lanes, 0, 3] -= np.float32(0.04)
 
     def dq_kernel(*a):
         state["in_dq"] = True
@@ -144,7 +146,53 @@ def test_mutation_small_masking_error_in_dq_is_caught(monkeypatch):
             real_dq(*a)
         finally:
             state["in_dq"] = False
-    monkeypatch.setattr(emu, "next_key_tile", bad_next)
+    monkeypatch.setattr(emu, "mma_tile_smem_a", bad_mma)
     monkeypatch.setattr(emu, "attention_bwd_dq_kernel", dq_kernel)
     with pytest.raises(AssertionError, match="same-rounding model"):
         emu.run_case(1, 2, 2, 65, 70, 32, False, verbose=False)
+
+
+# --- non-finite values (issue 12, sections 2 and 3) ----------------------------------------------------
+
+@pytest.mark.parametrize("garbage", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+@pytest.mark.parametrize("causal,padding", [(False, "full"), (True, "holes")], ids=["full-pad", "causal-holes"])
+def test_emulated_garbage_in_padded_keys_changes_nothing(garbage, causal, padding):
+    """inf / NaN in every padded key and value: out, lse, dq, dk, dv as without it (2x rule, the
+    same-rounding model on the zero-padded inputs), padded keys' dk, dv exactly zero."""
+    emu.run_case(3, 2, 1, 33, 150 if padding == "holes" else 70, 32, causal, padding=padding, garbage=garbage,
+                 verbose=False)
+
+
+def _nan_pattern_case(plant, causal):
+    gen = torch.Generator().manual_seed(5)
+    B, H, Hkv, Lq, Lk, D = 2, 2, 1, 33, 70, 32
+    q, k, v, g = (torch.randn(*s, generator=gen).half() for s in
+                  ((B, H, Lq, D), (B, Hkv, Lk, D), (B, Hkv, Lk, D), (B, H, Lq, D)))
+    mask = torch.ones(B, Lk, dtype=torch.bool)
+    mask[1, 50:] = False
+    plant(q, k)
+    out, lse = emu.attention_fwd_cuda(q, k, v, mask, causal, D ** -0.5)
+    dq, dk, dv = emu.attention_bwd_cuda(g, q, k, v, out, lse, mask, causal, D ** -0.5)
+    leaves = [t.double().requires_grad_() for t in (q, k, v)]
+    ref = emu.reference.attention(*leaves, causal=causal, key_padding_mask=mask, scale=D ** -0.5)
+    refg = torch.autograd.grad(ref, leaves, g.double())
+    return (out, dq, dk, dv), (ref.detach(), *refg)
+
+
+@pytest.mark.parametrize("plant", ["q", "k"])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_emulated_nan_propagates_like_eager(plant, causal):
+    """A NaN query / visible key: NaN exactly where float64 eager has NaN (out; and dq, dk, dv
+    without causal, where eager's 0 * NaN in the gradient matmuls is not the kernels' business)."""
+    def put(q, k):
+        if plant == "q":
+            q[0, 1, 20, 3] = float("nan")
+        else:
+            k[1, 0, 30, 0] = float("nan")
+    ours, ref = _nan_pattern_case(put, causal)
+    names = ("out",) if causal else ("out", "dq", "dk", "dv")
+    for name, a, r in zip(names, ours, ref):
+        assert torch.isnan(r).any()
+        assert torch.equal(torch.isnan(a), torch.isnan(r)), f"{name}: NaN at {int(torch.isnan(a).sum())} places, eager {int(torch.isnan(r).sum())}"
+        fin = ~torch.isnan(r)
+        assert (a.double()[fin] - r[fin]).abs().max() < 0.05, name

@@ -6,9 +6,12 @@
 // MKL that libtorch_cpu exports) with a plain loop as fallback; the softmax passes use at::vec.
 //
 // Masks: per batch, each key block is classified as skipped (no key attends), full (all
-// attend) or mixed (an additive 0 / -inf bias row is applied). Causal tiles past the
-// diagonal are skipped and the diagonal ones are masked row by row: query i sees key j
-// iff j <= i + (Lk - Lq). A row that sees no key gets out = 0, lse = +inf, zero gradients.
+// attend) or mixed. Causal tiles past the diagonal are skipped and the diagonal ones are masked
+// row by row: query i sees key j iff j <= i + (Lk - Lq). Hidden scores are *selected* to -inf
+// (never added: inf + -inf = NaN), and in mixed blocks the padded K/V rows are read as zeros,
+// so garbage there (inf, NaN) cannot reach any output or gradient (0 * NaN); padded keys get
+// exactly zero gradients. NaN in a query or a visible key propagates as in eager PyTorch.
+// A row that sees no key gets out = 0, lse = +inf, zero gradients.
 
 // at::vec only uses 8-wide AVX2 vectors when CPU_CAPABILITY_AVX2 is set before its headers
 // (torch's own kernels get it from per-ISA compilation). setup.py builds with -mavx2 -mfma
@@ -73,6 +76,13 @@ bool blas_enabled() {
   // FORKATTN_CPU_NAIVE_GEMM=1 forces the fallback loop (so tests can cover it).
   const char* env = std::getenv("FORKATTN_CPU_NAIVE_GEMM");
   return sgemm_ != nullptr && !(env && env[0] == '1');
+}
+
+// fp16/bf16 backward: Delta from the recomputed fp32 output (see the backward's comment), unless
+// FORKATTN_CPU_ROUNDED_DELTA=1 (the previous rowsum(dO * rounded O), kept to measure the cost).
+bool fp32_delta_enabled(const at::Tensor& q) {
+  const char* env = std::getenv("FORKATTN_CPU_ROUNDED_DELTA");
+  return q.scalar_type() != at::kFloat && !(env && env[0] == '1');
 }
 
 // Keeps MKL single-threaded on this thread while alive.
@@ -151,11 +161,11 @@ void finish_output(at::Tensor& dst, const at::Tensor& f32) {
 
 enum BlockState : uint8_t { kSkip = 0, kFull = 1, kMixed = 2 };
 
-// Which key blocks each batch row attends to, and the additive bias for the mixed ones.
+// Which key blocks each batch row attends to, and which keys of the mixed ones.
 struct KeyPlan {
   int64_t nkb = 0;                // key blocks
   std::vector<uint8_t> state;     // [B, nkb] BlockState
-  std::vector<float> bias;        // [B, Lk] 0 = attend, -inf = padded; empty without a mask
+  std::vector<uint8_t> keep;      // [B, Lk] 1 = attend, 0 = padded; empty without a mask
   BlockState at(int64_t b, int64_t kb) const { return state.empty() ? kFull : BlockState(state[b * nkb + kb]); }
 };
 
@@ -166,14 +176,14 @@ KeyPlan plan_keys(const std::optional<at::Tensor>& key_padding_mask, int64_t B, 
   const at::Tensor mask = key_padding_mask->contiguous();
   const bool* mp = mask.data_ptr<bool>();
   plan.state.assign(B * plan.nkb, kSkip);
-  plan.bias.resize(B * Lk);
+  plan.keep.resize(B * Lk);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t kb = 0; kb < plan.nkb; ++kb) {
       const int64_t j0 = kb * bk, j1 = std::min(Lk, j0 + bk);
       int64_t attend = 0;
       for (int64_t j = j0; j < j1; ++j) {
         attend += mp[b * Lk + j];
-        plan.bias[b * Lk + j] = mp[b * Lk + j] ? 0.f : -kInf;
+        plan.keep[b * Lk + j] = mp[b * Lk + j] ? 1 : 0;
       }
       plan.state[b * plan.nkb + kb] = attend == 0 ? kSkip : (attend == j1 - j0 ? kFull : kMixed);
     }
@@ -181,26 +191,25 @@ KeyPlan plan_keys(const std::optional<at::Tensor>& key_padding_mask, int64_t B, 
   return plan;
 }
 
-// Sets the scores of hidden keys to -inf in a tile s[rows, cols] (row stride ld) whose first
-// query is i0 and first key j0: adds the padding bias row when given, and when causal hides
-// keys j > i + off.
-void mask_tile(float* s, int64_t ld, int64_t rows, int64_t cols, const float* bias, bool causal, int64_t i0,
-               int64_t j0, int64_t off) {
+// Writes `fill` over the entries of hidden keys in a tile s[rows, cols] (row stride ld) whose
+// first query is i0 and first key j0: keys with keep[c] == 0 (when keep is given), and when
+// causal keys j > i + off. A select, not an added bias: a NaN or inf score is replaced too.
+void mask_tile(float* s, int64_t ld, int64_t rows, int64_t cols, const uint8_t* keep, bool causal, int64_t i0,
+               int64_t j0, int64_t off, float fill) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
-    if (bias) {
-      int64_t c = 0;
-      for (; c + Vec::size() <= cols; c += Vec::size()) {
-        (Vec::loadu(row + c) + Vec::loadu(bias + c)).store(row + c);
-      }
-      for (; c < cols; ++c) row[c] += bias[c];
+    if (keep) {
+      for (int64_t c = 0; c < cols; ++c) row[c] = keep[c] ? row[c] : fill;
     }
     if (causal) {
       const int64_t visible = std::clamp<int64_t>(i0 + r + off + 1 - j0, 0, cols);
-      std::fill(row + visible, row + cols, -kInf);
+      std::fill(row + visible, row + cols, fill);
     }
   }
 }
+
+// max that propagates NaN (std::max(a, NaN) returns a): a NaN score must make its row NaN.
+inline float max_nan(float a, float b) { return std::isnan(b) ? b : std::max(a, b); }
 
 // ---------------------------------------------------------------------------------------------
 // Row primitives (at::vec; scalar tails).
@@ -213,16 +222,19 @@ float row_max(const float* x, int64_t n) {
     for (; c + Vec::size() <= n; c += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + c));
     m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
   }
-  for (; c < n; ++c) m = std::max(m, x[c]);
+  for (; c < n; ++c) m = max_nan(m, x[c]);  // at::vec::maximum above propagates NaN too
   return m;
 }
 
 // x = exp(x - sub) in place; returns the sum of the results.
 float exp_sub_sum(float* x, int64_t n, float sub) {
   int64_t c = 0;
+  // exp_u20 does not propagate NaN (nor handle inf - inf): a row whose max is NaN or +inf (a NaN
+  // or inf score) goes through std::exp, which gives the NaN eager PyTorch gives.
+  const int64_t nvec = std::isfinite(sub) ? n : 0;
   const Vec vsub(sub);
   Vec vsum(0.f);
-  for (; c + Vec::size() <= n; c += Vec::size()) {
+  for (; c + Vec::size() <= nvec; c += Vec::size()) {
     const Vec e = (Vec::loadu(x + c) - vsub).exp_u20();
     e.store(x + c);
     vsum = vsum + e;
@@ -280,6 +292,7 @@ void run_tasks(int64_t n, const MakeScratch& make_scratch, const Fn& fn) {
 struct Problem {
   int64_t B, H, Hkv, Lq, Lk, D;
   bool causal, blas;
+  bool fp32_delta = false;  // backward: Delta from a recomputed fp32 output (fp16/bf16 inputs)
   float scale;
   int64_t bq, bk;  // tile: query rows x keys
   Rows q, k, v;
@@ -295,20 +308,50 @@ struct Problem {
   int64_t key_end(int64_t b, int64_t i1) const {
     return causal ? std::clamp<int64_t>(i1 + off(b), 0, lk(b)) : lk(b);
   }
-  // S = scale * Q K^T for a tile into s (row stride bk); masks hidden keys; false if skipped.
-  bool scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* s) const;
+  // Rows j0..j0+cols of K or V (src) for kv head hk: in place, or for a mixed block a copy in
+  // `scratch` (bk x D) with the padded rows zeroed. Sets *ld to the row stride of the result.
+  const float* kv_tile(const Rows& src, int64_t b, int64_t hk, int64_t j0, int64_t cols, float* scratch,
+                       int64_t* ld) const;
+  // Writes `fill` over hidden (query, key) entries of a tile when it has any (mixed or diagonal).
+  void mask(float* s, int64_t b, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float fill) const;
+  // S = scale * Q K^T for a tile into s (row stride bk), K rows from kt (row stride kld); hidden
+  // keys -inf. False (and nothing computed) when the block is skipped.
+  bool scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
+              int64_t kld, float* s) const;
 };
 
-bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float* s) const {
-  const BlockState state = plan->at(b, j0 / bk);
-  if (state == kSkip) return false;
-  const int64_t hk = h / (H / Hkv);
-  gemm(blas, true, false, cols, rows, D, scale, k.at(b, hk, j0), k.sl, q.at(b, h, i0), q.sl, 0.f, s, bk);
-  const bool diagonal = causal && j0 + cols - 1 > i0 + off(b);
-  if (state == kMixed || diagonal) {
-    mask_tile(s, bk, rows, cols, state == kMixed ? plan->bias.data() + b * Lk + j0 : nullptr, diagonal, i0, j0,
-              off(b));
+const float* Problem::kv_tile(const Rows& src, int64_t b, int64_t hk, int64_t j0, int64_t cols, float* scratch,
+                              int64_t* ld) const {
+  const float* rows = src.at(b, hk, j0);
+  if (plan->at(b, j0 / bk) != kMixed) {
+    *ld = src.sl;
+    return rows;
   }
+  const uint8_t* keep = plan->keep.data() + b * Lk + j0;
+  for (int64_t c = 0; c < cols; ++c) {
+    if (keep[c]) {
+      std::copy(rows + c * src.sl, rows + c * src.sl + D, scratch + c * D);
+    } else {
+      std::fill(scratch + c * D, scratch + (c + 1) * D, 0.f);
+    }
+  }
+  *ld = D;
+  return scratch;
+}
+
+void Problem::mask(float* s, int64_t b, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float fill) const {
+  const bool mixed = plan->at(b, j0 / bk) == kMixed;
+  const bool diagonal = causal && j0 + cols - 1 > i0 + off(b);
+  if (mixed || diagonal) {
+    mask_tile(s, bk, rows, cols, mixed ? plan->keep.data() + b * Lk + j0 : nullptr, diagonal, i0, j0, off(b), fill);
+  }
+}
+
+bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
+                     int64_t kld, float* s) const {
+  if (plan->at(b, j0 / bk) == kSkip) return false;
+  gemm(blas, true, false, cols, rows, D, scale, kt, kld, q.at(b, h, i0), q.sl, 0.f, s, bk);
+  mask(s, b, i0, rows, j0, cols, -kInf);
   return true;
 }
 
@@ -316,8 +359,9 @@ bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
 // Forward.
 
 struct FwdScratch {
-  std::vector<float> s, acc, m, l;
-  explicit FwdScratch(const Tiles& t, int64_t D) : s(t.bq * t.bk), acc(t.bq * D), m(t.bq), l(t.bq) {}
+  std::vector<float> s, acc, m, l, kt, vt;
+  explicit FwdScratch(const Tiles& t, int64_t D)
+      : s(t.bq * t.bk), acc(t.bq * D), m(t.bq), l(t.bq), kt(t.bk * D), vt(t.bk * D) {}
 };
 
 // Folds a tile of scores (turned into probabilities in place) into the running max m, sum l
@@ -325,7 +369,7 @@ struct FwdScratch {
 void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, float* m, float* l, float* acc, int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
-    const float m_new = std::max(m[r], row_max(row, cols));
+    const float m_new = max_nan(m[r], row_max(row, cols));
     if (m_new == -kInf) {  // nothing visible yet: this row of P is zero
       std::fill(row, row + cols, 0.f);
       continue;
@@ -357,11 +401,14 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
   const int64_t kend = p.key_end(b, i0 + rows);
   for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
     const int64_t cols = std::min(p.bk, kend - j0);
-    if (!p.scores(b, h, i0, rows, j0, cols, w.s.data())) continue;
+    if (p.plan->at(b, j0 / p.bk) == kSkip) continue;
+    int64_t kld, vld;
+    const float* kt = p.kv_tile(p.k, b, hk, j0, cols, w.kt.data(), &kld);
+    p.scores(b, h, i0, rows, j0, cols, kt, kld, w.s.data());
     online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D);
     // acc += P V
-    gemm(p.blas, false, false, D, rows, cols, 1.f, p.v.at(b, hk, j0), p.v.sl, w.s.data(), p.bk, 1.f,
-         w.acc.data(), D);
+    const float* vt = p.kv_tile(p.v, b, hk, j0, cols, w.vt.data(), &vld);
+    gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, w.acc.data(), D);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const bool empty = w.l[r] == 0.f;
@@ -376,12 +423,21 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
 // Backward: one task per (batch, kv head) owns dK/dV of those keys and dQ of the query heads
 // that share them (GQA), so no two threads write the same rows. Per tile, P is recomputed from
 // lse and dS = P * (dP - Delta) with Delta = rowsum(dO * O).
+//
+// Delta must agree with the P and dP it is subtracted from: in exact arithmetic it equals
+// sum_j P_ij dP_ij, and dS's row sums are zero. With fp16/bf16 inputs the saved O is rounded
+// (relative error 2^-11 / 2^-8), so rowsum(dO * O) misses the fp32 sum by |dO||O| * 2^-11 / 2^-8;
+// on a peaked row (one key takes nearly all the weight, dP_ij - Delta nearly cancels) that error
+// dominates dq and dk (up to ~200x eager's error at L = 2, D = 16). So for 16-bit inputs the
+// backward recomputes the fp32 output of each query block first (one more S and P V per tile;
+// no extra memory, the dq scratch holds it; measured +11-23% backward time at B2 H12 L512 D64,
+// +7% causal) and forms Delta from it; fp32 inputs use the saved O, which is that output already.
 
 struct BwdScratch {
-  std::vector<float> s, dp, dq, delta, lse, dk, dv;
+  std::vector<float> s, dp, dq, delta, lse, dk, dv, kt, vt;
   BwdScratch(const Tiles& t, int64_t Lk, int64_t D)
       : s(t.bq * t.bk), dp(t.bq * t.bk), dq(t.bq * D), delta(t.bq), lse(t.bq),
-        dk(Lk * D), dv(Lk * D) {}
+        dk(Lk * D), dv(Lk * D), kt(t.bk * D), vt(t.bk * D) {}
 };
 
 struct BwdIO {
@@ -401,6 +457,28 @@ void probs_from_lse(float* s, int64_t ld, int64_t rows, int64_t cols, const floa
   }
 }
 
+// Delta = rowsum(dO * O) for the query block's rows, O the fp32 output recomputed from lse
+// (O = sum over visible tiles of P V, P = exp(S - lse)); w.dq holds O meanwhile.
+void recomputed_delta(const Problem& p, const BwdIO& io, int64_t b, int64_t h, int64_t i0, int64_t rows,
+                      BwdScratch& w) {
+  const int64_t D = p.D, hk = h / (p.H / p.Hkv);
+  float* o = w.dq.data();
+  std::fill(w.dq.begin(), w.dq.end(), 0.f);
+  const int64_t kend = p.key_end(b, i0 + rows);
+  for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
+    const int64_t cols = std::min(p.bk, kend - j0);
+    if (p.plan->at(b, j0 / p.bk) == kSkip) continue;
+    int64_t kld, vld;
+    const float* kt = p.kv_tile(p.k, b, hk, j0, cols, w.kt.data(), &kld);
+    const float* vt = p.kv_tile(p.v, b, hk, j0, cols, w.vt.data(), &vld);
+    p.scores(b, h, i0, rows, j0, cols, kt, kld, w.s.data());
+    probs_from_lse(w.s.data(), p.bk, rows, cols, w.lse.data());
+    p.mask(w.s.data(), b, i0, rows, j0, cols, 0.f);
+    gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, o, D);
+  }
+  for (int64_t r = 0; r < rows; ++r) w.delta[r] = dot(io.dout.at(b, h, i0 + r), o + r * D, D);
+}
+
 void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, int64_t qb, BwdScratch& w) {
   const int64_t D = p.D, i0 = qb * p.bq, rows = std::min(p.bq, p.lq(b) - i0), hk = h / (p.H / p.Hkv);
   const float* q = p.q.at(b, h, i0);
@@ -409,22 +487,29 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
     w.delta[r] = dot(io.dout.at(b, h, i0 + r), io.out.at(b, h, i0 + r), D);
     w.lse[r] = *io.lse.at(b, h, i0 + r);
   }
+  if (p.fp32_delta) recomputed_delta(p, io, b, h, i0, rows, w);
   std::fill(w.dq.begin(), w.dq.end(), 0.f);
   const int64_t kend = p.key_end(b, i0 + rows);
   for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
     const int64_t cols = std::min(p.bk, kend - j0);
     float* s = w.s.data();
     float* dp = w.dp.data();
-    if (!p.scores(b, h, i0, rows, j0, cols, s)) continue;
+    if (p.plan->at(b, j0 / p.bk) == kSkip) continue;
+    int64_t kld, vld;
+    const float* kt = p.kv_tile(p.k, b, hk, j0, cols, w.kt.data(), &kld);
+    const float* vt = p.kv_tile(p.v, b, hk, j0, cols, w.vt.data(), &vld);
+    p.scores(b, h, i0, rows, j0, cols, kt, kld, s);
     probs_from_lse(s, p.bk, rows, cols, w.lse.data());
+    p.mask(s, b, i0, rows, j0, cols, 0.f);  // P = 0 exactly at hidden keys, even on a NaN row
     // dV += P^T dO
     gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, s, p.bk, 1.f, w.dv.data() + j0 * D, D);
-    // dP = dO V^T, then dS = P * (dP - Delta)
-    gemm(p.blas, true, false, cols, rows, D, 1.f, p.v.at(b, hk, j0), p.v.sl, dout, io.dout.sl, 0.f, dp, p.bk);
+    // dP = dO V^T, then dS = P * (dP - Delta), 0 at hidden keys
+    gemm(p.blas, true, false, cols, rows, D, 1.f, vt, vld, dout, io.dout.sl, 0.f, dp, p.bk);
     for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * p.bk, dp + r * p.bk, cols, w.delta[r]);
+    p.mask(dp, b, i0, rows, j0, cols, 0.f);
     // dK += scale * dS^T Q ; dQ += scale * dS K
     gemm(p.blas, false, true, D, cols, rows, p.scale, q, p.q.sl, dp, p.bk, 1.f, w.dk.data() + j0 * D, D);
-    gemm(p.blas, false, false, D, rows, cols, p.scale, p.k.at(b, hk, j0), p.k.sl, dp, p.bk, 1.f, w.dq.data(), D);
+    gemm(p.blas, false, false, D, rows, cols, p.scale, kt, kld, dp, p.bk, 1.f, w.dq.data(), D);
   }
   for (int64_t r = 0; r < rows; ++r) std::copy(w.dq.begin() + r * D, w.dq.begin() + (r + 1) * D, io.dq.at(b, h, i0 + r));
 }
@@ -436,7 +521,14 @@ void bwd_kv_head(const Problem& p, const BwdIO& io, int64_t b, int64_t hk, BwdSc
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t qb = 0; qb < p.nqb(b); ++qb) bwd_query_block(p, io, b, h, qb, w);
   }
+  // A padded key's gradients are exactly zero (a NaN query row would give it 0 * NaN).
+  const uint8_t* keep = p.plan->keep.empty() ? nullptr : p.plan->keep.data() + b * p.Lk;
   for (int64_t j = 0; j < p.lk(b); ++j) {
+    if (keep && !keep[j]) {
+      std::fill(io.dk.at(b, hk, j), io.dk.at(b, hk, j) + p.D, 0.f);
+      std::fill(io.dv.at(b, hk, j), io.dv.at(b, hk, j) + p.D, 0.f);
+      continue;
+    }
     std::copy(w.dk.begin() + j * p.D, w.dk.begin() + (j + 1) * p.D, io.dk.at(b, hk, j));
     std::copy(w.dv.begin() + j * p.D, w.dv.begin() + (j + 1) * p.D, io.dv.at(b, hk, j));
   }
@@ -551,7 +643,8 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), dof = as_f32(dout);
   const Tiles tiles = choose_tiles(q.size(0) * q.size(1), q.size(2));
   const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2), tiles.bk);
-  const Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
+  Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
+  p.fp32_delta = fp32_delta_enabled(q);
   run_bwd(p, tiles, of, dof, lse, dq, dk, dv);
 }
 
@@ -578,6 +671,7 @@ void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, co
   const KeyPlan plan = plan_keys(std::nullopt, 1, max_seqlen_k, tiles.bk);
   Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
   set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  p.fp32_delta = fp32_delta_enabled(q);
   at::Tensor dq4 = packed_view(dq), dk4 = packed_view(dk), dv4 = packed_view(dv);
   run_bwd(p, tiles, of, dof, lse, dq4, dk4, dv4);
 }

@@ -184,6 +184,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   }
   FA_CHECK_DIM_NAMED(lse_in, "lse", 2);
   check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q_in);
+  check_varlen_bwd_shapes(dout_in, q_in, out_in, lse_in);
   const AttnSizes s = check_attention_bwd_inputs(as_bhld(dout_in), as_bhld(q_in), as_bhld(k_in), as_bhld(v_in),
                                                  as_bhld(out_in), lse_in.unsqueeze(0), std::nullopt);
   check_cuda_limits(q_in, s);

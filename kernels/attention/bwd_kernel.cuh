@@ -88,8 +88,8 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
   cp_async_commit();
   int n = next_key_tile<BN, NT>(0, n_tiles, mask, len_k, sBias, tid);
   if (n < n_tiles) {
-    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, len_k, tid);
-    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, len_k, tid);
+    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, len_k, tid, mask);
+    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, len_k, tid, mask);
   }
   cp_async_commit();
 
@@ -110,8 +110,8 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
   while (n < n_tiles) {
     const int next = next_key_tile<BN, NT>(n + 1, n_tiles, mask, len_k, sBias + (stage ^ 1) * BN, tid);
     if (next < n_tiles) {
-      load_tile_async<BN, D, NT>(sK + (stage ^ 1) * BN * ROW, k, p.k_row_stride, next * BN, len_k, tid);
-      load_tile_async<BN, D, NT>(sV + (stage ^ 1) * BN * ROW, v, p.v_row_stride, next * BN, len_k, tid);
+      load_tile_async<BN, D, NT>(sK + (stage ^ 1) * BN * ROW, k, p.k_row_stride, next * BN, len_k, tid, mask);
+      load_tile_async<BN, D, NT>(sV + (stage ^ 1) * BN * ROW, v, p.v_row_stride, next * BN, len_k, tid, mask);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -133,10 +133,10 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = j * 8 + 2 * t + (e & 1);
-        float x = s[j][e] * p.scale_log2 + bias[col];
-        if (diagonal && n0 + col > row_base + (e >> 1) * 8 + offset) x = -INFINITY;
-        const float prob = exp2f(x - lse2[e >> 1]);
-        s[j][e] = prob * (dp[j][e] - delta[e >> 1]);  // dS
+        // hidden keys: P = dS = 0 by select (a NaN row's lse or delta must not reach them)
+        const bool hidden = bias[col] != 0.f || (diagonal && n0 + col > row_base + (e >> 1) * 8 + offset);
+        const float prob = exp2f(s[j][e] * p.scale_log2 - lse2[e >> 1]);
+        s[j][e] = hidden ? 0.f : prob * (dp[j][e] - delta[e >> 1]);  // dS
       }
     }
     mma_tile_reg_a<T, ROW, BN, D>(dq, s, sKs, lane);
@@ -206,8 +206,8 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
 
   const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + hk * p.k_head_stride + k_row0 * p.k_row_stride;
   const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + hk * p.v_head_stride + k_row0 * p.v_row_stride;
-  load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n0, len_k, tid);
-  load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n0, len_k, tid);
+  load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n0, len_k, tid, mask);
+  load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n0, len_k, tid, mask);
   cp_async_commit();
 
   // Q, dO, lse and delta of the next (query head, query tile) into stage `st`; heads of the group
@@ -271,6 +271,9 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = j * 8 + 2 * t + (e & 1);  // query m0 + col
+        // Padded keys' K/V rows were loaded as zeros, so their scores are finite unless the query
+        // row is NaN; their dk/dv are zeroed at the end whatever reached them (no per-element
+        // select here: it costs registers this kernel does not have at head_dim 128).
         float x = st[j][e] * p.scale_log2 + key_bias[e >> 1];
         if (diagonal && key_base + (e >> 1) * 8 > m0 + col + offset) x = -INFINITY;
         const float prob = exp2f(x - lse2[col]);
@@ -286,6 +289,14 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
   cp_async_wait<0>();
   __syncthreads();
 
+  // A padded key's gradients are exactly zero (dS^T Q with a NaN query row would be 0 * NaN).
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    if (key_bias[r] != 0.f) {
+#pragma unroll
+      for (int j = 0; j < D / 8; ++j) dk[j][2 * r] = dk[j][2 * r + 1] = dv[j][2 * r] = dv[j][2 * r + 1] = 0.f;
+    }
+  }
   stage_rows<T, D>(sK, warp * 16, dk, p.scale, p.scale, lane);
   stage_rows<T, D>(sV, warp * 16, dv, 1.f, 1.f, lane);
   __syncthreads();

@@ -186,17 +186,18 @@ __device__ __forceinline__ void zero(float (&c)[N][4]) {
 // --- tiles between global and shared memory ------------------------------------------------------
 
 // Rows row0..row0+ROWS-1 of a [rows, D] matrix (row stride in elements) into a padded tile;
-// rows >= n_rows are zero-filled.
+// rows >= n_rows, and rows with keep[row] false when keep is given (padded keys), are zero-filled:
+// garbage there (inf, NaN) must not reach an mma, where P = 0 times NaN is NaN.
 template <int ROWS, int D, int THREADS, typename T>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* g, int64_t row_stride, int row0, int n_rows,
-                                                int tid) {
+                                                int tid, const bool* keep = nullptr) {
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   static_assert((ROWS * kChunks) % THREADS == 0, "tile copy must divide evenly among threads");
 #pragma unroll
   for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
     const int idx = tid + i * THREADS;
     const int r = idx / kChunks, c = idx % kChunks;
-    const bool valid = row0 + r < n_rows;
+    const bool valid = row0 + r < n_rows && (keep == nullptr || keep[row0 + r]);
     const T* src = valid ? g + static_cast<int64_t>(row0 + r) * row_stride + c * 8 : g;
     cp_async16(tile + r * Smem<D>::kRow + c * 8, src, valid);
   }

@@ -49,8 +49,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
   cp_async_commit();
   int n = next_key_tile<BN, NT>(0, n_tiles, mask, len_k, sBias, tid);
   if (n < n_tiles) {
-    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, len_k, tid);
-    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, len_k, tid);
+    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, len_k, tid, mask);
+    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, len_k, tid, mask);
   }
   cp_async_commit();
 
@@ -66,8 +66,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
     // prefetch the next visible tile into the other stage while this one is computed
     const int next = next_key_tile<BN, NT>(n + 1, n_tiles, mask, len_k, sBias + (stage ^ 1) * BN, tid);
     if (next < n_tiles) {
-      load_tile_async<BN, D, NT>(sK + (stage ^ 1) * BN * ROW, k, p.k_row_stride, next * BN, len_k, tid);
-      load_tile_async<BN, D, NT>(sV + (stage ^ 1) * BN * ROW, v, p.v_row_stride, next * BN, len_k, tid);
+      load_tile_async<BN, D, NT>(sK + (stage ^ 1) * BN * ROW, k, p.k_row_stride, next * BN, len_k, tid, mask);
+      load_tile_async<BN, D, NT>(sV + (stage ^ 1) * BN * ROW, v, p.v_row_stride, next * BN, len_k, tid, mask);
     }
     cp_async_commit();
     cp_async_wait<1>();
@@ -87,7 +87,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int col = j * 8 + 2 * t + (e & 1);
-        float x = s[j][e] * p.scale_log2 + bias[col];
+        // a select, not an added bias: inf + -inf would be NaN
+        float x = bias[col] == 0.f ? s[j][e] * p.scale_log2 : -INFINITY;
         if (diagonal && n0 + col > row_base + (e >> 1) * 8 + offset) x = -INFINITY;
         s[j][e] = x;
       }
@@ -129,10 +130,11 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
   for (int r = 0; r < 2; ++r) {
     const float l = quad_sum(row_sum[r]);
     const int row = row_base + r * 8;
-    mul[r] = l > 0.f ? 1.f / l : 0.f;  // a row that sees no key writes zeros
+    // a row that sees no key (l == 0) writes zeros; a NaN score (l NaN) makes the row NaN, as in eager
+    mul[r] = l != 0.f ? 1.f / l : 0.f;
     if (t == 0 && row < len_q) {
       p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + row] =
-          l > 0.f ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
+          l != 0.f ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
     }
   }
   stage_rows<T, D>(sQ, warp * 16, acc, mul[0], mul[1], lane);  // each warp reuses its own Q rows

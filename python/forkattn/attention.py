@@ -9,7 +9,6 @@ its first call. attention_varlen (packed sequences) is a second op family at the
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -17,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import reference
+from ._checks import _values_checkable, key_padding_mask_as_bool, resolve_scale
 from ._native import _C
 from .backends import (
     CUDA_HEAD_DIMS,
@@ -128,7 +128,8 @@ def _check_qkv(q, k, v, ndim: int, layout: str) -> None:
             raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
 
 
-def check_inputs(q, k, v, key_padding_mask=None, causal=False, scale=None) -> None:
+def check_inputs(q, k, v, key_padding_mask=None, causal=False, scale=None) -> Tuple[Optional[Tensor], float]:
+    """Raises on bad arguments; returns (key_padding_mask as bool or None, scale as a float)."""
     _check_qkv(q, k, v, 4, "[batch, heads, seq, head_dim]")
     B, H, _, D = q.shape
     if k.shape[0] != B or v.shape[0] != B:
@@ -141,20 +142,10 @@ def check_inputs(q, k, v, key_padding_mask=None, causal=False, scale=None) -> No
         raise ValueError(f"q's {H} heads must be a multiple of k's and v's {k.shape[1]} heads (GQA/MQA)")
     if D == 0:
         raise ValueError("head_dim must be at least 1, got 0")
-    if key_padding_mask is not None:
-        m = key_padding_mask
-        if not isinstance(m, Tensor):
-            raise TypeError(f"key_padding_mask must be a bool Tensor or None, got {type(m).__name__}")
-        if m.dtype != torch.bool:
-            raise TypeError(f"key_padding_mask must have dtype torch.bool (True = attend), got {m.dtype}")
-        if tuple(m.shape) != (B, k.shape[2]):
-            raise ValueError(f"key_padding_mask must have shape [batch, len_k] = {(B, k.shape[2])}, got {tuple(m.shape)}")
-        if m.device != q.device:
-            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {m.device}")
+    mask = key_padding_mask_as_bool(key_padding_mask, B, k.shape[2], q.device)
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return mask, resolve_scale(scale, D)
 
 
 def _stride1(t: Tensor) -> Tensor:
@@ -240,8 +231,13 @@ def attention(
 
     causal: query i attends to keys j <= i + (Lk - Lq) (bottom-right aligned, so with a KV
         cache the newest query sees every key). key_padding_mask: bool [B, Lk], True = attend
-        (BERT's attention_mask). A query row that sees no key returns zeros and gets zero
-        gradients. Hkv may divide H (GQA/MQA). scale defaults to head_dim ** -0.5.
+        (BERT's attention_mask); an integer 0/1 mask (transformers' int64 attention_mask) is
+        accepted too, other values raise ValueError. A query row that sees no key returns zeros and gets zero
+        gradients. Hkv may divide H (GQA/MQA). scale: a real number (int, float, NumPy scalar or
+        0-d tensor; not bool), default head_dim ** -0.5. Keys hidden from every query (padding)
+        may hold anything, inf and NaN included: they never reach an output or a gradient. A NaN
+        in a query or a visible key makes NaN exactly the rows (and gradients) it reaches in
+        eager PyTorch.
     backend: None picks the fastest backend for the device, dtype and head_dim; or one of
         "eager", "cpu", "triton", "cuda" (an error names why a named backend cannot run).
         "cuda" (hand-written tensor-core kernels: CUDA builds, sm_80+, float16/bfloat16,
@@ -251,8 +247,7 @@ def attention(
     The output is [B, H, Lq, D] with [B, Lq, H, D] memory, so out.transpose(1, 2).reshape(B, Lq, H*D)
     is free. Strided inputs are read in place (only a non-unit stride in head_dim copies).
     """
-    check_inputs(q, k, v, key_padding_mask, causal, scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    key_padding_mask, scale = check_inputs(q, k, v, key_padding_mask, causal, scale)
     name = select_backend(q, backend)
     if name == "eager":
         return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
@@ -338,18 +333,9 @@ def _check_cu_values(name, c, total, max_name, max_seqlen) -> None:
         raise ValueError(f"{max_name} = {max_seqlen} is smaller than the longest sequence in {name} ({max(lengths)})")
 
 
-def _values_checkable(cu: Tensor) -> bool:
-    """Reading cu_seqlens' values needs them on the host: free for CPU tensors, one device sync for
-    CUDA ones. Skipped while torch.compile traces or a CUDA graph is being captured."""
-    if torch.compiler.is_compiling():
-        return False
-    if cu.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return False
-    return True
-
-
 def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False, scale=None,
-                        values: bool = True) -> None:
+                        values: bool = True) -> float:
+    """Raises on bad arguments; returns scale as a float."""
     _check_qkv(q, k, v, 3, "[total, heads, head_dim] (packed varlen)")
     if k.shape != v.shape:
         raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)}, v {tuple(v.shape)}")
@@ -368,12 +354,12 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
         )
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
-    if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    scale = resolve_scale(scale, q.shape[2])
     if values and _values_checkable(cu_seqlens_q):
         both = torch.stack([cu_seqlens_q, cu_seqlens_k]).tolist()  # one host read for both
         _check_cu_values("cu_seqlens_q", both[0], q.shape[0], "max_seqlen_q", max_seqlen_q)
         _check_cu_values("cu_seqlens_k", both[1], k.shape[0], "max_seqlen_k", max_seqlen_k)
+    return scale
 
 
 @torch.library.custom_op("forkattn::attention_varlen_fwd", mutates_args=())
@@ -465,9 +451,8 @@ def attention_varlen(
     backend: as for attention(); "cuda" (float16/bfloat16, head_dim 32/64/128) is opt-in like
     there: name it, or set FORKATTN_PREFER_CUDA_ATTENTION=1 before importing forkattn.
     """
-    check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-                        values=validate_seqlens)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+                                values=validate_seqlens)
     name = VARLEN_BACKENDS.resolve(backend, q.device.type, dtype=q.dtype, head_dim=q.shape[-1])
     if name == "eager":
         return _eager_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)

@@ -65,6 +65,13 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: O
         k = k.repeat_interleave(H // Hkv, dim=1)
         v = v.repeat_interleave(H // Hkv, dim=1)
     scale = D ** -0.5 if scale is None else scale
+    if allowed is not None:
+        # A key no query may see (padding, or past a cache's length) can hold anything, NaN and
+        # inf included: zero it, or 0 * inf = NaN in P V (and in the gradients) would reach every
+        # row. masked_fill also gives those rows exactly zero gradients.
+        unseen = ~allowed.any(dim=-2).unsqueeze(-1)  # [B or 1, 1, Lk, 1]
+        k = k.masked_fill(unseen, 0)
+        v = v.masked_fill(unseen, 0)
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if s.dtype in (torch.float16, torch.bfloat16):
         s = s.float()

@@ -48,15 +48,14 @@ def _fwd_inner(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_end
+        if HAS_MASK:  # padded keys are read as zeros: garbage there must not reach P V (0 * NaN)
+            col_ok = col_ok & (tl.load(KPM + cols * stride_mn, mask=col_ok, other=0) != 0)
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         valid = col_ok[None, :]
-        if HAS_MASK:
-            kp = tl.load(KPM + cols * stride_mn, mask=col_ok, other=0)
-            valid = valid & (kp != 0)[None, :]
         if CAUSAL_STAGE:
             valid = valid & (cols[None, :] <= offs_m[:, None] + causal_off)
         s = tl.where(valid, s, float("-inf"))
@@ -230,7 +229,7 @@ def _bwd_dkdv_inner(
         p_t = tl.where(valid, tl.math.exp2(s_t - lse2[None, :]), 0.0)
         dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
+        ds_t = tl.where(valid, p_t * (dp_t - delta[None, :]), 0.0)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
 
@@ -273,8 +272,11 @@ def _attn_bwd_dkdv_kernel(
     d_ok = offs_d < D
     c_ok = cols < seqlen_k
     kv_mask = c_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
+    valid_k = c_ok
+    if HAS_MASK:  # padded keys are read as zeros: garbage there must not reach dP or dS^T Q
+        valid_k = valid_k & (tl.load(KPM + b64 * stride_mb + cols * stride_mn, mask=c_ok, other=0) != 0)
+    k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :], mask=valid_k[:, None] & d_ok[None, :], other=0.0)
+    v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=valid_k[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         k = k.to(tl.float32)
         v = v.to(tl.float32)
@@ -282,10 +284,7 @@ def _attn_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     q_end = seqlen_q
-    valid_k = c_ok
     if HAS_MASK:
-        kp = tl.load(KPM + b64 * stride_mb + cols * stride_mn, mask=c_ok, other=0)
-        valid_k = valid_k & (kp != 0)
         k_lo, k_hi = _key_range(KLO, KHI, b, seqlen_k, HAS_MASK)
         live = (start_n < k_hi) & (start_n + BLOCK_N > k_lo)
         q_end = tl.where(live, seqlen_q, 0)  # an all-padding key block: zero grads, no loop
@@ -316,7 +315,9 @@ def _attn_bwd_dkdv_kernel(
                 dk, dv, k, v, Qh, DOh, Lseh, Deltah, stride_qm, stride_dom, stride_lm,
                 cols, valid_k, offs_m, offs_d, d_ok, 0, q_end, seqlen_q, causal_off, qk_scale,
                 False, UPCAST, DOT_PREC, BLOCK_M)
-    dk = dk * sm_scale
+    # a padded key's gradients are exactly zero (0 * NaN from a NaN query row would not be)
+    dk = tl.where(valid_k[:, None], dk * sm_scale, 0.0)
+    dv = tl.where(valid_k[:, None], dv, 0.0)
     tl.store(DK + cols[:, None] * stride_dkn + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + cols[:, None] * stride_dvn + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -333,6 +334,8 @@ def _bwd_dq_inner(
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < k_end
+        if HAS_MASK:  # padded keys are read as zeros (garbage there must not reach dS K)
+            col_ok = col_ok & (tl.load(KPM + cols * stride_mn, mask=col_ok, other=0) != 0)
         kv_mask = col_ok[:, None] & d_ok[None, :]
         k = tl.load(K + cols[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
@@ -341,14 +344,11 @@ def _bwd_dq_inner(
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale
         valid = col_ok[None, :]
-        if HAS_MASK:
-            kp = tl.load(KPM + cols * stride_mn, mask=col_ok, other=0)
-            valid = valid & (kp != 0)[None, :]
         if CAUSAL_STAGE:
             valid = valid & (cols[None, :] <= offs_m[:, None] + causal_off)
         p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
+        ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     return dq
 

@@ -1,0 +1,67 @@
+"""Argument checks shared by attention, attention_varlen and decode_attention: one place, and
+messages that name the argument."""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    """The softmax scale as a Python float: head_dim ** -0.5 for None; else any real scalar
+    (int, float, NumPy scalar, 0-d real tensor), finite. bool and complex are refused."""
+    if scale is None:
+        return head_dim ** -0.5
+    if isinstance(scale, Tensor):
+        if scale.dim() != 0:
+            raise ValueError(f"scale must be a number or a 0-d tensor, got a tensor of shape {tuple(scale.shape)}")
+        if scale.dtype == torch.bool or scale.dtype.is_complex:
+            raise TypeError(f"scale must be a real number or None, got a {scale.dtype} tensor")
+        value = float(scale.item())  # one device sync for a CUDA tensor
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        # bool is an int in Python (and np.bool_ is no numbers.Real): True as a scale is a bug
+        raise TypeError(f"scale must be a real number or None, got {type(scale).__name__} {scale!r}")
+    else:
+        value = float(scale)
+    if not math.isfinite(value):
+        raise ValueError(f"scale must be a finite number or None, got {value!r}")
+    return value
+
+
+def _values_checkable(t: Tensor) -> bool:
+    """Reading a tensor's values (cu_seqlens, an integer mask) needs them on the host: free on CPU,
+    one sync on CUDA; skipped while torch.compile traces or a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    if t.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return False
+    return t.device.type != "meta"
+
+
+def key_padding_mask_as_bool(mask: Optional[Tensor], batch: int, len_k: int, device) -> Optional[Tensor]:
+    """key_padding_mask as bool [batch, len_k], True = attend. Accepts bool, or an integer 0/1 mask
+    (transformers' int64 attention_mask); any other value raises. Checking an integer mask's
+    values reads it on the host (one sync for a CUDA tensor; pass a bool mask to avoid it)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a bool or integer 0/1 Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and (mask.dtype.is_floating_point or mask.dtype.is_complex):
+        raise TypeError(
+            f"key_padding_mask must have dtype torch.bool or an integer dtype with values 0/1 (1 = attend), got {mask.dtype}")
+    if tuple(mask.shape) != (batch, len_k):
+        raise ValueError(f"key_padding_mask must have shape [batch, len_k] = {(batch, len_k)}, got {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"key_padding_mask must be on q's device {device}, got {mask.device}")
+    if mask.dtype == torch.bool:
+        return mask
+    if _values_checkable(mask):
+        bad = (mask != 0) & (mask != 1)
+        if bool(bad.any()):
+            b, j = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"key_padding_mask must hold only 0 and 1 (1 = attend), got {mask[b, j].item()} at [{b}, {j}]")
+    return mask != 0
