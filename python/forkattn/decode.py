@@ -23,13 +23,13 @@ check=True refuses it on the host for every backend, and the cuda/triton/eager k
 """
 from __future__ import annotations
 
-import math
 from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import reference
+from ._checks import resolve_scale
 from ._native import _C
 from .backends import (
     CUDA_HEAD_DIMS,
@@ -447,7 +447,8 @@ class KVCache:
 
 # --- public API -------------------------------------------------------------------------------------
 
-def check_decode_inputs(q, cache, scale) -> None:
+def check_decode_inputs(q, cache, scale) -> float:
+    """Checks q against the cache; returns the softmax scale as a float (see _checks.resolve_scale)."""
     if not isinstance(cache, KVCache):
         raise TypeError(f"cache must be a forkattn.KVCache, got {type(cache).__name__}")
     if not isinstance(q, Tensor):
@@ -468,8 +469,7 @@ def check_decode_inputs(q, cache, scale) -> None:
                          f"{cache.num_kv_heads} (GQA/MQA), got {H}")
     if not 1 <= T <= MAX_NEW_TOKENS:
         raise ValueError(f"q.shape[2] (new tokens) must be in [1, {MAX_NEW_TOKENS}], got {T}")
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale)):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    return resolve_scale(scale, D)
 
 
 def select_decode_backend(q: Tensor, backend: Optional[str] = None) -> str:
@@ -492,12 +492,11 @@ def decode_attention(q: Tensor, cache: KVCache, *, scale: Optional[float] = None
     KVCache.plan), and the cuda/triton/eager kernels then give a page outside the pool no weight and
     treat a negative length as 0. The cpu backend always validates (in C++, no sync to avoid).
     """
-    check_decode_inputs(q, cache, scale)
+    scale = check_decode_inputs(q, cache, scale)
     check = cache.check if check is None else check
     if not isinstance(check, bool):
         raise TypeError(f"check must be a bool or None, got {type(check).__name__}")
     B, H, T, D = q.shape
-    scale = D ** -0.5 if scale is None else float(scale)
     name = select_decode_backend(q, backend)
     if check and name != "cpu":  # the cpu entry point checks the same on its own
         cache.validate()
