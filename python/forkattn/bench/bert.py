@@ -38,9 +38,11 @@ IMPLS = {
     "forkattn-*-sparse-mlm": "forkattn's BERT, unpadded, MLM head on the labelled tokens only (sparse_prediction)",
     "forkattn-*": "forkattn's BERT, unpadded (real tokens packed, attention_varlen), fused attention backend <name>",
 }
-# (B, L) per device and size; inference and one training step each
-SHAPES = {"cuda": {"quick": [(32, 128)], "default": [(32, 128), (32, 512)], "full": [(32, 128), (32, 512), (128, 128)]},
-          "cpu": {"quick": [(2, 128), (1, 512)], "default": [(4, 128), (2, 512)], "full": [(8, 128), (4, 512), (8, 512)]}}
+# (B, L) per device and size: inference shapes, training-step shapes (a BERT-base step is ~3 s on 2 CPU cores)
+SHAPES = {"cuda": {"quick": ([(32, 128)],) * 2, "default": ([(32, 128), (32, 512)],) * 2,
+                   "full": ([(32, 128), (32, 512), (128, 128)],) * 2},
+          "cpu": {"quick": ([(2, 128), (1, 512)],) * 2, "default": ([(4, 128), (2, 512)], [(4, 128)]),
+                  "full": ([(8, 128), (4, 512), (8, 512)], [(4, 128), (2, 512), (8, 512)])}}
 
 
 def _flops(B: int, L: int, training: bool, cfg=BASE) -> float:
@@ -128,8 +130,8 @@ def cases(device: torch.device, size: str = "default") -> List[Case]:
     models = _Models(device, cfg)
     out = []
     common = dict(eager="hf-eager", sdpa="hf-sdpa", xlabel="batch x sequence length")
-    shapes = SHAPES["cuda" if cuda else "cpu"][size]
-    for B, L in shapes:
+    inference_shapes, train_shapes = SHAPES["cuda" if cuda else "cpu"][size]
+    for B, L in inference_shapes:
         def setup(B=B, L=L):
             our, hf, _ = models.get("inference")
             ids, mask, _ = _batch(B, L, device, vocab_size=cfg["vocab_size"])
@@ -139,7 +141,7 @@ def cases(device: torch.device, size: str = "default") -> List[Case]:
                         chart=f"{label} inference, {str(dtype)[6:]}", **common,
                         params={"B": B, "L": L, "dtype": str(dtype), "mode": "inference"}))
     prec = "fp16-autocast" if cuda else "fp32"
-    for B, L in shapes:
+    for B, L in train_shapes:
         def setup(B=B, L=L):
             our, hf, opts = models.get("train")
             ids, mask, labels = _batch(B, L, device, seed=1, vocab_size=cfg["vocab_size"])

@@ -54,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="the 1-2 minute smoke set CI runs")
-    size.add_argument("--full", action="store_true", help="every shape, longer timing (~40+ minutes on 2 CPU cores)")
+    size.add_argument("--full", action="store_true", help="every shape, longer timing (much longer than the default set)")
     p.add_argument("--only", default=",".join(names), help=f"comma-separated families of {names}")
     p.add_argument("--out", default=os.environ.get("FORKATTN_BENCH_OUT", "bench_out"),
                    help="the run's folder bench_<device>_<time>/ is made in here")
@@ -97,7 +97,8 @@ def main(argv=None) -> int:
     load = env["loadavg_start"]
     if device.type == "cpu" and load is not None and load > (os.cpu_count() or 1):
         print(f"  NOTE: the machine is loaded (1-minute load average {load:.1f} on {os.cpu_count()} cores): "
-              "expect noisy figures; compare ratios within a case, not across runs")
+              "expect noisy figures; compare ratios within a case, not across runs "
+              "(--threads 1 spares OpenMP kernels waiting for a busy core)")
 
     core.NOTICES.clear()
     status = {}
