@@ -15,6 +15,9 @@ _BASE_COLORS = ["#9e9e9e", "#5b7fa6", "#c7c7c7", "#34495e", "#b0a8d9", "#7f8c8d"
 _OURS_COLORS = ["#e4572e", "#2e9e44", "#f2a541", "#8e44ad", "#17becf", "#d62728", "#bcbd22", "#1f77b4"]
 
 
+_WARNED = []  # the missing-matplotlib line is printed once per process
+
+
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "all"
 
@@ -49,7 +52,9 @@ def write_charts(rows: List[dict], folder: str, env: dict) -> List[Tuple[str, st
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("charts skipped: matplotlib is not installed (pip install matplotlib)")
+        if not _WARNED:
+            _WARNED.append(True)
+            print("charts skipped: matplotlib is not installed (pip install matplotlib)")
         return []
     ok = [r for r in rows if r.get("ms") is not None and r.get("impl")]
     all_impls = list(dict.fromkeys(r["impl"] for r in ok))

@@ -47,6 +47,12 @@ def environment(device: torch.device, size: str, argv: List[str]) -> dict:
     return env
 
 
+def _charts(rows, folder, env):
+    from . import plots
+
+    return plots.write_charts(rows, folder, env)
+
+
 def _parser() -> argparse.ArgumentParser:
     names = [f.name for f in core.FAMILIES]
     p = argparse.ArgumentParser(prog="python -m forkattn.bench", description=__doc__,
@@ -117,7 +123,7 @@ def main(argv=None) -> int:
     total = sum(len(cases) for _, _, cases in plan)
 
     rows: List[dict] = []
-    legends = {}
+    legends, charts = {}, []
     done, t_run = 0, time.perf_counter()
     while plan:
         fam, mod, cases = plan.pop(0)
@@ -152,16 +158,16 @@ def main(argv=None) -> int:
                               extra={"status": status, "notices": core.NOTICES, "legends": legends})
         del cases
         status[fam.name] = ("failed: " + "; ".join(failures)) if failures else "ok"
+        if args.plot and fam_rows:  # the family's charts and report.md now, in case a later family crashes
+            charts += _charts(fam_rows, folder, env)
+        env["wall_s"] = round(time.perf_counter() - t_run, 1)
+        md = report.write_markdown(os.path.join(folder, "report.md"), env, rows, legends, report.summary(rows),
+                                   charts, None, status, core.NOTICES)
 
     env["loadavg_end"] = core.loadavg()
     env["wall_s"] = round(time.perf_counter() - t_run, 1)
     noisy = [r for r in rows if r.get("spread") is not None and r["spread"] > NOISY]
     comparison = report.compare(previous, rows) if previous is not None else None
-    charts = []
-    if args.plot and rows:
-        from . import plots
-
-        charts = plots.write_charts(rows, folder, env)
     extra = {"status": status, "notices": core.NOTICES, "legends": legends}
     report.write_rows(os.path.join(folder, "results"), rows, env, extra=extra)
     summary = report.summary(rows)
