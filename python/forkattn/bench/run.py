@@ -1,9 +1,10 @@
 """`python -m forkattn.bench`: forkattn vs PyTorch eager vs SDPA (and transformers), side by side.
 
 Runs each family's cases (see core.py), prints a table per case as it finishes, writes every
-family's rows to JSON and CSV as soon as it has them, then PNG charts, report.md and one summary
-table. The default set takes about 10 minutes on a 2-core CPU; --quick is a 1-2 minute smoke set,
---full the large shapes.
+family's rows to JSON and CSV as soon as it has them, its PNG charts and report.md when the family
+is done, and ends with one summary table. The default set is sized for about 10 minutes on 2 quiet
+CPU cores, --quick for 1-2 minutes (CI's smoke set), --full has the large shapes; on a loaded
+machine every set takes several times longer.
 """
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def _parser() -> argparse.ArgumentParser:
     names = [f.name for f in core.FAMILIES]
     p = argparse.ArgumentParser(prog="python -m forkattn.bench", description=__doc__,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="the 1-2 minute smoke set CI runs")
+    size.add_argument("--quick", action="store_true", help="the smoke set CI runs: small shapes and models, short timing")
     size.add_argument("--full", action="store_true", help="every shape, longer timing (much longer than the default set)")
     p.add_argument("--only", default=",".join(names), help=f"comma-separated families of {names}")
     p.add_argument("--out", default=os.environ.get("FORKATTN_BENCH_OUT", "bench_out"),
@@ -68,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="write PNG charts (matplotlib) and put them in report.md")
     p.add_argument("--compare", metavar="PREVIOUS", help="results.json (or its folder) of an earlier run: "
                    "a table of speed ratios, regressions beyond both runs' spreads flagged")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads; unset: torch's choice")
     return p
 
 
