@@ -1,3 +1,3 @@
-from .core import main
+from .run import main
 
 raise SystemExit(main())

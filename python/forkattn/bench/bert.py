@@ -1,17 +1,20 @@
-"""BERT-base end to end: forkattn's BertModel (each attention backend) vs the same model with the
-"eager" attention backend vs transformers' BertModel with attn_implementation "eager" and "sdpa".
-forkattn-<backend> runs unpadded (the default: real tokens packed, attention_varlen);
-forkattn-<backend>-padded is the padded layout with a key-padding mask, to show what unpadding
-buys; forkattn-<backend>-graph (CUDA) is BertGraphRunner, the unpadded encoder in CUDA graphs;
-forkattn-<backend>-sparse-mlm (training) also projects only the labelled tokens to the
-vocabulary (config.sparse_prediction, what `forkattn.train bert-mlm` uses).
+"""BERT-base end to end: forkattn's BertModel (each attention backend) vs transformers' BertModel.
+
+Implementations (IMPLS below is the legend printed with the tables):
+  hf-eager, hf-sdpa             transformers' BertModel / BertForMaskedLM, attn_implementation
+                                "eager" / "sdpa" (the "vs eager" and "vs sdpa" baselines)
+  forkattn-<backend>            forkattn's BertModel, unpadded (real tokens packed, attention_varlen)
+  forkattn-<backend>-padded     the padded layout with a key-padding mask, to show what unpadding buys
+  forkattn-<backend>-graph      (CUDA) BertGraphRunner, the unpadded encoder in CUDA graphs
+  forkattn-<backend>-sparse-mlm (training) only the labelled tokens projected to the vocabulary
+                                (config.sparse_prediction, what `forkattn.train bert-mlm` uses)
+  forkattn-eager                forkattn's BertModel with plain PyTorch attention
 
 Random weights (the same in every model), padded batches with lengths uniform in L/2..L.
 Inference: BertModel forward under inference_mode (fp16 on GPU, fp32 on CPU). Training: one
 BertForMaskedLM step (15% of real tokens labelled) = forward + backward + AdamW, fp32 weights with
 fp16 autocast on GPU. Attention-probability dropout is off in every model (forkattn's kernels have
-none), hidden dropout 0.1 on. "eager"/"sdpa" are transformers, so vs_sdpa is the ratio to
-transformers' best.
+none), hidden dropout 0.1 on. The quick set uses a 4-layer, 256-wide BERT to stay a smoke test.
 """
 from __future__ import annotations
 
@@ -24,21 +27,37 @@ from .core import Case
 
 BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
             max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
+SMALL = dict(BASE, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
+REQUIRES = ("transformers",)
+IMPLS = {
+    "hf-eager": "transformers' BERT, attn_implementation='eager'",
+    "hf-sdpa": "transformers' BERT, attn_implementation='sdpa'",
+    "forkattn-eager": "forkattn's BERT with plain PyTorch attention (backend 'eager'), unpadded",
+    "forkattn-*-padded": "forkattn's BERT, padded batch + key-padding mask, fused attention backend <name>",
+    "forkattn-*-graph": "forkattn's BERT, unpadded, in CUDA graphs (BertGraphRunner)",
+    "forkattn-*-sparse-mlm": "forkattn's BERT, unpadded, MLM head on the labelled tokens only (sparse_prediction)",
+    "forkattn-*": "forkattn's BERT, unpadded (real tokens packed, attention_varlen), fused attention backend <name>",
+}
+# (B, L) per device and size: inference shapes, training-step shapes (a BERT-base step is ~3 s on 2 CPU cores)
+SHAPES = {"cuda": {"quick": ([(32, 128)],) * 2, "default": ([(32, 128), (32, 512)],) * 2,
+                   "full": ([(32, 128), (32, 512), (128, 128)],) * 2},
+          "cpu": {"quick": ([(2, 128), (1, 512)],) * 2, "default": ([(4, 128), (2, 512)], [(4, 128)]),
+                  "full": ([(8, 128), (4, 512), (8, 512)], [(4, 128), (2, 512), (8, 512)])}}
 
 
-def _flops(B: int, L: int, training: bool) -> float:
+def _flops(B: int, L: int, training: bool, cfg=BASE) -> float:
     """Matmul FLOPs of the padded encoder (no embeddings/heads): 2*tokens*weights + attention."""
-    H, I, n = BASE["hidden_size"], BASE["intermediate_size"], BASE["num_hidden_layers"]
+    H, I, n = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
     f = n * (2 * B * L * (4 * H * H + 2 * H * I) + 4 * B * L * L * H)
     return f * 3 if training else f
 
 
-def _batch(B: int, L: int, device, seed: int = 0):
+def _batch(B: int, L: int, device, seed: int = 0, vocab_size: int = BASE["vocab_size"]):
     g = torch.Generator().manual_seed(seed)
     lengths = torch.randint(L // 2, L + 1, (B,), generator=g)
     lengths[0] = L
     mask = (torch.arange(L)[None] < lengths[:, None]).long()
-    ids = torch.randint(1000, BASE["vocab_size"], (B, L), generator=g).masked_fill(mask == 0, 0)
+    ids = torch.randint(1000, vocab_size, (B, L), generator=g).masked_fill(mask == 0, 0)
     labels = torch.where((torch.rand(B, L, generator=g) < 0.15) & (mask == 1), ids, torch.full_like(ids, -100))
     return ids.to(device), mask.to(device), labels.to(device)
 
@@ -56,53 +75,81 @@ def _attention_backends(device) -> List[str]:
     return names
 
 
-def cases(device: torch.device, quick: bool) -> List[Case]:
-    import transformers
+class _Models:
+    """The models of the family, built on first use (listing cases allocates nothing) and shared
+    by its cases: one set for inference, one for training, all with the same random weights."""
 
-    from forkattn.models import bert as fb
+    def __init__(self, device, cfg):
+        self.device, self.cfg, self._built = device, cfg, {}
 
+    def get(self, mode):
+        if mode not in self._built:
+            self._built.clear()  # inference models are done with once training starts
+            self._built[mode] = self._build(mode)
+        return self._built[mode]
+
+    def _build(self, mode):
+        import transformers
+
+        from forkattn.models import bert as fb
+
+        cuda = self.device.type == "cuda"
+        dtype = torch.float16 if cuda else torch.float32
+        torch.manual_seed(0)
+        state = transformers.BertForMaskedLM(transformers.BertConfig(**self.cfg)).state_dict()
+
+        def hf_model(cls, impl, **kw):
+            cfg = transformers.BertConfig(**self.cfg)
+            cfg._attn_implementation = impl
+            m = getattr(transformers, cls)(cfg, **kw)
+            m.load_state_dict({k[5:] if cls == "BertModel" else k: v for k, v in state.items()
+                               if cls != "BertModel" or k.startswith("bert.")}, strict=False)
+            return m.to(self.device)
+
+        def ours(cls):
+            m = cls(fb.BertConfig(**self.cfg))
+            m.load_hf_state_dict(state)
+            return m.to(self.device)
+
+        if mode == "inference":
+            return (ours(fb.BertModel).to(dtype).eval(),
+                    {impl: hf_model("BertModel", impl, add_pooling_layer=True).to(dtype).eval()
+                     for impl in ("eager", "sdpa")}, None)
+        our = ours(fb.BertForMaskedLM).train()
+        hf = {impl: hf_model("BertForMaskedLM", impl).train() for impl in ("eager", "sdpa")}
+        opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in [our, *hf.values()]}
+        return our, hf, opts
+
+
+def cases(device: torch.device, size: str = "default") -> List[Case]:
     cuda = device.type == "cuda"
     dtype = torch.float16 if cuda else torch.float32
-    shapes = [(32, 128), (32, 512)] if cuda else ([(2, 128), (1, 512)] if quick else [(4, 128), (2, 512)])
+    cfg = SMALL if size == "quick" and not cuda else BASE
+    label = "bert-base" if cfg is BASE else f"bert-small ({cfg['num_hidden_layers']} layers, {cfg['hidden_size']} wide)"
     backends = _attention_backends(device) + ["eager"]
-
-    torch.manual_seed(0)
-    hf_cfg = transformers.BertConfig(**BASE)
-    hf_mlm = transformers.BertForMaskedLM(hf_cfg)  # the weights every model gets
-    state = hf_mlm.state_dict()
-
-    def hf_model(cls, impl, **kw):
-        cfg = transformers.BertConfig(**BASE)
-        cfg._attn_implementation = impl
-        m = getattr(transformers, cls)(cfg, **kw)
-        m.load_state_dict({k[5:] if cls == "BertModel" else k: v for k, v in state.items()
-                           if cls != "BertModel" or k.startswith("bert.")}, strict=False)
-        return m.to(device)
-
-    def ours(cls):
-        m = cls(fb.BertConfig(**BASE))
-        m.load_hf_state_dict(state)
-        return m.to(device)
-
+    models = _Models(device, cfg)
     out = []
-    # inference
-    our_inf = ours(fb.BertModel).to(dtype).eval()
-    hf_inf = {impl: hf_model("BertModel", impl, add_pooling_layer=True).to(dtype).eval() for impl in ("eager", "sdpa")}
-    for B, L in shapes:
-        ids, mask, _ = _batch(B, L, device)
-        out.append(Case("bert", f"bert-base inference B{B} L{L} {str(dtype)[6:]} padded L/2..L",
-                        _inference_fns(our_inf, hf_inf, backends, ids, mask, cuda),
-                        flops=_flops(B, L, False), params={"B": B, "L": L, "dtype": str(dtype), "mode": "inference"}))
-
-    # one training step (MLM head)
-    our_tr = ours(fb.BertForMaskedLM).train()
-    hf_tr = {impl: hf_model("BertForMaskedLM", impl).train() for impl in ("eager", "sdpa")}
-    opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in [our_tr, *hf_tr.values()]}
-    for B, L in shapes:
-        ids, mask, labels = _batch(B, L, device, seed=1)
-        out.append(Case("bert", f"bert-base MLM train step B{B} L{L} {'fp16-autocast' if cuda else 'fp32'} padded",
-                        _train_fns(our_tr, hf_tr, opts, backends, ids, mask, labels, cuda),
-                        flops=_flops(B, L, True), params={"B": B, "L": L, "dtype": str(dtype), "mode": "train"}))
+    common = dict(eager="hf-eager", sdpa="hf-sdpa", xlabel="batch x sequence length")
+    inference_shapes, train_shapes = SHAPES["cuda" if cuda else "cpu"][size]
+    for B, L in inference_shapes:
+        def setup(B=B, L=L):
+            our, hf, _ = models.get("inference")
+            ids, mask, _ = _batch(B, L, device, vocab_size=cfg["vocab_size"])
+            return _inference_fns(our, hf, backends, ids, mask, cuda)
+        out.append(Case("bert", f"{label} inference B{B} L{L} {str(dtype)[6:]} padded L/2..L", setup=setup,
+                        flops=_flops(B, L, False, cfg), tokens=B * L, x=f"B{B} L{L}",
+                        chart=f"{label} inference, {str(dtype)[6:]}", **common,
+                        params={"B": B, "L": L, "dtype": str(dtype), "mode": "inference"}))
+    prec = "fp16-autocast" if cuda else "fp32"
+    for B, L in train_shapes:
+        def setup(B=B, L=L):
+            our, hf, opts = models.get("train")
+            ids, mask, labels = _batch(B, L, device, seed=1, vocab_size=cfg["vocab_size"])
+            return _train_fns(our, hf, opts, backends, ids, mask, labels, cuda)
+        out.append(Case("bert", f"{label} MLM train step B{B} L{L} {prec} padded", setup=setup,
+                        flops=_flops(B, L, True, cfg), tokens=B * L, x=f"B{B} L{L}",
+                        chart=f"{label} MLM training step, {prec}", **common,
+                        params={"B": B, "L": L, "dtype": str(dtype), "mode": "train"}))
     return out
 
 
@@ -135,7 +182,7 @@ def _inference_fns(our, hf_models, backends, ids, mask, cuda):
         def run_hf(m=m):
             with torch.inference_mode():
                 return m(input_ids=ids, attention_mask=mask).last_hidden_state
-        fns[impl] = run_hf
+        fns[f"hf-{impl}"] = run_hf
     return fns
 
 
@@ -163,5 +210,5 @@ def _train_fns(our, hf_models, opts, backends, ids, mask, labels, cuda):
     fns[f"forkattn-{backends[0]}-padded"] = ours_fn(backends[0], False)
     fns[f"forkattn-{backends[0]}-sparse-mlm"] = ours_fn(backends[0], True, sparse=True)
     for impl, m in hf_models.items():
-        fns[impl] = lambda m=m: step(m, lambda: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
+        fns[f"hf-{impl}"] = lambda m=m: step(m, lambda: m(input_ids=ids, attention_mask=mask, labels=labels).loss)
     return fns

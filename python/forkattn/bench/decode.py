@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from ..decode import DECODE_BACKENDS, KVCache, decode_attention
 from .core import Case
 
-GPU_SHAPES = [  # name, B, H, Hkv, D, context (or (lo, hi) for ragged), dtype
+# name, B, H, Hkv, D, context (or (lo, hi) for ragged), dtype; a chart per (dtype, B H D) across context
+GPU_SHAPES = [
     ("B64 H12 D64 ctx1024", 64, 12, 12, 64, 1024, torch.float16),
     ("B16 H32 D128 ctx4096", 16, 32, 32, 128, 4096, torch.float16),
     ("B8 H32 D128 ctx32768", 8, 32, 32, 128, 32768, torch.float16),
@@ -26,27 +27,52 @@ GPU_QUICK = [
     ("B8 H12 D64 ctx1024", 8, 12, 12, 64, 1024, torch.float16),
     ("B4 H12 D64 ragged 64..1024", 4, 12, 12, 64, (64, 1024), torch.float16),
 ]
-CPU_SHAPES = [
-    ("B4 H12 D64 ctx1024 fp32", 4, 12, 12, 64, 1024, torch.float32),
+CPU_SHAPES = [(f"B4 H12 D64 ctx{c} fp32", 4, 12, 12, 64, c, torch.float32) for c in (256, 1024, 4096)] + [
     ("B1 H16 D128 ctx4096 fp32", 1, 16, 16, 128, 4096, torch.float32),
     ("B8 H8 D64 ragged 128..2048 fp32", 8, 8, 8, 64, (128, 2048), torch.float32),
     ("B4 H16/Hkv4 D64 ctx1024 GQA fp32", 4, 16, 4, 64, 1024, torch.float32),
     ("B4 H12 D64 ctx1024 bf16", 4, 12, 12, 64, 1024, torch.bfloat16),
+]
+CPU_FULL = CPU_SHAPES + [
+    ("B4 H12 D64 ctx16384 fp32", 4, 12, 12, 64, 16384, torch.float32),
+    ("B4 H12 D64 ctx4096 bf16", 4, 12, 12, 64, 4096, torch.bfloat16),
 ]
 CPU_QUICK = [
     ("B2 H4 D64 ctx256 fp32", 2, 4, 4, 64, 256, torch.float32),
     ("B4 H4 D64 ragged 32..256 fp32", 4, 4, 4, 64, (32, 256), torch.float32),
 ]
 
+IMPLS = {
+    "eager": "forkattn.decode_attention(backend='eager'): PyTorch matmul + softmax over each cache slice",
+    "sdpa": "scaled_dot_product_attention over the cache padded to the longest context (a mask when ragged)",
+    "forkattn-*": "forkattn.decode_attention(..., backend=<name>): fused decode kernel reading each sequence's own length",
+}
+
+
+def _lengths(B, ctx):
+    if not isinstance(ctx, tuple):
+        return torch.full((B,), ctx)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lens = torch.randint(ctx[0], ctx[1] + 1, (B,), generator=g)
+    lens[0] = ctx[1]
+    return lens
+
 
 def _make_case(device, name, B, H, Hkv, D, ctx, dtype, T=1) -> Case:
-    g = torch.Generator(device="cpu").manual_seed(0)
-    if isinstance(ctx, tuple):
-        lo, hi = ctx
-        lens = torch.randint(lo, hi + 1, (B,), generator=g)
-        lens[0] = hi
-    else:
-        lens = torch.full((B,), ctx)
+    esize = torch.finfo(dtype).bits // 8
+    kv_bytes = 2 * int(_lengths(B, ctx).sum()) * Hkv * D * esize
+    dt = str(dtype)[6:]
+    uniform = not isinstance(ctx, tuple) and Hkv == H
+    x = name.removesuffix(" fp32").removesuffix(" bf16").replace(" ctx", "\nctx").replace(" ragged", "\nragged")
+    return Case("decode", name, bytes=kv_bytes + 2 * B * H * T * D * esize,
+                params={"B": B, "H": H, "Hkv": Hkv, "D": D, "context": str(ctx), "dtype": dt, "T": T},
+                setup=lambda: _fns(device, B, H, Hkv, D, ctx, dtype, T),
+                chart=f"{dt}, {'one context per batch' if uniform else 'ragged contexts and GQA'}", x=x,
+                xlabel="batch, heads, head dim, context")
+
+
+def _fns(device, B, H, Hkv, D, ctx, dtype, T):
+    lens = _lengths(B, ctx)
     max_len = int(lens.max())
     cache = KVCache(B, Hkv, max_len, D, dtype=dtype, device=device)
     cache.k_cache.normal_()
@@ -70,15 +96,12 @@ def _make_case(device, name, B, H, Hkv, D, ctx, dtype, T=1) -> Case:
         if b.supports(device_type=device.type, dtype=dtype, head_dim=D) is not None:
             continue
         fns[f"forkattn-{backend}"] = (lambda be: lambda: decode_attention(q, cache, backend=be))(backend)
-    esize = torch.finfo(dtype).bits // 8
-    kv_bytes = 2 * int(lens.sum()) * Hkv * D * esize
-    return Case("decode", name, fns, bytes=kv_bytes + 2 * q.numel() * esize,
-                params={"B": B, "H": H, "Hkv": Hkv, "D": D, "context": str(ctx), "dtype": str(dtype)[6:], "T": T})
+    return fns
 
 
-def cases(device: torch.device, quick: bool) -> List[Case]:
+def cases(device: torch.device, size: str = "default") -> List[Case]:
     if device.type == "cuda":
-        shapes = GPU_QUICK if quick else GPU_SHAPES
+        shapes = GPU_QUICK if size == "quick" else GPU_SHAPES
     else:
-        shapes = CPU_QUICK if quick else CPU_SHAPES
+        shapes = {"quick": CPU_QUICK, "default": CPU_SHAPES, "full": CPU_FULL}[size]
     return [_make_case(device, *s) for s in shapes]

@@ -3,21 +3,31 @@
 GPT-2-small config with random weights (fp16 on CUDA, fp32 on CPU; quick CPU mode uses a much
 smaller config). Implementations, side by side in one run:
   forkattn-<backend>[-graph]  our GPT with that attention backend (decode: with/without CUDA graph)
-  eager                       our GPT with backend "eager" (plain PyTorch attention), no graph
-  sdpa / hf-eager             transformers' GPT2LMHeadModel (attn_implementation sdpa / eager)
-so "vs sdpa" is the ratio against transformers-sdpa, the issue's baseline. Generation is greedy
+  forkattn-eager              our GPT with backend "eager" (plain PyTorch attention), no graph
+  hf-sdpa / hf-eager          transformers' GPT2LMHeadModel (attn_implementation sdpa / eager)
+so "vs sdpa" is the ratio against transformers-sdpa, the issue's baseline, and "vs eager" against
+transformers-eager (against forkattn-eager when transformers is missing). Generation is greedy
 with a fixed number of new tokens (no EOS stop); its time includes the prompt's prefill and, for
 the -graph rows, the CUDA-graph capture of that call.
 """
 from __future__ import annotations
 
+import importlib.util
 from typing import List
 
 import torch
 
 from ..attention import BACKENDS as _ATTENTION
 from ..models.gpt import GPT, GPTConfig
-from .core import Case
+from .core import Case, notice
+
+IMPLS = {
+    "hf-sdpa": "transformers' GPT2LMHeadModel, attn_implementation='sdpa' (the \"vs sdpa\" baseline)",
+    "hf-eager": "transformers' GPT2LMHeadModel, attn_implementation='eager' (the \"vs eager\" baseline)",
+    "forkattn-eager": "forkattn's GPT with plain PyTorch attention and decode (backend 'eager')",
+    "forkattn-*-graph": "forkattn's GPT, decode steps in a CUDA graph (capture included in the time)",
+    "forkattn-*": "forkattn's GPT with fused attention/decode backend <name>",
+}
 
 
 def _config(device: torch.device, quick: bool) -> GPTConfig:
@@ -44,13 +54,32 @@ def _hf_models(model: GPT, dtype, device):
     return out
 
 
-def cases(device, quick: bool) -> List[Case]:
-    device = torch.device(device)
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
-    cfg = _config(device, quick)
-    torch.manual_seed(0)
-    model = GPT(cfg).eval().to(device=device, dtype=dtype)
-    hf = _hf_models(model, dtype, device)
+# prefill lengths, generation batches, prompt length and new tokens, per device and size
+SETS = {"cpu": {"quick": ((128,), (1, 32), 8, 16), "default": ((256, 512), (1, 8), 32, 32),
+                "full": ((512, 1024), (1, 32), 32, 128)},
+        "cuda": {"quick": ((1024,), (1, 32), 32, 128), "default": ((512, 1024), (1, 32), 32, 128),
+                 "full": ((256, 512, 1024), (1, 8, 32), 32, 128)}}
+
+
+class _Models:
+    """Our GPT and transformers' GPT-2 (sdpa and eager) with the same random weights, built on
+    first use so that listing the cases allocates nothing."""
+
+    def __init__(self, cfg, dtype, device):
+        self.cfg, self.dtype, self.device, self._m = cfg, dtype, device, None
+
+    def get(self):
+        if self._m is None:
+            torch.manual_seed(0)
+            model = GPT(self.cfg).eval().to(device=self.device, dtype=self.dtype)
+            self._m = model, _hf_models(model, self.dtype, self.device)
+        return self._m
+
+
+def _backend_pairs(device, dtype, head_dim):
+    """{backend: (attention backend or None, decode backend or None)} for every fused backend that
+    runs the attention or the decode op here; the other op of that row uses the fastest backend
+    available for it (e.g. GPU prefill on "eager" until this build has CUDA attention kernels)."""
     try:
         from ..decode import DECODE_BACKENDS
     except ImportError:
@@ -58,67 +87,74 @@ def cases(device, quick: bool) -> List[Case]:
 
     def runs(reg, b):
         try:
-            reg.resolve(b, device.type, dtype=dtype, head_dim=cfg.head_dim)
+            reg.resolve(b, device.type, dtype=dtype, head_dim=head_dim)
             return True
         except Exception:
             return False
 
-    # a row per backend that runs the attention or the decode op here; the other op of that row
-    # uses the fastest backend available for it (e.g. GPU prefill on "eager" until this build has
-    # CUDA attention kernels)
     regs = [_ATTENTION] + ([DECODE_BACKENDS] if DECODE_BACKENDS is not None else [])
     names = sorted({b for reg in regs for b in reg.available_names()} - {"eager"})
-    backends = {b: (b if runs(_ATTENTION, b) else None,
-                    b if DECODE_BACKENDS is not None and runs(DECODE_BACKENDS, b) else None)
-                for b in names if any(runs(reg, b) for reg in regs)}
-    small_cpu = device.type == "cpu" and quick
-    prefill_len = 128 if small_cpu else 1024
-    prompt_len, new = (8, 16) if small_cpu else (32, 128)
+    return {b: (b if runs(_ATTENTION, b) else None, b if DECODE_BACKENDS is not None and runs(DECODE_BACKENDS, b) else None)
+            for b in names if any(runs(reg, b) for reg in regs)}
+
+
+def cases(device, size: str = "default") -> List[Case]:
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dt = str(dtype)[6:]
+    cfg = _config(device, size == "quick")
+    models = _Models(cfg, dtype, device)
+    backends = _backend_pairs(device, dtype, cfg.head_dim)
+    have_hf = importlib.util.find_spec("transformers") is not None
+    if not have_hf:
+        notice("gpt", "no hf-sdpa/hf-eager rows (transformers is not installed); vs eager = vs forkattn-eager")
+    base = dict(eager="hf-eager", sdpa="hf-sdpa") if have_hf else dict(eager="forkattn-eager", sdpa="-")
+    prefill_lens, batches, prompt_len, new = SETS["cuda" if device.type == "cuda" else "cpu"][size]
+    model_label = f"n_embd {cfg.n_embd}, {cfg.n_layer} layers"
     out: List[Case] = []
 
     # --- prefill: one forward over a long prompt, batch 1
-    x = torch.randint(0, cfg.vocab_size, (1, prefill_len), device=device)
+    for L in prefill_lens:
+        def prefill(L=L):
+            model, hf = models.get()
+            x = torch.randint(0, cfg.vocab_size, (1, L), device=device)
 
-    def ours_forward(backend):
-        def fn():
-            with torch.no_grad():
-                return model.set_backend(backend)(x).logits
-        return fn
+            def ours(backend):
+                return lambda: model.set_backend(backend)(x).logits
+            fns = {f"forkattn-{b}": ours(b) for b, (ab, _) in backends.items() if ab is not None}
+            fns["forkattn-eager"] = ours("eager")
+            for impl, m in hf.items():
+                fns[f"hf-{impl}"] = (lambda m=m: m(x).logits)
+            return {k: _no_grad(f) for k, f in fns.items()}
+        out.append(Case("gpt", f"prefill B1 L{L} {dt} ({model_label})", setup=prefill, tokens=L,
+                        params=dict(batch=1, seqlen=L, dtype=dt, n_layer=cfg.n_layer), **base,
+                        chart=f"prefill, batch 1, {dt} ({model_label})", x=f"L{L}", xlabel="prompt length"))
 
-    fns = {f"forkattn-{b}": ours_forward(b) for b, (ab, _) in backends.items() if ab is not None}
-    fns["eager"] = ours_forward("eager")
-    for impl, m in hf.items():
-        fns["sdpa" if impl == "sdpa" else "hf-eager"] = (lambda m=m: m(x).logits)
-    out.append(Case("gpt", f"prefill B1 L{prefill_len} {str(dtype)[6:]} (n_embd {cfg.n_embd}, {cfg.n_layer} layers)",
-                    {k: _no_grad(f) for k, f in fns.items()},
-                    params=dict(batch=1, seqlen=prefill_len, dtype=str(dtype)[6:], n_layer=cfg.n_layer),
-                    tokens=prefill_len))
+    # --- generation: prompt + `new` greedy tokens
+    for B in batches:
+        def generate(B=B):
+            model, hf = models.get()
+            prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
 
-    # --- generation: prompt + `new` greedy tokens, batch 1 and 32
-    for B in (1, 32):
-        prompt = torch.randint(0, cfg.vocab_size, (B, prompt_len), device=device)
-
-        def ours_generate(backends_, graph, prompt=prompt):  # bind this case's prompt, not the loop variable
-            def fn():
-                model.set_backend(*backends_)
-                return model.generate(prompt, new, do_sample=False, cuda_graph=graph)
-            return fn
-
-        fns = {}
-        for b, pair in backends.items():
-            fns[f"forkattn-{b}"] = ours_generate(pair, False)
-            if device.type == "cuda":
-                fns[f"forkattn-{b}-graph"] = ours_generate(pair, True)
-        fns["eager"] = ours_generate(("eager", "eager"), False)
-        for impl, m in hf.items():
-            fns["sdpa" if impl == "sdpa" else "hf-eager"] = (
-                lambda m=m, prompt=prompt: m.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                                       pad_token_id=0))
-        out.append(Case("gpt", f"generate B{B} prompt {prompt_len} + {new} new tokens {str(dtype)[6:]}",
-                        {k: _no_grad(f) for k, f in fns.items()},
-                        params=dict(batch=B, prompt=prompt_len, new_tokens=new, dtype=str(dtype)[6:],
-                                    n_layer=cfg.n_layer),
-                        tokens=B * new))
+            def ours(backends_, graph):
+                def fn():
+                    model.set_backend(*backends_)
+                    return model.generate(prompt, new, do_sample=False, cuda_graph=graph)
+                return fn
+            fns = {}
+            for b, pair in backends.items():
+                fns[f"forkattn-{b}"] = ours(pair, False)
+                if device.type == "cuda":
+                    fns[f"forkattn-{b}-graph"] = ours(pair, True)
+            fns["forkattn-eager"] = ours(("eager", "eager"), False)
+            for impl, m in hf.items():
+                fns[f"hf-{impl}"] = (lambda m=m: m.generate(prompt, max_new_tokens=new, min_new_tokens=new,
+                                                            do_sample=False, pad_token_id=0))
+            return {k: _no_grad(f) for k, f in fns.items()}
+        out.append(Case("gpt", f"generate B{B} prompt {prompt_len} + {new} new tokens {dt}", setup=generate,
+                        tokens=B * new, **base, x=f"B{B}", xlabel="batch size",
+                        chart=f"greedy generation, prompt {prompt_len} + {new} new tokens, {dt} ({model_label})",
+                        params=dict(batch=B, prompt=prompt_len, new_tokens=new, dtype=dt, n_layer=cfg.n_layer)))
     return out
 
 

