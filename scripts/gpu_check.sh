@@ -46,5 +46,4 @@ fi
 step "benchmark" | tee -a "$OUT/summary.log"
 timeout ${BENCH_TIMEOUT:-120} $PY -m forkattn.bench ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench exit $?" | tee -a "$OUT/summary.log"
-timeout ${BENCH_HF_TIMEOUT:-150} $PY -m forkattn.bench.hf --out "${TMPDIR:-/tmp}/bench_hf" >> "$OUT/bench.log" 2>&1; echo "bench hf exit $?" | tee -a "$OUT/summary.log"
 cat "$OUT/bench.log"

@@ -358,12 +358,13 @@ def test_bench_family_runs_every_implementation(monkeypatch):
     tiny = {name: _configs()[name][1] for name in ("bert", "gpt2", "llama")}
     monkeypatch.setattr(bench_hf, "_configs", lambda device, quick: (tiny["bert"], tiny["gpt2"], tiny["llama"]))
     monkeypatch.setattr(bench_hf, "_shapes", lambda cpu: dict(bert=(3, 17), prefill=(2, 19), generate=(3, 7, 4)))
-    cases = bench_hf.cases("cpu", quick=True)
+    cases = bench_hf.cases("cpu", "quick")
     assert [c.name.split()[0] for c in cases] == ["BertModel", "gpt2", "gpt2", "llama-gqa", "llama-gqa"]
     want_shapes = [(3, 17, 32), (2, 19, V), (3, 11), (2, 19, V), (3, 11)]  # each case on its own inputs
     for case, shape in zip(cases, want_shapes):
-        assert set(case.fns) == {"eager", "sdpa", "forkattn"}
-        outs = {k: fn() for k, fn in case.fns.items()}
+        fns = case.setup()
+        assert set(fns) == {"hf-eager", "hf-sdpa", "hf-forkattn"}
+        outs = {k[3:]: fn() for k, fn in fns.items()}
         assert all(tuple(o.shape) == shape for o in outs.values()), (case.name, {k: o.shape for k, o in outs.items()})
         if "generate" in case.name:
             assert torch.equal(outs["forkattn"], outs["sdpa"]), case.name

@@ -57,6 +57,7 @@ FAMILIES: List[Family] = [  # one line per family; python -m forkattn.bench runs
     Family("decode", "forkattn.bench.decode", "KV-cache decode attention"),
     Family("bert", "forkattn.bench.bert", "BERT-base end to end: inference and an MLM training step"),
     Family("gpt", "forkattn.bench.gpt", "GPT-2: prefill and greedy generation"),
+    Family("hf", "forkattn.bench.hf", "transformers' BERT, GPT-2 and GQA Llama with attn_implementation='forkattn'"),
 ]
 SIZES = ("quick", "default", "full")
 NOISY = 0.20  # a spread (IQR / median) above this marks a row as noisy

@@ -8,24 +8,23 @@ set_attn_implementation), so only the attention differs:
 fp16 on CUDA, fp32 on CPU; quick CPU mode uses small configs. "forkattn" needs
 forkattn.integrations.transformers (imported here). vs_sdpa is the ratio to transformers' sdpa.
 
-    python -m forkattn.bench.hf [--quick] [--device cpu] [--interleave N] [--out DIR]
-
---interleave N (CPU, shared machines): N rounds, each timing every implementation once in turn,
-and prints median and min-max per implementation instead of the core table.
+    python -m forkattn.bench --only hf [--quick] [--device cpu]
 """
 from __future__ import annotations
 
 import copy
-import statistics
-import sys
-import time
 from typing import List
 
 import torch
 
 from .core import Case
 
-IMPLS = ("eager", "sdpa", "forkattn")
+IMPLS = {
+    "hf-eager": "transformers' model, attn_implementation='eager' (the 'vs eager' baseline)",
+    "hf-sdpa": "transformers' model, attn_implementation='sdpa' (the 'vs sdpa' baseline)",
+    "hf-forkattn": "transformers' model, attn_implementation='forkattn' (forkattn.integrations.transformers)",
+}
+REQUIRES = ("transformers",)
 
 
 def _left_padded(B: int, L: int, vocab: int, device, seed: int = 0, left: bool = True):
@@ -41,7 +40,7 @@ def _left_padded(B: int, L: int, vocab: int, device, seed: int = 0, left: bool =
 def _variants(model, dtype, device):
     model = model.eval().to(device=device, dtype=dtype)
     out = {}
-    for impl in IMPLS:
+    for impl in ("eager", "sdpa", "forkattn"):
         m = copy.deepcopy(model)
         m.set_attn_implementation(impl)
         out[impl] = m
@@ -71,49 +70,67 @@ def _shapes(cpu: bool):
     return dict(bert=(32, 128), prefill=(8, 1024), generate=(32, 128, 64))
 
 
-def cases(device, quick: bool) -> List[Case]:
-    import transformers
-
-    import forkattn.integrations.transformers  # noqa: F401  registers "forkattn"
-
+def cases(device, size: str = "default") -> List[Case]:
     device = torch.device(device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     cpu = device.type == "cpu"
-    bert_cfg, gpt2_cfg, llama_cfg = _configs(device, quick)
     dt = str(dtype)[6:]
     shapes = _shapes(cpu)
+    quick = size == "quick"
+    common = dict(eager="hf-eager", sdpa="hf-sdpa")
     out: List[Case] = []
 
+    def models(kind):
+        """The three variants of one model (same random weights), built when the case is timed."""
+        import transformers
+
+        import forkattn.integrations.transformers  # noqa: F401  registers "forkattn"
+
+        bert_cfg, gpt2_cfg, llama_cfg = _configs(device, quick)
+        cls, cfg = {"bert": (transformers.BertModel, bert_cfg), "gpt2": (transformers.GPT2LMHeadModel, gpt2_cfg),
+                    "llama-gqa": (transformers.LlamaForCausalLM, llama_cfg)}[kind]
+        torch.manual_seed(0)
+        return _variants(cls(cfg), dtype, device), cfg
+
     # --- BertModel padded inference
-    torch.manual_seed(0)
-    bert = _variants(transformers.BertModel(bert_cfg), dtype, device)
     B, L = shapes["bert"]
-    ids, mask = _left_padded(B, L, bert_cfg.vocab_size, device, left=False)
-    out.append(Case("hf", f"BertModel padded B{B} L{L} {dt} (hidden {bert_cfg.hidden_size}, "
-                          f"{bert_cfg.num_hidden_layers} layers)",
-                    {k: _infer(lambda m=m, i=ids, a=mask: m(input_ids=i, attention_mask=a).last_hidden_state)
-                     for k, m in bert.items()},
-                    params=dict(model="bert", batch=B, seqlen=L, dtype=dt), tokens=int(mask.sum())))
-    del bert
+
+    def bert_setup(B=B, L=L):
+        variants, cfg = models("bert")
+        ids, mask = _left_padded(B, L, cfg.vocab_size, device, left=False)
+        return {f"hf-{k}": _infer(lambda m=m: m(input_ids=ids, attention_mask=mask).last_hidden_state)
+                for k, m in variants.items()}
+
+    out.append(Case("hf", f"BertModel padded B{B} L{L} {dt}", setup=bert_setup, tokens=B * L,
+                    chart=f"transformers models, {dt}", panel="BertModel padded", x=f"B{B} L{L}",
+                    params=dict(model="bert", batch=B, seqlen=L, dtype=dt), **common))
 
     # --- decoders: prefill of a left-padded batch, then greedy generation
-    for name, cls, cfg in (("gpt2", transformers.GPT2LMHeadModel, gpt2_cfg),
-                           ("llama-gqa", transformers.LlamaForCausalLM, llama_cfg)):
-        torch.manual_seed(0)
-        models = _variants(cls(cfg), dtype, device)
+    for name in ("gpt2", "llama-gqa"):
         B, L = shapes["prefill"]
-        ids, mask = _left_padded(B, L, cfg.vocab_size, device)
-        out.append(Case("hf", f"{name} prefill left-padded B{B} L{L} {dt}",
-                        {k: _infer(lambda m=m, i=ids, a=mask: m(input_ids=i, attention_mask=a).logits)
-                         for k, m in models.items()},
-                        params=dict(model=name, batch=B, seqlen=L, dtype=dt), tokens=int(mask.sum())))
+
+        def prefill_setup(name=name, B=B, L=L):
+            variants, cfg = models(name)
+            ids, mask = _left_padded(B, L, cfg.vocab_size, device)
+            return {f"hf-{k}": _infer(lambda m=m: m(input_ids=ids, attention_mask=mask).logits)
+                    for k, m in variants.items()}
+
+        out.append(Case("hf", f"{name} prefill left-padded B{B} L{L} {dt}", setup=prefill_setup, tokens=B * L,
+                        chart=f"transformers models, {dt}", panel=f"{name} prefill", x=f"B{B} L{L}",
+                        params=dict(model=name, batch=B, seqlen=L, dtype=dt), **common))
         B, P, new = shapes["generate"]
-        ids, mask = _left_padded(B, P, cfg.vocab_size, device, seed=1)
-        gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+
+        def generate_setup(name=name, B=B, P=P, new=new):
+            variants, cfg = models(name)
+            ids, mask = _left_padded(B, P, cfg.vocab_size, device, seed=1)
+            gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+            return {f"hf-{k}": _infer(lambda m=m: m.generate(ids, attention_mask=mask, **gen))
+                    for k, m in variants.items()}
+
         out.append(Case("hf", f"{name} generate B{B} prompt {P} (left-padded) + {new} new {dt}",
-                        {k: _infer(lambda m=m, i=ids, a=mask: m.generate(i, attention_mask=a, **gen))
-                         for k, m in models.items()},
-                        params=dict(model=name, batch=B, prompt=P, new_tokens=new, dtype=dt), tokens=B * new))
+                        setup=generate_setup, tokens=B * new,
+                        chart=f"transformers models, {dt}", panel=f"{name} generate", x=f"B{B} P{P}+{new}",
+                        params=dict(model=name, batch=B, prompt=P, new_tokens=new, dtype=dt), **common))
     return out
 
 
@@ -122,45 +139,3 @@ def _infer(fn):
         with torch.inference_mode():
             return fn()
     return wrapped
-
-
-def interleaved(case_list: List[Case], rounds: int) -> None:
-    """Every implementation once per round, in turn; median and min-max ms per implementation."""
-    for case in case_list:
-        times = {k: [] for k in case.fns}
-        for fn in case.fns.values():
-            fn()  # warm-up
-        for _ in range(rounds):
-            for k, fn in case.fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[k].append((time.perf_counter() - t0) * 1e3)
-        sd = statistics.median(times["sdpa"]) if "sdpa" in times else None
-        print(f"\n{case.family}: {case.name}  ({rounds} interleaved rounds)")
-        for k, ts in times.items():
-            med = statistics.median(ts)
-            vs = f"{sd / med:.2f}x" if sd else "-"
-            print(f"  {k:<10} median {med:9.2f} ms  min {min(ts):9.2f}  max {max(ts):9.2f}  vs sdpa {vs}")
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    from . import core
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m forkattn.bench.hf", add_help=False)
-    p.add_argument("--interleave", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true")
-    known, rest = p.parse_known_args(argv)
-    if known.interleave:
-        interleaved(cases(torch.device(known.device), known.quick), known.interleave)
-        return 0
-    if "hf" not in core.FAMILIES:  # registered here until core lists it
-        core.FAMILIES.append("hf")
-    return core.main(["--only", "hf", "--device", known.device] + (["--quick"] if known.quick else []) + rest)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
