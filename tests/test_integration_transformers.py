@@ -363,8 +363,8 @@ def test_bench_family_runs_every_implementation(monkeypatch):
     want_shapes = [(3, 17, 32), (2, 19, V), (3, 11), (2, 19, V), (3, 11)]  # each case on its own inputs
     for case, shape in zip(cases, want_shapes):
         fns = case.setup()
-        assert set(fns) == {"hf-eager", "hf-sdpa", "hf-forkattn"}
-        outs = {k[3:]: fn() for k, fn in fns.items()}
+        assert set(fns) == {"hf-eager", "hf-sdpa", "forkattn-hf"}
+        outs = {k.replace("hf-", "").replace("-hf", ""): fn() for k, fn in fns.items()}
         assert all(tuple(o.shape) == shape for o in outs.values()), (case.name, {k: o.shape for k, o in outs.items()})
         if "generate" in case.name:
             assert torch.equal(outs["forkattn"], outs["sdpa"]), case.name

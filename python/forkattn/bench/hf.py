@@ -22,7 +22,7 @@ from .core import Case
 IMPLS = {
     "hf-eager": "transformers' model, attn_implementation='eager' (the 'vs eager' baseline)",
     "hf-sdpa": "transformers' model, attn_implementation='sdpa' (the 'vs sdpa' baseline)",
-    "hf-forkattn": "transformers' model, attn_implementation='forkattn' (forkattn.integrations.transformers)",
+    "forkattn-hf": "transformers' model, attn_implementation='forkattn' (forkattn.integrations.transformers)",
 }
 REQUIRES = ("transformers",)
 
@@ -98,8 +98,7 @@ def cases(device, size: str = "default") -> List[Case]:
     def bert_setup(B=B, L=L):
         variants, cfg = models("bert")
         ids, mask = _left_padded(B, L, cfg.vocab_size, device, left=False)
-        return {f"hf-{k}": _infer(lambda m=m: m(input_ids=ids, attention_mask=mask).last_hidden_state)
-                for k, m in variants.items()}
+        return _rows(variants, lambda m: m(input_ids=ids, attention_mask=mask).last_hidden_state)
 
     out.append(Case("hf", f"BertModel padded B{B} L{L} {dt}", setup=bert_setup, tokens=B * L,
                     chart=f"transformers models, {dt}", panel="BertModel padded", x=f"B{B} L{L}",
@@ -112,8 +111,7 @@ def cases(device, size: str = "default") -> List[Case]:
         def prefill_setup(name=name, B=B, L=L):
             variants, cfg = models(name)
             ids, mask = _left_padded(B, L, cfg.vocab_size, device)
-            return {f"hf-{k}": _infer(lambda m=m: m(input_ids=ids, attention_mask=mask).logits)
-                    for k, m in variants.items()}
+            return _rows(variants, lambda m: m(input_ids=ids, attention_mask=mask).logits)
 
         out.append(Case("hf", f"{name} prefill left-padded B{B} L{L} {dt}", setup=prefill_setup, tokens=B * L,
                         chart=f"transformers models, {dt}", panel=f"{name} prefill", x=f"B{B} L{L}",
@@ -124,8 +122,7 @@ def cases(device, size: str = "default") -> List[Case]:
             variants, cfg = models(name)
             ids, mask = _left_padded(B, P, cfg.vocab_size, device, seed=1)
             gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
-            return {f"hf-{k}": _infer(lambda m=m: m.generate(ids, attention_mask=mask, **gen))
-                    for k, m in variants.items()}
+            return _rows(variants, lambda m: m.generate(ids, attention_mask=mask, **gen))
 
         out.append(Case("hf", f"{name} generate B{B} prompt {P} (left-padded) + {new} new {dt}",
                         setup=generate_setup, tokens=B * new,
@@ -134,8 +131,11 @@ def cases(device, size: str = "default") -> List[Case]:
     return out
 
 
-def _infer(fn):
-    def wrapped():
-        with torch.inference_mode():
-            return fn()
-    return wrapped
+def _rows(variants, call):
+    """One timed callable per variant, named as IMPLS names them, under inference_mode."""
+    def timed(m):
+        def run():
+            with torch.inference_mode():
+                return call(m)
+        return run
+    return {("forkattn-hf" if impl == "forkattn" else f"hf-{impl}"): timed(m) for impl, m in variants.items()}
