@@ -124,9 +124,14 @@ def _candidates() -> List[tuple]:
         for p in sorted(glob.glob(pattern), reverse=True):
             found.append((Path(os.path.realpath(p)), p))
     for site in _site_dirs():  # PyPI's toolkit: site-packages/nvidia/cu13/bin/nvcc
-        for p in sorted(glob.glob(str(site / "nvidia" / "cu*")), reverse=True) + [str(site / "nvidia" / "cuda_nvcc")]:
-            found.append((Path(p), f"PyPI toolkit in {site}"))
-    return found
+        for p in sorted(glob.glob(str(site / "nvidia" / "cu*" / "bin" / "nvcc")), reverse=True):
+            found.append((Path(p).parent.parent, f"PyPI toolkit in {site}"))
+    seen, unique = set(), []
+    for home, how in found:  # /usr/local/cuda is often a link to /usr/local/cuda-13.0
+        if os.path.realpath(home) not in seen:
+            seen.add(os.path.realpath(home))
+            unique.append((home, how))
+    return unique
 
 
 def _check(home: Path, want_major: Optional[str]) -> tuple:
