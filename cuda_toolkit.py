@@ -198,8 +198,9 @@ def _complete(tk: Toolkit, torch_cuda: str) -> Toolkit:
         where = next((d for d in extra_dirs if (d / header).is_file()), None)
         if where is None:
             missing.append(header)
-        elif str(where) not in tk.include_after:
-            tk.include_after.append(str(where))
+        else:
+            if str(where) not in tk.include_after:
+                tk.include_after.append(str(where))
             tk.notes.append(f"{header} from torch's nvidia packages: {where}")
     if missing:
         raise ToolkitError(
