@@ -15,11 +15,13 @@ help:
 	@echo "PYTHON=venv/bin/python picks the Python; MAX_JOBS bounds parallel compile jobs"
 
 # torch first (the CPU build of 2.13.0 when no torch is present), then the build tools
-# (setuptools >= 77 reads pyproject's SPDX license string).
+# (setuptools >= 77 reads pyproject's SPDX license string), with the installed torch pinned so
+# that pip keeps to torch's own setuptools bound.
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PIP) install "$(TORCH_SPEC)"
 	@$(PYTHON) -c "import pybind11, ninja, wheel, setuptools, sys; sys.exit(int(setuptools.__version__.split('.')[0]) < 77)" 2>/dev/null || \
-		$(PIP) install pybind11 ninja wheel "setuptools>=77"
+		$(PIP) install pybind11 ninja wheel "setuptools>=77" \
+		"torch==$$($(PYTHON) -c 'import torch; print(torch.__version__.split("+")[0])')"
 
 bench-deps: deps
 	@missing="$$($(MISSING) bench)" && if [ -n "$$missing" ]; then eval $(PIP) install $$missing; fi
