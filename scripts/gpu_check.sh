@@ -16,13 +16,16 @@ step() { echo; echo "=== $* ($(date +%T))"; }
   step "device"
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+  step "CUDA toolkit (the search setup.py runs: cuda_toolkit.py)"
+  # Fails here, in seconds, naming what is missing, rather than minutes into a build.
+  $PY cuda_toolkit.py || exit 1
   step "build (TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST MAX_JOBS=$MAX_JOBS)"
   start=$SECONDS
-  if ! $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+  if ! FORCE_CUDA=1 $PY -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
     tail -60 "$OUT/build.log"; echo "BUILD FAILED"; exit 1
   fi
   echo "built in $((SECONDS - start)) s"
-  $PY -c "import forkattn, json; print(json.dumps(forkattn.build_info(), indent=1))"
+  $PY scripts/check_cuda_build.py || exit 1
 } 2>&1 | tee "$OUT/summary.log"
 [ "${PIPESTATUS[0]}" -eq 0 ] || exit 1
 

@@ -196,6 +196,9 @@ def test_build_info():
     assert {"eager", "cpu"} <= set(info["backends"])
     if info["cuda"] is None:
         assert info["archs"] is None and "cuda" not in info["backends"]
+    # compiled vs usable now: a CUDA build on a machine without a GPU compiles cuda, cannot use it
+    assert info["compiled"] == (["cpu"] if info["cuda"] is None else ["cpu", "cuda"])
+    assert ("cuda" in info["backends"]) == (info["cuda"] is not None and torch.cuda.is_available())
 
 
 def test_import_against_other_torch_raises_importerror():

@@ -17,8 +17,10 @@ def build_info() -> dict:
     """How this forkattn was built, and which backends are usable now.
 
     keys: version, torch (the torch it was built against), cuda (CUDA version, None for a CPU
-    build), archs (CUDA archs compiled, None for a CPU build), cpu_isa, backends (backend names
-    usable now for any op), ops (per op family, the backends usable now).
+    build), archs (CUDA archs compiled, None for a CPU build), cpu_isa, compiled (the native
+    backends compiled into forkattn._C: "cpu", plus "cuda" for a CUDA build), backends (backend
+    names usable now for any op: a CUDA build on a machine without a GPU lists no "cuda"), ops
+    (per op family, the backends usable now).
     """
     ops = available_backends()
     names = sorted({n for names in ops.values() for n in names})
@@ -28,6 +30,7 @@ def build_info() -> dict:
         "cuda": _config.CUDA_VERSION,
         "archs": _config.CUDA_ARCHS,
         "cpu_isa": _config.CPU_ISA,
+        "compiled": ["cpu", "cuda"] if _native.WITH_CUDA else ["cpu"],
         "backends": names,
         "ops": ops,
     }
