@@ -21,7 +21,8 @@ What is emulated
   out is kept in fp32: the kernel's single rounding of out to T at the store is not emulated, so
   that the 1e-4 check sees the kernel's arithmetic rather than fp16's ulp. bf16 is not emulated.
 
-Tests patch module-level functions here (page_of, append_count) to inject bugs: keep them module-level.
+Tests patch module-level functions here (page_of, append_count, warp_sum) to inject bugs: keep them
+module-level.
 """
 import itertools
 from types import SimpleNamespace
