@@ -53,7 +53,7 @@ CASES = [
 def test_emulated_kernels_match_reference(case):
     case = dict(case)
     run_case(case.pop("B"), case.pop("H"), case.pop("Hkv"), case.pop("Lq"), case.pop("Lk"), case.pop("D"),
-                 case.pop("causal"), verbose=False, **case)
+             case.pop("causal"), verbose=False, **case)
 
 
 def test_emulated_varlen_with_empty_sequences_and_oversized_grid():
