@@ -13,7 +13,7 @@
 
 Parameter names are transformers' (bert.encoder.layer.0.attention.self.query.weight, ...), so
 loading a transformers checkpoint is a key-for-key copy; ALBERT checkpoints are a renaming (the
-explicit table ALBERT_NAMES). Attention is forkattn.attention with BERT's attention_mask as the
+explicit table in models/bert_names.py). Attention is forkattn.attention with BERT's attention_mask as the
 key-padding mask; `config.attention_backend` (None = fastest for the device) picks its backend
 (models/backend.py). Outputs are models/outputs.py's, checkpoints go through models/checkpoint.py.
 
@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -47,6 +46,7 @@ import forkattn
 from .activations import activation, check_activation
 from .backend import FIELDS as BACKEND_FIELDS
 from .backend import attention_backend, check_backend, set_backends
+from .bert_names import hf_key, key_map_from_hf
 from .checkpoint import load_state, model_folder, read_state_dict, write_folder
 from .outputs import (AlbertForPreTrainingOutput, BaseModelOutputWithPooling, BertForPreTrainingOutput,
                       MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
@@ -327,48 +327,14 @@ class BertPreTrainedModel(nn.Module):
                            strict: bool = False, log: bool = False) -> dict:
         """Copy a transformers-named state dict in (checkpoint.load_state); return the key report
         (logged too with log=True, as from_pretrained does)."""
-        albert = self.config.model_type == "albert"
-        has_prefix = any(k.startswith(("bert.", "albert.")) for k in state)
-        prefix = self.base_model_prefix + "." if self.base_model_prefix else ""
-        has_bias = any(k.endswith("predictions.bias") for k in state)
-
-        def map_key(key: str, value: Tensor):
-            k = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-            if k.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
-                return None  # buffers some checkpoints carry
-            if has_prefix and k.startswith(("bert.", "albert.")):
-                base = k.split(".", 1)[1]
-            elif not has_prefix:
-                base = k  # a base-model checkpoint: every key is a base-model key
-            else:
-                return (from_albert_name(k) if albert else k), value
-            return prefix + (from_albert_name(base) if albert else base), value
-
-        def map_head(key: str, value: Tensor):
-            mapped = map_key(key, value)
-            if mapped is None or mapped[0].endswith("predictions.decoder.weight"):
-                return None  # the decoder weight is tied to the word embeddings
-            name = mapped[0]
-            if name.endswith("predictions.decoder.bias"):
-                if has_bias:
-                    return None  # the same tensor as predictions.bias, which the checkpoint holds too
-                name = name[: -len("decoder.bias")] + "bias"
-            return name, value
-
-        return load_state(self, state, map_head, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict,
+        map_key = key_map_from_hf(state, self.config.model_type, self.base_model_prefix)
+        return load_state(self, state, map_key, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict,
                           owner=f"{type(self).__name__}.from_pretrained", log=log)
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """The state dict under transformers' names (ALBERT names when config.model_type == 'albert')."""
-        out = {}
-        for k, v in self.state_dict().items():
-            if self.config.model_type == "albert":
-                if self.base_model_prefix and k.startswith("bert."):
-                    k = "albert." + to_albert_name(k[5:])
-                else:
-                    k = to_albert_name(k)
-            out[k] = v.detach().contiguous()
-        return out
+        return {hf_key(k, self.config.model_type, self.base_model_prefix): v.detach().contiguous()
+                for k, v in self.state_dict().items()}
 
     def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
         """config.json + model.safetensors (or pytorch_model.bin), readable by from_pretrained and transformers."""
@@ -597,51 +563,6 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
 
 
-# --- ALBERT's checkpoint names -------------------------------------------------------------------
-
-# Our name -> ALBERT's, as key prefixes; {i} is the layer index (ALBERT's layer group). Keys under
-# neither name (embeddings, embedding_hidden_mapping_in) are spelled alike.
-ALBERT_NAMES = {
-    "encoder.layer.{i}.attention.self.query.": "encoder.albert_layer_groups.{i}.albert_layers.0.attention.query.",
-    "encoder.layer.{i}.attention.self.key.": "encoder.albert_layer_groups.{i}.albert_layers.0.attention.key.",
-    "encoder.layer.{i}.attention.self.value.": "encoder.albert_layer_groups.{i}.albert_layers.0.attention.value.",
-    "encoder.layer.{i}.attention.output.dense.": "encoder.albert_layer_groups.{i}.albert_layers.0.attention.dense.",
-    "encoder.layer.{i}.attention.output.LayerNorm.": "encoder.albert_layer_groups.{i}.albert_layers.0.attention.LayerNorm.",
-    "encoder.layer.{i}.intermediate.dense.": "encoder.albert_layer_groups.{i}.albert_layers.0.ffn.",
-    "encoder.layer.{i}.output.dense.": "encoder.albert_layer_groups.{i}.albert_layers.0.ffn_output.",
-    "encoder.layer.{i}.output.LayerNorm.": "encoder.albert_layer_groups.{i}.albert_layers.0.full_layer_layer_norm.",
-    "pooler.dense.": "pooler.",
-    "cls.predictions.transform.dense.": "predictions.dense.",
-    "cls.predictions.transform.LayerNorm.": "predictions.LayerNorm.",
-    "cls.predictions.bias": "predictions.bias",
-    "cls.predictions.decoder.": "predictions.decoder.",
-    "cls.seq_relationship.": "sop_classifier.classifier.",
-}
-_FROM_ALBERT = {theirs: ours for ours, theirs in ALBERT_NAMES.items()}
-_INDEX = re.compile(r"\.(\d+)\.")  # a name's first index: the layer (group)
-
-
-def _rename(key: str, table: Dict[str, str]) -> str:
-    """key with the first matching table prefix swapped, its layer index carried over; else key."""
-    m = _INDEX.search(key)
-    template = key if m is None else f"{key[:m.start()]}.{{i}}.{key[m.end():]}"
-    for src, dst in table.items():
-        if template.startswith(src):
-            new = dst + template[len(src):]
-            return new if m is None else new.replace("{i}", m.group(1))
-    return key
-
-
-def to_albert_name(key: str) -> str:
-    """Our base-model or head key -> ALBERT's (without the albert. prefix)."""
-    return _rename(key, ALBERT_NAMES)
-
-
-def from_albert_name(key: str) -> str:
-    """ALBERT's base-model or head key (without the albert. prefix) -> ours."""
-    return _rename(key, _FROM_ALBERT)
-
-
 MODEL_CLASSES = {
     "BertModel": BertModel,
     "BertForMaskedLM": BertForMaskedLM,
@@ -652,4 +573,4 @@ MODEL_CLASSES = {
     "BertForQuestionAnswering": BertForQuestionAnswering,
 }
 
-__all__ = ["BertConfig", "ALBERT_NAMES", *MODEL_CLASSES]
+__all__ = ["BertConfig", *MODEL_CLASSES]
