@@ -56,6 +56,36 @@ def pick_tokens(logits: Tensor, greedy: bool, temperature: float, top_k, top_p, 
     return torch.multinomial(probs, 1, generator=gen)[:, 0]
 
 
+def _check_sampling(max_new_tokens, do_sample: bool, temperature: float, top_k, top_p) -> bool:
+    """Whether decoding is greedy, after checking generate's length and sampling arguments."""
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    greedy = (not do_sample) or temperature == 0
+    if not greedy and not temperature > 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    return greedy
+
+
+def _prompt_mask(input_ids: Tensor, attention_mask: Optional[Tensor]) -> Tensor:
+    """The prompt's bool [B, T] mask (all True when None), checked: input_ids' shape, a token per row."""
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+    else:
+        if tuple(attention_mask.shape) != (B, T):
+            raise ValueError(f"attention_mask must have input_ids' shape {(B, T)}, got {tuple(attention_mask.shape)}")
+        attention_mask = attention_mask.to(device=input_ids.device, dtype=torch.bool)
+        if not bool(attention_mask.any(dim=1).all()):
+            raise ValueError("attention_mask: every prompt needs at least one token (a row is all padding)")
+    if T == 0:
+        raise ValueError("input_ids must hold at least one token per prompt")
+    return attention_mask
+
+
 # ------------------------------------------------------------------------------------------------
 # generate
 
@@ -100,28 +130,11 @@ class GenerationMixin:
         """
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be an int64 [batch, len] tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        greedy = (not do_sample) or temperature == 0
-        if not greedy and not temperature > 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+        greedy = _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p)
         input_ids = input_ids.long()
         B, T = input_ids.shape
         device = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        else:
-            if tuple(attention_mask.shape) != (B, T):
-                raise ValueError(f"attention_mask must have input_ids' shape {(B, T)}, got {tuple(attention_mask.shape)}")
-            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-            if not bool(attention_mask.any(dim=1).all()):
-                raise ValueError("attention_mask: every prompt needs at least one token (a row is all padding)")
-        if T == 0:
-            raise ValueError("input_ids must hold at least one token per prompt")
+        attention_mask = _prompt_mask(input_ids, attention_mask)
         max_len = T + max_new_tokens
         if max_len > self.config.n_positions:
             raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds n_positions="
@@ -171,10 +184,10 @@ class GenerationMixin:
         finally:
             self.train(was_training)
 
-    def _eager_step(self, kv: "KVCacheBase"):
+    def _eager_step(self, kv: KVCacheBase):
         return lambda tok: self.decode_step(tok, kv)
 
-    def _warm_up(self, kv: "KVCacheBase", static_tok: Tensor, n: int = 2) -> None:
+    def _warm_up(self, kv: KVCacheBase, static_tok: Tensor, n: int = 2) -> None:
         """Run n decode steps (kernels pick their plans, allocators settle) and restore the cache:
         those steps write k/v past each sequence's length (overwritten later) and advance lengths."""
         snapshot = kv.state()
@@ -182,7 +195,7 @@ class GenerationMixin:
             self.decode_step(static_tok, kv)
             kv.load_state(snapshot)
 
-    def _graphed_step(self, kv: "KVCacheBase", B: int, device):
+    def _graphed_step(self, kv: KVCacheBase, B: int, device):
         """Capture decode_step on static buffers once; each call copies the token in and replays.
         Warm-up runs on a side stream before capture (as torch.cuda.graphs asks); capture records
         kernels without running them, but Python-side cache state (host length bounds) still
