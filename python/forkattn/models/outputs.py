@@ -56,9 +56,13 @@ class BaseModelOutputWithPooling(ModelOutput):
 
 
 @dataclass
-class MaskedLMOutput(ModelOutput):
-    loss: Optional[Tensor] = None
+class _LossAndLogits(ModelOutput):
+    loss: Optional[Tensor] = None  # with labels
     logits: Optional[Tensor] = None
+
+
+class MaskedLMOutput(_LossAndLogits):
+    """logits [B, L, vocab], or [n_labelled, vocab] with BertConfig.sparse_prediction."""
 
 
 @dataclass
@@ -75,16 +79,12 @@ class AlbertForPreTrainingOutput(ModelOutput):
     sop_logits: Optional[Tensor] = None  # sentence-order prediction
 
 
-@dataclass
-class SequenceClassifierOutput(ModelOutput):
-    loss: Optional[Tensor] = None
-    logits: Optional[Tensor] = None
+class SequenceClassifierOutput(_LossAndLogits):
+    """logits [B, num_labels]."""
 
 
-@dataclass
-class TokenClassifierOutput(ModelOutput):
-    loss: Optional[Tensor] = None
-    logits: Optional[Tensor] = None
+class TokenClassifierOutput(_LossAndLogits):
+    """logits [B, L, num_labels]."""
 
 
 @dataclass
@@ -94,7 +94,5 @@ class QuestionAnsweringModelOutput(ModelOutput):
     end_logits: Optional[Tensor] = None
 
 
-@dataclass
-class CausalLMOutput(ModelOutput):
-    loss: Optional[Tensor] = None  # with labels: next-token cross-entropy
-    logits: Optional[Tensor] = None  # [B, T, vocab]
+class CausalLMOutput(_LossAndLogits):
+    """logits [B, T, vocab]; loss (with labels): next-token cross-entropy."""
