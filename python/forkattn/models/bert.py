@@ -13,16 +13,18 @@
 
 Parameter names are transformers' (bert.encoder.layer.0.attention.self.query.weight, ...), so
 loading a transformers checkpoint is a key-for-key copy; ALBERT checkpoints are a renaming (the
-explicit table in models/bert_names.py). Attention is forkattn.attention with BERT's attention_mask as the
-key-padding mask; `config.attention_backend` (None = fastest for the device) picks its backend
-(models/backend.py). Outputs are models/outputs.py's, checkpoints go through models/checkpoint.py.
+explicit table in models/bert_names.py). Attention is forkattn.attention with BERT's
+attention_mask as the key-padding mask; `config.attention_backend` (None = fastest for the device)
+picks its backend (models/backend.py). Outputs are models/outputs.py's, checkpoints go through
+models/checkpoint.py.
 
 Padded batches run unpadded (config.unpad_inputs, on by default): the attention mask is read once,
-the real tokens are packed into [tokens, hidden] right after the embedding lookup (models/padding.py), every layer works
-on them alone (forkattn.attention_varlen for attention), and the result is scattered back into
-[B, L, hidden] with zeros at the padded positions. At BERT's usual lengths uniform in L/2..L that
-skips a quarter of every GEMM, not only of attention. transformers computes values at the padded
-positions; we do not (they are zeros, and heads see zeros there): compare outputs at real tokens.
+the real tokens are packed into [tokens, hidden] right after the embedding lookup
+(models/padding.py), every layer works on them alone (forkattn.attention_varlen for attention),
+and the result is scattered back into [B, L, hidden] with zeros at the padded positions. At
+BERT's usual lengths uniform in L/2..L that skips a quarter of every GEMM, not only of attention.
+transformers computes values at the padded positions; we do not (they are zeros, and heads see
+zeros there): compare outputs at real tokens.
 
 Difference from transformers: the fused attention kernels have no dropout on the attention
 probabilities, so attention_probs_dropout_prob is not applied (hidden-state dropout is); a warning
@@ -360,7 +362,8 @@ class BertModel(BertPreTrainedModel):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
-        self.pooler = nn.ModuleDict(dict(dense=nn.Linear(config.hidden_size, config.hidden_size))) if add_pooling_layer else None
+        H = config.hidden_size
+        self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H))) if add_pooling_layer else None
         self.init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
