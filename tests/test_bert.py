@@ -356,7 +356,7 @@ def test_backends_eager_and_cpu_agree():
     for k in res["cpu"][1]:
         torch.testing.assert_close(res["cpu"][1][k], res["eager"][1][k], rtol=1e-3, atol=1e-5, msg=k)
     triton = pytest.importorskip("forkattn.triton")
-    if getattr(triton, "unavailable_reason", lambda: "missing")() is None and "triton" in fb.forkattn.attention.__globals__["BACKENDS"].backends:
+    if getattr(triton, "unavailable_reason", lambda: "missing")() is None and "triton" in fb.forkattn.available_backends()["attention"]:
         m.set_attention_backend("triton")
         torch.testing.assert_close(m(ids, mask, tt).logits, res["eager"][0], rtol=1e-3, atol=1e-4)
 
