@@ -538,6 +538,7 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
     assert any(not torch.equal(s0[k], init[k]) for k in s0)  # it trained
     log = json.loads((out / "train_log.json").read_text())
     assert log[0]["world_size"] == 2 and log[0]["rank0_batch_hash"] != log[0]["rank1_batch_hash"]  # different data per rank
+    assert log[0]["rank0_vocab_hash"] == log[0]["rank1_vocab_hash"]  # one vocabulary (WordPiece training is not deterministic)
 
 
 def test_mask_tokens_fresh_masks_every_step_never_special_or_padding():

@@ -88,4 +88,6 @@ def test_trained_tokenizer_saved_reads_the_same_in_transformers(tmp_path):
     _assert_same(BertTokenizer.from_pretrained(str(tmp_path / "tok")), hf, texts, pairs)
     vocab = BertTokenizer.from_vocab_file(str(tmp_path / "tok" / "vocab.txt"))
     assert vocab(texts, pairs) == tok(texts, pairs)
+    again = BertTokenizer.from_str(tok.to_str(), model_max_length=32)  # how bert-mlm's ranks share one vocabulary
+    assert again(texts, pairs) == tok(texts, pairs) and again.tokenize(texts[1]) == tok.tokenize(texts[1])
     assert tok.model_max_length == 32 and hf.model_max_length == 32

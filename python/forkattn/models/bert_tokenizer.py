@@ -63,6 +63,14 @@ class BertTokenizer:
         raise FileNotFoundError(f"{path}: neither tokenizer.json nor vocab.txt found")
 
     @classmethod
+    def from_str(cls, text: str, model_max_length: int = 512) -> "BertTokenizer":
+        """The tokenizer to_str() gave (a tokenizer.json's text)."""
+        return cls(BaseTokenizer(Tokenizer.from_str(text)), model_max_length)
+
+    def to_str(self) -> str:
+        return self.tokenizer.to_str()
+
+    @classmethod
     def from_vocab_file(cls, vocab_file: str, lowercase: bool = True, model_max_length: int = 512) -> "BertTokenizer":
         return cls(BertWordPieceTokenizer.from_file(vocab_file, lowercase=lowercase), model_max_length)
 

@@ -172,9 +172,10 @@ def main(argv=None) -> int:
 
     if args.tokenizer or args.init:
         tok = BertTokenizer.from_pretrained(args.tokenizer or args.init)
-    else:  # every rank trains the same vocabulary from the same file (deterministic)
-        tok = BertTokenizer.train([args.data], vocab_size=args.vocab_size, min_frequency=1,
-                                  model_max_length=args.max_len)
+    else:  # WordPiece training differs from process to process: rank 0 trains, every rank takes its vocabulary
+        trained = BertTokenizer.train([args.data], vocab_size=args.vocab_size, min_frequency=1,
+                                      model_max_length=args.max_len).to_str() if ddp.is_main else None
+        tok = BertTokenizer.from_str(ddp.broadcast_object(trained), model_max_length=args.max_len)
     if args.init:
         model = head.from_pretrained(args.init, attention_backend=args.backend)
     else:
@@ -222,11 +223,9 @@ def main(argv=None) -> int:
                  "masked": int((labels != -100).sum()), "seconds": round(time.time() - t0, 3)}
         if step == 0:
             entry["world_size"] = ddp.world_size
-            hashes = [_batch_hash(batch)]
-            if ddp.enabled:
-                hashes = [None] * ddp.world_size
-                dist.all_gather_object(hashes, _batch_hash(batch))
-            entry.update({f"rank{r}_batch_hash": h for r, h in enumerate(hashes)})
+            vocab = hashlib.sha1(json.dumps(sorted(tok.tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
+            for name, value in (("batch_hash", _batch_hash(batch)), ("vocab_hash", vocab)):
+                entry.update({f"rank{r}_{name}": h for r, h in enumerate(ddp.gather_object(value))})
         log.append(entry)
         bar.update(1)
         bar.set_postfix(loss=f"{entry['loss']:.3f}", lr=f"{entry['lr']:.2e}")

@@ -125,6 +125,22 @@ class Distributed:
         items = list(items)
         return items[self.rank :: self.world_size]
 
+    def broadcast_object(self, obj):
+        """Rank 0's obj on every rank (picklable; obj itself without torchrun)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, obj) -> list:
+        """Every rank's obj, in rank order, on every rank ([obj] without torchrun)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
