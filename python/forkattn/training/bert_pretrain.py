@@ -122,6 +122,10 @@ def _batch_hash(batch: Dict[str, torch.Tensor]) -> str:
     return hashlib.sha1(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()[:12]
 
 
+def _vocab_hash(tok: BertTokenizer) -> str:
+    return hashlib.sha1(json.dumps(sorted(tok.tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
+
+
 def _save_weights(model: torch.nn.Module, path: str) -> None:
     from safetensors.torch import save_file
 
@@ -223,8 +227,7 @@ def main(argv=None) -> int:
                  "masked": int((labels != -100).sum()), "seconds": round(time.time() - t0, 3)}
         if step == 0:
             entry["world_size"] = ddp.world_size
-            vocab = hashlib.sha1(json.dumps(sorted(tok.tokenizer.get_vocab().items())).encode()).hexdigest()[:12]
-            for name, value in (("batch_hash", _batch_hash(batch)), ("vocab_hash", vocab)):
+            for name, value in (("batch_hash", _batch_hash(batch)), ("vocab_hash", _vocab_hash(tok))):
                 entry.update({f"rank{r}_{name}": h for r, h in enumerate(ddp.gather_object(value))})
         log.append(entry)
         bar.update(1)
