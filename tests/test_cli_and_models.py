@@ -172,29 +172,29 @@ def test_help_exits_zero_and_shows_defaults():
     r = subprocess.run([sys.executable, "-m", "forkattn.train", "--help"], env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "bert-mlm" in r.stdout and "gpt" in r.stdout, r.stderr
-    from forkattn.training import bert as tb
+    from forkattn.training import bert_finetune, bert_pretrain
     from forkattn.training.gpt import build_parser
 
     gpt_help = build_parser().format_help()
     assert "(default: 4096)" in gpt_help and "(default: 0.0006)" in gpt_help
     assert "(default: None)" not in gpt_help
-    assert "(default: 8000)" in tb._mlm_parser().format_help()
-    assert "(default: label)" in tb._finetune_parser().format_help()
+    assert "(default: 8000)" in bert_pretrain.build_parser().format_help()
+    assert "(default: label)" in bert_finetune.build_parser().format_help()
 
 
 def test_one_dtype_and_init_vocabulary_for_bert_and_gpt():
-    from forkattn.training import bert as tb
+    from forkattn.training import bert_finetune, bert_pretrain
     from forkattn.training.gpt import build_parser
 
     base = ["--data", "x", "--out", "y"]
-    for parse in (tb._mlm_parser().parse_args, build_parser().parse_args):
+    for parse in (bert_pretrain.build_parser().parse_args, build_parser().parse_args):
         for spelling, canonical in (("fp32", "float32"), ("bfloat16", "bfloat16"), ("fp16", "float16"),
                                     ("float16", "float16")):
             assert parse(base + ["--dtype", spelling]).dtype == canonical
         for flag in ("--init", "--init-from"):
             a = parse(base + [flag, "some/dir"])
             assert (getattr(a, "init", None) or getattr(a, "init_from", None)) == "some/dir"
-    ft = tb._finetune_parser().parse_args(["--model", "m", "--train", "t", "--out", "o", "--dtype", "bf16"])
+    ft = bert_finetune.build_parser().parse_args(["--model", "m", "--train", "t", "--out", "o", "--dtype", "bf16"])
     assert ft.dtype == "bfloat16"
     with pytest.raises(SystemExit):
         build_parser().parse_args(base + ["--dtype", "int8"])
