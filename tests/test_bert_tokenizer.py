@@ -14,13 +14,13 @@ transformers = pytest.importorskip("transformers")
 from forkattn.models.bert_tokenizer import BertTokenizer  # noqa: E402
 from test_bert import _minilm_path  # noqa: E402
 
-TRICKY = ["Héllo, Wörld! naïve café ÀÉÎÕÜ", "中文字符和日本語のテキスト 한국어", "a [MASK] in text, [CLS] and [SEP] too [PAD] [UNK]",
-          "SHOUTING Mixed CaSe", "punct!!! ?? ... (x) {y} [z] — – “quotes” «guillemets»",
+TRICKY = ["Héllo, Wörld! naïve café ÀÉÎÕÜ", "中文字符和日本語のテキスト 한국어",
+          "a [MASK] in text, [CLS] and [SEP] too [PAD] [UNK]", "SHOUTING Mixed CaSe", "punct!!! ?? ... (x) {y} [z] — – “quotes” «guillemets»",
           "\t tabs\nand\r\nnewlines \u200b zero width \x00 ctrl", "antidisestablishmentarianism supercalifragilistic",
           "emoji 🙂👍🏽 and ｆｕｌｌｗｉｄｔｈ", "", "12,345.67 $5 3.14e-10 user@example.com"]
 PAIRS = ["pair " + t[::-1] for t in TRICKY]
-CALLS = [dict(), dict(padding=True), dict(truncation=True, max_length=12), dict(truncation=True, max_length=7, padding=True),
-         dict(padding="max_length", max_length=40, truncation=True)]
+CALLS = [dict(), dict(padding=True), dict(truncation=True, max_length=12),
+         dict(truncation=True, max_length=7, padding=True), dict(padding="max_length", max_length=40, truncation=True)]
 
 
 @pytest.fixture(scope="module")
