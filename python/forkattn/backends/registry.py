@@ -18,8 +18,11 @@ TRITON_INTERPRET) is re-read on a cache hit only for the backends that answer de
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 from typing import Dict, FrozenSet, List, NamedTuple, Optional, Tuple
+
+import torch
 
 Reason = Optional[str]  # None means "yes"
 
@@ -152,9 +155,12 @@ class OpFamily:
 
     def order(self, device_type: str) -> List[Backend]:
         """The backends backend=None tries on this device type: by priority, then the fallbacks."""
-        ranked = [(p, b) for b in self.backends.values() if (p := b.priority(device_type)) is not None]
-        ranked.sort(key=lambda pb: -pb[0])
-        return [b for _, b in ranked] + [b for b in self.backends.values() if b.FALLBACK]
+        ranked = []
+        for b in self.backends.values():
+            p = b.priority(device_type)
+            if p is not None:
+                ranked.append((-p, len(ranked), b))
+        return [b for _, _, b in sorted(ranked)] + [b for b in self.backends.values() if b.FALLBACK]
 
     @property
     def preference(self) -> Dict[str, List[str]]:
@@ -184,6 +190,14 @@ class OpFamily:
                 features: Tuple[str, ...] = ()) -> Backend:
         """The Backend that runs this call: `backend` itself when it can, else BackendUnavailableError
         (ValueError for a name that is no backend); None: the first in order() that can."""
+        if torch.compiler.is_compiling():  # a constant while tracing: see _resolve_traced
+            kind, value = _resolve_traced(self.op, backend, device_type, dtype, head_dim, features)
+            if kind is None:
+                return self.backends[value]
+            raise kind(value)
+        return self._resolve(backend, device_type, dtype, head_dim, features)
+
+    def _resolve(self, backend, device_type, dtype, head_dim, features) -> Backend:
         key = (backend, device_type, dtype, head_dim, features)
         hit = self._cache.get(key)
         if hit is not None and (not hit[1] or _env(hit[1]) == hit[2]):
@@ -217,6 +231,24 @@ class OpFamily:
 
     def clear_cache(self) -> None:
         self._cache.clear()
+
+
+@torch.compiler.assume_constant_result
+def _resolve_traced(op: str, backend, device_type, dtype, head_dim, features):
+    """resolve() for torch.compile: run once at trace time, its answer a constant of the graph (the
+    registry's own code is not traced). Returns (None, backend name) or (exception class, message),
+    raised by the traced caller as eager code raises it."""
+    try:
+        return None, _FAMILIES[op]._resolve(backend, device_type, dtype, head_dim, features).NAME
+    except (ValueError, BackendUnavailableError) as e:
+        return type(e), str(e)
+
+
+def feature_table(*names: str) -> Dict[Tuple[bool, ...], Tuple[str, ...]]:
+    """{(flag, ...): the names whose flag is set}: an op module looks a call's features up in it
+    instead of building the tuple on every call."""
+    return {flags: tuple(n for n, on in zip(names, flags) if on)
+            for flags in itertools.product((False, True), repeat=len(names))}
 
 
 _FAMILIES: Dict[str, OpFamily] = {}
