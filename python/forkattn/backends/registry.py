@@ -233,7 +233,6 @@ class OpFamily:
         self._cache.clear()
 
 
-@torch.compiler.assume_constant_result
 def _resolve_traced(op: str, backend, device_type, dtype, head_dim, features):
     """resolve() for torch.compile: run once at trace time, its answer a constant of the graph (the
     registry's own code is not traced). Returns (None, backend name) or (exception class, message),
@@ -242,6 +241,11 @@ def _resolve_traced(op: str, backend, device_type, dtype, head_dim, features):
         return None, _FAMILIES[op]._resolve(backend, device_type, dtype, head_dim, features).NAME
     except (ValueError, BackendUnavailableError) as e:
         return type(e), str(e)
+
+
+# What torch.compiler.assume_constant_result(_resolve_traced) does, without importing torch._dynamo
+# (and with it Triton) when forkattn is imported; tests/test_api.py's fullgraph test relies on it.
+_resolve_traced._dynamo_marked_constant = True
 
 
 def feature_table(*names: str) -> Dict[Tuple[bool, ...], Tuple[str, ...]]:

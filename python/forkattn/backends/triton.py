@@ -25,11 +25,13 @@ class _Triton:
         return _triton.device_ok(device_type)
 
 
-@register
-class TritonAttention(_Triton, AttentionBackend):
+class _TritonAttentionKernels(_Triton):  # forkattn/triton/attention.py: one set for both families
     SUPPORTED_DTYPES = FLOAT_DTYPES
     MAX_HEAD_DIM = 256
 
+
+@register
+class TritonAttention(_TritonAttentionKernels, AttentionBackend):
     def make_impl(self):
         from ..triton import attention as kernels
 
@@ -37,10 +39,7 @@ class TritonAttention(_Triton, AttentionBackend):
 
 
 @register
-class TritonAttentionVarlen(_Triton, AttentionVarlenBackend):
-    SUPPORTED_DTYPES = FLOAT_DTYPES
-    MAX_HEAD_DIM = 256
-
+class TritonAttentionVarlen(_TritonAttentionKernels, AttentionVarlenBackend):
     def make_impl(self):
         from ..triton import attention as kernels
 
