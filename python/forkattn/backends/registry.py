@@ -199,7 +199,10 @@ class OpFamily:
 
     def _resolve(self, backend, device_type, dtype, head_dim, features) -> Backend:
         key = (backend, device_type, dtype, head_dim, features)
-        hit = self._cache.get(key)
+        try:
+            hit = self._cache.get(key)
+        except TypeError:  # an unhashable backend= argument: refused below
+            hit = None
         if hit is not None and (not hit[1] or _env(hit[1]) == hit[2]):
             return hit[0]
         call = Call(device_type, dtype, head_dim, features)
