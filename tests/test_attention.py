@@ -77,7 +77,7 @@ def test_strided_inputs_read_in_place(backend):
     _skip(backend)
     q, k, v = make_qkv(2, 4, 4, 33, 45, 64, torch.float32, strided=True)
     assert not q.is_contiguous()
-    from forkattn.attention import _stride1
+    from forkattn._layout import stride1 as _stride1
 
     assert _stride1(q) is q and _stride1(k) is k
     mask = make_padding(2, 45)

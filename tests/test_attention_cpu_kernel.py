@@ -127,7 +127,7 @@ def _packed(lens, H, D, dtype, fused=False):
 
 
 def _varlen_runs(q, k, v, cu_q, cu_k, causal, backends=("ref", "eager", "ours")):
-    from forkattn.attention import _eager_varlen
+    from forkattn.reference import attention_varlen
 
     go = torch.randn(q.shape, dtype=torch.float64)
     mq, mk = int((cu_q[1:] - cu_q[:-1]).max()), int((cu_k[1:] - cu_k[:-1]).max())
@@ -138,7 +138,7 @@ def _varlen_runs(q, k, v, cu_q, cu_k, causal, backends=("ref", "eager", "ours"))
         if name == "ours":
             out = forkattn.attention_varlen(qq, kk, vv, cu_q, cu_k, mq, mk, causal=causal, backend="cpu")
         else:
-            out = _eager_varlen(qq, kk, vv, cu_q, cu_k, causal, q.shape[-1] ** -0.5)
+            out = attention_varlen(qq, kk, vv, cu_q, cu_k, causal=causal, scale=q.shape[-1] ** -0.5)
         out.backward(go.to(dtype))
         runs[name] = (out, qq.grad, kk.grad, vv.grad)
     return runs

@@ -259,7 +259,7 @@ def _grads(fn, inputs, dout):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_varlen_matches_fp64(dtype, causal):
     _needs_cuda_backend()
-    from forkattn.attention import _eager_varlen
+    from forkattn.reference import attention_varlen
 
     lq, lk = [1, 129, 0, 300, 7, 64], [1, 97, 5, 300, 0, 130]
     q, cu_q = _pack(lq, 4, 64, dtype)
@@ -273,7 +273,7 @@ def test_varlen_matches_fp64(dtype, causal):
 
     ours = _grads(fn("cuda"), (q, k, v), dout)
     eager = _grads(fn("eager"), (q, k, v), dout)
-    exact = _grads(lambda q, k, v: _eager_varlen(q, k, v, cu_q, cu_k, causal, 64 ** -0.5),
+    exact = _grads(lambda q, k, v: attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=64 ** -0.5),
                    (q.double(), k.double(), v.double()), dout)
     for name, a, e, x in zip(("out", "dq", "dk", "dv"), ours, eager, exact):
         assert_within_budget(name, a, e, x)
@@ -342,7 +342,7 @@ def test_cuda_backend_unavailable_says_why():
 
 
 def test_cuda_supports_names_the_limit():
-    from forkattn.attention import _cuda_supports
+    _cuda_supports = forkattn.backends.get("attention").backends["cuda"].supports
 
     assert _cuda_supports(device_type="cuda", dtype=torch.float16, head_dim=64) is None
     assert _cuda_supports(device_type="cuda", dtype=torch.bfloat16, head_dim=128) is None
@@ -409,7 +409,7 @@ def test_instantiations_cover_the_switches():
         switch = f.read()
     dims = [d for d in (32, 64, 128) if f"(HEAD_DIM) == {d}" in switch]
     assert dims == [32, 64, 128]
-    from forkattn.attention import CUDA_HEAD_DIMS
+    from forkattn.backends.cuda import HEAD_DIMS as CUDA_HEAD_DIMS
 
     assert tuple(dims) == CUDA_HEAD_DIMS
     gen = os.listdir(os.path.join(ROOT, "kernels", "attention", "generated"))

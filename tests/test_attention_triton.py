@@ -18,7 +18,8 @@ import torch
 import forkattn
 import forkattn.triton as ftriton
 from forkattn import reference
-from forkattn.attention import _eager_varlen, attention_fwd, attention_varlen_fwd
+from forkattn.attention import attention_fwd, attention_varlen_fwd
+from forkattn.reference import attention_varlen
 
 pytestmark = pytest.mark.skipif(
     ftriton.unavailable_reason() is not None, reason=f"triton backend unavailable: {ftriton.unavailable_reason()}"
@@ -234,7 +235,7 @@ def test_varlen_matches_fp64_and_other_backends():
 
     ours = _run(fn("triton"), (q, k, v), dout)
     eager = _run(fn("eager"), (q, k, v), dout)
-    exact = _run(lambda q, k, v: _eager_varlen(q, k, v, cu_q, cu_k, True, 32 ** -0.5),
+    exact = _run(lambda q, k, v: attention_varlen(q, k, v, cu_q, cu_k, causal=True, scale=32 ** -0.5),
                  (q.double(), k.double(), v.double()), dout)
     _check(ours, eager, exact)
     if DEV == "cpu":
@@ -364,6 +365,6 @@ def test_gpu_varlen(dtype):
     def fn(backend):
         return lambda q, k, v: forkattn.attention_varlen(q, k, v, cu, cu, max(lens), max(lens), causal=True, backend=backend)
 
-    exact = _run(lambda q, k, v: _eager_varlen(q, k, v, cu, cu, True, 64 ** -0.5),
+    exact = _run(lambda q, k, v: attention_varlen(q, k, v, cu, cu, causal=True, scale=64 ** -0.5),
                  (q.double(), k.double(), v.double()), dout)
     _check(_run(fn("triton"), (q, k, v), dout), _run(fn("eager"), (q, k, v), dout), exact)

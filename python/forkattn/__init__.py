@@ -18,7 +18,8 @@ def build_info() -> dict:
 
     keys: version, torch (the torch it was built against), cuda (CUDA version, None for a CPU
     build), archs (CUDA archs compiled, None for a CPU build), cpu_isa, compiled (the native
-    backends compiled into forkattn._C: "cpu", plus "cuda" for a CUDA build), backends (backend
+    backends compiled into forkattn._C: "cpu", plus "cuda" for a CUDA build; none when _C is not
+    built or failed to load, and forkattn._native.ERROR says why), backends (backend
     names usable now for any op: a CUDA build on a machine without a GPU lists no "cuda"), ops
     (per op family, the backends usable now).
     """
@@ -30,7 +31,7 @@ def build_info() -> dict:
         "cuda": _config.CUDA_VERSION,
         "archs": _config.CUDA_ARCHS,
         "cpu_isa": _config.CPU_ISA,
-        "compiled": ["cpu", "cuda"] if _native.WITH_CUDA else ["cpu"],
+        "compiled": [] if _native._C is None else ["cpu", "cuda"] if _native.WITH_CUDA else ["cpu"],
         "backends": names,
         "ops": ops,
     }

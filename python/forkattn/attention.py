@@ -1,113 +1,28 @@
 """forkattn.attention: fused softmax attention for both sides of the BERT/GPT fork.
 
-Each backend provides `fwd(q, k, v, key_padding_mask, causal, scale) -> (out, lse)` and
-`bwd(dout, q, k, v, out, lse, key_padding_mask, causal, scale) -> (dq, dk, dv)`, and is called
-through the custom ops forkattn::attention_fwd / forkattn::attention_bwd, so autograd,
-torch.compile and opcheck see one op whatever the backend. The "eager" backend is
-forkattn.reference.attention, plain PyTorch; "triton" is forkattn/triton/attention.py, imported on
-its first call. attention_varlen (packed sequences) is a second op family at the end of this file.
+The backends (forkattn/backends/: eager, cpu, cuda, triton) implement the contract of
+backends.families.AttentionBackend; the kernel backends are called through the custom ops
+forkattn::attention_fwd / forkattn::attention_bwd, so autograd, torch.compile and opcheck see one op
+whatever the backend, while "eager" (forkattn.reference.attention, plain PyTorch) is called as it is.
+attention_varlen (packed sequences) is a second op family at the end of this file.
 """
 from __future__ import annotations
 
-import os
-from typing import NamedTuple, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from . import reference
+from . import backends
 from ._checks import _values_checkable, key_padding_mask_as_bool, resolve_scale
-from ._native import _C
-from .backends import (
-    CUDA_HEAD_DIMS,
-    cuda_available,
-    cuda_kernel_supports,
-    native_available,
-    op_backends,
-    triton_available,
-)
+from ._layout import FLOAT_DTYPES, empty_bhld, stride1
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = backends.get("attention")
+VARLEN_BACKENDS = backends.get("attention_varlen")
 
 
-class AttentionImpl(NamedTuple):
-    fwd: object
-    bwd: object
-
-
-# The hand-written CUDA kernels ("cuda") are opt-in until verified on a GPU: backend="cuda"
-# names them, FORKATTN_PREFER_CUDA_ATTENTION=1 (read at import) puts them first for backend=None.
-PREFER_CUDA = os.environ.get("FORKATTN_PREFER_CUDA_ATTENTION", "0") == "1"
-BACKENDS = op_backends("attention", {"cpu": ["cpu"], "cuda": ["cuda", "triton"] if PREFER_CUDA else ["triton"]})
-
-
-def _cpu_supports(*, device_type, dtype, head_dim, **_):
-    if device_type != "cpu":
-        return f"runs CPU tensors only, got {device_type} tensors"
-    if head_dim > 256:
-        return f"head_dim must be at most 256, got {head_dim}"
-    return None
-
-
-BACKENDS.register("eager", available=lambda: None, supports=lambda **_: None)
-BACKENDS.register(
-    "cpu",
-    available=native_available,
-    supports=_cpu_supports,
-    impl=AttentionImpl(_C.attention_fwd_cpu, _C.attention_bwd_cpu),
-)
-
-
-_cuda_supports = cuda_kernel_supports
-
-
-BACKENDS.register(
-    "cuda",
-    available=cuda_available,
-    supports=_cuda_supports,
-    # present only in CUDA builds; cuda_available() says why not otherwise
-    impl=AttentionImpl(getattr(_C, "attention_fwd_cuda", None), getattr(_C, "attention_bwd_cuda", None)),
-)
-
-
-def _triton_supports(*, device_type, dtype, head_dim, **_):
-    from .triton import device_ok
-
-    why = device_ok(device_type)
-    if why is not None:
-        return why
-    if dtype not in FLOAT_DTYPES:
-        return f"runs float32, float16 and bfloat16, got {dtype}"
-    if head_dim > 256:
-        return f"head_dim must be at most 256, got {head_dim}"
-    return None
-
-
-def _triton_fn(name: str):
-    """A function that imports forkattn.triton.attention on its first call: importing forkattn
-    stays fast, and never fails, on machines where Triton is missing or broken."""
-
-    def call(*args):
-        from .triton import attention as kernels
-
-        return getattr(kernels, name)(*args)
-
-    call.__name__ = call.__qualname__ = f"triton_{name}"
-    return call
-
-
-BACKENDS.register(
-    "triton",
-    available=triton_available,
-    supports=_triton_supports,
-    impl=AttentionImpl(_triton_fn("attention_fwd"), _triton_fn("attention_bwd")),
-)
-
-
-def empty_bhld(like: Tensor, B: int, H: int, L: int, D: int, dtype=None) -> Tensor:
-    """[B, H, L, D] with [B, L, H, D] memory: out.transpose(1, 2).reshape(B, L, H*D) is a view.
-    Every backend returns its outputs and gradients in this layout."""
-    return like.new_empty((B, L, H, D), dtype=dtype).transpose(1, 2)
+_FEATURES = backends.registry.feature_table("causal", "key_padding", "gqa")
+_VARLEN_FEATURES = backends.registry.feature_table("causal", "gqa")
 
 
 # --- argument checks: one place, messages that name the argument --------------------------------
@@ -148,11 +63,6 @@ def check_inputs(q, k, v, key_padding_mask=None, causal=False, scale=None) -> Tu
     return mask, resolve_scale(scale, D)
 
 
-def _stride1(t: Tensor) -> Tensor:
-    """Kernels read any strides except in head_dim; only a non-unit stride there costs a copy."""
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
-
-
 # --- the custom ops -------------------------------------------------------------------------------
 
 @torch.library.custom_op("forkattn::attention_fwd", mutates_args=())
@@ -183,7 +93,7 @@ def attention_bwd(
     backend: str,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) in the layout of empty_bhld."""
-    return BACKENDS.impl(backend).bwd(_stride1(dout), q, k, v, out, lse, key_padding_mask, causal, scale)
+    return BACKENDS.impl(backend).bwd(stride1(dout), q, k, v, out, lse, key_padding_mask, causal, scale)
 
 
 @attention_bwd.register_fake
@@ -214,7 +124,7 @@ attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def select_backend(q: Tensor, backend: Optional[str] = None) -> str:
     """The backend `attention(q, ..., backend=backend)` would use for these inputs."""
-    return BACKENDS.resolve(backend, q.device.type, dtype=q.dtype, head_dim=q.shape[-1])
+    return BACKENDS.resolve(backend, q.device.type, q.dtype, q.shape[-1]).NAME
 
 
 def attention(
@@ -242,18 +152,19 @@ def attention(
         "eager", "cpu", "triton", "cuda" (an error names why a named backend cannot run).
         "cuda" (hand-written tensor-core kernels: CUDA builds, sm_80+, float16/bfloat16,
         head_dim 32/64/128; deterministic backward, no atomics) is opt-in for now: name it, or
-        set FORKATTN_PREFER_CUDA_ATTENTION=1 before importing forkattn to make backend=None
-        prefer it on CUDA tensors.
+        make backend=None prefer it on CUDA tensors with forkattn.backends.prefer_cuda_attention()
+        or FORKATTN_PREFER_CUDA_ATTENTION=1 (read at call time).
     The output is [B, H, Lq, D] with [B, Lq, H, D] memory, so out.transpose(1, 2).reshape(B, Lq, H*D)
     is free. Strided inputs are read in place (only a non-unit stride in head_dim copies).
     """
     key_padding_mask, scale = check_inputs(q, k, v, key_padding_mask, causal, scale)
-    name = select_backend(q, backend)
-    if name == "eager":
-        return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    features = _FEATURES[causal, key_padding_mask is not None, k.shape[1] != q.shape[1]]
+    b = BACKENDS.resolve(backend, q.device.type, q.dtype, q.shape[-1], features)
+    if not b.CUSTOM_OP:
+        return b.impl(q, k, v, key_padding_mask, causal, scale)
     if key_padding_mask is not None:
-        key_padding_mask = _stride1(key_padding_mask)
-    out, _ = attention_fwd(_stride1(q), _stride1(k), _stride1(v), key_padding_mask, causal, scale, name)
+        key_padding_mask = stride1(key_padding_mask)
+    out, _ = attention_fwd(stride1(q), stride1(k), stride1(v), key_padding_mask, causal, scale, b.NAME)
     return out
 
 
@@ -262,52 +173,7 @@ def attention(
 # FlashAttention's varlen convention: the sequences of a batch are packed along the first axis,
 # q [total_q, H, D], k and v [total_k, Hkv, D]; sequence b is rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
 # of q and cu_seqlens_k[b]:cu_seqlens_k[b+1] of k and v. Causal is bottom-right aligned per sequence.
-# Backends: fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out [total_q, H, D],
-# lse float32 [H, total_q]); bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale)
-# -> (dq, dk, dv), contiguous.
-
-VARLEN_BACKENDS = op_backends(
-    "attention_varlen", {"cpu": ["cpu"], "cuda": ["cuda", "triton"] if PREFER_CUDA else ["triton"]}
-)
-
-
-def _seq_bounds(cu: Tensor):
-    c = cu.tolist()
-    return list(zip(c[:-1], c[1:]))
-
-
-def _per_sequence(q, k, cu_q, cu_k):
-    """(q rows, k rows) of each sequence; reads cu_seqlens on the host (the eager backend)."""
-    return list(zip(_seq_bounds(cu_q), _seq_bounds(cu_k)))
-
-
-def _bhld(t: Tensor) -> Tensor:
-    """[L, H, D] rows of one sequence -> a [1, H, L, D] view."""
-    return t.unsqueeze(0).transpose(1, 2)
-
-
-VARLEN_BACKENDS.register("eager", available=lambda: None, supports=lambda **_: None)
-VARLEN_BACKENDS.register(
-    "cpu",
-    available=native_available,
-    supports=_cpu_supports,
-    # one call for all sequences: the C++ kernel schedules (sequence, head, query block) tasks
-    impl=AttentionImpl(getattr(_C, "attention_varlen_fwd_cpu", None), getattr(_C, "attention_varlen_bwd_cpu", None)),
-)
-VARLEN_BACKENDS.register(
-    "cuda",
-    available=cuda_available,
-    supports=_cuda_supports,
-    # cu_seqlens stay on the device: the kernels read them, the host never does
-    impl=AttentionImpl(getattr(_C, "attention_varlen_fwd_cuda", None), getattr(_C, "attention_varlen_bwd_cuda", None)),
-)
-VARLEN_BACKENDS.register(
-    "triton",
-    available=triton_available,
-    supports=_triton_supports,
-    impl=AttentionImpl(_triton_fn("attention_varlen_fwd"), _triton_fn("attention_varlen_bwd")),
-)
-
+# The backends' contract: backends.families.AttentionVarlenBackend.
 
 def _check_cu_seqlens(name, cu, device) -> None:
     if not isinstance(cu, Tensor):
@@ -383,7 +249,7 @@ def attention_varlen_bwd(
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous, shaped like q, k, v."""
     return VARLEN_BACKENDS.impl(backend).bwd(
-        _stride1(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
+        stride1(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
     )
 
 
@@ -407,16 +273,6 @@ def _varlen_backward(ctx, dout, _dlse):
 
 
 attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
-
-
-def _eager_varlen(q, k, v, cu_q, cu_k, causal, scale):
-    outs = []
-    for (qs, qe), (ks, ke) in _per_sequence(q, k, cu_q, cu_k):
-        o = reference.attention(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), causal=causal, scale=scale)
-        if ke == ks:  # no key: the reference's softmax over nothing would be NaN; zeros by contract
-            o = o * 0
-        outs.append(o[0].transpose(0, 1))
-    return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
 
 
 def attention_varlen(
@@ -449,14 +305,17 @@ def attention_varlen(
     calls this once per layer with the same cu_seqlens; a sync per layer would stall the GPU).
     The CPU backend checks the values regardless (free on the host, and it indexes rows by them).
     backend: as for attention(); "cuda" (float16/bfloat16, head_dim 32/64/128) is opt-in like
-    there: name it, or set FORKATTN_PREFER_CUDA_ATTENTION=1 before importing forkattn.
+    there: name it, or prefer it with forkattn.backends.prefer_cuda_attention() or
+    FORKATTN_PREFER_CUDA_ATTENTION=1.
     """
     scale = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                                 values=validate_seqlens)
-    name = VARLEN_BACKENDS.resolve(backend, q.device.type, dtype=q.dtype, head_dim=q.shape[-1])
-    if name == "eager":
-        return _eager_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, scale)
+    features = _VARLEN_FEATURES[causal, k.shape[1] != q.shape[1]]
+    b = VARLEN_BACKENDS.resolve(backend, q.device.type, q.dtype, q.shape[-1], features)
+    if not b.CUSTOM_OP:
+        return b.impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
     out, _ = attention_varlen_fwd(
-        _stride1(q), _stride1(k), _stride1(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, name
+        stride1(q), stride1(k), stride1(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+        b.NAME
     )
     return out

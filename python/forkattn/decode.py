@@ -28,103 +28,24 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
+from . import backends
 from ._checks import resolve_scale
-from ._native import _C
-from .backends import (
-    CUDA_HEAD_DIMS,
-    cuda_available,
-    cuda_kernel_supports,
-    direct_call_ok,
-    native_available,
-    op_backends,
-    triton_available,
-)
+from ._custom_op import direct_call_ok
+from ._layout import FLOAT_DTYPES
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_NEW_TOKENS = 16  # decode_attention's T; append takes any T
-MAX_HEAD_DIM_CPU = 256
-GPU_HEAD_DIMS = CUDA_HEAD_DIMS  # the triton decode kernels are built for the same head dims
+MAX_HEAD_DIM_CPU = backends.cpu.MAX_HEAD_DIM
 MAX_SPLITS = 64
+
+DECODE_BACKENDS = backends.get("decode_attention")
+APPEND_BACKENDS = backends.get("kv_append")
 
 
 class KVCacheOverflowError(ValueError):
     """An append would pass max_seqlen or need a page the block table does not have; nothing was written."""
 
 
-# --- backend registries -----------------------------------------------------------------------------
-
-DECODE_BACKENDS = op_backends("decode_attention", {"cpu": ["cpu"], "cuda": ["cuda", "triton"]})
-APPEND_BACKENDS = op_backends("kv_append", {"cpu": ["cpu"], "cuda": ["cuda", "triton"]})
-
-
-def _cpu_supports(*, device_type, dtype, head_dim, **_):
-    if device_type != "cpu":
-        return f"runs CPU tensors only, got {device_type} tensors"
-    if head_dim > MAX_HEAD_DIM_CPU:
-        return f"head_dim must be at most {MAX_HEAD_DIM_CPU}, got {head_dim}"
-    return None
-
-
-_cuda_supports = cuda_kernel_supports
-
-
-def _triton_supports(*, device_type, dtype, head_dim, **_):
-    from .triton import device_ok
-
-    why = device_ok(device_type)
-    if why is not None:
-        return why
-    if head_dim not in GPU_HEAD_DIMS:
-        return f"head_dim must be one of {GPU_HEAD_DIMS}, got {head_dim}"
-    return None
-
-
-def _append_supports_cuda(*, device_type, dtype, head_dim, **_):
-    # any dtype and head_dim: 16-byte copies when rows are aligned, element copies otherwise
-    if device_type != "cuda":
-        return f"runs CUDA tensors only, got {device_type} tensors"
-    return None
-
-
-def _triton_decode():
-    from .triton import decode as tdecode
-
-    return tdecode
-
-
-for _reg in (DECODE_BACKENDS, APPEND_BACKENDS):
-    _reg.register("eager", available=lambda: None, supports=lambda **_: None)
-DECODE_BACKENDS.register("cpu", available=native_available, supports=_cpu_supports,
-                         impl=lambda *a: _C.decode_attention_cpu(*a))
-APPEND_BACKENDS.register("cpu", available=native_available, supports=_cpu_supports,
-                         impl=lambda *a: _C.kv_append_cpu(*a))
-DECODE_BACKENDS.register("cuda", available=cuda_available, supports=_cuda_supports,
-                         impl=lambda *a: _C.decode_attention_cuda(*a))
-APPEND_BACKENDS.register("cuda", available=cuda_available, supports=_append_supports_cuda,
-                         impl=lambda *a: _C.kv_append_cuda(*a))
-DECODE_BACKENDS.register("triton", available=triton_available, supports=_triton_supports,
-                         impl=lambda *a: _triton_decode().decode_attention(*a))
-APPEND_BACKENDS.register("triton", available=triton_available, supports=_triton_supports,
-                         impl=lambda *a: _triton_decode().kv_append(*a))
-
-
 # --- the custom ops ---------------------------------------------------------------------------------
-
-def _kv_append_impl(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen, backend) -> None:
-    if backend == "eager":
-        reference.kv_append(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen)
-    else:
-        APPEND_BACKENDS.impl(backend)(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen)
-
-
-def _decode_impl(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_partial, max_seqlen, num_splits, scale,
-                 backend) -> Tensor:
-    if backend == "eager":
-        return reference.decode_attention(q, k_cache, v_cache, seqlens, block_table, max_seqlen, scale=scale)
-    return DECODE_BACKENDS.impl(backend)(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_partial,
-                                         max_seqlen, num_splits, scale)
-
 
 @torch.library.custom_op("forkattn::kv_append", mutates_args=("k_cache", "v_cache", "seqlens"))
 def kv_append(
@@ -140,7 +61,7 @@ def kv_append(
     """Writes k, v [B, Hkv, T, D] at positions seqlens[b] + t and advances seqlens. Tokens that do not
     fit (position >= max_seqlen, or a page entry < 0) are not written and seqlens stops before them;
     the checked path of KVCache.append refuses such calls before this op runs."""
-    _kv_append_impl(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen, backend)
+    APPEND_BACKENDS.impl(backend)(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen)
 
 
 @kv_append.register_fake
@@ -165,8 +86,8 @@ def decode_attention_op(
     """out [B, H, T, D] (memory [B, T, H, D]). o_partial float32 [num_splits, B, H, T, D] and
     lse_partial float32 [num_splits, B, H, T] are the split-KV workspace (unused, may be empty, when
     num_splits == 1 or the backend does not split)."""
-    return _decode_impl(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_partial, max_seqlen, num_splits,
-                        scale, backend)
+    return DECODE_BACKENDS.impl(backend)(q, k_cache, v_cache, seqlens, block_table, o_partial, lse_partial,
+                                         max_seqlen, num_splits, scale)
 
 
 @decode_attention_op.register_fake
@@ -191,11 +112,6 @@ def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 8  # Triton's interpreter: small, but enough to exercise the split + merge path
-
-
-def rows_per_program(group: int, T: int) -> int:
-    """Query rows (GQA heads x new tokens) of one kv-head handled by one program: all of them up to 16."""
-    return 16
 
 
 # --- the cache ------------------------------------------------------------------------------------
@@ -292,6 +208,8 @@ class KVCache:
         # cache to it); if you write seqlens yourself, raise this to at least its new maximum.
         self.seqlen_bound = 0
         self._plans: Dict[Tuple, Tuple[int, Tensor, Tensor]] = {}
+        self._features = ("paged",) if self.paged else ()  # what resolve is told about calls on this cache
+        self._features_gqa = self._features + ("gqa",)
 
     def __repr__(self) -> str:
         kind = f"paged page_size={self.page_size} num_pages={self.num_pages}" if self.paged else "contiguous"
@@ -337,17 +255,17 @@ class KVCache:
         check = self.check if check is None else check
         if not isinstance(check, bool):
             raise TypeError(f"check must be a bool or None, got {type(check).__name__}")
-        name = APPEND_BACKENDS.resolve(backend, self.device.type, dtype=self.dtype, head_dim=self.head_dim)
+        b = APPEND_BACKENDS.resolve(backend, self.device.type, self.dtype, self.head_dim, self._features)
         if check:
             self.validate(new_tokens=T)
         k = k if k.stride(-1) == 1 else k.contiguous()
         v = v if v.stride(-1) == 1 else v.contiguous()
-        args = (self.k_cache, self.v_cache, self.seqlens, self.block_table, k, v, self.max_seqlen, name)
+        args = (self.k_cache, self.v_cache, self.seqlens, self.block_table, k, v, self.max_seqlen)
         if direct_call_ok(*args[:6]):
-            _kv_append_impl(*args)
+            b.impl(*args)
             torch.autograd.graph.increment_version([self.k_cache, self.v_cache, self.seqlens])  # as the op does
         else:
-            kv_append(*args)
+            kv_append(*args, b.NAME)
         self.seqlen_bound = min(self.max_seqlen, self.seqlen_bound + T)
 
     def validate(self, new_tokens: int = 0) -> None:
@@ -423,19 +341,20 @@ class KVCache:
             _check_int("num_splits", num_splits)
             if num_splits > MAX_SPLITS:
                 raise ValueError(f"num_splits must be at most {MAX_SPLITS}, got {num_splits}")
-        name = DECODE_BACKENDS.resolve(backend, self.device.type, dtype=self.dtype, head_dim=self.head_dim)
+        features = self._features + (("gqa",) if num_heads != self.num_kv_heads else ())
+        b = DECODE_BACKENDS.resolve(backend, self.device.type, self.dtype, self.head_dim, features)
         if num_splits is not None:
-            self._plans.pop((num_heads, num_new_tokens, name), None)
-        return self._plan(num_heads, num_new_tokens, name, num_splits)
+            self._plans.pop((num_heads, num_new_tokens, b.NAME), None)
+        return self._plan(num_heads, num_new_tokens, b, num_splits)
 
-    def _plan(self, H: int, T: int, backend: str, num_splits: Optional[int] = None) -> Tuple[int, Tensor, Tensor]:
-        key = (H, T, backend)
+    def _plan(self, H: int, T: int, backend, num_splits: Optional[int] = None) -> Tuple[int, Tensor, Tensor]:
+        key = (H, T, backend.NAME)
         plan = self._plans.get(key)
         if plan is None:
             splits = 1
-            if backend in ("cuda", "triton"):
+            if backend.SPLITS_KV:
                 group = H // self.num_kv_heads
-                row_blocks = -(-(group * T) // rows_per_program(group, T))
+                row_blocks = -(-(group * T) // backend.rows_per_program())
                 splits = num_splits or num_splits_heuristic(_num_sms(self.device), self.batch_size,
                                                             self.num_kv_heads, row_blocks, self.max_seqlen)
             n = splits if splits > 1 else 0
@@ -472,8 +391,6 @@ def check_decode_inputs(q, cache, scale) -> float:
     return resolve_scale(scale, D)
 
 
-def select_decode_backend(q: Tensor, backend: Optional[str] = None) -> str:
-    return DECODE_BACKENDS.resolve(backend, q.device.type, dtype=q.dtype, head_dim=q.shape[-1])
 
 
 def decode_attention(q: Tensor, cache: KVCache, *, scale: Optional[float] = None, backend: Optional[str] = None,
@@ -497,16 +414,17 @@ def decode_attention(q: Tensor, cache: KVCache, *, scale: Optional[float] = None
     if not isinstance(check, bool):
         raise TypeError(f"check must be a bool or None, got {type(check).__name__}")
     B, H, T, D = q.shape
-    name = select_decode_backend(q, backend)
-    if check and name != "cpu":  # the cpu entry point checks the same on its own
+    features = cache._features_gqa if H != cache.num_kv_heads else cache._features
+    b = DECODE_BACKENDS.resolve(backend, q.device.type, q.dtype, D, features)
+    if check and not b.CHECKS_CACHE:  # such an entry point checks the same on its own
         cache.validate()
     if q.stride(-1) != 1:
         q = q.contiguous()
-    splits, o_ws, lse_ws = cache._plan(H, T, name)
+    splits, o_ws, lse_ws = cache._plan(H, T, b)
     # The kernels read each sequence up to its own length (clamped to max_seqlen); the eager
     # baseline multiplies over one padded slice, as long as the host-side bound on the lengths.
-    kv_len = cache.max_seqlen if name != "eager" else max(1, min(cache.max_seqlen, cache.seqlen_bound))
-    args = (q, cache.k_cache, cache.v_cache, cache.seqlens, cache.block_table, o_ws, lse_ws, kv_len, splits, scale, name)
+    kv_len = max(1, min(cache.max_seqlen, cache.seqlen_bound)) if b.HOST_LENGTH_BOUND else cache.max_seqlen
+    args = (q, cache.k_cache, cache.v_cache, cache.seqlens, cache.block_table, o_ws, lse_ws, kv_len, splits, scale)
     if direct_call_ok(*args[:7]):
-        return _decode_impl(*args)
-    return decode_attention_op(*args)
+        return b.impl(*args)
+    return decode_attention_op(*args, b.NAME)

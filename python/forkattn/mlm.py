@@ -1,14 +1,12 @@
 """forkattn.mlm: BERT's masked-language-model sampler (80/10/10) as one fused kernel per call.
 
-Backends "cpu" (C++), "cuda" (kernels/mlm) and "triton" give bit-identical outputs for the same
+Backends (forkattn/backends/) "cpu" (C++), "cuda" (kernels/mlm) and "triton" give bit-identical outputs for the same
 seed: every random decision comes from Philox4x32-10 keyed by the 64-bit seed, with the counter
 layout documented in kernels/mlm/mlm.h. "eager" is forkattn.reference.mlm_mask, the way
 transformers' DataCollatorForLanguageModeling does it (clone, three torch.bernoulli draws,
 torch.randint, boolean-index writes): statistically the same sampler, not the same random stream.
 
-Each backend provides `fn(input_ids, out, out_labels, special_tokens_mask, attention_mask, labels,
-word_ids, special_ids, excluded_ids, vocab_size, mask_token_id, seed, t_select, t_mask, t_random,
-n_random, exact, min_masked)` writing out and out_labels, called through the custom ops
+The kernel backends follow backends.families.MLMBackend's contract, called through the custom ops
 forkattn::mlm_mask (fresh outputs) and forkattn::mlm_mask_ (writes into input_ids).
 """
 from __future__ import annotations
@@ -21,55 +19,14 @@ from typing import Iterable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
-from ._native import _C
-from .backends import cuda_available, direct_call_ok, native_available, op_backends, triton_available
+from . import backends
+from ._custom_op import direct_call_ok
 
 MAX_SPECIAL_IDS = 64  # kernels/mlm/mlm.h kMaxSpecial
 IGNORE_INDEX = -100
 _TWO32 = 1 << 32
 
-BACKENDS = op_backends("mlm_mask", {"cpu": ["cpu"], "cuda": ["cuda", "triton"]})
-
-
-def _cpu_supports(*, device_type, **_):
-    return None if device_type == "cpu" else f"runs CPU tensors only, got {device_type} tensors"
-
-
-def _cuda_supports(*, device_type, **_):
-    return None if device_type == "cuda" else f"runs CUDA tensors only, got {device_type} tensors"
-
-
-def _triton_supports(*, device_type, **_):
-    from .triton import device_ok
-
-    return device_ok(device_type)
-
-
-def _eager_supports(*, exact=False, word_ids=False, min_masked=0, **_):
-    if exact:
-        return "mode='exact' is not in the eager baseline (use cpu, cuda or triton)"
-    if word_ids:
-        return "word_ids (whole-word masking) is not in the eager baseline (use cpu, cuda or triton)"
-    if min_masked:
-        return "min_masked is not in the eager baseline (use cpu, cuda or triton)"
-    return None
-
-
-def _cuda_impl(*args):
-    return _C.mlm_mask_cuda(*args)
-
-
-def _triton_impl(*args):
-    from .triton.mlm import mlm_mask_triton
-
-    return mlm_mask_triton(*args)
-
-
-BACKENDS.register("eager", available=lambda: None, supports=_eager_supports)
-BACKENDS.register("cpu", available=native_available, supports=_cpu_supports, impl=_C.mlm_mask_cpu)
-BACKENDS.register("cuda", available=cuda_available, supports=_cuda_supports, impl=_cuda_impl)
-BACKENDS.register("triton", available=triton_available, supports=_triton_supports, impl=_triton_impl)
+BACKENDS = backends.get("mlm_mask")
 
 
 # --- the custom ops ---------------------------------------------------------------------------------
@@ -244,8 +201,15 @@ def _signed64(seed: int) -> int:
 def select_backend(input_ids: Tensor, backend: Optional[str] = None, *, exact: bool = False,
                    word_ids: bool = False, min_masked: int = 0) -> str:
     """The backend mlm_mask(input_ids, ..., backend=backend) would use."""
-    return BACKENDS.resolve(backend, input_ids.device.type, dtype=input_ids.dtype, exact=exact,
-                            word_ids=word_ids, min_masked=min_masked)
+    return _resolve(input_ids, backend, exact, word_ids, min_masked).NAME
+
+
+_FEATURES = backends.registry.feature_table("exact", "word_ids", "min_masked")
+
+
+def _resolve(input_ids: Tensor, backend: Optional[str], exact: bool, word_ids: bool, min_masked: int):
+    return BACKENDS.resolve(backend, input_ids.device.type, input_ids.dtype, None,
+                            _FEATURES[bool(exact), bool(word_ids), bool(min_masked)])
 
 
 def mlm_mask(
@@ -351,22 +315,14 @@ def mlm_mask(
         # device would give, without drawing random numbers a meta tensor cannot hold
         lab = _new_like(input_ids)
         return (input_ids if inplace else _new_like(input_ids)), lab
-    name = select_backend(input_ids, backend, exact=exact, word_ids=word_ids is not None, min_masked=min_masked)
-
-    if name == "eager":
-        if seed is not None:
-            generator = torch.Generator(device=input_ids.device)
-            generator.manual_seed(seed)
-        masked, lab = reference.mlm_mask(
+    b = _resolve(input_ids, backend, exact, word_ids is not None, min_masked)
+    if not b.CUSTOM_OP:
+        return b.impl(
             input_ids, vocab_size=vocab_size, mask_token_id=mask_token_id, mask_prob=mask_prob,
             mask_replace_prob=mask_replace_prob, random_replace_prob=random_replace_prob,
             special_token_ids=specials, special_tokens_mask=special_tokens_mask, attention_mask=attention_mask,
-            labels=labels, excluded_ids=excluded, generator=generator,
+            labels=labels, excluded_ids=excluded, seed=seed, generator=generator, inplace=inplace,
         )
-        if inplace:
-            input_ids.copy_(masked)
-            return input_ids, lab
-        return masked, lab
 
     if seed is None:
         seed = _draw_seed(generator)
@@ -375,13 +331,13 @@ def mlm_mask(
     args = (special_tokens_mask, attention_mask, labels, word_ids, specials, excluded if t_random > t_mask else [],
             vocab_size, mask_token_id, _signed64(seed), exact_threshold(mask_prob) if exact else threshold(mask_prob),
             t_mask, t_random,
-            max(n_random, 1), exact, min_masked, name)
+            max(n_random, 1), exact, min_masked, b.NAME)
     if direct_call_ok(input_ids, special_tokens_mask, attention_mask, labels, word_ids):
         # Plain eager call: run the kernel without the custom op's dispatcher round trip (~0.1 ms on
         # this CPU, more than the kernel at BERT batch sizes). Same kernel, same outputs.
         out = input_ids if inplace else _new_like(input_ids)
         lab = _new_like(input_ids)
-        BACKENDS.impl(name)(input_ids, out, lab, *args[:-1])
+        b.impl(input_ids, out, lab, *args[:-1])
         return out, lab
     if inplace:
         lab = mlm_mask_inplace_op(input_ids, *args)

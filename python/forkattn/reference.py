@@ -56,6 +56,39 @@ def attention(
     return _attend(q, k, v, allowed, scale)
 
 
+def attention_varlen(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    *,
+    causal: bool = False,
+    scale: Optional[float] = None,
+) -> Tensor:
+    """attention() once per packed sequence (FlashAttention's varlen layout: q [total_q, H, D], k and
+    v [total_k, Hkv, D], sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]). Reads cu_seqlens on
+    the host. A sequence without keys gives zeros. Returns [total_q, H, D]."""
+    bounds_q, bounds_k = (_seq_bounds(cu) for cu in (cu_seqlens_q, cu_seqlens_k))
+    outs = []
+    for (qs, qe), (ks, ke) in zip(bounds_q, bounds_k):
+        o = attention(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), causal=causal, scale=scale)
+        if ke == ks:  # no key: the softmax over nothing would be NaN; zeros by contract
+            o = o * 0
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs, dim=0) if outs else q.new_empty(q.shape)
+
+
+def _seq_bounds(cu: Tensor):
+    c = cu.tolist()
+    return list(zip(c[:-1], c[1:]))
+
+
+def _bhld(t: Tensor) -> Tensor:
+    """[L, H, D] rows of one sequence -> a [1, H, L, D] view."""
+    return t.unsqueeze(0).transpose(1, 2)
+
+
 def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: Optional[float]) -> Tensor:
     """The eager computation shared by attention and decode_attention: GQA heads expanded, scores
     in fp32, keys not `allowed` (bool, broadcast to [B, H, Lq, Lk]; None = all) masked, rows with

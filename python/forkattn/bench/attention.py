@@ -1,7 +1,7 @@
 """Attention shapes: BERT (key padding) and GPT (causal), forward and forward+backward.
 
 Per shape: eager (forkattn.reference), SDPA, and every fused forkattn backend that runs here.
-Padded BERT batches draw lengths uniformly in [L/2, L], as the anchors in shared/ANCHORS.md.
+Padded BERT batches draw lengths uniformly in [L/2, L].
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import forkattn
 from forkattn import reference
 
-from .core import Case, attention_flops
+from .core import Case, attention_flops, fused_backends
 
 
 # (label, B, H, L, D, dtype, causal, padded); a chart per (dtype, causal/padded) across L
@@ -41,11 +41,6 @@ IMPLS = {
     "sdpa": "torch.nn.functional.scaled_dot_product_attention (a boolean mask for padding, is_causal for GPT)",
     "forkattn-*": "forkattn.attention(..., backend=<name>): forkattn's fused kernel (cpu: C++, cuda, triton)",
 }
-
-
-def fused_backends(device: torch.device, dtype: torch.dtype, head_dim: int) -> List[str]:
-    reg = forkattn.backends.get("attention")
-    return [n for n in reg.backends if n != "eager" and reg.why_not(n, device.type, dtype=dtype, head_dim=head_dim) is None]
 
 
 def _impls(mask, causal, backends):
@@ -78,7 +73,7 @@ def _setup(B, H, L, D, dtype, causal, padded, device, seed, pass_):
             lengths = torch.randint(L // 2, L + 1, (B,), generator=gen)
             mask = (torch.arange(L)[None, :] < lengths[:, None]).to(device)
         q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-        fwd, fwd_bwd = _bind(_impls(mask, causal, fused_backends(device, dtype, D)), q, k, v)
+        fwd, fwd_bwd = _bind(_impls(mask, causal, fused_backends("attention", device, dtype, D)), q, k, v)
         return fwd if pass_ == "fwd" else fwd_bwd
     return build
 

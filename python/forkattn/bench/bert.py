@@ -23,7 +23,7 @@ from typing import List
 
 import torch
 
-from .core import Case
+from .core import Case, fused_backends
 
 BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
             max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
@@ -60,19 +60,6 @@ def _batch(B: int, L: int, device, seed: int = 0, vocab_size: int = BASE["vocab_
     ids = torch.randint(1000, vocab_size, (B, L), generator=g).masked_fill(mask == 0, 0)
     labels = torch.where((torch.rand(B, L, generator=g) < 0.15) & (mask == 1), ids, torch.full_like(ids, -100))
     return ids.to(device), mask.to(device), labels.to(device)
-
-
-def _attention_backends(device) -> List[str]:
-    from forkattn.attention import BACKENDS
-
-    names = []
-    for name in BACKENDS.preference.get(device.type, []):
-        b = BACKENDS.backends.get(name)
-        if b is not None and b.available() is None and b.supports(device_type=device.type, dtype=torch.float16
-                                                                   if device.type == "cuda" else torch.float32,
-                                                                   head_dim=64) is None:
-            names.append(name)
-    return names
 
 
 class _Models:
@@ -126,7 +113,7 @@ def cases(device: torch.device, size: str = "default") -> List[Case]:
     dtype = torch.float16 if cuda else torch.float32
     cfg = SMALL if size == "quick" and not cuda else BASE
     label = "bert-base" if cfg is BASE else f"bert-small ({cfg['num_hidden_layers']} layers, {cfg['hidden_size']} wide)"
-    backends = _attention_backends(device) + ["eager"]
+    backends = fused_backends("attention", device, dtype, 64) + ["eager"]
     models = _Models(device, cfg)
     out = []
     common = dict(eager="hf-eager", sdpa="hf-sdpa", xlabel="batch x sequence length")

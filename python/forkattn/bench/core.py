@@ -99,6 +99,19 @@ class Case:
         return "tok_s" if self.tokens else "tflops" if self.flops else "tbps" if self.bytes else "ms"
 
 
+def fused_backends(op: str, device: torch.device, dtype=None, head_dim: Optional[int] = None,
+                   features=()) -> List[str]:
+    """The forkattn backends a family times for a call of op family `op` ("attention",
+    "decode_attention", "mlm_mask", ...): every backend the registry says can run it here, fastest
+    first, except "eager" (each family has its own eager row) and a backend that runs this device
+    only in an interpreter (Triton on CPU tensors: correct, but its timings mean nothing)."""
+    from .. import backends
+
+    fam = backends.get(op)
+    return [n for n in fam.runnable(device.type, dtype, head_dim, features)
+            if not fam.backends[n].FALLBACK and device.type not in fam.backends[n].INTERPRETED_ON]
+
+
 def attention_flops(B, H, Lq, Lk, D, *, causal=False, backward=False) -> float:
     """4*B*H*Lq*Lk*D forward, half for causal, x2.5 for the backward (so x3.5 fwd+bwd)."""
     f = 4.0 * B * H * Lq * Lk * D

@@ -1,7 +1,7 @@
 """Decode attention over a KV cache: eager (matmul over the cache slice), SDPA over the padded cache,
 and forkattn's backends, side by side. TB/s = (K and V bytes read + q + out) / time, 1e12.
 
-GPU shapes are the issue's (H200 anchors in shared/ANCHORS.md); one extra case has ragged lengths,
+GPU shapes are the issue's H200 anchors; one extra case has ragged lengths,
 where SDPA must pad to the longest sequence and mask while ours reads each sequence's own length.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 
-from ..decode import DECODE_BACKENDS, KVCache, decode_attention
-from .core import Case
+from ..decode import KVCache, decode_attention
+from .core import Case, fused_backends
 
 # name, B, H, Hkv, D, context (or (lo, hi) for ragged), dtype; a chart per (dtype, B H D) across context
 GPU_SHAPES = [
@@ -90,12 +90,7 @@ def _fns(device, B, H, Hkv, D, ctx, dtype, T):
         mask = (torch.arange(max_len)[None, :] < lens[:, None]).to(device)[:, None, None, :]
     gqa = {"enable_gqa": True} if Hkv != H else {}
     fns["sdpa"] = lambda: F.scaled_dot_product_attention(q, k_pad, v_pad, attn_mask=mask, **gqa)
-    for backend in DECODE_BACKENDS.preference.get(device.type, []):
-        b = DECODE_BACKENDS.backends.get(backend)
-        if b is None or b.available() is not None:
-            continue
-        if b.supports(device_type=device.type, dtype=dtype, head_dim=D) is not None:
-            continue
+    for backend in fused_backends("decode_attention", device, dtype, D, ("gqa",) if Hkv != H else ()):
         fns[f"forkattn-{backend}"] = (lambda be: lambda: decode_attention(q, cache, backend=be))(backend)
     return fns
 

@@ -17,9 +17,8 @@ from typing import List
 
 import torch
 
-from ..attention import BACKENDS as _ATTENTION
 from ..models.gpt import GPT, GPTConfig
-from .core import Case, notice
+from .core import Case, fused_backends, notice
 
 IMPLS = {
     "hf-sdpa": "transformers' GPT2LMHeadModel, attn_implementation='sdpa' (the \"vs sdpa\" baseline)",
@@ -80,22 +79,9 @@ def _backend_pairs(device, dtype, head_dim):
     """{backend: (attention backend or None, decode backend or None)} for every fused backend that
     runs the attention or the decode op here; the other op of that row uses the fastest backend
     available for it (e.g. GPU prefill on "eager" until this build has CUDA attention kernels)."""
-    try:
-        from ..decode import DECODE_BACKENDS
-    except ImportError:
-        DECODE_BACKENDS = None
-
-    def runs(reg, b):
-        try:
-            reg.resolve(b, device.type, dtype=dtype, head_dim=head_dim)
-            return True
-        except Exception:
-            return False
-
-    regs = [_ATTENTION] + ([DECODE_BACKENDS] if DECODE_BACKENDS is not None else [])
-    names = sorted({b for reg in regs for b in reg.available_names()} - {"eager"})
-    return {b: (b if runs(_ATTENTION, b) else None, b if DECODE_BACKENDS is not None and runs(DECODE_BACKENDS, b) else None)
-            for b in names if any(runs(reg, b) for reg in regs)}
+    attn = fused_backends("attention", device, dtype, head_dim, ("causal",))
+    dec = fused_backends("decode_attention", device, dtype, head_dim)
+    return {b: (b if b in attn else None, b if b in dec else None) for b in sorted(set(attn) | set(dec))}
 
 
 def cases(device, size: str = "default") -> List[Case]:

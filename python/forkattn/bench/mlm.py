@@ -11,7 +11,7 @@ from typing import List
 
 import torch
 
-from .core import Case, notice
+from .core import Case, fused_backends, notice
 
 V, CLS, SEP, PAD, MASK, UNK = 30522, 101, 102, 0, 103, 100
 SPECIALS = [PAD, UNK, CLS, SEP, MASK]
@@ -52,7 +52,6 @@ def _hf_collator():
 def _setup(B, L, device, hf):
     def build():
         import forkattn
-        from forkattn import mlm as fmlm
 
         ids, att = _batch(B, L, device)
         kw = dict(vocab_size=V, mask_token_id=MASK, special_token_ids=SPECIALS, attention_mask=att)
@@ -60,13 +59,9 @@ def _setup(B, L, device, hf):
         if hf is not None:
             stm = torch.isin(ids, torch.tensor(SPECIALS)) | (att == 0)
             fns["transformers"] = lambda: hf.torch_mask_tokens(ids.clone(), special_tokens_mask=stm)
-        for name in ("cpu", "cuda", "triton"):
-            if name == "triton" and device.type == "cpu":
-                continue  # Triton's interpreter: correct, but its timings mean nothing
-            b = fmlm.BACKENDS.backends[name]
-            if b.available() is None and b.supports(device_type=device.type) is None:
-                # seed=None: a fresh seed per call from torch's generator (dynamic masking), as in training
-                fns[f"forkattn-{name}"] = lambda name=name: forkattn.mlm_mask(ids, backend=name, **kw)
+        for name in fused_backends("mlm_mask", device, ids.dtype):
+            # seed=None: a fresh seed per call from torch's generator (dynamic masking), as in training
+            fns[f"forkattn-{name}"] = lambda name=name: forkattn.mlm_mask(ids, backend=name, **kw)
         return fns
     return build
 

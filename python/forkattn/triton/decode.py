@@ -12,8 +12,6 @@ before it (KVCache's check=True refuses such a table on the host before either r
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
