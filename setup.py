@@ -90,7 +90,7 @@ if platform.system() == "Linux":
     link_flags.append("-fopenmp")
 if isa == "avx2":
     cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DFORKATTN_CPU_AVX2"]
-define_macros = [("FORKATTN_VERSION", f'"{VERSION}"')]
+define_macros = []
 include_dirs = [str(ROOT / "csrc"), str(ROOT / "kernels")]
 
 # One persistent ninja folder per (torch, flavour): `pip install -e .` and `setup.py build_ext`

@@ -56,17 +56,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale);
 
-// Shared by the CPU and CUDA varlen entry points: [total, H, D] -> a [1, H, total, D] view the
-// padded-batch checks understand; dtype/rank/device checks of one cu_seqlens tensor and that
-// both have the same length.
+// Shared by the CPU and CUDA varlen entry points and kernels: the packed-sequence view, [total, H, D]
+// -> [1, H, total, D], which the padded-batch checks and kernels understand.
 at::Tensor packed_as_bhld(const at::Tensor& t);
+// dtype/rank/device checks of one cu_seqlens tensor and that both have the same length.
 void check_cu_seqlens(const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, const at::Tensor& q);
 // Varlen backward: dout and out shaped like packed q [total_q, H, D], lse float32 [H, total_q];
 // checked in the caller's layout before the [1, H, total, D] views go to check_attention_bwd_inputs,
 // so a message shows the shapes the caller passed.
 void check_varlen_bwd_shapes(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& out, const at::Tensor& lse);
 
-// CUDA versions (csrc/cuda/attention_cuda.cpp, CUDA builds only): fp16/bf16, head_dim 32, 64
+#ifdef FORKATTN_WITH_CUDA
+// CUDA versions (csrc/cuda/attention_cuda.cpp): fp16/bf16, head_dim 32, 64
 // or 128, sm_80 or newer; same contract as the CPU ones. Deterministic (no atomics).
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
@@ -89,6 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale);
+#endif  // FORKATTN_WITH_CUDA
 
 namespace cpu {
 // Kernels (csrc/cpu/attention_cpu.cpp). Inputs are already checked; out/lse and

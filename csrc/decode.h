@@ -41,15 +41,15 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
                                  const at::Tensor& seqlens, const std::optional<at::Tensor>& block_table,
                                  const at::Tensor& o_partial, const at::Tensor& lse_partial,
                                  int64_t max_seqlen, int64_t num_splits, double scale);
-#endif
+#endif  // FORKATTN_WITH_CUDA
 
 namespace cpu {
 // csrc/cpu/decode_cpu.cpp; inputs already checked.
 void kv_append_kernel(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& seqlens, const int32_t* block_table,
-                      int64_t bt_stride, const at::Tensor& k, const at::Tensor& v, int64_t max_seqlen);
+                      int64_t block_table_batch_stride, const at::Tensor& k, const at::Tensor& v, int64_t max_seqlen);
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const at::Tensor& seqlens, const int32_t* block_table, int64_t bt_stride, int64_t max_seqlen,
-                   float scale, at::Tensor& out);
+                   const at::Tensor& seqlens, const int32_t* block_table, int64_t block_table_batch_stride,
+                   int64_t max_seqlen, float scale, at::Tensor& out);
 }  // namespace cpu
 
 }  // namespace forkattn

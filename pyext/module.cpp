@@ -9,7 +9,6 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "forkattn native kernels (use the forkattn package, not this module)";
   m.def("compiled_with_cuda", &forkattn::compiled_with_cuda);
-  m.def("compiled_torch_version", &forkattn::compiled_torch_version);
   m.def("attention_fwd_cpu", &forkattn::attention_fwd_cpu, "fused attention forward (CPU): (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
         py::arg("scale"));
@@ -25,13 +24,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"));
   // MLM masking: writes out_ids and out_labels in place (see csrc/mlm.h).
-#define FORKATTN_MLM_PYARGS                                                                              \
-  py::arg("input_ids"), py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"),       \
-      py::arg("attention_mask"), py::arg("labels"), py::arg("word_ids"), py::arg("special_ids"),         \
-      py::arg("excluded_ids"), py::arg("vocab_size"), py::arg("mask_token_id"), py::arg("seed"),         \
-      py::arg("t_select"), py::arg("t_mask"), py::arg("t_random"), py::arg("n_random"), py::arg("exact"), \
-      py::arg("min_masked")
-  m.def("mlm_mask_cpu", &forkattn::mlm_mask_cpu, "MLM 80/10/10 masking (CPU)", FORKATTN_MLM_PYARGS);
+  m.def("mlm_mask_cpu", &forkattn::mlm_mask_cpu, "MLM 80/10/10 masking (CPU)", py::arg("input_ids"),
+        py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"), py::arg("attention_mask"),
+        py::arg("labels"), py::arg("word_ids"), py::arg("special_ids"), py::arg("excluded_ids"),
+        py::arg("vocab_size"), py::arg("mask_token_id"), py::arg("seed"), py::arg("t_select"), py::arg("t_mask"),
+        py::arg("t_random"), py::arg("n_random"), py::arg("exact"), py::arg("min_masked"));
   m.def("kv_append_cpu", &forkattn::kv_append_cpu, "KV-cache append in place (CPU)", py::arg("k_cache"),
         py::arg("v_cache"), py::arg("seqlens"), py::arg("block_table"), py::arg("k"), py::arg("v"),
         py::arg("max_seqlen"));
@@ -39,7 +36,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens"), py::arg("block_table"),
         py::arg("o_partial"), py::arg("lse_partial"), py::arg("max_seqlen"), py::arg("num_splits"), py::arg("scale"));
 #ifdef FORKATTN_WITH_CUDA
-  m.def("mlm_mask_cuda", &forkattn::mlm_mask_cuda, "MLM 80/10/10 masking (CUDA)", FORKATTN_MLM_PYARGS);
+  m.def("mlm_mask_cuda", &forkattn::mlm_mask_cuda, "MLM 80/10/10 masking (CUDA)", py::arg("input_ids"),
+        py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"), py::arg("attention_mask"),
+        py::arg("labels"), py::arg("word_ids"), py::arg("special_ids"), py::arg("excluded_ids"),
+        py::arg("vocab_size"), py::arg("mask_token_id"), py::arg("seed"), py::arg("t_select"), py::arg("t_mask"),
+        py::arg("t_random"), py::arg("n_random"), py::arg("exact"), py::arg("min_masked"));
   m.def("kv_append_cuda", &forkattn::kv_append_cuda, "KV-cache append in place (CUDA)", py::arg("k_cache"),
         py::arg("v_cache"), py::arg("seqlens"), py::arg("block_table"), py::arg("k"), py::arg("v"),
         py::arg("max_seqlen"));

@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Compile-check every CUDA file in kernels/ with plain nvcc (no torch, no GPU needed) for
-# sm_80 and sm_90a, print ptxas' register/stack/spill report per kernel, and fail on any
-# error or local-memory spill. Files compile in parallel (MAX_JOBS, default nproc).
+# First, every family's generated instantiations are up to date (kernels/*/generate_kernels.py
+# --check; needs only python3). Then compile-check every CUDA file in kernels/ with plain nvcc
+# (no torch, no GPU needed) for sm_80 and sm_90a, print ptxas' register/stack/spill report per
+# kernel, and fail on any error or local-memory spill. Files compile in parallel (MAX_JOBS,
+# default nproc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+for gen in kernels/*/generate_kernels.py; do
+  if ! python3 "$gen" --check; then
+    echo "check_kernels: $gen --check failed (run it without --check and commit generated/)" >&2
+    exit 1
+  fi
+  echo "ok    $gen --check"
+done
 NVCC=${NVCC:-$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)}
 if [ ! -x "$NVCC" ]; then
   echo "check_kernels: nvcc not found, skipping the CUDA compile check"

@@ -3,7 +3,7 @@
 // All arithmetic is fp32: fp16/bf16 inputs are widened once up front and the results rounded
 // once at the end. Work is cut into [query block x key block] tiles; a tile's scores live in a
 // per-thread scratch buffer, never an Lq x Lk matrix. The tile matmuls go to BLAS sgemm (the
-// MKL that libtorch_cpu exports) with a plain loop as fallback; the softmax passes use at::vec.
+// MKL that libtorch_cpu exports) with a plain loop as fallback; the softmax passes use cpu/vec.h.
 //
 // Masks: per batch, each key block is classified as skipped (no key attends), full (all
 // attend) or mixed. Causal tiles past the diagonal are skipped and the diagonal ones are masked
@@ -13,19 +13,10 @@
 // exactly zero gradients. NaN in a query or a visible key propagates as in eager PyTorch.
 // A row that sees no key gets out = 0, lse = +inf, zero gradients.
 
-// at::vec only uses 8-wide AVX2 vectors when CPU_CAPABILITY_AVX2 is set before its headers
-// (torch's own kernels get it from per-ISA compilation). setup.py builds with -mavx2 -mfma
-// when the machine has them; CPU_CAPABILITY also renames at::vec's inline namespace, so these
-// AVX2 types cannot collide with a default-ISA instantiation elsewhere. Only Sleef-free
-// functions (exp_u20, max, fmadd, ...) are used: libtorch does not export Sleef.
-#if defined(FORKATTN_CPU_AVX2) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "cpu/vec.h"  // first: it sets at::vec's ISA before any ATen header
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>  // its `#pragma unroll` needs -Wno-unknown-pragmas under GCC < 13
 
 #include <algorithm>
 #include <atomic>
@@ -50,8 +41,8 @@ namespace forkattn {
 namespace cpu {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
-constexpr float kInf = std::numeric_limits<float>::infinity();
+using vec::kInf;
+using vec::Vec;
 
 // Tile sizes: query rows x keys (the key block is also the granularity of padding skips).
 struct Tiles {
@@ -208,60 +199,8 @@ void mask_tile(float* s, int64_t ld, int64_t rows, int64_t cols, const uint8_t* 
   }
 }
 
-// max that propagates NaN (std::max(a, NaN) returns a): a NaN score must make its row NaN.
-inline float max_nan(float a, float b) { return std::isnan(b) ? b : std::max(a, b); }
-
 // ---------------------------------------------------------------------------------------------
-// Row primitives (at::vec; scalar tails).
-
-float row_max(const float* x, int64_t n) {
-  int64_t c = 0;
-  float m = -kInf;
-  if (n >= Vec::size()) {
-    Vec vm(-kInf);
-    for (; c + Vec::size() <= n; c += Vec::size()) vm = at::vec::maximum(vm, Vec::loadu(x + c));
-    m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
-  }
-  for (; c < n; ++c) m = max_nan(m, x[c]);  // at::vec::maximum above propagates NaN too
-  return m;
-}
-
-// x = exp(x - sub) in place; returns the sum of the results.
-float exp_sub_sum(float* x, int64_t n, float sub) {
-  int64_t c = 0;
-  // exp_u20 does not propagate NaN (nor handle inf - inf): a row whose max is NaN or +inf (a NaN
-  // or inf score) goes through std::exp, which gives the NaN eager PyTorch gives.
-  const int64_t nvec = std::isfinite(sub) ? n : 0;
-  const Vec vsub(sub);
-  Vec vsum(0.f);
-  for (; c + Vec::size() <= nvec; c += Vec::size()) {
-    const Vec e = (Vec::loadu(x + c) - vsub).exp_u20();
-    e.store(x + c);
-    vsum = vsum + e;
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; c < n; ++c) {
-    x[c] = std::exp(x[c] - sub);
-    sum += x[c];
-  }
-  return sum;
-}
-
-void scale_row(float* x, int64_t n, float a) {
-  int64_t c = 0;
-  const Vec va(a);
-  for (; c + Vec::size() <= n; c += Vec::size()) (Vec::loadu(x + c) * va).store(x + c);
-  for (; c < n; ++c) x[c] *= a;
-}
-
-float dot(const float* x, const float* y, int64_t n) {
-  int64_t c = 0;
-  Vec acc(0.f);
-  for (; c + Vec::size() <= n; c += Vec::size()) acc = at::vec::fmadd(Vec::loadu(x + c), Vec::loadu(y + c), acc);
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
-  for (; c < n; ++c) sum += x[c] * y[c];
-  return sum;
-}
+// Row primitives: cpu/vec.h, plus the softmax gradient.
 
 // ds = p * (dp - delta) in place of dp.
 void softmax_grad_row(const float* p, float* dp, int64_t n, float delta) {
@@ -318,6 +257,23 @@ struct Problem {
   // keys -inf. False (and nothing computed) when the block is skipped.
   bool scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
               int64_t kld, float* s) const;
+  // The key tiles query rows [i0, i0 + rows) of (b, h) see, skipped blocks left out: for each, the
+  // scores S of the tile go to s and fn(j0, cols, kt, kld, vt, vld) runs with its K and V rows
+  // (from kv_tile, in kscratch / vscratch for a mixed block).
+  template <class Fn>
+  void for_each_key_tile(int64_t b, int64_t h, int64_t i0, int64_t rows, float* kscratch, float* vscratch, float* s,
+                         const Fn& fn) const {
+    const int64_t hk = h / (H / Hkv), kend = key_end(b, i0 + rows);
+    for (int64_t j0 = 0; j0 < kend; j0 += bk) {
+      const int64_t cols = std::min(bk, kend - j0);
+      if (plan->at(b, j0 / bk) == kSkip) continue;
+      int64_t kld, vld;
+      const float* kt = kv_tile(k, b, hk, j0, cols, kscratch, &kld);
+      const float* vt = kv_tile(v, b, hk, j0, cols, vscratch, &vld);
+      scores(b, h, i0, rows, j0, cols, kt, kld, s);
+      fn(j0, cols, kt, kld, vt, vld);
+    }
+  }
 };
 
 const float* Problem::kv_tile(const Rows& src, int64_t b, int64_t hk, int64_t j0, int64_t cols, float* scratch,
@@ -369,14 +325,14 @@ struct FwdScratch {
 void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, float* m, float* l, float* acc, int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
-    const float m_new = max_nan(m[r], row_max(row, cols));
+    const float m_new = vec::max_nan(m[r], vec::row_max(row, cols));
     if (m_new == -kInf) {  // nothing visible yet: this row of P is zero
       std::fill(row, row + cols, 0.f);
       continue;
     }
-    const float sum = exp_sub_sum(row, cols, m_new);
+    const float sum = vec::exp_sub_sum(row, cols, m_new);
     const float corr = std::exp(m[r] - m_new);  // 0 on the first visible tile
-    if (corr != 1.f) scale_row(acc + r * D, D, corr);
+    if (corr != 1.f) vec::scale(acc + r * D, D, corr);
     l[r] = l[r] * corr + sum;
     m[r] = m_new;
   }
@@ -393,28 +349,22 @@ struct LseRows {
 // One query block of one (batch, head): out rows and their lse.
 void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const Rows& out, const LseRows& lse,
                      FwdScratch& w) {
-  const int64_t D = p.D, i0 = qb * p.bq, rows = std::min(p.bq, p.lq(b) - i0), hk = h / (p.H / p.Hkv);
+  const int64_t D = p.D, i0 = qb * p.bq, rows = std::min(p.bq, p.lq(b) - i0);
   if (rows <= 0) return;  // varlen: past this sequence's end
   std::fill(w.m.begin(), w.m.end(), -kInf);
   std::fill(w.l.begin(), w.l.end(), 0.f);
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
-  const int64_t kend = p.key_end(b, i0 + rows);
-  for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
-    const int64_t cols = std::min(p.bk, kend - j0);
-    if (p.plan->at(b, j0 / p.bk) == kSkip) continue;
-    int64_t kld, vld;
-    const float* kt = p.kv_tile(p.k, b, hk, j0, cols, w.kt.data(), &kld);
-    p.scores(b, h, i0, rows, j0, cols, kt, kld, w.s.data());
-    online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D);
-    // acc += P V
-    const float* vt = p.kv_tile(p.v, b, hk, j0, cols, w.vt.data(), &vld);
-    gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, w.acc.data(), D);
-  }
+  p.for_each_key_tile(b, h, i0, rows, w.kt.data(), w.vt.data(), w.s.data(),
+                      [&](int64_t, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
+                        online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D);
+                        // acc += P V
+                        gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, w.acc.data(), D);
+                      });
   for (int64_t r = 0; r < rows; ++r) {
     const bool empty = w.l[r] == 0.f;
     float* o = out.at(b, h, i0 + r);
     std::copy(w.acc.begin() + r * D, w.acc.begin() + (r + 1) * D, o);
-    scale_row(o, D, empty ? 0.f : 1.f / w.l[r]);
+    vec::scale(o, D, empty ? 0.f : 1.f / w.l[r]);
     *lse.at(b, h, i0 + r) = empty ? kInf : w.m[r] + std::log(w.l[r]);
   }
 }
@@ -452,7 +402,7 @@ void probs_from_lse(float* s, int64_t ld, int64_t rows, int64_t cols, const floa
     if (std::isinf(lse[r])) {
       std::fill(row, row + cols, 0.f);
     } else {
-      exp_sub_sum(row, cols, lse[r]);
+      vec::exp_sub_sum(row, cols, lse[r]);
     }
   }
 }
@@ -461,44 +411,32 @@ void probs_from_lse(float* s, int64_t ld, int64_t rows, int64_t cols, const floa
 // (O = sum over visible tiles of P V, P = exp(S - lse)); w.dq holds O meanwhile.
 void recomputed_delta(const Problem& p, const BwdIO& io, int64_t b, int64_t h, int64_t i0, int64_t rows,
                       BwdScratch& w) {
-  const int64_t D = p.D, hk = h / (p.H / p.Hkv);
+  const int64_t D = p.D;
   float* o = w.dq.data();
   std::fill(w.dq.begin(), w.dq.end(), 0.f);
-  const int64_t kend = p.key_end(b, i0 + rows);
-  for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
-    const int64_t cols = std::min(p.bk, kend - j0);
-    if (p.plan->at(b, j0 / p.bk) == kSkip) continue;
-    int64_t kld, vld;
-    const float* kt = p.kv_tile(p.k, b, hk, j0, cols, w.kt.data(), &kld);
-    const float* vt = p.kv_tile(p.v, b, hk, j0, cols, w.vt.data(), &vld);
-    p.scores(b, h, i0, rows, j0, cols, kt, kld, w.s.data());
-    probs_from_lse(w.s.data(), p.bk, rows, cols, w.lse.data());
-    p.mask(w.s.data(), b, i0, rows, j0, cols, 0.f);
-    gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, o, D);
-  }
-  for (int64_t r = 0; r < rows; ++r) w.delta[r] = dot(io.dout.at(b, h, i0 + r), o + r * D, D);
+  p.for_each_key_tile(b, h, i0, rows, w.kt.data(), w.vt.data(), w.s.data(),
+                      [&](int64_t j0, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
+                        probs_from_lse(w.s.data(), p.bk, rows, cols, w.lse.data());
+                        p.mask(w.s.data(), b, i0, rows, j0, cols, 0.f);
+                        gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, o, D);
+                      });
+  for (int64_t r = 0; r < rows; ++r) w.delta[r] = vec::dot(io.dout.at(b, h, i0 + r), o + r * D, D);
 }
 
 void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, int64_t qb, BwdScratch& w) {
-  const int64_t D = p.D, i0 = qb * p.bq, rows = std::min(p.bq, p.lq(b) - i0), hk = h / (p.H / p.Hkv);
+  const int64_t D = p.D, i0 = qb * p.bq, rows = std::min(p.bq, p.lq(b) - i0);
   const float* q = p.q.at(b, h, i0);
   const float* dout = io.dout.at(b, h, i0);
   for (int64_t r = 0; r < rows; ++r) {
-    w.delta[r] = dot(io.dout.at(b, h, i0 + r), io.out.at(b, h, i0 + r), D);
+    w.delta[r] = vec::dot(io.dout.at(b, h, i0 + r), io.out.at(b, h, i0 + r), D);
     w.lse[r] = *io.lse.at(b, h, i0 + r);
   }
   if (p.fp32_delta) recomputed_delta(p, io, b, h, i0, rows, w);
   std::fill(w.dq.begin(), w.dq.end(), 0.f);
-  const int64_t kend = p.key_end(b, i0 + rows);
-  for (int64_t j0 = 0; j0 < kend; j0 += p.bk) {
-    const int64_t cols = std::min(p.bk, kend - j0);
-    float* s = w.s.data();
-    float* dp = w.dp.data();
-    if (p.plan->at(b, j0 / p.bk) == kSkip) continue;
-    int64_t kld, vld;
-    const float* kt = p.kv_tile(p.k, b, hk, j0, cols, w.kt.data(), &kld);
-    const float* vt = p.kv_tile(p.v, b, hk, j0, cols, w.vt.data(), &vld);
-    p.scores(b, h, i0, rows, j0, cols, kt, kld, s);
+  float* s = w.s.data();
+  float* dp = w.dp.data();
+  p.for_each_key_tile(b, h, i0, rows, w.kt.data(), w.vt.data(), s, [&](int64_t j0, int64_t cols, const float* kt,
+                                                                          int64_t kld, const float* vt, int64_t vld) {
     probs_from_lse(s, p.bk, rows, cols, w.lse.data());
     p.mask(s, b, i0, rows, j0, cols, 0.f);  // P = 0 exactly at hidden keys, even on a NaN row
     // dV += P^T dO
@@ -510,7 +448,7 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
     // dK += scale * dS^T Q ; dQ += scale * dS K
     gemm(p.blas, false, true, D, cols, rows, p.scale, q, p.q.sl, dp, p.bk, 1.f, w.dk.data() + j0 * D, D);
     gemm(p.blas, false, false, D, rows, cols, p.scale, kt, kld, dp, p.bk, 1.f, w.dq.data(), D);
-  }
+  });
   for (int64_t r = 0; r < rows; ++r) std::copy(w.dq.begin() + r * D, w.dq.begin() + (r + 1) * D, io.dq.at(b, h, i0 + r));
 }
 
@@ -621,9 +559,6 @@ void run_bwd(const Problem& p, const Tiles& tiles, const at::Tensor& of, const a
   finish_output(dv, dv_f);
 }
 
-// [total, H, D] -> [1, H, total, D] view.
-at::Tensor packed_view(const at::Tensor& t) { return t.unsqueeze(0).transpose(1, 2); }
-
 }  // namespace
 
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -651,12 +586,12 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
 void attention_varlen_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                  int64_t max_seqlen_k, bool causal, float scale, at::Tensor& out, at::Tensor& lse) {
-  const at::Tensor qf = as_f32(packed_view(q)), kf = as_f32(packed_view(k)), vf = as_f32(packed_view(v));
+  const at::Tensor qf = as_f32(packed_as_bhld(q)), kf = as_f32(packed_as_bhld(k)), vf = as_f32(packed_as_bhld(v));
   const Tiles tiles = choose_tiles((cu_seqlens_q.numel() - 1) * q.size(1), max_seqlen_q);
   const KeyPlan plan = plan_keys(std::nullopt, 1, max_seqlen_k, tiles.bk);
   Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
   set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
-  at::Tensor out4 = packed_view(out);
+  at::Tensor out4 = packed_as_bhld(out);
   run_fwd(p, tiles, out4, lse);
 }
 
@@ -665,14 +600,14 @@ void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                  int64_t max_seqlen_k, bool causal, float scale, at::Tensor& dq, at::Tensor& dk,
                                  at::Tensor& dv) {
-  const at::Tensor qf = as_f32(packed_view(q)), kf = as_f32(packed_view(k)), vf = as_f32(packed_view(v));
-  const at::Tensor of = as_f32(packed_view(out)), dof = as_f32(packed_view(dout));
+  const at::Tensor qf = as_f32(packed_as_bhld(q)), kf = as_f32(packed_as_bhld(k)), vf = as_f32(packed_as_bhld(v));
+  const at::Tensor of = as_f32(packed_as_bhld(out)), dof = as_f32(packed_as_bhld(dout));
   const Tiles tiles = choose_tiles((cu_seqlens_q.numel() - 1) * q.size(1), max_seqlen_q);
   const KeyPlan plan = plan_keys(std::nullopt, 1, max_seqlen_k, tiles.bk);
   Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
   set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   p.fp32_delta = fp32_delta_enabled(q);
-  at::Tensor dq4 = packed_view(dq), dk4 = packed_view(dk), dv4 = packed_view(dv);
+  at::Tensor dq4 = packed_as_bhld(dq), dk4 = packed_as_bhld(dk), dv4 = packed_as_bhld(dv);
   run_bwd(p, tiles, of, dof, lse, dq4, dk4, dv4);
 }
 

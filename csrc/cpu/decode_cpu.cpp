@@ -2,9 +2,10 @@
 //
 // Decode: at::parallel_for over (batch x kv-head); one task streams its sequence's K and V once
 // in blocks of kBlock keys, converted to fp32 once per block and shared by all G x T query rows
-// of the kv-head (the GQA heads and the new tokens), with an online softmax per row. Dot products
-// and the P @ V updates are vectorized over head_dim (AVX2+FMA+F16C when built with
-// FORKATTN_CPU_AVX2, plain loops otherwise).
+// of the kv-head (the GQA heads and the new tokens), with an online softmax per row. Dot products,
+// conversions and the P @ V updates are vectorized over head_dim with cpu/vec.h (at::vec).
+#include "cpu/vec.h"  // first: it sets at::vec's ISA before any ATen header
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -16,10 +17,6 @@
 #include <type_traits>
 #include <vector>
 
-#ifdef FORKATTN_CPU_AVX2
-#include <immintrin.h>
-#endif
-
 #include "decode.h"
 
 namespace forkattn {
@@ -28,89 +25,22 @@ namespace {
 
 constexpr int64_t kBlock = 64;  // keys per block
 
-// --- fp32 conversion of a row -----------------------------------------------------------------
-template <typename T>
-inline void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-#ifdef FORKATTN_CPU_AVX2
-template <>
-inline void to_float<at::Half>(const at::Half* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-template <>
-inline void to_float<at::BFloat16>(const at::BFloat16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(w, 16)));
-  }
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-#endif
-
-// --- dot and axpy over head_dim ------------------------------------------------------------------
-inline float dot(const float* a, const float* b, int64_t n) {
-  int64_t i = 0;
-  float s = 0.f;
-#ifdef FORKATTN_CPU_AVX2
-  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-  for (; i + 16 <= n; i += 16) {
-    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-  }
-  for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-  acc0 = _mm256_add_ps(acc0, acc1);
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(acc0), _mm256_extractf128_ps(acc0, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
-  s = _mm_cvtss_f32(h);
-#endif
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
-}
-
-// y = y * c + p * x
-inline void scale_axpy(float* y, float c, float p, const float* x, int64_t n) {
-  int64_t i = 0;
-#ifdef FORKATTN_CPU_AVX2
-  const __m256 vc = _mm256_set1_ps(c), vp = _mm256_set1_ps(p);
-  for (; i + 8 <= n; i += 8) {
-    _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(x + i), _mm256_mul_ps(vc, _mm256_loadu_ps(y + i))));
-  }
-#endif
-  for (; i < n; ++i) y[i] = y[i] * c + p * x[i];
-}
-
-inline void axpy(float* y, float p, const float* x, int64_t n) {
-  int64_t i = 0;
-#ifdef FORKATTN_CPU_AVX2
-  const __m256 vp = _mm256_set1_ps(p);
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(vp, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
-#endif
-  for (; i < n; ++i) y[i] += p * x[i];
-}
-
 struct CacheView {
-  int64_t s_page, s_head, s_slot;  // strides of k_cache / v_cache (head_dim stride 1)
+  int64_t page_stride, head_stride, slot_stride;  // strides of k_cache / v_cache (head_dim stride 1)
   int64_t page_size;
   const int32_t* block_table;  // nullptr: contiguous, page b for sequence b
-  int64_t bt_stride;
+  int64_t block_table_batch_stride;
   // Page of position pos of sequence b, or -1 when the block table has none.
   inline int64_t page(int64_t b, int64_t pos) const {
-    return block_table ? static_cast<int64_t>(block_table[b * bt_stride + pos / page_size]) : b;
+    return block_table ? static_cast<int64_t>(block_table[b * block_table_batch_stride + pos / page_size]) : b;
   }
   inline int64_t offset(int64_t page, int64_t h, int64_t pos) const {
-    return page * s_page + h * s_head + (pos % page_size) * s_slot;
+    return page * page_stride + h * head_stride + (pos % page_size) * slot_stride;
   }
 };
 
-CacheView cache_view(const at::Tensor& c, const int32_t* bt, int64_t bt_stride) {
-  return {c.stride(0), c.stride(1), c.stride(2), c.size(2), bt, bt_stride};
+CacheView cache_view(const at::Tensor& c, const int32_t* block_table, int64_t block_table_batch_stride) {
+  return {c.stride(0), c.stride(1), c.stride(2), c.size(2), block_table, block_table_batch_stride};
 }
 
 // Number of tokens of an append of T at length L that fit: stops at the first position that is
@@ -129,11 +59,9 @@ inline int64_t tokens_that_fit(const CacheView& cv, int64_t b, int64_t L, int64_
 }
 
 template <typename T>
-void append_impl(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& seqlens, const int32_t* bt,
-                 int64_t bt_stride, const at::Tensor& k, const at::Tensor& v, int64_t max_seqlen,
-                 int64_t pages_per_seq) {
+void append_impl(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& seqlens, const CacheView& cv,
+                 const at::Tensor& k, const at::Tensor& v, int64_t max_seqlen, int64_t pages_per_seq) {
   const int64_t B = k.size(0), Hkv = k.size(1), Tn = k.size(2), D = k.size(3);
-  const CacheView cv = cache_view(k_cache, bt, bt_stride);
   T* kc = k_cache.data_ptr<T>();
   T* vc = v_cache.data_ptr<T>();
   const T* kp = k.data_ptr<T>();
@@ -159,12 +87,10 @@ void append_impl(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& seqlens, 
 
 template <typename T>
 void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                 const at::Tensor& seqlens, const int32_t* bt, int64_t bt_stride, int64_t max_seqlen, float scale,
-                 at::Tensor& out) {
+                 const at::Tensor& seqlens, const CacheView& cv, int64_t max_seqlen, float scale, at::Tensor& out) {
   const int64_t B = q.size(0), H = q.size(1), Tn = q.size(2), D = q.size(3);
   const int64_t Hkv = k_cache.size(1), G = H / Hkv, R = G * Tn;
-  const int64_t pages_per_seq = bt ? (max_seqlen + k_cache.size(2) - 1) / k_cache.size(2) : 1;
-  const CacheView cv = cache_view(k_cache, bt, bt_stride);
+  const int64_t pages_per_seq = cv.block_table ? (max_seqlen + k_cache.size(2) - 1) / k_cache.size(2) : 1;
   const T* qp = q.data_ptr<T>();
   const T* kc = k_cache.data_ptr<T>();
   const T* vc = v_cache.data_ptr<T>();
@@ -181,8 +107,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
       const int64_t L = std::clamp<int64_t>(lens[b], 0, max_seqlen);
       for (int64_t r = 0; r < R; ++r) {
         const int64_t h = hk * G + r / Tn, t = r % Tn;
-        to_float(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), qf.data() + r * D, D);
-        for (int64_t d = 0; d < D; ++d) qf[r * D + d] *= scale;
+        vec::to_float(qp + b * q.stride(0) + h * q.stride(1) + t * q.stride(2), qf.data() + r * D, D, scale);
         limit[r] = L - Tn + t;  // last visible key
       }
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -199,8 +124,8 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
             krow[jj] = kc + cv.offset(page, hk, pos);
             vrow[jj] = vc + cv.offset(page, hk, pos);
           } else {
-            to_float(kc + cv.offset(page, hk, pos), kf.data() + jj * D, D);
-            to_float(vc + cv.offset(page, hk, pos), vf.data() + jj * D, D);
+            vec::to_float(kc + cv.offset(page, hk, pos), kf.data() + jj * D, D);
+            vec::to_float(vc + cv.offset(page, hk, pos), vf.data() + jj * D, D);
             krow[jj] = kf.data() + jj * D;
             vrow[jj] = vf.data() + jj * D;
           }
@@ -211,7 +136,7 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
           const float* qr = qf.data() + r * D;
           float bmax = kNegInf;
           for (int64_t jj = 0; jj < n; ++jj) {
-            s[jj] = valid[jj] ? dot(qr, krow[jj], D) : kNegInf;
+            s[jj] = valid[jj] ? vec::dot(qr, krow[jj], D) : kNegInf;
             bmax = std::max(bmax, s[jj]);
           }
           if (bmax == kNegInf) continue;
@@ -225,10 +150,10 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
             const float p = std::exp(s[jj] - m_new);
             lsum += p;
             if (first) {
-              scale_axpy(ar, corr, p, vrow[jj], D);
+              vec::scale_axpy(ar, corr, p, vrow[jj], D);
               first = false;
             } else {
-              axpy(ar, p, vrow[jj], D);
+              vec::axpy(ar, p, vrow[jj], D);
             }
           }
           l[r] = l[r] * corr + lsum;
@@ -248,18 +173,20 @@ void decode_impl(const at::Tensor& q, const at::Tensor& k_cache, const at::Tenso
 }  // namespace
 
 void kv_append_kernel(at::Tensor& k_cache, at::Tensor& v_cache, at::Tensor& seqlens, const int32_t* block_table,
-                      int64_t bt_stride, const at::Tensor& k, const at::Tensor& v, int64_t max_seqlen) {
+                      int64_t block_table_batch_stride, const at::Tensor& k, const at::Tensor& v, int64_t max_seqlen) {
   const int64_t pages_per_seq = block_table ? (max_seqlen + k_cache.size(2) - 1) / k_cache.size(2) : 1;
+  const CacheView cv = cache_view(k_cache, block_table, block_table_batch_stride);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, k.scalar_type(), "kv_append_cpu", [&] {
-    append_impl<scalar_t>(k_cache, v_cache, seqlens, block_table, bt_stride, k, v, max_seqlen, pages_per_seq);
+    append_impl<scalar_t>(k_cache, v_cache, seqlens, cv, k, v, max_seqlen, pages_per_seq);
   });
 }
 
 void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                   const at::Tensor& seqlens, const int32_t* block_table, int64_t bt_stride, int64_t max_seqlen,
-                   float scale, at::Tensor& out) {
+                   const at::Tensor& seqlens, const int32_t* block_table, int64_t block_table_batch_stride,
+                   int64_t max_seqlen, float scale, at::Tensor& out) {
+  const CacheView cv = cache_view(k_cache, block_table, block_table_batch_stride);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "decode_attention_cpu", [&] {
-    decode_impl<scalar_t>(q, k_cache, v_cache, seqlens, block_table, bt_stride, max_seqlen, scale, out);
+    decode_impl<scalar_t>(q, k_cache, v_cache, seqlens, cv, max_seqlen, scale, out);
   });
 }
 

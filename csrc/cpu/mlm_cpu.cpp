@@ -1,4 +1,4 @@
-// CPU MLM masking: sequences in parallel (at::parallel_for); every rule comes from kernels/mlm/mlm.h,
+// CPU MLM masking: sequences in parallel (at::parallel_for); every rule comes from kernels/mlm/rules.h,
 // shared with the CUDA kernels, so CPU and GPU outputs are bit-identical.
 #include <ATen/Parallel.h>
 
@@ -7,15 +7,17 @@
 #include <vector>
 
 #include "mlm.h"
-#include "mlm/mlm.h"
+#include "mlm/rules.h"
 
 namespace forkattn {
 namespace cpu {
 namespace {
 
-using mlm::Params;
+namespace mlm = kernels::mlm;
+using mlm::MlmMaskParams;
+using kernels::philox4x32_10_x8;
 
-inline bool out_of_vocab(const Params& p, int64_t b, int64_t l, int64_t id, int64_t vocab_size) {
+inline bool out_of_vocab(const MlmMaskParams& p, int64_t b, int64_t l, int64_t id, int64_t vocab_size) {
   if (static_cast<uint64_t>(id) < static_cast<uint64_t>(vocab_size)) return false;
   return !(p.attention_mask.ptr && mlm::load_aux(p.attention_mask, b, l) == 0);  // padding may hold anything
 }
@@ -23,9 +25,9 @@ inline bool out_of_vocab(const Params& p, int64_t b, int64_t l, int64_t id, int6
 // Plain bernoulli, 32 tokens at a time: 8 Philox blocks give their selection keys (u_sel(b, l) is block
 // l >> 2, lane l & 3), then the fate blocks of the selected ones are computed 8 at a time.
 template <typename id_t>
-void row_bernoulli(const Params& p, int64_t b, int64_t vocab_size, bool* bad, int64_t* bad_id) {
+void row_bernoulli(const MlmMaskParams& p, int64_t b, int64_t vocab_size, bool* bad, int64_t* bad_id) {
   constexpr int kChunk = 32;
-  const id_t* in = static_cast<const id_t*>(p.input_ids) + b * p.in_stride_b;
+  const id_t* in = static_cast<const id_t*>(p.input_ids) + b * p.input_ids_batch_stride;
   uint32_t c0[8], cb[8], keys[4][8], fates[4][8];
   int64_t sel_l[kChunk + 8], sel_id[kChunk + 8];
   for (int j = 0; j < 8; ++j) cb[j] = static_cast<uint32_t>(b);
@@ -36,7 +38,7 @@ void row_bernoulli(const Params& p, int64_t b, int64_t vocab_size, bool* bad, in
     int n_sel = 0;
     for (int64_t i = 0; i < n; ++i) {
       const int64_t l = l0 + i;
-      const int64_t id = in[l * p.in_stride_l];
+      const int64_t id = in[l * p.input_ids_row_stride];
       if (out_of_vocab(p, b, l, id, vocab_size)) {
         *bad = true;
         *bad_id = id;
@@ -69,7 +71,7 @@ struct RowScratch {
   std::vector<uint8_t> selectable;
 };
 
-void row_ranked(const Params& p, int64_t b, int64_t vocab_size, RowScratch& s, bool* bad, int64_t* bad_id) {
+void row_ranked(const MlmMaskParams& p, int64_t b, int64_t vocab_size, RowScratch& s, bool* bad, int64_t* bad_id) {
   s.units.clear();
   s.comp.resize(p.len);
   s.selectable.resize(p.len);
@@ -124,7 +126,7 @@ void row_ranked(const Params& p, int64_t b, int64_t vocab_size, RowScratch& s, b
 
 }  // namespace
 
-bool mlm_mask_kernel(const Params& p, int64_t vocab_size, int64_t* bad_id) {
+bool mlm_mask_kernel(const MlmMaskParams& p, int64_t vocab_size, int64_t* bad_id) {
   const bool ranked = p.exact || p.min_masked > 0;
   std::atomic<bool> any_bad{false};
   std::atomic<int64_t> some_bad{0};

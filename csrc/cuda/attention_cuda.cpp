@@ -15,8 +15,8 @@
 namespace forkattn {
 namespace {
 
-using kernels::AttnBwdParams;
-using kernels::AttnFwdParams;
+using kernels::attention::AttentionBwdParams;
+using kernels::attention::AttentionFwdParams;
 
 void check_cuda_limits(const at::Tensor& q, const AttnSizes& s) {
   TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor for the cuda backend, got ", q.device());
@@ -43,7 +43,10 @@ at::Tensor rows_aligned(const at::Tensor& t) {
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
-void fill_fwd(AttnFwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+// Varlen operands: the packed-sequence view of rows_aligned(t).
+at::Tensor packed_aligned(const at::Tensor& t) { return packed_as_bhld(rows_aligned(t)); }
+
+void fill_fwd(AttentionFwdParams& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const std::optional<at::Tensor>& key_padding_mask, const at::Tensor& out, const at::Tensor& lse,
               const AttnSizes& s, bool causal, double scale) {
   p.q = q.data_ptr();
@@ -72,7 +75,7 @@ void fill_fwd(AttnFwdParams& p, const at::Tensor& q, const at::Tensor& k, const 
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
 }
 
-void fill_bwd(AttnBwdParams& p, const at::Tensor& dout, const at::Tensor& dq, const at::Tensor& dk,
+void fill_bwd(AttentionBwdParams& p, const at::Tensor& dout, const at::Tensor& dq, const at::Tensor& dk,
               const at::Tensor& dv, const at::Tensor& delta) {
   p.dout = dout.data_ptr();
   p.dq = dq.data_ptr();
@@ -85,11 +88,8 @@ void fill_bwd(AttnBwdParams& p, const at::Tensor& dout, const at::Tensor& dq, co
   p.dv_batch_stride = dv.stride(0), p.dv_head_stride = dv.stride(1), p.dv_row_stride = dv.stride(2);
 }
 
-// Varlen: [total, H, D] -> a [1, H, total, D] view the padded code path understands.
-at::Tensor as_bhld(const at::Tensor& t) { return packed_as_bhld(t); }
-
 // Turns padded-batch params of the [1, H, total, D] views into varlen params.
-void make_varlen(AttnFwdParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
+void make_varlen(AttentionFwdParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
   TORCH_CHECK_VALUE(cu_q.numel() - 1 <= 65535, "the cuda backend takes at most 65535 sequences, got ", cu_q.numel() - 1);
   TORCH_CHECK_VALUE(max_q >= 0 && max_k >= 0 && max_q <= INT_MAX - 256 && max_k <= INT_MAX - 256,
                     "max_seqlen_q and max_seqlen_k must be in [0, 2^31 - 256], got ", max_q, " and ", max_k);
@@ -121,9 +121,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   at::Tensor lse = at::empty({s.batch, s.heads, s.len_q}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
   const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
-  AttnFwdParams p{};
+  AttentionFwdParams p{};
   fill_fwd(p, q, k, v, key_padding_mask, out, lse, s, causal, scale);
-  check_launch(kernels::attention_fwd(p, at::cuda::getCurrentCUDAStream()), "forward");
+  check_launch(kernels::attention::attention_fwd(p, at::cuda::getCurrentCUDAStream()), "forward");
   return {out, lse};
 }
 
@@ -142,10 +142,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   const at::Tensor out = rows_aligned(out_in), dout = rows_aligned(dout_in);
   const at::Tensor lse = lse_in.contiguous();
   at::Tensor delta = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));
-  AttnBwdParams p{};
+  AttentionBwdParams p{};
   fill_fwd(p, q, k, v, key_padding_mask, out, lse, s, causal, scale);
   fill_bwd(p, dout, dq, dk, dv, delta);
-  check_launch(kernels::attention_bwd(p, at::cuda::getCurrentCUDAStream()), "backward");
+  check_launch(kernels::attention::attention_bwd(p, at::cuda::getCurrentCUDAStream()), "backward");
   return {dq, dk, dv};
 }
 
@@ -159,18 +159,18 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q
   FA_CHECK_DIM_NAMED(k_in, "k", 3);
   FA_CHECK_DIM_NAMED(v_in, "v", 3);
   check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q_in);
-  const at::Tensor q4 = as_bhld(q_in), k4 = as_bhld(k_in), v4 = as_bhld(v_in);
+  const at::Tensor q4 = packed_as_bhld(q_in), k4 = packed_as_bhld(k_in), v4 = packed_as_bhld(v_in);
   const AttnSizes s = check_attention_inputs(q4, k4, v4, std::nullopt);
   check_cuda_limits(q_in, s);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = at::empty_like(q_in, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({s.heads, s.len_q}, q_in.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};
-  const at::Tensor q = as_bhld(rows_aligned(q_in)), k = as_bhld(rows_aligned(k_in)), v = as_bhld(rows_aligned(v_in));
-  AttnFwdParams p{};
-  fill_fwd(p, q, k, v, std::nullopt, as_bhld(out), lse.unsqueeze(0), s, causal, scale);
+  const at::Tensor q = packed_aligned(q_in), k = packed_aligned(k_in), v = packed_aligned(v_in);
+  AttentionFwdParams p{};
+  fill_fwd(p, q, k, v, std::nullopt, packed_as_bhld(out), lse.unsqueeze(0), s, causal, scale);
   make_varlen(p, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k);
-  check_launch(kernels::attention_fwd(p, at::cuda::getCurrentCUDAStream()), "varlen forward");
+  check_launch(kernels::attention::attention_fwd(p, at::cuda::getCurrentCUDAStream()), "varlen forward");
   return {out, lse};
 }
 
@@ -185,24 +185,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   FA_CHECK_DIM_NAMED(lse_in, "lse", 2);
   check_cu_seqlens(cu_seqlens_q, cu_seqlens_k, q_in);
   check_varlen_bwd_shapes(dout_in, q_in, out_in, lse_in);
-  const AttnSizes s = check_attention_bwd_inputs(as_bhld(dout_in), as_bhld(q_in), as_bhld(k_in), as_bhld(v_in),
-                                                 as_bhld(out_in), lse_in.unsqueeze(0), std::nullopt);
+  const AttnSizes s = check_attention_bwd_inputs(packed_as_bhld(dout_in), packed_as_bhld(q_in), packed_as_bhld(k_in),
+                                                 packed_as_bhld(v_in), packed_as_bhld(out_in), lse_in.unsqueeze(0),
+                                                 std::nullopt);
   check_cuda_limits(q_in, s);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor dq = at::empty_like(q_in, at::MemoryFormat::Contiguous);
   at::Tensor dk = at::empty_like(k_in, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v_in, at::MemoryFormat::Contiguous);
   if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv};  // no (query, key) pair
-  const at::Tensor q = as_bhld(rows_aligned(q_in)), k = as_bhld(rows_aligned(k_in)), v = as_bhld(rows_aligned(v_in));
-  const at::Tensor out = as_bhld(rows_aligned(out_in)), dout = as_bhld(rows_aligned(dout_in));
+  const at::Tensor q = packed_aligned(q_in), k = packed_aligned(k_in), v = packed_aligned(v_in);
+  const at::Tensor out = packed_aligned(out_in), dout = packed_aligned(dout_in);
   const at::Tensor lse = lse_in.contiguous().unsqueeze(0);
   at::Tensor delta = at::empty({1, s.heads, s.len_q}, q.options().dtype(at::kFloat));
-  AttnBwdParams p{};
+  AttentionBwdParams p{};
   fill_fwd(p, q, k, v, std::nullopt, out, lse, s, causal, scale);
-  fill_bwd(p, dout, as_bhld(dq), as_bhld(dk), as_bhld(dv), delta);
+  fill_bwd(p, dout, packed_as_bhld(dq), packed_as_bhld(dk), packed_as_bhld(dv), delta);
   make_varlen(p, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k);
   p.dout_batch_stride = p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0;
-  check_launch(kernels::attention_bwd(p, at::cuda::getCurrentCUDAStream()), "varlen backward");
+  check_launch(kernels::attention::attention_bwd(p, at::cuda::getCurrentCUDAStream()), "varlen backward");
   return {dq, dk, dv};
 }
 

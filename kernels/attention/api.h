@@ -6,18 +6,18 @@
 
 #include "attention/params.h"
 
-namespace forkattn::kernels {
+namespace forkattn::kernels::attention {
 
 // out and lse from q, k, v.
-cudaError_t attention_fwd(const AttnFwdParams& params, cudaStream_t stream);
+cudaError_t attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 // dq, dk, dv from dout, q, k, v, out, lse; uses params.delta as workspace. Deterministic:
 // dq comes from its own kernel, dk/dv sum a GQA group inside one block; no atomics.
-cudaError_t attention_bwd(const AttnBwdParams& params, cudaStream_t stream);
+cudaError_t attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
 
 // One instantiation per (dtype, head_dim), each in its own generated .cu (generated/).
 template <typename T, int D>
-cudaError_t run_attention_fwd(const AttnFwdParams& params, cudaStream_t stream);
+cudaError_t run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);
 template <typename T, int D>
-cudaError_t run_attention_bwd(const AttnBwdParams& params, cudaStream_t stream);
+cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
 
-}  // namespace forkattn::kernels
+}  // namespace forkattn::kernels::attention

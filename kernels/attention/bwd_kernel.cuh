@@ -11,14 +11,14 @@
 #pragma once
 #include "attention/api.h"
 #include "attention/common.cuh"
-#include "attention/static_switch.h"
+#include "common/static_switch.h"
 
-namespace forkattn::kernels::attn {
+namespace forkattn::kernels::attention {
 
 // --- 1. delta -----------------------------------------------------------------------------------
 
 template <typename T, int D>
-__global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const AttnBwdParams p) {
+__global__ void __launch_bounds__(128) attention_bwd_delta_kernel(const AttentionBwdParams p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int h = blockIdx.y, b = blockIdx.z;
   const Sequence seq = sequence(p, b);
@@ -52,7 +52,7 @@ struct DqConfig {
 };
 
 template <typename T, int D, bool CAUSAL>
-__global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel(const AttnBwdParams p) {
+__global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel(const AttentionBwdParams p) {
   using C = DqConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -165,7 +165,7 @@ struct DkvConfig {
 };
 
 template <typename T, int D, bool CAUSAL>
-__global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_kernel(const AttnBwdParams p) {
+__global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using C = DkvConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads;
   static_assert(BN == 16 * C::kWarps, "each warp owns 16 keys");
@@ -305,7 +305,7 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
 }
 
 template <typename T, int D>
-cudaError_t run_attention_bwd_impl(const AttnBwdParams& p, cudaStream_t stream) {
+cudaError_t run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   // Empty q or k: nothing to launch (the host glue zero-fills the other side's gradients).
   if (p.len_q == 0 || p.len_k == 0 || p.batch == 0 || p.heads == 0) return cudaSuccess;
   attention_bwd_delta_kernel<T, D><<<dim3(cdiv(p.len_q, 4), p.heads, p.batch), 128, 0, stream>>>(p);
@@ -330,15 +330,9 @@ cudaError_t run_attention_bwd_impl(const AttnBwdParams& p, cudaStream_t stream) 
   });
 }
 
-}  // namespace forkattn::kernels::attn
-
-namespace forkattn::kernels {
-template <typename T, int D>
-cudaError_t run_attention_bwd(const AttnBwdParams& params, cudaStream_t stream) {
-  return attn::run_attention_bwd_impl<T, D>(params, stream);
-}
-}  // namespace forkattn::kernels
+}  // namespace forkattn::kernels::attention
 
 // The generated file for (T, D) instantiates run_attention_bwd<T, D> (declared in api.h).
-#define FORKATTN_INSTANTIATE_BWD(T, D) \
-  template cudaError_t forkattn::kernels::run_attention_bwd<T, D>(const forkattn::kernels::AttnBwdParams&, cudaStream_t);
+#define FORKATTN_INSTANTIATE_ATTENTION_BWD(T, D)                                \
+  template cudaError_t forkattn::kernels::attention::run_attention_bwd<T, D>( \
+      const forkattn::kernels::attention::AttentionBwdParams&, cudaStream_t);

@@ -17,7 +17,7 @@
 
 #include <cstdint>
 
-namespace forkattn::kernels::attn {
+namespace forkattn::kernels::attention {
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -293,4 +293,4 @@ inline cudaError_t set_smem(Kernel kernel, size_t bytes) {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
 
-}  // namespace forkattn::kernels::attn
+}  // namespace forkattn::kernels::attention

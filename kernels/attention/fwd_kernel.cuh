@@ -5,9 +5,9 @@
 #pragma once
 #include "attention/api.h"
 #include "attention/common.cuh"
-#include "attention/static_switch.h"
+#include "common/static_switch.h"
 
-namespace forkattn::kernels::attn {
+namespace forkattn::kernels::attention {
 
 template <int D>
 struct FwdConfig {
@@ -18,7 +18,7 @@ struct FwdConfig {
 };
 
 template <typename T, int D, bool CAUSAL>
-__global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(const AttnFwdParams p) {
+__global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(const AttentionFwdParams p) {
   using C = FwdConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -144,7 +144,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
 }
 
 template <typename T, int D>
-cudaError_t run_attention_fwd_impl(const AttnFwdParams& p, cudaStream_t stream) {
+cudaError_t run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using C = FwdConfig<D>;
   if (p.len_q == 0 || p.batch == 0 || p.heads == 0) return cudaSuccess;
   const dim3 grid(cdiv(p.len_q, C::kBlockM), p.heads, p.batch);
@@ -157,15 +157,9 @@ cudaError_t run_attention_fwd_impl(const AttnFwdParams& p, cudaStream_t stream) 
   });
 }
 
-}  // namespace forkattn::kernels::attn
-
-namespace forkattn::kernels {
-template <typename T, int D>
-cudaError_t run_attention_fwd(const AttnFwdParams& params, cudaStream_t stream) {
-  return attn::run_attention_fwd_impl<T, D>(params, stream);
-}
-}  // namespace forkattn::kernels
+}  // namespace forkattn::kernels::attention
 
 // The generated file for (T, D) instantiates run_attention_fwd<T, D> (declared in api.h).
-#define FORKATTN_INSTANTIATE_FWD(T, D) \
-  template cudaError_t forkattn::kernels::run_attention_fwd<T, D>(const forkattn::kernels::AttnFwdParams&, cudaStream_t);
+#define FORKATTN_INSTANTIATE_ATTENTION_FWD(T, D)                                \
+  template cudaError_t forkattn::kernels::attention::run_attention_fwd<T, D>( \
+      const forkattn::kernels::attention::AttentionFwdParams&, cudaStream_t);

@@ -6,9 +6,9 @@
 #pragma once
 #include <cstdint>
 
-namespace forkattn::kernels {
+namespace forkattn::kernels::attention {
 
-struct AttnFwdParams {
+struct AttentionFwdParams {
   const void* q;  // [B, H, Lq, D], fp16 or bf16
   const void* k;  // [B, Hkv, Lk, D]
   const void* v;  // [B, Hkv, Lk, D]
@@ -41,8 +41,8 @@ struct AttnFwdParams {
   bool is_bf16;  // element type: bf16 if true, else fp16
 };
 
-struct AttnBwdParams : AttnFwdParams {
-  const void* dout;  // [B, H, Lq, D], gradient of out (out itself is AttnFwdParams::out, read)
+struct AttentionBwdParams : AttentionFwdParams {
+  const void* dout;  // [B, H, Lq, D], gradient of out (out itself is AttentionFwdParams::out, read)
   void* dq;          // [B, H, Lq, D], written
   void* dk;          // [B, Hkv, Lk, D], written (summed over the query heads of a group)
   void* dv;          // [B, Hkv, Lk, D], written
@@ -54,4 +54,4 @@ struct AttnBwdParams : AttnFwdParams {
   int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
 };
 
-}  // namespace forkattn::kernels
+}  // namespace forkattn::kernels::attention

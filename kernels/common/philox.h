@@ -20,7 +20,7 @@
 #endif
 #endif
 
-namespace forkattn {
+namespace forkattn::kernels {
 
 struct Philox4 {
   uint32_t r[4];
@@ -89,4 +89,4 @@ inline void philox4x32_10_x8(uint64_t seed, const uint32_t* c0_in, const uint32_
 }
 #endif
 
-}  // namespace forkattn
+}  // namespace forkattn::kernels

@@ -16,10 +16,9 @@
 
 #include <cstdint>
 
-#include "decode_params.h"
+#include "decode/api.h"
 
-namespace forkattn {
-namespace decode {
+namespace forkattn::kernels::decode {
 
 constexpr int kThreads = 128;
 constexpr int kWarps = kThreads / 32;
@@ -79,10 +78,11 @@ __device__ __forceinline__ float warp_sum(float x) {
 
 // Page of position pos of sequence b (-1: none, past the table, or an entry outside the pool,
 // which is never dereferenced).
-__device__ __forceinline__ int page_of(const DecodeParams& p, int b, int pos) {
+__device__ __forceinline__ int page_of(const DecodeAttentionParams& p, int b, int pos) {
   if (p.block_table == nullptr) return b;
   const int lp = pos / p.page_size;
-  const int page = lp < p.pages_per_seq ? __ldg(p.block_table + static_cast<int64_t>(b) * p.bt_b + lp) : -1;
+  const int page =
+      lp < p.pages_per_seq ? __ldg(p.block_table + static_cast<int64_t>(b) * p.block_table_batch_stride + lp) : -1;
   return page < p.num_pages ? page : -1;
 }
 
@@ -99,7 +99,7 @@ struct Smem {
 };
 
 template <typename T, int D, int ROWS>
-__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodeAttentionParams p) {
   static_assert(D % 8 == 0 && ROWS % kWarps == 0 && kThreads % ROWS == 0, "tile shape");
   constexpr int kChunks = D / 8;           // 16-byte chunks per K/V row
   constexpr int kRowsPerWarp = ROWS / kWarps;
@@ -127,8 +127,9 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
       const int pos = n0 + jj;
       const int page = pos < end ? page_of(p, b, pos) : -1;
       const bool ok = page >= 0;
-      const int64_t off = ok ? static_cast<int64_t>(page) * p.c_page + static_cast<int64_t>(hk) * p.c_head +
-                                   static_cast<int64_t>(pos % p.page_size) * p.c_slot + c * 8
+      const int64_t off = ok ? static_cast<int64_t>(page) * p.cache_page_stride +
+                                   static_cast<int64_t>(hk) * p.cache_head_stride +
+                                   static_cast<int64_t>(pos % p.page_size) * p.cache_slot_stride + c * 8
                              : 0;
       cp_async_16(&sm.k[stage][jj][c * 8], kc + off, ok);
       cp_async_16(&sm.v[stage][jj][c * 8], vc + off, ok);
@@ -146,8 +147,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
     float x = 0.f;
     if (rg < p.rows) {
       const int h = hk * p.group + rg / p.new_tokens, t = rg % p.new_tokens;
-      x = to_f(qp[static_cast<int64_t>(b) * p.q_b + static_cast<int64_t>(h) * p.q_h +
-                  static_cast<int64_t>(t) * p.q_t + d]) * p.scale_log2;
+      x = to_f(qp[static_cast<int64_t>(b) * p.q_batch_stride + static_cast<int64_t>(h) * p.q_head_stride +
+                  static_cast<int64_t>(t) * p.q_row_stride + d]) * p.scale_log2;
     }
     sm.q[r][d] = x;
   }
@@ -253,8 +254,8 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
   const float lr = sm.l[my_row];
   const float inv = lr > 0.f ? 1.f / lr : 0.f;
   if (p.num_splits == 1) {
-    T* op = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.o_b + static_cast<int64_t>(h) * p.o_h +
-            static_cast<int64_t>(t) * p.o_t + d0;
+    T* op = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.out_batch_stride +
+            static_cast<int64_t>(h) * p.out_head_stride + static_cast<int64_t>(t) * p.out_row_stride + d0;
 #pragma unroll
     for (int e = 0; e < kDims; ++e) op[e] = from_f<T>(acc[e] * inv);
   } else {
@@ -268,7 +269,7 @@ __global__ void __launch_bounds__(kThreads) decode_split_kernel(const DecodePara
 
 // One warp per output row (b, h, t): out = sum_s 2^(lse_s - max) o_s / sum_s 2^(lse_s - max).
 template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) decode_merge_kernel(const DecodeParams p) {
+__global__ void __launch_bounds__(kThreads) decode_merge_kernel(const DecodeAttentionParams p) {
   constexpr int kPer = (D + 31) / 32;
   const int lane = threadIdx.x % 32;
   const int64_t total = static_cast<int64_t>(p.batch) * p.heads * p.new_tokens;
@@ -294,8 +295,8 @@ __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const DecodePara
   const float inv = den > 0.f ? 1.f / den : 0.f;
   const int b = static_cast<int>(row / (static_cast<int64_t>(p.heads) * p.new_tokens));
   const int h = static_cast<int>((row / p.new_tokens) % p.heads), t = static_cast<int>(row % p.new_tokens);
-  T* op = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.o_b + static_cast<int64_t>(h) * p.o_h +
-          static_cast<int64_t>(t) * p.o_t;
+  T* op = static_cast<T*>(p.out) + static_cast<int64_t>(b) * p.out_batch_stride +
+          static_cast<int64_t>(h) * p.out_head_stride + static_cast<int64_t>(t) * p.out_row_stride;
 #pragma unroll
   for (int e = 0; e < kPer; ++e) {
     const int d = lane + 32 * e;
@@ -304,7 +305,7 @@ __global__ void __launch_bounds__(kThreads) decode_merge_kernel(const DecodePara
 }
 
 template <typename T, int D, int ROWS>
-cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
+cudaError_t launch(const DecodeAttentionParams& p, cudaStream_t stream) {
   const int row_blocks = (p.rows + ROWS - 1) / ROWS;
   const dim3 grid(p.batch * p.kv_heads, row_blocks, p.num_splits);
   decode_split_kernel<T, D, ROWS><<<grid, kThreads, 0, stream>>>(p);
@@ -315,15 +316,18 @@ cudaError_t launch(const DecodeParams& p, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-}  // namespace decode
-
 // Rows per block: 4 when a kv-head has at most 4 query rows (MHA or small GQA groups at T=1),
 // else 16 (more rows share each K/V tile). The Python split heuristic counts blocks of 16 rows;
 // both give one row block when rows <= 4.
 template <typename T, int D>
-cudaError_t run_decode_(const DecodeParams& params, cudaStream_t stream) {
-  if (params.rows <= 4) return decode::launch<T, D, 4>(params, stream);
-  return decode::launch<T, D, 16>(params, stream);
+cudaError_t run_decode_attention(const DecodeAttentionParams& params, cudaStream_t stream) {
+  if (params.rows <= 4) return launch<T, D, 4>(params, stream);
+  return launch<T, D, 16>(params, stream);
 }
 
-}  // namespace forkattn
+}  // namespace forkattn::kernels::decode
+
+// The generated file for (T, D) instantiates run_decode_attention<T, D> (declared in api.h).
+#define FORKATTN_INSTANTIATE_DECODE_ATTENTION(T, D)                             \
+  template cudaError_t forkattn::kernels::decode::run_decode_attention<T, D>( \
+      const forkattn::kernels::decode::DecodeAttentionParams&, cudaStream_t);

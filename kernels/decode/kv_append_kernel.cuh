@@ -3,18 +3,20 @@
 // >= num_pages, so nothing is ever written out of bounds: the "clamp" of the no-check mode), the block copies them in
 // 16-byte vectors (element-wise when a row is not 16-byte aligned), then thread 0 advances
 // seqlens[b]. Only block b reads or writes seqlens[b], so there is no cross-block race and the
-// launch is CUDA-graph capturable.
+// launch is CUDA-graph capturable. Launched by kv_append() in launch.cu.
+#pragma once
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
-#include "decode/decode_params.h"
+#include "decode/params.h"
 
-namespace forkattn {
-namespace {
+namespace forkattn::kernels::decode {
 
 constexpr int kAppendThreads = 256;
 
 template <typename V>
-__global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(const AppendParams p) {
+__global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(const KvAppendParams p) {
   const int b = blockIdx.x;
   __shared__ int s_len, s_n;
   if (threadIdx.x == 0) {
@@ -27,7 +29,7 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(const AppendP
         if (p.block_table != nullptr) {
           const int64_t lp = pos / p.page_size;
           if (lp >= p.pages_per_seq) break;
-          const int page = p.block_table[b * p.bt_b + lp];
+          const int page = p.block_table[b * p.block_table_batch_stride + lp];
           if (page < 0 || page >= p.num_pages) break;
         }
       }
@@ -52,12 +54,14 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(const AppendP
     const int h = static_cast<int>((idx / units) % p.kv_heads);
     const int u = static_cast<int>(idx % units);
     const int pos = L + t;
-    const int64_t page = p.block_table != nullptr ? p.block_table[b * p.bt_b + pos / p.page_size] : b;
-    const int64_t dst = (page * p.c_page + h * p.c_head + static_cast<int64_t>(pos % p.page_size) * p.c_slot) * eb +
+    const int64_t page =
+        p.block_table != nullptr ? p.block_table[b * p.block_table_batch_stride + pos / p.page_size] : b;
+    const int64_t slot = pos % p.page_size;
+    const int64_t dst = (page * p.cache_page_stride + h * p.cache_head_stride + slot * p.cache_slot_stride) * eb +
                         static_cast<int64_t>(u) * kUnit;
-    const int64_t ks = (static_cast<int64_t>(b) * p.k_b + h * p.k_h + static_cast<int64_t>(t) * p.k_t) * eb +
+    const int64_t ks = (b * p.k_batch_stride + h * p.k_head_stride + t * p.k_row_stride) * eb +
                        static_cast<int64_t>(u) * kUnit;
-    const int64_t vs = (static_cast<int64_t>(b) * p.v_b + h * p.v_h + static_cast<int64_t>(t) * p.v_t) * eb +
+    const int64_t vs = (b * p.v_batch_stride + h * p.v_head_stride + t * p.v_row_stride) * eb +
                        static_cast<int64_t>(u) * kUnit;
     *reinterpret_cast<V*>(kc + dst) = *reinterpret_cast<const V*>(kp + ks);
     *reinterpret_cast<V*>(vc + dst) = *reinterpret_cast<const V*>(vp + vs);
@@ -66,27 +70,4 @@ __global__ void __launch_bounds__(kAppendThreads) kv_append_kernel(const AppendP
   if (threadIdx.x == 0) p.seqlens[b] = L + n;
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<uintptr_t>(ptr) & 15) == 0; }
-
-}  // namespace
-
-cudaError_t run_kv_append(const AppendParams& p, cudaStream_t stream) {
-  if (p.batch == 0) return cudaSuccess;
-  const int per16 = 16 / p.elem_bytes;
-  const bool vec = p.head_dim % per16 == 0 && aligned16(p.k_cache) && aligned16(p.v_cache) && aligned16(p.k) &&
-                   aligned16(p.v) && p.c_page % per16 == 0 && p.c_head % per16 == 0 && p.c_slot % per16 == 0 &&
-                   p.k_b % per16 == 0 && p.k_h % per16 == 0 && p.k_t % per16 == 0 && p.v_b % per16 == 0 &&
-                   p.v_h % per16 == 0 && p.v_t % per16 == 0;
-  if (vec) {
-    kv_append_kernel<uint4><<<p.batch, kAppendThreads, 0, stream>>>(p);
-  } else if (p.elem_bytes == 4) {
-    kv_append_kernel<uint32_t><<<p.batch, kAppendThreads, 0, stream>>>(p);
-  } else if (p.elem_bytes == 2) {
-    kv_append_kernel<uint16_t><<<p.batch, kAppendThreads, 0, stream>>>(p);
-  } else {
-    return cudaErrorInvalidValue;
-  }
-  return cudaGetLastError();
-}
-
-}  // namespace forkattn
+}  // namespace forkattn::kernels::decode

@@ -1,15 +1,16 @@
-// CUDA MLM masking kernels. All per-token rules live in mlm.h, shared with the CPU kernel, so the two
-// agree bit for bit; this file only distributes tokens over threads.
-#include "mlm/mlm_launch.h"
+// CUDA MLM masking kernels. All per-token rules live in rules.h, shared with the CPU kernel, so the two
+// agree bit for bit; this file only distributes tokens over threads. Launched by mlm_mask() in launch.cu.
+#pragma once
+#include <cuda_runtime.h>
 
-namespace forkattn {
-namespace mlm {
-namespace {
+#include "mlm/rules.h"
+
+namespace forkattn::kernels::mlm {
 
 constexpr int kTokenThreads = 256;
 constexpr int kRowThreads = 256;
 
-__device__ __forceinline__ void do_token(const Params& p, int64_t b, int64_t l, uint32_t key) {
+__device__ __forceinline__ void do_token(const MlmMaskParams& p, int64_t b, int64_t l, uint32_t key) {
   if (l >= p.len) return;
   const int64_t id = load_id(p, b, l);
   bool sel = eligible(p, b, l, id);
@@ -19,7 +20,7 @@ __device__ __forceinline__ void do_token(const Params& p, int64_t b, int64_t l, 
 
 // Bernoulli masking without ranking: one thread per group of 4 tokens (one Philox block gives the
 // 4 selection keys), grid-stride over the batch.
-__global__ void __launch_bounds__(kTokenThreads) token_kernel(const Params p) {
+__global__ void __launch_bounds__(kTokenThreads) token_kernel(const MlmMaskParams p) {
   const int64_t groups_per_row = (p.len + 3) >> 2;
   const int64_t total = p.batch * groups_per_row;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
@@ -44,7 +45,7 @@ __device__ __forceinline__ unsigned long long block_sum(unsigned long long v, un
 
 // One block per sequence: count units, pick k, find the k-th smallest composite key by an 8-bit radix
 // select (8 passes, keys recomputed each pass: no scratch memory), then write the sequence.
-__global__ void __launch_bounds__(kRowThreads) row_kernel(const Params p) {
+__global__ void __launch_bounds__(kRowThreads) row_kernel(const MlmMaskParams p) {
   __shared__ unsigned long long s_n, s_below;
   __shared__ unsigned int s_hist[256];
   __shared__ unsigned long long s_prefix;
@@ -108,21 +109,4 @@ __global__ void __launch_bounds__(kRowThreads) row_kernel(const Params p) {
   }
 }
 
-}  // namespace
-
-cudaError_t run_mlm_mask(const Params& params, cudaStream_t stream) {
-  if (params.batch == 0 || params.len == 0) return cudaSuccess;
-  if (params.exact || params.min_masked > 0) {
-    const int64_t grid = params.batch < 65535 * 32 ? params.batch : 65535 * 32;
-    row_kernel<<<static_cast<unsigned int>(grid), kRowThreads, 0, stream>>>(params);
-  } else {
-    const int64_t groups = params.batch * ((params.len + 3) / 4);
-    int64_t grid = (groups + kTokenThreads - 1) / kTokenThreads;
-    if (grid > 65535 * 64) grid = 65535 * 64;
-    token_kernel<<<static_cast<unsigned int>(grid), kTokenThreads, 0, stream>>>(params);
-  }
-  return cudaGetLastError();
-}
-
-}  // namespace mlm
-}  // namespace forkattn
+}  // namespace forkattn::kernels::mlm

@@ -1,6 +1,7 @@
-// Compile-time choices from run-time values: each macro calls the lambda in __VA_ARGS__ with
-// NAME bound to a constant (FlashAttention's static_switch.h). An unsupported head_dim returns
-// cudaErrorInvalidValue (the host glue checks it first).
+// Compile-time choices from run-time values, shared by every kernel family's launch.cu: each macro
+// calls the lambda in __VA_ARGS__ with NAME bound to a constant (FlashAttention's static_switch.h).
+// An unsupported head_dim returns cudaErrorInvalidValue (the host glue checks it first). The head
+// dims here are the ones kernels/common/generate.py instantiates (HEAD_DIMS): change both.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
