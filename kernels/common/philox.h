@@ -89,4 +89,32 @@ inline void philox4x32_10_x8(uint64_t seed, const uint32_t* c0_in, const uint32_
 }
 #endif
 
+// --- Attention dropout -----------------------------------------------------------------------------
+// The probability of batch row b (varlen: sequence b), query head h, query row i and key column j
+// (i and j counted inside the sequence) is kept iff u16(b, h, i, j) >= dropout_threshold16(p), and
+// the kept ones are scaled by 1 / (1 - p). One Philox block gives the u16 of 8 key columns:
+//   counter (j >> 3, i, b * heads + h, kDropoutStream), key = the 64-bit seed as above,
+//   u16 = (block.r[(j & 7) >> 1] >> 16 * (j & 1)) & 0xffff   (even j: low half, odd j: high half).
+// A mask element depends on the seed and its four indices only, never on tiling, threads or
+// backend. python/forkattn/philox.py mirrors this in plain PyTorch (the eager backend and tests).
+// kDropoutStream keeps these counters apart from the MLM sampler's (fourth word 0).
+constexpr uint32_t kDropoutStream = 1u;
+
+// keep iff u16 >= threshold: keep rate (65536 - threshold) / 65536, within 2^-17 of 1 - p.
+// p in [0, 1), checked by the caller.
+inline uint32_t dropout_threshold16(double p) {
+  const double t = p * 65536.0 + 0.5;
+  const uint32_t th = static_cast<uint32_t>(t);  // floor: t >= 0.5
+  return th > 65535u ? 65535u : th;
+}
+
+// The u16 of key columns 8 * block .. 8 * block + 7 of query row `row` of (b * heads + h) = bh.
+FORKATTN_HD void dropout_u16x8(uint64_t seed, uint32_t bh, uint32_t row, uint32_t block, uint32_t u[8]) {
+  const Philox4 r = philox4x32_10(seed, block, row, bh, kDropoutStream);
+  for (int w = 0; w < 4; ++w) {
+    u[2 * w] = r.r[w] & 0xffffu;
+    u[2 * w + 1] = r.r[w] >> 16;
+  }
+}
+
 }  // namespace forkattn::kernels
