@@ -145,7 +145,7 @@ cache = forkattn.KVCache(1, 2, 8, 16, dtype=torch.float32, device="cpu")
 cache.append(q.detach()[:, :, :3], q.detach()[:, :, :3])
 assert forkattn.decode_attention(q.detach()[:, :, :1], cache).shape == (1, 2, 1, 16)
 info = forkattn.build_info()
-assert info["compiled"] == [] and info["backends"] == ["eager"], info
+assert info["compiled"] == [] and "eager" in info["backends"] and "cpu" not in info["backends"], info
 try:
     forkattn.attention(q, q, q, backend="cpu")
 except forkattn.BackendUnavailableError as e:
