@@ -42,7 +42,7 @@ def test_mutation_dereferencing_a_page_outside_the_pool_is_caught(monkeypatch):
         lp = pos // p.page_size
         page = np.full(pos.shape, -1, np.int64)
         inside = lp < p.pages_per_seq
-        page[inside] = p.block_table.read(b * p.bt_b + lp[inside])
+        page[inside] = p.block_table.read(b * p.block_table_batch_stride + lp[inside])
         return page
     monkeypatch.setattr(emu, "page_of", no_skip)
     with pytest.raises(EmulationError, match="out-of-pool access to k_cache"):

@@ -36,7 +36,7 @@ def make_batch(B, L, *, dtype=torch.int64, seed=0, min_len=1, device="cpu"):
     return ids.to(dtype).to(device), att.to(torch.int64).to(device)
 
 
-# --- a plain reference of the documented counter layout (kernels/mlm/mlm.h) -------------------------
+# --- a plain reference of the documented counter layout (kernels/mlm/params.h) -------------------------
 
 def philox4x32_10(seed, c0, c1, c2, c3):
     """numpy Philox4x32-10, Triton's layout: key = (seed lo, seed hi)."""
@@ -54,7 +54,7 @@ def philox4x32_10(seed, c0, c1, c2, c3):
 
 
 def reference_bernoulli(ids, att, seed, p=0.15, pm=0.8, pr=0.1, specials=SPECIALS, excluded=None):
-    """mlm_mask(mode="bernoulli") straight from the rules in kernels/mlm/mlm.h."""
+    """mlm_mask(mode="bernoulli") straight from the rules in kernels/mlm/params.h."""
     excluded = sorted(set(specials) | {MASK}) if excluded is None else excluded
     ids_np = ids.cpu().numpy().astype(np.int64)
     B, L = ids_np.shape

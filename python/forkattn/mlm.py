@@ -2,7 +2,7 @@
 
 Backends (forkattn/backends/) "cpu" (C++), "cuda" (kernels/mlm) and "triton" give bit-identical outputs for the same
 seed: every random decision comes from Philox4x32-10 keyed by the 64-bit seed, with the counter
-layout documented in kernels/mlm/mlm.h. "eager" is forkattn.reference.mlm_mask, the way
+layout documented in kernels/mlm/params.h. "eager" is forkattn.reference.mlm_mask, the way
 transformers' DataCollatorForLanguageModeling does it (clone, three torch.bernoulli draws,
 torch.randint, boolean-index writes): statistically the same sampler, not the same random stream.
 
@@ -22,7 +22,7 @@ from torch import Tensor
 from . import backends
 from ._custom_op import direct_call_ok
 
-MAX_SPECIAL_IDS = 64  # kernels/mlm/mlm.h kMaxSpecial
+MAX_SPECIAL_IDS = 64  # kernels/mlm/params.h kMaxSpecial
 IGNORE_INDEX = -100
 _TWO32 = 1 << 32
 
@@ -251,7 +251,7 @@ def mlm_mask(
     must be contiguous (as tokenizers' word_ids() give them).
 
     seed: a 64-bit int; the same seed gives bit-identical outputs on the cpu, cuda and triton
-    backends (Philox4x32-10, counter layout in kernels/mlm/mlm.h). seed=None draws a fresh seed from
+    backends (Philox4x32-10, counter layout in kernels/mlm/params.h). seed=None draws a fresh seed from
     `generator` (default: torch's default generator) per call. inplace=True writes the masked ids
     into input_ids and returns it. backend: None picks the fastest for the device; or "cpu",
     "cuda", "triton", "eager" (transformers' recipe in plain PyTorch: same statistics, its own

@@ -516,7 +516,7 @@ def run_attention_bwd(p):
 
 # --- csrc/cuda/attention_cuda.cpp, transcribed --------------------------------------------------------
 
-def as_bhld(t: HostTensor) -> HostTensor:  # [total, H, D] -> unsqueeze(0).transpose(1, 2)
+def packed_as_bhld(t: HostTensor) -> HostTensor:  # [total, H, D] -> unsqueeze(0).transpose(1, 2)
     (L, H, D), (sl, sh, sd) = t.shape, t.stride
     return t.view((1, H, L, D), (L * sl, sh, sl, sd))
 
@@ -624,9 +624,9 @@ def attention_varlen_fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, s
     lse = _h("lse", torch.empty(H, total_q), poison=True, write_once=True)
     if out.tensor().numel() == 0:
         return out.tensor(), lse.tensor()
-    qh, kh, vh = (as_bhld(_h(n, rows_aligned(t))) for n, t in (("q", q), ("k", k), ("v", v)))
+    qh, kh, vh = (packed_as_bhld(_h(n, rows_aligned(t))) for n, t in (("q", q), ("k", k), ("v", v)))
     lse4 = lse.view((1, H, total_q), (H * total_q, total_q, 1))  # lse.unsqueeze(0)
-    p = fill_fwd(qh, kh, vh, None, as_bhld(out), lse4, causal, scale)
+    p = fill_fwd(qh, kh, vh, None, packed_as_bhld(out), lse4, causal, scale)
     make_varlen(p, cu_q, cu_k, max_q, max_k)
     run_attention_fwd(p)
     return out.tensor(), lse.tensor()
@@ -642,12 +642,12 @@ def attention_varlen_bwd_cuda(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
         return dq.tensor(), dk.tensor(), dv.tensor()
     if total_q == 0 or k.shape[0] == 0:
         return dq.tensor().zero_(), dk.tensor().zero_(), dv.tensor().zero_()
-    qh, kh, vh, oh, doh = (as_bhld(_h(n, rows_aligned(t))) for n, t in
+    qh, kh, vh, oh, doh = (packed_as_bhld(_h(n, rows_aligned(t))) for n, t in
                            (("q", q), ("k", k), ("v", v), ("out", out), ("dout", dout)))
     lse4 = _h("lse", lse.contiguous()).view((1, H, total_q), (H * total_q, total_q, 1))
     delta = _h("delta", torch.empty(1, H, total_q), poison=True, write_once=True)
     p = fill_fwd(qh, kh, vh, None, oh, lse4, causal, scale)
-    fill_bwd(p, doh, as_bhld(dq), as_bhld(dk), as_bhld(dv), delta)
+    fill_bwd(p, doh, packed_as_bhld(dq), packed_as_bhld(dk), packed_as_bhld(dv), delta)
     make_varlen(p, cu_q, cu_k, max_q, max_k)
     p.dout_batch_stride = p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0
     run_attention_bwd(p)

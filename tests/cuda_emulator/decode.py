@@ -16,7 +16,7 @@ What is emulated
 - The cache as a pool of pages (Pool): every access is checked against the pool's pages, so a
   block-table entry outside the pool that reaches a dereference fails as an out-of-pool access.
   Block tables, seqlens, q, partials: bounds-checked buffers; out and partials NaN-poisoned and
-  write-once; append's copy unit (uint4 / uint32 / uint16) chosen as run_kv_append chooses it.
+  write-once; append's copy unit (uint4 / uint32 / uint16) chosen as kv_append() in kernels/decode/launch.cu chooses it.
 - Numerics: T = fp16 for q and the cache, fp32 arithmetic as in the kernel (fmaf as one rounding).
   out is kept in fp32: the kernel's single rounding of out to T at the store is not emulated, so
   that the 1e-4 check sees the kernel's arithmetic rather than fp16's ulp. bf16 is not emulated.
@@ -38,7 +38,7 @@ kAppendThreads = 256
 
 
 class Pool(GBuf):
-    """k_cache / v_cache storage: num_pages pages of c_page elements. An access outside the pages
+    """k_cache / v_cache storage: num_pages pages of cache_page_stride elements. An access outside the pages
     raises before GBuf's own bounds check (a negative page too, which NumPy would wrap)."""
 
     def __init__(self, name, arr, c_page, num_pages, write_once=False):
@@ -78,7 +78,7 @@ def page_of(p, b, pos):
     page = np.full(pos.shape, -1, np.int64)
     inside = lp < p.pages_per_seq
     if inside.any():  # the ternary reads the table only for lp < pages_per_seq
-        page[inside] = p.block_table.read(b * p.bt_b + lp[inside])
+        page[inside] = p.block_table.read(b * p.block_table_batch_stride + lp[inside])
     return np.where(page < p.num_pages, page, -1)
 
 
@@ -131,7 +131,7 @@ def decode_split_kernel(p, D, ROWS, blockIdx):
             if near.any():
                 page[near] = page_of(p, b, pos[near])
             ok = page >= 0
-            off = np.where(ok, page * p.c_page + hk * p.c_head + (pos % p.page_size) * p.c_slot + c * 8, 0)
+            off = np.where(ok, page * p.cache_page_stride + hk * p.cache_head_stride + (pos % p.page_size) * p.cache_slot_stride + c * 8, 0)
             at = 2 * ((stage * kTileN + jj) * lay.row + c * 8)
             cp_async16_from(sm, (lay.k + at)[on], p.k_cache, off[on], ok[on], tid[on])
             cp_async16_from(sm, (lay.v + at)[on], p.v_cache, off[on], ok[on], tid[on])
@@ -152,7 +152,7 @@ def decode_split_kernel(p, D, ROWS, blockIdx):
         live = on & (rg < p.rows)
         if live.any():
             h, t = hk * p.group + rg // p.new_tokens, rg % p.new_tokens
-            x[live] = p.q.buf.read(p.q.off + (b * p.q_b + h * p.q_h + t * p.q_t + d)[live]) * F32(p.scale_log2)
+            x[live] = p.q.buf.read(p.q.off + (b * p.q_batch_stride + h * p.q_head_stride + t * p.q_row_stride + d)[live]) * F32(p.scale_log2)
         sm.write_f(lay.q + 4 * (r * D + d)[on], x[on], tid[on])
 
     rows_i = warp[:, None] + kWarps * np.arange(kRowsPerWarp)  # [thread, i]: the warp's rows
@@ -236,7 +236,7 @@ def decode_split_kernel(p, D, ROWS, blockIdx):
     inv = np.where(lr > 0, F32(1) / np.where(lr > 0, lr, F32(1)), F32(0)).astype(F32)
     vals = (acc[live] * inv[:, None]).astype(F32)
     if p.num_splits == 1:
-        p.out.buf.write(p.out.off + (b * p.o_b + h * p.o_h + t * p.o_t + d0)[live], vals, n=kDims)
+        p.out.buf.write(p.out.off + (b * p.out_batch_stride + h * p.out_head_stride + t * p.out_row_stride + d0)[live], vals, n=kDims)
     else:
         row = ((split * p.batch + b) * p.heads + h) * p.new_tokens + t
         p.o_partial.write((row * D + d0)[live], vals, n=kDims)
@@ -277,7 +277,7 @@ def decode_merge_kernel(p, D, blockIdx):
             acc[on, e] = fmaf(w[on], p.o_partial.read((o + d)[on]), acc[on, e])
     inv = np.where(den > 0, F32(1) / np.where(den > 0, den, F32(1)), F32(0)).astype(F32)
     b, h, t = row // (p.heads * p.new_tokens), (row // p.new_tokens) % p.heads, row % p.new_tokens
-    op = p.out.off + b * p.o_b + h * p.o_h + t * p.o_t
+    op = p.out.off + b * p.out_batch_stride + h * p.out_head_stride + t * p.out_row_stride
     for e in range(kPer):
         d = LANE + 32 * e
         on = act & (d < D)
@@ -295,14 +295,14 @@ def launch(p, D, ROWS):
         decode_merge_kernel(p, D, blk)
 
 
-def run_decode(p, D):
-    """run_decode / run_decode_<T, D>: rows per block 4 when a kv-head has at most 4 query rows, else 16."""
+def run_decode_attention(p, D):
+    """decode_attention / run_decode_attention<T, D>: rows per block 4 when a kv-head has at most 4 query rows, else 16."""
     if p.batch == 0:
         return
     launch(p, D, 4 if p.rows <= 4 else 16)
 
 
-# --- kv_append.cu ------------------------------------------------------------------------------------
+# --- kv_append_kernel.cuh ---------------------------------------------------------------------------------
 
 def append_count(p, b, L):
     """Thread 0: how many of the T new tokens fit (the first position >= max_seqlen or on a missing
@@ -317,7 +317,7 @@ def append_count(p, b, L):
                 lp = pos // p.page_size
                 if lp >= p.pages_per_seq:
                     break
-                page = int(p.block_table.read(b * p.bt_b + lp))
+                page = int(p.block_table.read(b * p.block_table_batch_stride + lp))
                 if page < 0 or page >= p.num_pages:
                     break
             n += 1
@@ -339,11 +339,11 @@ def kv_append_kernel(p, unit_bytes, b):
         idx = (i0 + tid)[i0 + tid < total]
         t, h, u = idx // (p.kv_heads * units), (idx // units) % p.kv_heads, idx % units
         pos = L + t
-        page = (p.block_table.read(b * p.bt_b + pos // p.page_size).astype(np.int64)
+        page = (p.block_table.read(b * p.block_table_batch_stride + pos // p.page_size).astype(np.int64)
                 if p.block_table is not None else np.full(idx.shape, b, np.int64))
-        dst = page * p.c_page + h * p.c_head + (pos % p.page_size) * p.c_slot + u * per_elem
-        ks = b * p.k_b + h * p.k_h + t * p.k_t + u * per_elem
-        vs = b * p.v_b + h * p.v_h + t * p.v_t + u * per_elem
+        dst = page * p.cache_page_stride + h * p.cache_head_stride + (pos % p.page_size) * p.cache_slot_stride + u * per_elem
+        ks = b * p.k_batch_stride + h * p.k_head_stride + t * p.k_row_stride + u * per_elem
+        vs = b * p.v_batch_stride + h * p.v_head_stride + t * p.v_row_stride + u * per_elem
         p.k_cache.write(dst, p.k.read(ks, n=per_elem, align=per_elem), n=per_elem, align=per_elem)
         p.v_cache.write(dst, p.v.read(vs, n=per_elem, align=per_elem), n=per_elem, align=per_elem)
     sm.barrier()
@@ -354,8 +354,8 @@ def run_kv_append(p):
     if p.batch == 0:
         return
     per16 = 16 // p.elem_bytes  # the tensors' pointers are 16-byte aligned here (fresh allocations)
-    vec = p.head_dim % per16 == 0 and all(x % per16 == 0 for x in (p.c_page, p.c_head, p.c_slot, p.k_b, p.k_h,
-                                                                     p.k_t, p.v_b, p.v_h, p.v_t))
+    vec = p.head_dim % per16 == 0 and all(x % per16 == 0 for x in (p.cache_page_stride, p.cache_head_stride, p.cache_slot_stride, p.k_batch_stride, p.k_head_stride,
+                                                                     p.k_row_stride, p.v_batch_stride, p.v_head_stride, p.v_row_stride))
     unit = 16 if vec else 4 if p.elem_bytes == 4 else 2 if p.elem_bytes == 2 else None
     if unit is None:
         raise ValueError("cudaErrorInvalidValue: elem_bytes must be 2 or 4")
@@ -367,11 +367,11 @@ def run_kv_append(p):
 
 def _cache_params(p, k_cache, v_cache, seqlens, block_table, max_seqlen, write_once=False):
     num_pages, page_size = k_cache.shape[0], k_cache.shape[2]
-    p.c_page, p.c_head, p.c_slot = k_cache.stride()[:3]
-    p.k_cache = Pool("k_cache", k_cache.numpy(), p.c_page, num_pages, write_once)
-    p.v_cache = Pool("v_cache", v_cache.numpy(), p.c_page, num_pages, write_once)
+    p.cache_page_stride, p.cache_head_stride, p.cache_slot_stride = k_cache.stride()[:3]
+    p.k_cache = Pool("k_cache", k_cache.numpy(), p.cache_page_stride, num_pages, write_once)
+    p.v_cache = Pool("v_cache", v_cache.numpy(), p.cache_page_stride, num_pages, write_once)
     p.block_table = GBuf("block_table", block_table.numpy()) if block_table is not None else None
-    p.bt_b = block_table.stride(0) if block_table is not None else 0
+    p.block_table_batch_stride = block_table.stride(0) if block_table is not None else 0
     p.seqlens = GBuf("seqlens", seqlens.numpy())
     p.batch, p.kv_heads = seqlens.shape[0], k_cache.shape[1]
     p.page_size, p.pages_per_seq = page_size, (max_seqlen + page_size - 1) // page_size
@@ -388,15 +388,15 @@ def decode_attention_cuda(q, k_cache, v_cache, seqlens, block_table, max_seqlen,
     out = HostTensor("out", torch.empty(B, T, H, D).transpose(1, 2), poison=True, write_once=True)
     qh = HostTensor("q", q)
     p.q, p.out = qh.ptr(), out.ptr()
-    p.q_b, p.q_h, p.q_t = qh.stride[:3]
-    p.o_b, p.o_h, p.o_t = out.stride[:3]
+    p.q_batch_stride, p.q_head_stride, p.q_row_stride = qh.stride[:3]
+    p.out_batch_stride, p.out_head_stride, p.out_row_stride = out.stride[:3]
     p.o_partial = GBuf("o_partial", np.full(num_splits * B * H * T * D, np.nan, np.float32), write_once=True)
     p.lse_partial = GBuf("lse_partial", np.full(num_splits * B * H * T, np.nan, np.float32), write_once=True)
     p.heads, p.group, p.new_tokens = H, H // p.kv_heads, T
     p.rows = p.group * T
     p.num_splits = num_splits
     p.scale_log2 = float(np.float32(scale * 1.4426950408889634))
-    run_decode(p, D)
+    run_decode_attention(p, D)
     return out.tensor()
 
 
@@ -405,8 +405,8 @@ def kv_append_cuda(k_cache, v_cache, seqlens, block_table, k, v, max_seqlen):
     p = SimpleNamespace()
     _cache_params(p, k_cache, v_cache, seqlens, block_table, max_seqlen, write_once=True)
     p.k, p.v = GBuf("k", k.numpy()), GBuf("v", v.numpy())
-    p.k_b, p.k_h, p.k_t = k.stride()[:3]
-    p.v_b, p.v_h, p.v_t = v.stride()[:3]
+    p.k_batch_stride, p.k_head_stride, p.k_row_stride = k.stride()[:3]
+    p.v_batch_stride, p.v_head_stride, p.v_row_stride = v.stride()[:3]
     p.new_tokens, p.head_dim, p.elem_bytes = k.shape[2], k.shape[3], k_cache.element_size()
     run_kv_append(p)
     shape = k_cache.shape

@@ -1,4 +1,4 @@
-"""Triton MLM masking: the rules and the Philox counter layout of kernels/mlm/mlm.h, so the outputs
+"""Triton MLM masking: the rules and the Philox counter layout of kernels/mlm/params.h, so the outputs
 are bit-identical to the CPU and CUDA kernels for the same seed.
 
 Plain bernoulli masking runs one program per (sequence, tile of BLOCK tokens). Ranked masking
