@@ -9,12 +9,17 @@ Implementations (IMPLS below is the legend printed with the tables):
   forkattn-<backend>-sparse-mlm (training) only the labelled tokens projected to the vocabulary
                                 (config.sparse_prediction, what `forkattn.train bert-mlm` uses)
   forkattn-eager                forkattn's BertModel with plain PyTorch attention
+  ort, ort-opt, hf-sdpa-compile (CPU inference, the shapes of issue #18) ONNX Runtime on the exported
+                                model, plain and after its BERT optimizer; torch.compile of hf-sdpa
+                                (see ort.py; rows absent, with a notice, when they cannot run)
 
 Random weights (the same in every model), padded batches with lengths uniform in L/2..L.
 Inference: BertModel forward under inference_mode (fp16 on GPU, fp32 on CPU). Training: one
 BertForMaskedLM step (15% of real tokens labelled) = forward + backward + AdamW, fp32 weights with
 fp16 autocast on GPU. Attention-probability dropout is off in every model (forkattn's kernels have
 none), hidden dropout 0.1 on. The quick set uses a 4-layer, 256-wide BERT to stay a smoke test.
+On CPU the default and full sets also time all-MiniLM-L6-v2's shape (6 layers, 384 wide, 12 heads
+of 32) at the shapes of issue #18's table, with the ONNX Runtime and torch.compile peers.
 """
 from __future__ import annotations
 
@@ -23,10 +28,12 @@ from typing import List
 
 import torch
 
-from .core import Case, fused_backends
+from . import ort as peers
+from .core import Case, fused_backends, notice
 
 BASE = dict(vocab_size=30522, hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
             max_position_embeddings=512, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.0)
+MINILM = dict(BASE, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536)
 SMALL = dict(BASE, hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024)
 REQUIRES = ("transformers",)
 IMPLS = {
@@ -36,13 +43,26 @@ IMPLS = {
     "forkattn-*-padded": "forkattn's BERT, padded batch + key-padding mask, fused attention backend <name>",
     "forkattn-*-graph": "forkattn's BERT, unpadded, in CUDA graphs (BertGraphRunner)",
     "forkattn-*-sparse-mlm": "forkattn's BERT, unpadded, MLM head on the labelled tokens only (sparse_prediction)",
+    "hf-sdpa-compile": "torch.compile(transformers' BERT with sdpa), inductor, static shapes, compile time not timed",
+    "ort": "ONNX Runtime (CPU provider, same threads, no spinning) on torch.onnx.export of transformers' BERT",
+    "ort-opt": "ONNX Runtime on the same export after onnxruntime.transformers' BERT optimizer (fused ops)",
     "forkattn-*": "forkattn's BERT, unpadded (real tokens packed, attention_varlen), fused attention backend <name>",
 }
 # (B, L) per device and size: inference shapes, training-step shapes (a BERT-base step is ~3 s on 2 CPU cores)
 SHAPES = {"cuda": {"quick": ([(32, 128)],) * 2, "default": ([(32, 128), (32, 512)],) * 2,
                    "full": ([(32, 128), (32, 512), (128, 128)],) * 2},
-          "cpu": {"quick": ([(2, 128), (1, 512)],) * 2, "default": ([(4, 128), (2, 512)], [(4, 128)]),
-                  "full": ([(8, 128), (4, 512), (8, 512)], [(4, 128), (2, 512), (8, 512)])}}
+          "cpu": {"quick": ([(2, 128), (1, 512)],) * 2, "default": ([(1, 128), (4, 128), (2, 512)], [(4, 128)]),
+                  "full": ([(1, 128), (8, 128), (4, 512), (8, 512)], [(4, 128), (2, 512), (8, 512)])}}
+# CPU inference of the MiniLM-L6 shape (issue #18's table) per size, after the BERT-base cases
+MINILM_SHAPES = {"quick": [], "default": [(1, 128)], "full": [(1, 128), (32, 128), (8, 512)]}
+# (model label, B, L) of the CPU inference cases that get the ORT and torch.compile rows: issue #18's
+# table. Not the quick set (an export plus a compile take minutes on 2 cores, beyond CI's smoke budget);
+# the default set only at MiniLM's size: BERT-base's export + compile took 283 s of setup under load ~9
+# (MiniLM's 95 s), too much for the ~10-minute default set.
+PEER_SHAPES = {"quick": set(), "default": {("all-MiniLM-L6 shape", 1, 128)},
+               "full": {("bert-base", 1, 128), ("bert-base", 8, 128), ("bert-base", 4, 512),
+                        ("all-MiniLM-L6 shape", 1, 128), ("all-MiniLM-L6 shape", 32, 128),
+                        ("all-MiniLM-L6 shape", 8, 512)}}
 
 
 def _flops(B: int, L: int, training: bool, cfg=BASE) -> float:
@@ -67,11 +87,12 @@ class _Models:
     by its cases: one set for inference, one for training, all with the same random weights."""
 
     def __init__(self, device, cfg):
-        self.device, self.cfg, self._built = device, cfg, {}
+        self.device, self.cfg, self._built, self._peers = device, cfg, {}, {}
 
     def get(self, mode):
         if mode not in self._built:
             self._built.clear()  # inference models are done with once training starts
+            self._peers.clear()
             self._built[mode] = self._build(mode)
         return self._built[mode]
 
@@ -107,6 +128,49 @@ class _Models:
         opts = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-5) for m in [our, *hf.values()]}
         return our, hf, opts
 
+    def peer(self, name):
+        """An inference peer of hf-sdpa, built once for every case of this model (an export takes
+        a minute): "onnx" the exported ModelProto, "ort"/"ort-opt" its sessions, "hf-sdpa-compile"
+        the compiled model. A failure is kept and raised again, so it is not retried per case."""
+        if name not in self._peers:
+            hf = self.get("inference")[1]
+            try:
+                if name == "onnx":
+                    self._peers[name] = peers.export_bert(hf["sdpa"], self.cfg)
+                elif name == "ort":
+                    self._peers[name] = peers.session(self.peer("onnx"), torch.get_num_threads())
+                elif name == "ort-opt":
+                    proto = peers.optimize_bert(self.peer("onnx"), self.cfg)
+                    self._peers[name] = peers.session(proto, torch.get_num_threads())
+                else:
+                    self._peers[name] = peers.compiled(hf["sdpa"])
+            except Exception as e:
+                self._peers[name] = e
+        if isinstance(self._peers[name], Exception):
+            raise self._peers[name]
+        return self._peers[name]
+
+
+def _peer_fns(fns, models, ids, mask, label):
+    """Add the ORT and torch.compile rows to a CPU inference case's callables, checked against
+    hf-eager on the case's batch (ort.check_peers); rows that cannot run are left out with a notice."""
+    def compiled():
+        m = models.peer("hf-sdpa-compile")
+
+        def run():
+            with torch.inference_mode():
+                return m(input_ids=ids, attention_mask=mask).last_hidden_state
+        return run
+
+    todo = {"hf-sdpa-compile": compiled}
+    why = peers.ort_missing()
+    if why:
+        notice("bert", f"no ort/ort-opt rows: {why}")
+    else:
+        todo.update({name: (lambda name=name: peers.ort_fn(models.peer(name), ids, mask)) for name in ("ort", "ort-opt")})
+    peers.check_peers(fns, todo, "hf-eager", "hf-sdpa", lambda text: notice("bert", text), label)
+    return fns
+
 
 def cases(device: torch.device, size: str = "default") -> List[Case]:
     cuda = device.type == "cuda"
@@ -118,15 +182,23 @@ def cases(device: torch.device, size: str = "default") -> List[Case]:
     out = []
     common = dict(eager="hf-eager", sdpa="hf-sdpa", xlabel="batch x sequence length")
     inference_shapes, train_shapes = SHAPES["cuda" if cuda else "cpu"][size]
-    for B, L in inference_shapes:
-        def setup(B=B, L=L):
-            our, hf, _ = models.get("inference")
-            ids, mask, _ = _batch(B, L, device, vocab_size=cfg["vocab_size"])
-            return _inference_fns(our, hf, backends, ids, mask, cuda)
-        out.append(Case("bert", f"{label} inference B{B} L{L} {str(dtype)[6:]} padded L/2..L", setup=setup,
-                        flops=_flops(B, L, False, cfg), tokens=B * L, x=f"B{B} L{L}",
-                        chart=f"{label} inference, {str(dtype)[6:]}", **common,
-                        params={"B": B, "L": L, "dtype": str(dtype), "mode": "inference"}))
+    inference = [(label, cfg, models, B, L) for B, L in inference_shapes]
+    if not cuda and MINILM_SHAPES[size]:
+        minilm = _Models(device, MINILM)
+        inference += [("all-MiniLM-L6 shape", MINILM, minilm, B, L) for B, L in MINILM_SHAPES[size]]
+    for name, mcfg, mset, B, L in inference:
+        with_peers = not cuda and (name, B, L) in PEER_SHAPES[size]
+
+        def setup(B=B, L=L, mcfg=mcfg, mset=mset, with_peers=with_peers, name=name):
+            our, hf, _ = mset.get("inference")
+            ids, mask, _ = _batch(B, L, device, vocab_size=mcfg["vocab_size"])
+            fns = _inference_fns(our, hf, backends, ids, mask, cuda)
+            return _peer_fns(fns, mset, ids, mask, f"{name} B{B} L{L}") if with_peers else fns
+        out.append(Case("bert", f"{name} inference B{B} L{L} {str(dtype)[6:]} padded L/2..L", setup=setup,
+                        flops=_flops(B, L, False, mcfg), tokens=B * L, x=f"B{B} L{L}",
+                        chart=f"{name} inference, {str(dtype)[6:]}", **common,
+                        pause_s=peers.PAUSE_S if with_peers and not peers.ort_missing() else 0.0,
+                        params={"B": B, "L": L, "dtype": str(dtype), "mode": "inference", "model": name}))
     prec = "fp16-autocast" if cuda else "fp32"
     for B, L in train_shapes:
         def setup(B=B, L=L):

@@ -82,6 +82,7 @@ class Case:
     xlabel: str = ""  # what x is, e.g. "sequence length"
     eager: str = "eager"  # the row "vs eager" divides by
     sdpa: str = "sdpa"  # the row "vs sdpa" divides by
+    pause_s: float = 0.0  # CPU: sleep between timed calls, untimed (ONNX Runtime's workers; see bench/ort.py)
 
     def callables(self) -> Dict[str, Callable[[], object]]:
         if self.fns is None:
@@ -186,12 +187,12 @@ def _time_cuda(fns, size):
 
 def time_interleaved(fns: Dict[str, Callable[[], object]], *, budget_s: float, min_rounds: int,
                      max_rounds: int, sync: Callable[[], None] = lambda: None, sample_s: float = 1e-3,
-                     slow_round_s: float = 4.0) -> Dict[str, Union[Timing, Exception]]:
+                     slow_round_s: float = 4.0, pause_s: float = 0.0) -> Dict[str, Union[Timing, Exception]]:
     """Round-robin timing: one warm-up call each, then rounds that time every implementation
     once (a sample of `number` calls, about sample_s long), the order rotated each round, until
     min_rounds are done and budget_s has passed (or max_rounds). When one round takes longer than
     slow_round_s (a whole model's training step per implementation), 3 rounds are the minimum.
-    GC is off while timing."""
+    pause_s: an untimed sleep before each sample. GC is off while timing."""
     out: Dict[str, Union[Timing, Exception]] = {}
     number, first = {}, {}
     for name, fn in fns.items():
@@ -221,6 +222,8 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], *, budget_s: float, m
             k = r % len(live)
             for name in live[k:] + live[:k]:
                 fn, n = fns[name], number[name]
+                if pause_s:
+                    time.sleep(pause_s)
                 try:
                     t0 = time.perf_counter()
                     for _ in range(n):
@@ -240,12 +243,13 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], *, budget_s: float, m
     return {name: out[name] for name in fns if name in out}
 
 
-def time_case(fns, device: torch.device, size: str) -> Dict[str, Union[Timing, Exception]]:
+def time_case(fns, device: torch.device, size: str, pause_s: float = 0.0) -> Dict[str, Union[Timing, Exception]]:
     if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
         return _time_cuda(fns, size)
     per_impl, min_rounds, max_rounds = BUDGETS[size]
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    return time_interleaved(fns, budget_s=per_impl * len(fns), min_rounds=min_rounds, max_rounds=max_rounds, sync=sync)
+    return time_interleaved(fns, budget_s=per_impl * len(fns), min_rounds=min_rounds, max_rounds=max_rounds, sync=sync,
+                            pause_s=pause_s)
 
 
 def case_rows(case: Case, results: Dict[str, Union[Timing, Exception]]) -> List[dict]:

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
             print(f"\n[{done}/{total}] {fam.name}: {case.name}", flush=True)
             t0 = time.perf_counter()
             try:
-                new = core.case_rows(case, core.time_case(case.callables(), device, size))
+                new = core.case_rows(case, core.time_case(case.callables(), device, size, pause_s=case.pause_s))
             except Exception as e:  # the case could not be set up: one line, the family goes on
                 failures.append(f"{case.name}: {report.one_line(e)}")
                 print(f"  FAILED: {report.one_line(e)}", flush=True)
