@@ -190,16 +190,8 @@ def _import_graph():
     return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
 
 
-# Edges left out of the check, each with its reason. bench.core.main imports bench.run inside the
-# function (core.main is what tests/test_bench.py calls); the benchmark harness's rework (#14,
-# section 4) owns those files.
-KNOWN_EDGES = {("forkattn.bench.core", "forkattn.bench.run")}
-
-
 def test_no_import_cycle_inside_the_package():
     graph = _import_graph()
-    for a, b in KNOWN_EDGES:
-        graph[a].discard(b)
     assert "forkattn.backends.registry" in graph and "forkattn._layout" in graph["forkattn.attention"]
     state, cycles = {}, []
 

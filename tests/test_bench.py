@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from forkattn.bench import core, report
+from forkattn.bench import core, report, run
 
 
 @pytest.fixture
@@ -29,7 +29,7 @@ def _run_folder(out):
 
 
 def test_quick_bench_runs_every_case(tmp_path, fast, capsys):
-    assert core.main(["--quick", "--device", "cpu", "--only", "attention,mlm,decode", "--out", str(tmp_path)]) == 0
+    assert run.main(["--quick", "--device", "cpu", "--only", "attention,mlm,decode", "--out", str(tmp_path)]) == 0
     folder = _run_folder(tmp_path)
     data = json.load(open(os.path.join(folder, "results.json")))
     env = data["environment"]
@@ -69,7 +69,7 @@ def test_quick_bench_runs_every_case(tmp_path, fast, capsys):
 
 def test_unknown_family_is_refused(tmp_path):
     with pytest.raises(SystemExit):
-        core.main(["--only", "nope", "--out", str(tmp_path)])
+        run.main(["--only", "nope", "--out", str(tmp_path)])
 
 
 def test_attention_flops_count():
@@ -124,7 +124,7 @@ def test_failing_family_keeps_the_others(tmp_path, fast, monkeypatch, capsys):
             _family(monkeypatch, "crashlist", lambda device, size: 1 / 0),
             _family(monkeypatch, "after", _sleep_cases("after", 0.001, 0.002))]
     monkeypatch.setattr(core, "FAMILIES", fams)
-    rc = core.main(["--device", "cpu", "--out", str(tmp_path), "--no-plot"])
+    rc = run.main(["--device", "cpu", "--out", str(tmp_path), "--no-plot"])
     assert rc == 1  # two families crashed
     assert seen["good"], "good.json was not written before the next family ran"
     folder = _run_folder(tmp_path)
@@ -150,7 +150,7 @@ def test_missing_optional_dependency_is_a_notice(tmp_path, fast, monkeypatch, ca
             _family(monkeypatch, "lazy", needs_import),
             _family(monkeypatch, "good", _sleep_cases("good", 0.001, 0.002))]
     monkeypatch.setattr(core, "FAMILIES", fams)
-    assert core.main(["--device", "cpu", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert run.main(["--device", "cpu", "--out", str(tmp_path), "--no-plot"]) == 0
     out = capsys.readouterr().out
     assert "needy: skipped, needs forkattn_no_such_dep (pip install forkattn_no_such_dep)" in out
     assert "lazy: skipped, needs forkattn_no_such_module" in out
@@ -167,14 +167,14 @@ def test_older_family_protocol_still_runs(tmp_path, fast, monkeypatch):
         return [core.Case("old", "one", {"eager": _sleeper(0.001), "forkattn-x": _sleeper(0.0005)})]
 
     monkeypatch.setattr(core, "FAMILIES", [_family(monkeypatch, "old", cases)])
-    assert core.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert run.main(["--quick", "--device", "cpu", "--out", str(tmp_path), "--no-plot"]) == 0
     assert got["quick"] is True
 
 
 def test_compare_flags_a_planted_regression(tmp_path, fast, monkeypatch, capsys):
     monkeypatch.setitem(core.BUDGETS, "default", (0.05, 7, 30))  # steady medians
     monkeypatch.setattr(core, "FAMILIES", [_family(monkeypatch, "fam", _sleep_cases("fam", 0.001, 0.003))])
-    assert core.main(["--device", "cpu", "--out", str(tmp_path / "a"), "--no-plot"]) == 0
+    assert run.main(["--device", "cpu", "--out", str(tmp_path / "a"), "--no-plot"]) == 0
     before = os.path.join(_run_folder(tmp_path / "a"))
     # now forkattn-x is 30x slower in case 1 only: the planted regression
     def cases(device, size):
@@ -183,7 +183,7 @@ def test_compare_flags_a_planted_regression(tmp_path, fast, monkeypatch, capsys)
                           bytes=1e6, chart="c", x=f"x{i}") for i in range(2)]
     monkeypatch.setattr(core, "FAMILIES", [_family(monkeypatch, "fam", cases)])
     capsys.readouterr()
-    assert core.main(["--device", "cpu", "--out", str(tmp_path / "b"), "--no-plot", "--compare", before]) == 0
+    assert run.main(["--device", "cpu", "--out", str(tmp_path / "b"), "--no-plot", "--compare", before]) == 0
     out = capsys.readouterr().out
     flagged = [ln for ln in out.splitlines() if ln.rstrip().endswith("REGRESSION")]
     assert len(flagged) == 1 and "fam case 1" in flagged[0] and "forkattn-x" in flagged[0], out
@@ -225,7 +225,7 @@ def test_loaded_machine_is_reported(tmp_path, fast, monkeypatch, capsys):
     noisy = iter([0.001, 0.02] * 1000)  # alternating sample times: IQR far above 20%, even under load
     monkeypatch.setattr(core, "FAMILIES", [_family(monkeypatch, "fam", lambda device, size: [
         core.Case("fam", "c", setup=lambda: {"eager": lambda: time.sleep(next(noisy))})])])
-    assert core.main(["--device", "cpu", "--out", str(tmp_path), "--no-plot"]) == 0
+    assert run.main(["--device", "cpu", "--out", str(tmp_path), "--no-plot"]) == 0
     out = capsys.readouterr().out
     assert "the machine is loaded (1-minute load average 64.0" in out
     assert "rows have a spread (IQR/median) above 20%" in out

@@ -332,9 +332,3 @@ def notice(family: str, text: str) -> None:
     if line not in NOTICES:
         NOTICES.append(line)
         print(line, flush=True)
-
-
-def main(argv=None) -> int:
-    from .run import main as _main
-
-    return _main(argv)
