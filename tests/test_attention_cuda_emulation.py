@@ -1,21 +1,16 @@
-"""The CUDA attention kernels, checked without a GPU through scripts/emulate_attention_kernel.py (a
-thread-level transcription of kernels/attention/*.cuh and csrc/cuda/attention_cuda.cpp): a few small
-cases against the fp64 reference, the fragment layouts against a plain matmul, and mutations (a
+"""The CUDA attention kernels, checked without a GPU through the cuda_emulator package (tests/cuda_emulator:
+a thread-level transcription of kernels/attention/*.cuh and their host glue on an SM80 model): a few
+small cases against the fp64 reference, the fragment layouts against a plain matmul, and mutations (a
 deliberately broken copy of one kernel step) that the checks must catch, so they cannot pass
-vacuously. The full matrix is the script's __main__."""
-import importlib.util
-import sys
-from pathlib import Path
-
+vacuously. The full matrix is `python tests/cuda_emulator` (docs/EMULATION.md)."""
 import numpy as np
 import pytest
 import torch
-
-_PATH = Path(__file__).resolve().parents[1] / "scripts" / "emulate_attention_kernel.py"
-_spec = importlib.util.spec_from_file_location("emulate_attention_kernel", _PATH)
-emu = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = emu
-_spec.loader.exec_module(emu)
+from cuda_emulator import attention as emu
+from cuda_emulator import core
+from cuda_emulator.attention_checks import run_case, run_varlen_case
+from cuda_emulator.core import EmulationError
+from forkattn import reference
 
 
 @pytest.mark.parametrize("b_layout", ["nk", "kn"])
@@ -24,25 +19,25 @@ def test_kernel_fragment_loads_and_mma_compute_a_matmul(b_layout):
     layouts (PTX ISA) give A @ B for each warp's 16 x 16 by 16 x 16 tile."""
     D, ROW = 32, 40
     rng = np.random.default_rng(0)
-    a = emu.round_h(rng.standard_normal((64, D)))  # 4 warps x 16 rows, row-major [m][k]
-    b = emu.round_h(rng.standard_normal((16, D)))  # [n][k] for nk; its transpose stored [k][n] for kn
-    sm = emu.Smem(2 * ROW * 64 * 2)
+    a = core.round_h(rng.standard_normal((64, D)))  # 4 warps x 16 rows, row-major [m][k]
+    b = core.round_h(rng.standard_normal((16, D)))  # [n][k] for nk; its transpose stored [k][n] for kn
+    sm = core.Smem(2 * ROW * 64 * 2)
     sm.h[: 64 * ROW].reshape(64, ROW)[:, :D] = a
     tile_b = 2 * 64 * ROW
     stored = b if b_layout == "nk" else b.T  # [16][32] or [32][16]
     view = sm.h[64 * ROW:].reshape(64, ROW)
     view[: stored.shape[0], : stored.shape[1]] = stored
-    c = np.zeros((emu.NT, 2, 4), np.float32)
+    c = np.zeros((core.NT, 2, 4), np.float32)
     if b_layout == "nk":  # C [16 x 16 per warp] = A[:, :32] @ B^T, k over D
-        emu.mma_tile_smem_a(sm, c, 0, ROW, emu.WARP * 16, tile_b, D, 16, True)
+        emu.mma_tile_smem_a(sm, c, 0, ROW, core.WARP * 16, tile_b, D, 16, True)
         want = a @ b.T
     else:  # C = A[:, :32] @ Bkn with Bkn = b.T [32 x 16]
-        emu.mma_tile_smem_a(sm, c, 0, ROW, emu.WARP * 16, tile_b, D, 16, False)
+        emu.mma_tile_smem_a(sm, c, 0, ROW, core.WARP * 16, tile_b, D, 16, False)
         want = a @ b.T
     got = np.zeros((64, 16), np.float32)
     for j in range(2):
         for e in range(4):
-            got[emu.WARP * 16 + emu.G + (e >> 1) * 8, j * 8 + 2 * emu.TQ + (e & 1)] = c[:, j, e]
+            got[core.WARP * 16 + core.G + (e >> 1) * 8, j * 8 + 2 * core.TQ + (e & 1)] = c[:, j, e]
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -57,24 +52,24 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_emulated_kernels_match_reference(case):
     case = dict(case)
-    emu.run_case(case.pop("B"), case.pop("H"), case.pop("Hkv"), case.pop("Lq"), case.pop("Lk"), case.pop("D"),
-                 case.pop("causal"), verbose=False, **case)
+    run_case(case.pop("B"), case.pop("H"), case.pop("Hkv"), case.pop("Lq"), case.pop("Lk"), case.pop("D"),
+             case.pop("causal"), verbose=False, **case)
 
 
 def test_emulated_varlen_with_empty_sequences_and_oversized_grid():
-    emu.run_varlen_case([65, 0, 7, 3], [70, 3, 0, 9], 2, 1, 32, True, verbose=False, max_pad=64)
+    run_varlen_case([65, 0, 7, 3], [70, 3, 0, 9], 2, 1, 32, True, verbose=False, max_pad=64)
 
 
 # --- mutations: each breaks one step the way a kernel bug would; the checks must fail --------------------
 
 def _small():
-    emu.run_case(2, 2, 1, 65, 70, 32, True, padding="partial", verbose=False)
+    run_case(2, 2, 1, 65, 70, 32, True, padding="partial", verbose=False)
 
 
 def test_mutation_wrong_ldmatrix_trans_address_is_caught(monkeypatch):
     def bad(sm, tile, ROW, n0, k0):  # the two 8-row/8-column halves swapped
-        L = emu.LANE
-        return emu.ldsm_x4(sm, tile + 2 * ((k0 + (L & 7) + (L >> 4) * 8) * ROW + n0 + ((L >> 3) & 1) * 8), trans=True)
+        L = core.LANE
+        return core.ldsm_x4(sm, tile + 2 * ((k0 + (L & 7) + (L >> 4) * 8) * ROW + n0 + ((L >> 3) & 1) * 8), trans=True)
     monkeypatch.setattr(emu, "load_b_kn", bad)
     with pytest.raises(AssertionError):
         _small()
@@ -82,8 +77,8 @@ def test_mutation_wrong_ldmatrix_trans_address_is_caught(monkeypatch):
 
 def test_mutation_wrong_quad_reduction_lanes_are_caught(monkeypatch):
     def bad(x):  # lanes 4 apart do not share a fragment row
-        x = np.fmax(x, x[emu.TID ^ 1])
-        return np.fmax(x, x[emu.TID ^ 4])
+        x = np.fmax(x, x[core.TID ^ 1])
+        return np.fmax(x, x[core.TID ^ 4])
     monkeypatch.setattr(emu, "quad_max", bad)
     with pytest.raises(AssertionError):
         _small()
@@ -99,31 +94,31 @@ def test_mutation_query_length_off_by_one_is_caught(monkeypatch):
 
 def test_mutation_missing_barrier_is_caught_as_a_race(monkeypatch):
     calls = {"n": 0}
-    real = emu.Smem.barrier
+    real = core.Smem.barrier
 
     def flaky(self):  # drop the barrier after the first wait of each block (the top of the main loop)
         calls["n"] += 1
         if calls["n"] != 1:
             real(self)
-    monkeypatch.setattr(emu.Smem, "barrier", flaky)
-    with pytest.raises(emu.EmulationError, match="race|in flight"):
-        emu.run_case(1, 1, 1, 7, 7, 32, False, verbose=False)
+    monkeypatch.setattr(core.Smem, "barrier", flaky)
+    with pytest.raises(EmulationError, match="race|in flight"):
+        run_case(1, 1, 1, 7, 7, 32, False, verbose=False)
 
 
 def test_mutation_unpredicated_tile_load_is_caught_out_of_bounds(monkeypatch):
     real = emu.load_tile_async
     monkeypatch.setattr(emu, "load_tile_async", lambda sm, tile, ROW, g, rs, row0, n_rows, ROWS, D, keep=None:
                         real(sm, tile, ROW, g, rs, row0, 1 << 30, ROWS, D))
-    with pytest.raises(emu.EmulationError, match="out-of-bounds"):
-        emu.run_case(1, 1, 1, 7, 7, 32, False, verbose=False)
+    with pytest.raises(EmulationError, match="out-of-bounds"):
+        run_case(1, 1, 1, 7, 7, 32, False, verbose=False)
 
 
 def test_mutation_unpredicated_store_is_caught(monkeypatch):
     real = emu.store_tile
     monkeypatch.setattr(emu, "store_tile", lambda sm, g, rs, row0, n_rows, tile, ROW, ROWS, D:
                         real(sm, g, rs, row0, n_rows + 1, tile, ROW, ROWS, D))
-    with pytest.raises(emu.EmulationError):  # row past len: out of bounds or a second write of a row
-        emu.run_case(2, 2, 2, 7, 9, 32, False, verbose=False)
+    with pytest.raises(EmulationError):  # row past len: out of bounds or a second write of a row
+        run_case(2, 2, 2, 7, 9, 32, False, verbose=False)
 
 
 def test_mutation_small_score_error_in_dq_is_caught(monkeypatch):
@@ -136,7 +131,7 @@ def test_mutation_small_score_error_in_dq_is_caught(monkeypatch):
     def bad_mma(sm, c, a_tile, ROW, r0, b_tile, K, N, B_NK):
         real_mma(sm, c, a_tile, ROW, r0, b_tile, K, N, B_NK)
         if state["in_dq"] and a_tile == 0:  # S = Q K^T (sQ is at offset 0); column 5: j 0, t 2, e odd
-            lanes = emu.TQ == 2
+            lanes = core.TQ == 2
             c[lanes, 0, 1] -= np.float32(0.04)
             c[lanes, 0, 3] -= np.float32(0.04)
 
@@ -149,7 +144,7 @@ def test_mutation_small_score_error_in_dq_is_caught(monkeypatch):
     monkeypatch.setattr(emu, "mma_tile_smem_a", bad_mma)
     monkeypatch.setattr(emu, "attention_bwd_dq_kernel", dq_kernel)
     with pytest.raises(AssertionError, match="same-rounding model"):
-        emu.run_case(1, 2, 2, 65, 70, 32, False, verbose=False)
+        run_case(1, 2, 2, 65, 70, 32, False, verbose=False)
 
 
 # --- non-finite values (issue 12, sections 2 and 3) ----------------------------------------------------
@@ -159,7 +154,7 @@ def test_mutation_small_score_error_in_dq_is_caught(monkeypatch):
 def test_emulated_garbage_in_padded_keys_changes_nothing(garbage, causal, padding):
     """inf / NaN in every padded key and value: out, lse, dq, dk, dv as without it (2x rule, the
     same-rounding model on the zero-padded inputs), padded keys' dk, dv exactly zero."""
-    emu.run_case(3, 2, 1, 33, 150 if padding == "holes" else 70, 32, causal, padding=padding, garbage=garbage,
+    run_case(3, 2, 1, 33, 150 if padding == "holes" else 70, 32, causal, padding=padding, garbage=garbage,
                  verbose=False)
 
 
@@ -174,7 +169,7 @@ def _nan_pattern_case(plant, causal):
     out, lse = emu.attention_fwd_cuda(q, k, v, mask, causal, D ** -0.5)
     dq, dk, dv = emu.attention_bwd_cuda(g, q, k, v, out, lse, mask, causal, D ** -0.5)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
-    ref = emu.reference.attention(*leaves, causal=causal, key_padding_mask=mask, scale=D ** -0.5)
+    ref = reference.attention(*leaves, causal=causal, key_padding_mask=mask, scale=D ** -0.5)
     refg = torch.autograd.grad(ref, leaves, g.double())
     return (out, dq, dk, dv), (ref.detach(), *refg)
 

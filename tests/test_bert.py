@@ -356,7 +356,7 @@ def test_backends_eager_and_cpu_agree():
     for k in res["cpu"][1]:
         torch.testing.assert_close(res["cpu"][1][k], res["eager"][1][k], rtol=1e-3, atol=1e-5, msg=k)
     triton = pytest.importorskip("forkattn.triton")
-    if getattr(triton, "unavailable_reason", lambda: "missing")() is None and "triton" in fb.forkattn.attention.__globals__["BACKENDS"].backends:
+    if getattr(triton, "unavailable_reason", lambda: "missing")() is None and "triton" in fb.forkattn.available_backends()["attention"]:
         m.set_attention_backend("triton")
         torch.testing.assert_close(m(ids, mask, tt).logits, res["eager"][0], rtol=1e-3, atol=1e-4)
 
@@ -464,12 +464,12 @@ TINY = ["--hidden", "32", "--layers", "2", "--heads", "2", "--intermediate", "64
 
 
 def test_train_mlm_then_finetune_runs(tmp_path):
-    from forkattn.training import bert as tb
+    from forkattn.training import bert_finetune, bert_pretrain
 
     # pre-train on the corpus plus the (unlabelled) review texts, so the vocabulary has their words
     (tmp_path / "corpus.txt").write_text(CORPUS + "\n\n" + "\n".join(t for t, _ in REVIEWS))
     out = tmp_path / "mlm"
-    rc = tb.main_mlm(["--data", str(tmp_path / "corpus.txt"), "--out", str(out), "--vocab-size", "120", "--steps", "6",
+    rc = bert_pretrain.main(["--data", str(tmp_path / "corpus.txt"), "--out", str(out), "--vocab-size", "120", "--steps", "6",
                       "--batch-size", "4", "--warmup", "2", "--objective", "sop", "--no-progress", *TINY,
                       "--hidden", "64", "--heads", "4", "--intermediate", "128"])
     assert rc == 0
@@ -482,7 +482,7 @@ def test_train_mlm_then_finetune_runs(tmp_path):
     with open(tmp_path / "reviews.csv", "w") as f:
         f.write("text,label\n" + "".join(f'"{t}",{l}\n' for t, l in REVIEWS * 4))
     ft = tmp_path / "ft"
-    rc = tb.main_finetune(["--model", str(out), "--train", str(tmp_path / "reviews.csv"), "--out", str(ft),
+    rc = bert_finetune.main(["--model", str(out), "--train", str(tmp_path / "reviews.csv"), "--out", str(ft),
                            "--epochs", "30", "--lr", "5e-3", "--warmup-ratio", "0", "--batch-size", "12", "--no-progress"])
     assert rc == 0
     res = json.loads((ft / "eval_results.json").read_text())
@@ -492,22 +492,22 @@ def test_train_mlm_then_finetune_runs(tmp_path):
 
 
 def test_finetune_token_classification_and_qa(tmp_path):
-    from forkattn.training import bert as tb
+    from forkattn.training import bert_finetune, bert_pretrain
 
     (tmp_path / "corpus.txt").write_text(CORPUS)
     out = tmp_path / "mlm"
-    assert tb.main_mlm(["--data", str(tmp_path / "corpus.txt"), "--out", str(out), "--vocab-size", "120", "--steps", "2",
+    assert bert_pretrain.main(["--data", str(tmp_path / "corpus.txt"), "--out", str(out), "--vocab-size", "120", "--steps", "2",
                         "--batch-size", "2", "--no-progress", *TINY]) == 0
     rows = [{"tokens": ["the", "cat", "sat", "on", "monday"], "tags": ["O", "ANIMAL", "O", "O", "DAY"]},
             {"tokens": ["the", "dog", "sang"], "tags": ["O", "ANIMAL", "O"]}] * 4
     (tmp_path / "ner.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    assert tb.main_finetune(["--task", "token-classification", "--model", str(out), "--train", str(tmp_path / "ner.jsonl"),
+    assert bert_finetune.main(["--task", "token-classification", "--model", str(out), "--train", str(tmp_path / "ner.jsonl"),
                              "--out", str(tmp_path / "ner"), "--epochs", "20", "--lr", "3e-3", "--no-progress"]) == 0
     assert json.loads((tmp_path / "ner" / "eval_results.json").read_text())["accuracy"] >= 0.9
     qa = [{"question": "who sat on the mat ?", "context": "the cat sat on the mat .", "answer": "cat"},
           {"question": "when did the market close low ?", "context": "the market closed low on monday .", "answer": "monday"}] * 4
     (tmp_path / "qa.jsonl").write_text("\n".join(json.dumps(r) for r in qa))
-    assert tb.main_finetune(["--task", "question-answering", "--model", str(out), "--train", str(tmp_path / "qa.jsonl"),
+    assert bert_finetune.main(["--task", "question-answering", "--model", str(out), "--train", str(tmp_path / "qa.jsonl"),
                              "--out", str(tmp_path / "qa"), "--epochs", "30", "--lr", "3e-3", "--no-progress"]) == 0
     res = json.loads((tmp_path / "qa" / "eval_results.json").read_text())
     assert res["exact_match"] >= 0.9, res
@@ -538,20 +538,26 @@ def test_ddp_two_cpu_processes_keep_replicas_identical(tmp_path):
     assert any(not torch.equal(s0[k], init[k]) for k in s0)  # it trained
     log = json.loads((out / "train_log.json").read_text())
     assert log[0]["world_size"] == 2 and log[0]["rank0_batch_hash"] != log[0]["rank1_batch_hash"]  # different data per rank
+    assert log[0]["rank0_vocab_hash"] == log[0]["rank1_vocab_hash"]  # one vocabulary (WordPiece training is not deterministic)
 
 
 def test_mask_tokens_fresh_masks_every_step_never_special_or_padding():
     import forkattn
     from forkattn.models.bert_tokenizer import BertTokenizer
-    from forkattn.training import bert as tb
+    from forkattn.training import bert_pretrain
 
     path = _minilm_path()
     tok = BertTokenizer.from_pretrained(path)
-    batch = tok(["the quick brown fox jumps over the lazy dog " * 6, "a short one"], padding=True, return_tensors="pt")
+    texts = ["the quick brown fox jumps over the lazy dog " * 6, "a short one"]
+    batch = tok(texts, padding=True, return_tensors="pt")
+    rows = [{"input_ids": ids} for ids in tok(texts)["input_ids"]]  # what the trainer hands its collator
+    collate = bert_pretrain.mlm_collator(tok, 0.3)
     g = torch.Generator().manual_seed(0)
     masks = []
     for _ in range(2):
-        ids, labels = tb.mask_tokens({k: v.clone() for k, v in batch.items()}, tok, 0.3, g)
+        masked, labels = bert_pretrain.mask_batch(collate, rows, g)
+        ids = masked["input_ids"]
+        assert torch.equal(masked["attention_mask"], batch["attention_mask"])
         special = torch.isin(batch["input_ids"], torch.tensor(tok.all_special_ids)) | (batch["attention_mask"] == 0)
         assert (labels[special] == -100).all() and (ids[special] == batch["input_ids"][special]).all()
         sel = labels != -100
@@ -559,4 +565,4 @@ def test_mask_tokens_fresh_masks_every_step_never_special_or_padding():
         assert torch.equal(labels[sel], batch["input_ids"][sel])
         masks.append(sel)
     assert not torch.equal(masks[0], masks[1])  # dynamic masking
-    assert hasattr(forkattn, "mlm_mask")  # this build trains with the fused sampler, not the fallback
+    assert hasattr(forkattn, "mlm_mask")  # the trainer masks with the fused sampler (it has no fallback)

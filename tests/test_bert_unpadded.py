@@ -8,6 +8,7 @@ import torch
 
 from forkattn.models import bert as fb
 from forkattn.models.bert_graphs import BertGraphRunner
+from forkattn.models.padding import Packing
 
 BACKENDS = ["eager", "cpu"]
 
@@ -78,7 +79,7 @@ def test_unpadded_encoder_equals_padded_layout(backend):
 
 def test_packing_bookkeeping_and_dense_batches():
     ids, mask, _ = _mixed_batch()
-    p = fb.Packing.from_mask(mask)
+    p = Packing.from_mask(mask)
     lengths = mask.sum(1)
     assert p.cu_seqlens.dtype == torch.int32 and p.cu_seqlens.tolist() == [0, *lengths.cumsum(0).tolist()]
     assert p.max_seqlen == int(lengths.max()) and p.indices.numel() == int(lengths.sum()) and not p.dense
@@ -89,7 +90,7 @@ def test_packing_bookkeeping_and_dense_batches():
     # no padding at all: the padded layout without a mask (no gather/scatter)
     m = _unpad_model()
     full = torch.ones_like(mask)
-    assert fb.Packing.from_mask(full).dense
+    assert Packing.from_mask(full).dense
     m.eval()
     a = m.bert(ids, full).last_hidden_state
     m.config.unpad_inputs = False

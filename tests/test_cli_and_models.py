@@ -63,6 +63,55 @@ def test_models_package_exports_the_model_classes():
         fm.Nope  # noqa: B018
 
 
+def test_outputs_read_as_attributes_and_keys():
+    """One output type for every model (models/outputs.py): out.x and out["x"], as transformers'."""
+    from forkattn.models.bert import BertConfig, BertForSequenceClassification
+    from forkattn.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    bert = BertForSequenceClassification(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32,
+                                                    max_position_embeddings=16)).eval()
+    gpt = GPT(GPTConfig(vocab_size=30, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+    ids = torch.randint(0, 30, (2, 7))
+    for out, labels in ((bert(ids), bert(ids, labels=torch.tensor([0, 1]))), (gpt(ids), gpt(ids, labels=ids))):
+        assert out["logits"] is out.logits and out.loss is None and out["loss"] is None
+        assert list(out.keys()) == ["logits"] and "loss" not in out and out[0] is out.logits
+        assert list(labels.keys()) == ["loss", "logits"] and labels["loss"] is labels.loss and labels.loss.dim() == 0
+        with pytest.raises(KeyError, match="no field 'nope'"):
+            out["nope"]
+        with pytest.raises(AttributeError):
+            out.nope  # noqa: B018
+
+
+def test_model_backend_is_a_config_field_not_saved(tmp_path):
+    """Both models read config.attention_backend (models/backend.py); it never reaches config.json."""
+    from forkattn.models.bert import BertConfig, BertModel
+    from forkattn.models.gpt import GPT, GPTConfig
+
+    bert = BertModel(BertConfig(vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32, max_position_embeddings=16))
+    gpt = GPT(GPTConfig(vocab_size=30, n_positions=16, n_embd=16, n_layer=1, n_head=2), backend="eager")
+    assert (gpt.config.attention_backend, gpt.decode_backend, gpt.transformer.h[0].attn.backend) == ("eager",) * 3
+    gpt.set_attention_backend("cpu")
+    bert.set_attention_backend("cpu")
+    assert (gpt.backend, gpt.decode_backend, bert.config.attention_backend) == ("cpu",) * 3
+    with pytest.raises(TypeError, match="attention_backend must be None or"):
+        bert.set_attention_backend(3)
+    for name, m in (("b", bert), ("g", gpt)):
+        m.save_pretrained(str(tmp_path / name))
+        saved = json.load(open(tmp_path / name / "config.json"))
+        assert "attention_backend" not in saved and "decode_backend" not in saved, saved
+
+
+def test_generation_does_not_import_a_model():
+    """generation.py drives a model through its interface: importing it loads no model module."""
+    code = ("import sys, forkattn.models.generation as g; "
+            "print(sorted(m for m in sys.modules if m.startswith('forkattn.models.')))")
+    out = subprocess.run([sys.executable, "-c", code], env=_env(), capture_output=True, text=True, check=True).stdout
+    assert "forkattn.models.gpt" not in out and "forkattn.models.bert" not in out, out
+
+
 def test_icl_docstring_example_runs():
     """Its example `label, scores = clf.predict(...)` raised TypeError (issue 13); now a doctest."""
     from forkattn.models import icl
@@ -123,29 +172,29 @@ def test_help_exits_zero_and_shows_defaults():
     r = subprocess.run([sys.executable, "-m", "forkattn.train", "--help"], env=_env(), capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0 and "bert-mlm" in r.stdout and "gpt" in r.stdout, r.stderr
-    from forkattn.training import bert as tb
+    from forkattn.training import bert_finetune, bert_pretrain
     from forkattn.training.gpt import build_parser
 
     gpt_help = build_parser().format_help()
     assert "(default: 4096)" in gpt_help and "(default: 0.0006)" in gpt_help
     assert "(default: None)" not in gpt_help
-    assert "(default: 8000)" in tb._mlm_parser().format_help()
-    assert "(default: label)" in tb._finetune_parser().format_help()
+    assert "(default: 8000)" in bert_pretrain.build_parser().format_help()
+    assert "(default: label)" in bert_finetune.build_parser().format_help()
 
 
 def test_one_dtype_and_init_vocabulary_for_bert_and_gpt():
-    from forkattn.training import bert as tb
+    from forkattn.training import bert_finetune, bert_pretrain
     from forkattn.training.gpt import build_parser
 
     base = ["--data", "x", "--out", "y"]
-    for parse in (tb._mlm_parser().parse_args, build_parser().parse_args):
+    for parse in (bert_pretrain.build_parser().parse_args, build_parser().parse_args):
         for spelling, canonical in (("fp32", "float32"), ("bfloat16", "bfloat16"), ("fp16", "float16"),
                                     ("float16", "float16")):
             assert parse(base + ["--dtype", spelling]).dtype == canonical
         for flag in ("--init", "--init-from"):
             a = parse(base + [flag, "some/dir"])
             assert (getattr(a, "init", None) or getattr(a, "init_from", None)) == "some/dir"
-    ft = tb._finetune_parser().parse_args(["--model", "m", "--train", "t", "--out", "o", "--dtype", "bf16"])
+    ft = bert_finetune.build_parser().parse_args(["--model", "m", "--train", "t", "--out", "o", "--dtype", "bf16"])
     assert ft.dtype == "bfloat16"
     with pytest.raises(SystemExit):
         build_parser().parse_args(base + ["--dtype", "int8"])

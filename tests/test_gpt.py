@@ -6,7 +6,8 @@ import warnings
 import pytest
 import torch
 
-from forkattn.models.gpt import GPT, GPTConfig, StaticKVCache, make_cache
+from forkattn.models.generation import StaticKVCache, make_cache
+from forkattn.models.gpt import GPT, GPTConfig
 
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
@@ -184,17 +185,9 @@ def recompute_greedy(model, ids, mask, n):
     return ids
 
 
-def needs_cache(cache):
-    from forkattn.models.gpt import forkattn_cache_available
-
-    if cache == "forkattn" and forkattn_cache_available() is not None:
-        pytest.skip(forkattn_cache_available())
-
-
 @pytest.mark.parametrize("cache", ["static", "forkattn"])
 @pytest.mark.parametrize("backend", ["eager", "cpu"])
 def test_greedy_equals_recompute_and_transformers_left_padded(backend, cache):
-    needs_cache(cache)
     ref, ours = pair()
     ours.set_backend(backend)
     ids, mask = left_padded_batch()
@@ -212,7 +205,6 @@ def test_greedy_equals_recompute_and_transformers_left_padded(backend, cache):
 
 
 def test_separate_decode_backend():
-    needs_cache("forkattn")
     _, ours = pair()
     ids, mask = left_padded_batch()
     want = ours.set_backend("cpu").generate(ids, 10, do_sample=False, attention_mask=mask, cache="forkattn")
@@ -227,7 +219,6 @@ def test_separate_decode_backend():
 
 @pytest.mark.parametrize("cache", ["static", "forkattn"])
 def test_ragged_right_padded_prompt_matches_unpadded(cache):
-    needs_cache(cache)
     _, ours = pair()
     ids, mask = left_padded_batch()
     right_ids, right_mask = torch.zeros_like(ids), torch.zeros_like(mask)
@@ -277,7 +268,7 @@ def test_seeded_sampling_reproducible():
 
 
 def test_top_k_top_p_restrict_the_support():
-    from forkattn.models.gpt import _pick
+    from forkattn.models.generation import pick_tokens as _pick
 
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(4, 50)
@@ -296,7 +287,7 @@ def test_top_k_top_p_restrict_the_support():
 
 
 def test_sampling_distribution_matches_softmax():
-    from forkattn.models.gpt import _pick
+    from forkattn.models.generation import pick_tokens as _pick
 
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).expand(100_000, 4)
@@ -330,11 +321,10 @@ def test_generate_bad_inputs():
 @pytest.mark.parametrize("cache", ["static", "forkattn"])
 def test_static_shapes_cache_equals_eager_shapes(cache):
     """The CUDA-graph layout (every step reads all max_len slots) gives the eager layout's tokens."""
-    needs_cache(cache)
     _, ours = pair()
     ids, mask = left_padded_batch()
     a = ours.generate(ids, 10, do_sample=False, attention_mask=mask, cache=cache)
-    import forkattn.models.gpt as gm
+    import forkattn.models.generation as gm
 
     orig = gm.make_cache
     gm.make_cache = lambda *a_, **k: orig(*a_, **{**k, "static_shapes": True})
@@ -349,11 +339,10 @@ def test_static_shapes_cache_equals_eager_shapes(cache):
 def test_warm_up_steps_leave_the_cache_as_it_was(cache, monkeypatch):
     """The CUDA-graph path runs warm-up decode steps and restores the cache state before capture;
     on CPU, run the same warm-up (static shapes) before the eager steps: tokens must not change."""
-    needs_cache(cache)
     _, ours = pair()
     ids, mask = left_padded_batch()
     want = ours.generate(ids, 12, do_sample=False, attention_mask=mask, cache=cache)
-    import forkattn.models.gpt as gm
+    import forkattn.models.generation as gm
 
     orig_make, orig_step = gm.make_cache, GPT._eager_step
     monkeypatch.setattr(gm, "make_cache", lambda *a, **k: orig_make(*a, **{**k, "static_shapes": True}))
@@ -398,7 +387,6 @@ def test_cache_writes_only_its_slots():
 @pytest.mark.parametrize("cache", ["static", "forkattn"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_cuda_graph_generate_equals_eager_steps(dtype, cache):
-    needs_cache(cache)
     ref, ours = pair(n_embd=128, n_head=2)  # head_dim 64: every CUDA/Triton kernel supports it
     ours = ours.cuda().to(dtype)
     ids, mask = left_padded_batch()

@@ -132,6 +132,33 @@ def test_masks_stay_2d(monkeypatch):
     assert set(seen) == {2, None}, seen
 
 
+def test_config_attention_backend_picks_the_backend(monkeypatch):
+    """model.config.attention_backend pins forkattn's backend, as in forkattn's own models; a pinned
+    backend that cannot run raises rather than falling back to sdpa."""
+    import forkattn
+
+    seen = []
+    inner = forkattn.attention
+
+    def spy(*a, backend=None, **kw):
+        seen.append(backend)
+        return inner(*a, backend=backend, **kw)
+
+    monkeypatch.setattr(forkattn, "attention", spy)
+    m = _model("bert", "forkattn")
+    ids, mask = _batch([9, 4], 9)
+    with torch.no_grad():
+        auto = _main_output(m(ids, attention_mask=mask))
+        m.config.attention_backend = "eager"
+        pinned = _main_output(m(ids, attention_mask=mask))
+    assert seen == [None, None, "eager", "eager"], seen  # two layers per forward
+    torch.testing.assert_close(pinned, auto, rtol=1e-4, atol=1e-5)
+    if "cuda" not in forkattn.available_backends()["attention"]:
+        m.config.attention_backend = "cuda"
+        with pytest.raises(forkattn.BackendUnavailableError, match="cuda"):
+            m(ids, attention_mask=mask)
+
+
 # --- generation ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])

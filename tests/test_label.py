@@ -20,7 +20,7 @@ pytest.importorskip("tokenizers")
 
 from forkattn.models.gpt import GPT, GPTConfig  # noqa: E402
 from forkattn.models.icl import ICLClassifier  # noqa: E402
-from forkattn.training import bert as tb  # noqa: E402
+from forkattn.training import bert_finetune, bert_pretrain  # noqa: E402
 from forkattn.training import label as tl  # noqa: E402
 from forkattn.training.gpt import train_bpe  # noqa: E402
 
@@ -92,7 +92,7 @@ def test_three_command_workflow(gpt_dir, tmp_path):
     corpus.write_text("\n".join(r["text"] for f in ("shots.csv", "gold.csv") for r in _read(os.path.join(DATA, f)))
                       + "\n\n" + open(os.path.join(DATA, "unlabeled.txt")).read())
     bert = tmp_path / "bert"
-    assert tb.main_mlm(["--data", str(corpus), "--out", str(bert), "--vocab-size", "200", "--steps", "1",
+    assert bert_pretrain.main(["--data", str(corpus), "--out", str(bert), "--vocab-size", "200", "--steps", "1",
                         "--batch-size", "4", "--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64",
                         "--max-len", "32", "--no-progress"]) == 0
     common = ["--model", str(gpt_dir), "--labels", LABELS, "--prompt", PROMPT,
@@ -121,7 +121,7 @@ def test_three_command_workflow(gpt_dir, tmp_path):
     assert [r["label"] for r in grows] == [r["label"] for r in _read(os.path.join(DATA, "gold.csv"))]
     # 3. the BERT learns the GPT's labels; --eval reports accuracy and agreement with the labeler
     clf = tmp_path / "clf"
-    assert tb.main_finetune(["--model", str(bert), "--train", str(labeled), "--eval", str(gold), "--out", str(clf),
+    assert bert_finetune.main(["--model", str(bert), "--train", str(labeled), "--eval", str(gold), "--out", str(clf),
                              "--epochs", "1", "--batch-size", "12", "--max-len", "32", "--no-progress"]) == 0
     res = json.loads((clf / "eval_results.json").read_text())
     assert 0.0 <= res["accuracy"] <= 1.0 and 0.0 <= res["labeler_agreement"] <= 1.0 and res["examples"] == 12

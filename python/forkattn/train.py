@@ -1,4 +1,4 @@
-"""`python -m forkattn.train {bert-mlm,bert-finetune,gpt} ...`: training entry points.
+"""`python -m forkattn.train {bert-mlm,bert-finetune,gpt,label} ...`: training entry points.
 
 Each subcommand lives in forkattn.training.<family> as `main(argv)`; this file only dispatches,
 and turns a bad flag or input file (training.common.UsageError, a missing or unreadable file, a
@@ -10,8 +10,8 @@ import os
 import sys
 
 COMMANDS = {
-    "bert-mlm": ("forkattn.training.bert", "main_mlm"),
-    "bert-finetune": ("forkattn.training.bert", "main_finetune"),
+    "bert-mlm": ("forkattn.training.bert_pretrain", "main"),
+    "bert-finetune": ("forkattn.training.bert_finetune", "main"),
     "gpt": ("forkattn.training.gpt", "main"),
     "label": ("forkattn.training.label", "main"),
 }

@@ -17,7 +17,10 @@ by the function `AttentionMaskInterface` holds under the same name. This module 
   padding: padded keys are masked; a padded query row sees no key and returns zeros (its output
   is never used; sdpa returns something else there, which is equally unused).
 - forkattn_attention_forward calls forkattn.attention (GQA native, no repeat_kv), whose custom ops
-  give backward and torch.compile(fullgraph=True) without graph breaks.
+  give backward and torch.compile(fullgraph=True) without graph breaks. Its backend is chosen as
+  in forkattn's own models (forkattn/models/backend.py): `model.config.attention_backend` ("eager",
+  "cpu", "cuda", "triton") pins one, unset or None lets forkattn pick the fastest. A pinned
+  backend that cannot run a call raises BackendUnavailableError instead of falling back.
 
 Encoders keep the padded layout (key_padding_mask), not unpacked varlen: measured on CPU (one
 thread, lengths uniform in L/2..L, attention alone), unpadding q/k/v, attention_varlen and
@@ -65,7 +68,8 @@ except ImportError as e:  # transformers is optional for forkattn, required for 
     ) from e
 
 import forkattn
-from forkattn.backends import BackendUnavailableError
+from forkattn import BackendUnavailableError
+from forkattn.models.backend import attention_backend
 
 NAME = "forkattn"
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -111,7 +115,7 @@ def forkattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
 
 # --- the attention function -----------------------------------------------------------------------
 
-def _fallback_reason(query, key, value, attention_mask, dropout, kwargs) -> Optional[str]:
+def _fallback_reason(query, key, value, attention_mask, dropout, kwargs, backend: Optional[str]) -> Optional[str]:
     if attention_mask is not None and attention_mask.dim() != 2:
         return (f"a {attention_mask.dim()}-D attention mask (a pattern forkattn cannot express: sliding window, "
                 "chunked or packed sequences, or a caller's own mask)")
@@ -124,8 +128,10 @@ def _fallback_reason(query, key, value, attention_mask, dropout, kwargs) -> Opti
     if query.dtype not in _FLOAT_DTYPES:
         return f"dtype {query.dtype} (forkattn runs float32, float16, bfloat16)"
     try:
-        forkattn.select_backend(query)
+        forkattn.select_backend(query, backend)
     except BackendUnavailableError as e:
+        if backend is not None:
+            raise  # pinned by config.attention_backend: the caller asked for this backend
         return f"no forkattn backend for these inputs ({e})"
     return None
 
@@ -175,7 +181,8 @@ def forkattn_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
     mask = attention_mask
     if mask is not None and mask.dim() == 2 and mask.dtype != torch.bool:
         mask = mask != 0  # transformers' int 0/1 masks; forkattn takes bool
-    why = _fallback_reason(query, key, value, mask, dropout, kwargs)
+    backend = attention_backend(getattr(module, "config", None))
+    why = _fallback_reason(query, key, value, mask, dropout, kwargs, backend)
     if why is not None:
         _warn_once(why)
         return _sdpa_fallback(module, query, key, value, mask, dropout, scaling, causal, kwargs)
@@ -193,7 +200,7 @@ def forkattn_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
         if mask.shape[0] != B:
             mask = mask.expand(B, n)
     out = forkattn.attention(query, key, value, causal=causal, key_padding_mask=mask,
-                             scale=None if scaling is None else float(scaling))
+                             scale=None if scaling is None else float(scaling), backend=backend)
     return out.transpose(1, 2), None  # [B, Lq, H, D] view of the kernel's [B, Lq, H, D] memory
 
 

@@ -9,13 +9,15 @@ import importlib
 
 _EXPORTS = {
     "bert": ["BertConfig", "BertModel", "BertForMaskedLM", "BertForPreTraining", "BertForPreTrainingSOP",
-             "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering",
-             "Output", "Packing"],
+             "BertForSequenceClassification", "BertForTokenClassification", "BertForQuestionAnswering"],
     "bert_graphs": ["BertGraphRunner"],
     "bert_tokenizer": ["BertTokenizer"],
-    "gpt": ["GPT", "GPTConfig", "CausalLMOutput", "StaticKVCache", "ForkattnKVCache", "make_cache"],
+    "gpt": ["GPT", "GPTConfig"],
+    "generation": ["GenerationMixin", "KVCacheBase", "StaticKVCache", "ForkattnKVCache", "make_cache"],
     "icl": ["ICLClassifier", "Prediction", "format_prompt"],
     "checkpoint": ["read_state_dict", "load_state"],
+    "padding": ["Packing"],
+    "outputs": ["ModelOutput", "CausalLMOutput"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

@@ -12,16 +12,19 @@
                 or sentence-order prediction), sequence / token classification, question answering.
 
 Parameter names are transformers' (bert.encoder.layer.0.attention.self.query.weight, ...), so
-loading a transformers checkpoint is a key-for-key copy; ALBERT checkpoints are a renaming
-(`_albert_to_ours`). Attention is forkattn.attention with BERT's attention_mask as the key-padding
-mask; `config.attention_backend` (None = fastest for the device) picks its backend.
+loading a transformers checkpoint is a key-for-key copy; ALBERT checkpoints are a renaming (the
+explicit table in models/bert_names.py). Attention is forkattn.attention with BERT's
+attention_mask as the key-padding mask; `config.attention_backend` (None = fastest for the device)
+picks its backend (models/backend.py). Outputs are models/outputs.py's, checkpoints go through
+models/checkpoint.py.
 
 Padded batches run unpadded (config.unpad_inputs, on by default): the attention mask is read once,
-the real tokens are packed into [tokens, hidden] right after the embedding lookup, every layer works
-on them alone (forkattn.attention_varlen for attention), and the result is scattered back into
-[B, L, hidden] with zeros at the padded positions. At BERT's usual lengths uniform in L/2..L that
-skips a quarter of every GEMM, not only of attention. transformers computes values at the padded
-positions; we do not (they are zeros, and heads see zeros there): compare outputs at real tokens.
+the real tokens are packed into [tokens, hidden] right after the embedding lookup
+(models/padding.py), every layer works on them alone (forkattn.attention_varlen for attention),
+and the result is scattered back into [B, L, hidden] with zeros at the padded positions. At
+BERT's usual lengths uniform in L/2..L that skips a quarter of every GEMM, not only of attention.
+transformers computes values at the padded positions; we do not (they are zeros, and heads see
+zeros there): compare outputs at real tokens.
 
 Difference from transformers: the fused attention kernels have no dropout on the attention
 probabilities, so attention_probs_dropout_prob is not applied (hidden-state dropout is); a warning
@@ -32,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
@@ -43,9 +45,14 @@ from torch import Tensor, nn
 
 import forkattn
 
-from .checkpoint import load_state, model_folder, read_state_dict, save_safetensors
-
-
+from .activations import activation, check_activation
+from .backend import FIELDS as BACKEND_FIELDS
+from .backend import attention_backend, check_backend, set_backends
+from .bert_names import hf_key, key_map_from_hf
+from .checkpoint import load_state, model_folder, read_state_dict, write_folder
+from .outputs import (AlbertForPreTrainingOutput, BaseModelOutputWithPooling, BertForPreTrainingOutput,
+                      MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
+from .padding import Packing
 
 # --- config ----------------------------------------------------------------------------------------
 
@@ -73,7 +80,7 @@ class BertConfig:
     embedding_size: Optional[int] = None  # None = hidden_size, no projection
     num_hidden_groups: Optional[int] = None  # None = num_hidden_layers, no sharing
     model_type: str = "bert"  # "bert" or "albert": which checkpoint key names to read and write
-    attention_backend: Optional[str] = None  # forkattn.attention backend; None = fastest available
+    attention_backend: Optional[str] = None  # forkattn.attention backend; None = fastest (models/backend.py)
     # Padded batches run unpadded: the real tokens are packed once after the embeddings and every
     # layer (linears, LayerNorms, attention via forkattn.attention_varlen) sees only them; padded
     # positions of last_hidden_state are zeros. False = the padded layout with a key-padding mask.
@@ -93,8 +100,8 @@ class BertConfig:
             raise ValueError(f"num_hidden_groups must be in [1, num_hidden_layers={self.num_hidden_layers}], got {groups}")
         if self.model_type not in ("bert", "albert"):
             raise ValueError(f"model_type must be 'bert' or 'albert', got {self.model_type!r}")
-        if self.hidden_act not in _ACTIVATIONS:
-            raise ValueError(f"hidden_act must be one of {sorted(_ACTIVATIONS)}, got {self.hidden_act!r}")
+        check_activation(self.hidden_act, "hidden_act")
+        check_backend(self.attention_backend)
         if self.id2label is not None:
             self.id2label = {int(k): v for k, v in self.id2label.items()}
             self.num_labels = len(self.id2label)
@@ -138,7 +145,8 @@ class BertConfig:
     def to_dict(self) -> dict:
         """transformers-style config.json contents (loadable by transformers when model_type allows)."""
         d = dataclasses.asdict(self)
-        d.pop("attention_backend")
+        for name in BACKEND_FIELDS:
+            d.pop(name, None)
         d.pop("unpad_inputs")
         d.pop("sparse_prediction")
         if self.id2label is None:
@@ -160,34 +168,6 @@ class BertConfig:
 
 
 # --- building blocks ---------------------------------------------------------------------------
-
-def _gelu_tanh(x: Tensor) -> Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-_ACTIVATIONS = {"gelu": F.gelu, "gelu_new": _gelu_tanh, "gelu_pytorch_tanh": _gelu_tanh, "relu": F.relu,
-                "silu": F.silu, "swish": F.silu}
-
-
-class Output(dict):
-    """A dict with attribute access, like transformers' ModelOutput (out.logits == out["logits"])."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-class Node(nn.Module):
-    """A named container, so the module tree (and so the state-dict keys) reads like transformers'."""
-
-    def __init__(*args, **children: nn.Module):
-        node = args[0]  # not named `self`: transformers calls one child "self"
-        nn.Module.__init__(node)
-        for name, child in children.items():
-            setattr(node, name, child)
-
 
 class BertEmbeddings(nn.Module):
     def __init__(self, config: BertConfig):
@@ -217,65 +197,20 @@ def check_length(L: int, config: BertConfig) -> None:
         raise ValueError(f"input_ids has length {L}, more than max_position_embeddings {config.max_position_embeddings}")
 
 
-@dataclass
-class Packing:
-    """Where the real tokens of a padded [B, L] batch go when packed: the unpadded encoder's bookkeeping.
-
-    indices [T] int64: flat positions b * L + i of the real tokens, row-major (so each sequence's
-    tokens are contiguous and in order, whatever the mask's pattern: right or left padding);
-    cu_seqlens [B + 1] int32 and max_seqlen: forkattn.attention_varlen's arguments; lengths: the
-    real tokens of each row, on the host.
-    """
-
-    indices: Tensor
-    cu_seqlens: Tensor
-    max_seqlen: int
-    batch: int
-    seqlen: int
-    lengths: Optional[list] = None
-
-    @classmethod
-    def from_mask(cls, attention_mask: Tensor) -> "Packing":
-        """One device-to-host copy of the [B, L] mask (bytes), bookkeeping on the host, two small copies back."""
-        B, L = attention_mask.shape
-        m = attention_mask.detach().to("cpu", torch.bool)
-        lengths = m.sum(1, dtype=torch.int32)
-        cu = torch.zeros(B + 1, dtype=torch.int32)
-        torch.cumsum(lengths, 0, out=cu[1:])
-        indices = m.flatten().nonzero().squeeze(1)
-        dev = attention_mask.device
-        return cls(indices.to(dev, non_blocking=True), cu.to(dev, non_blocking=True),
-                   int(lengths.max()) if B else 0, B, L, lengths.tolist())
-
-    @property
-    def dense(self) -> bool:
-        """No padding at all: the padded layout without a mask is then cheaper than packing."""
-        return self.indices.numel() == self.batch * self.seqlen
-
-    def pack(self, t: Tensor) -> Tensor:
-        """[B, L, ...] -> [T, ...] (differentiable)."""
-        return t.flatten(0, 1).index_select(0, self.indices)
-
-    def unpack(self, t: Tensor) -> Tensor:
-        """[T, ...] -> [B, L, ...] with zeros at the padded positions (differentiable)."""
-        out = t.new_zeros((self.batch * self.seqlen, *t.shape[1:]))
-        return out.index_copy(0, self.indices, t).unflatten(0, (self.batch, self.seqlen))
-
-
 class BertLayer(nn.Module):
     """Post-LN transformer layer; module names are transformers' BertLayer's."""
 
     def __init__(self, config: BertConfig):
         super().__init__()
         H, I, eps = config.hidden_size, config.intermediate_size, config.layer_norm_eps
-        self.attention = Node(
-            self=Node(query=nn.Linear(H, H), key=nn.Linear(H, H), value=nn.Linear(H, H)),
-            output=Node(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=eps)),
-        )
-        self.intermediate = Node(dense=nn.Linear(H, I))
-        self.output = Node(dense=nn.Linear(I, H), LayerNorm=nn.LayerNorm(H, eps=eps))
+        self.attention = nn.ModuleDict(dict(
+            self=nn.ModuleDict(dict(query=nn.Linear(H, H), key=nn.Linear(H, H), value=nn.Linear(H, H))),
+            output=nn.ModuleDict(dict(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=eps))),
+        ))
+        self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(H, I)))
+        self.output = nn.ModuleDict(dict(dense=nn.Linear(I, H), LayerNorm=nn.LayerNorm(H, eps=eps)))
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = activation(config.hidden_act)
         self.num_heads = config.num_attention_heads
         self.config = config
 
@@ -289,7 +224,7 @@ class BertLayer(nn.Module):
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], packing: Optional[Packing] = None) -> Tensor:
         """x [B, L, hidden] with key_padding_mask [B, L] or None; or packed [T, hidden] with `packing`."""
-        att, backend = self.attention, self.config.attention_backend
+        att, backend = self.attention, attention_backend(self.config)
         if packing is None:
             B, L, H = x.shape
             # [B, L, heads, head_dim] -> [B, heads, L, head_dim] views; forkattn reads the strides in place
@@ -365,7 +300,8 @@ class BertPreTrainedModel(nn.Module):
         return next(self.parameters()).device
 
     def set_attention_backend(self, backend: Optional[str]) -> None:
-        self.config.attention_backend = backend
+        """forkattn backend of every attention call ("eager", "cpu", "cuda", "triton", None = fastest)."""
+        set_backends(self.config, backend)
 
     # -- checkpoints ---
     @classmethod
@@ -393,63 +329,20 @@ class BertPreTrainedModel(nn.Module):
                            strict: bool = False, log: bool = False) -> dict:
         """Copy a transformers-named state dict in (checkpoint.load_state); return the key report
         (logged too with log=True, as from_pretrained does)."""
-        albert = self.config.model_type == "albert"
-        has_prefix = any(k.startswith(("bert.", "albert.")) for k in state)
-        prefix = self.base_model_prefix + "." if self.base_model_prefix else ""
-        has_bias = any(k.endswith("predictions.bias") for k in state)
-
-        def map_key(key: str, value: Tensor):
-            k = key.replace("LayerNorm.gamma", "LayerNorm.weight").replace("LayerNorm.beta", "LayerNorm.bias")
-            if k.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
-                return None  # buffers some checkpoints carry
-            if has_prefix and k.startswith(("bert.", "albert.")):
-                base = k.split(".", 1)[1]
-            elif not has_prefix:
-                base = k  # a base-model checkpoint: every key is a base-model key
-            else:
-                return (_rename(k, _ALBERT_HEADS, reverse=True) if albert else k), value
-            return prefix + (_rename(base, _ALBERT_BASE, reverse=True) if albert else base), value
-
-        def map_head(key: str, value: Tensor):
-            mapped = map_key(key, value)
-            if mapped is None or mapped[0].endswith("predictions.decoder.weight"):
-                return None  # the decoder weight is tied to the word embeddings
-            name = mapped[0]
-            if name.endswith("predictions.decoder.bias"):
-                if has_bias:
-                    return None  # the same tensor as predictions.bias, which the checkpoint holds too
-                name = name[: -len("decoder.bias")] + "bias"
-            return name, value
-
-        return load_state(self, state, map_head, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict,
+        map_key = key_map_from_hf(state, self.config.model_type, self.base_model_prefix)
+        return load_state(self, state, map_key, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict,
                           owner=f"{type(self).__name__}.from_pretrained", log=log)
 
     def hf_state_dict(self) -> Dict[str, Tensor]:
         """The state dict under transformers' names (ALBERT names when config.model_type == 'albert')."""
-        out = {}
-        for k, v in self.state_dict().items():
-            if self.config.model_type == "albert":
-                if self.base_model_prefix and k.startswith("bert."):
-                    k = "albert." + _rename(k[5:], _ALBERT_BASE)
-                elif self.base_model_prefix:
-                    k = _rename(k, _ALBERT_HEADS)
-                else:
-                    k = _rename(k, _ALBERT_BASE)
-            out[k] = v.detach().contiguous()
-        return out
+        return {hf_key(k, self.config.model_type, self.base_model_prefix): v.detach().contiguous()
+                for k, v in self.state_dict().items()}
 
     def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
         """config.json + model.safetensors (or pytorch_model.bin), readable by from_pretrained and transformers."""
-        os.makedirs(path, exist_ok=True)
         config = self.config.to_dict()
         config["architectures"] = [self._hf_architecture()]
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        state = self.hf_state_dict()
-        if safe_serialization:
-            save_safetensors(state, os.path.join(path, "model.safetensors"))
-        else:
-            torch.save(state, os.path.join(path, "pytorch_model.bin"))
+        write_folder(path, config, self.hf_state_dict(), safe_serialization=safe_serialization)
 
     def _hf_architecture(self) -> str:
         name = type(self).__name__
@@ -469,13 +362,14 @@ class BertModel(BertPreTrainedModel):
         super().__init__(config)
         self.embeddings = BertEmbeddings(config)
         self.encoder = BertEncoder(config)
-        self.pooler = Node(dense=nn.Linear(config.hidden_size, config.hidden_size)) if add_pooling_layer else None
+        H = config.hidden_size
+        self.pooler = nn.ModuleDict(dict(dense=nn.Linear(H, H))) if add_pooling_layer else None
         self.init_weights()
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,
-                add_pooling: bool = True) -> Output:
-        """input_ids [B, L]; attention_mask [B, L] (1/True = real token, 0 = padding); -> Output with
+                add_pooling: bool = True) -> BaseModelOutputWithPooling:
+        """input_ids [B, L]; attention_mask [B, L] (1/True = real token, 0 = padding); -> outputs with
         last_hidden_state [B, L, hidden] and pooler_output [B, hidden] (None without a pooler).
 
         With padding and config.unpad_inputs, the encoder runs on the packed real tokens and
@@ -503,7 +397,7 @@ class BertModel(BertPreTrainedModel):
                                    packing.pack(self._positions(input_ids, position_ids)))
             x = packing.unpack(x)
         pooled = torch.tanh(self.pooler.dense(x[:, 0])) if (self.pooler is not None and add_pooling) else None
-        return Output(last_hidden_state=x, pooler_output=pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
 
     def _positions(self, input_ids: Tensor, position_ids: Optional[Tensor]) -> Tensor:
         B, L = input_ids.shape
@@ -524,9 +418,10 @@ class BertLMHead(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         E = config.embedding_size or config.hidden_size
-        self.transform = Node(dense=nn.Linear(config.hidden_size, E), LayerNorm=nn.LayerNorm(E, eps=config.layer_norm_eps))
+        self.transform = nn.ModuleDict(dict(dense=nn.Linear(config.hidden_size, E),
+                                            LayerNorm=nn.LayerNorm(E, eps=config.layer_norm_eps)))
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.act = _ACTIVATIONS[config.hidden_act]
+        self.act = activation(config.hidden_act)
 
     def forward(self, x: Tensor, word_embeddings: Tensor) -> Tensor:
         x = self.transform.LayerNorm(self.act(self.transform.dense(x)))
@@ -553,31 +448,32 @@ class BertForMaskedLM(BertPreTrainedModel):
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.bert = BertModel(config, add_pooling_layer=False)
-        self.cls = Node(predictions=BertLMHead(config))
+        self.cls = nn.ModuleDict(dict(predictions=BertLMHead(config)))
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None) -> Output:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None) -> MaskedLMOutput:
         """labels [B, L]: the original ids at masked positions, -100 elsewhere (ignored by the loss).
         logits [B, L, vocab], or [n_labelled, vocab] with config.sparse_prediction and labels."""
         x = self._bert(input_ids, attention_mask, token_type_ids, position_ids, pool=False).last_hidden_state
         logits, loss = _mlm_logits_and_loss(self.cls.predictions, x, self.bert.embeddings.word_embeddings.weight,
                                             labels, self.config.sparse_prediction)
-        return Output(loss=loss, logits=logits)
+        return MaskedLMOutput(loss=loss, logits=logits)
 
 
 class BertForPreTraining(BertPreTrainedModel):
     """MLM + next-sentence prediction (label 0 = B follows A, 1 = B is random)."""
 
-    pair_task = "nsp"
+    output_type = BertForPreTrainingOutput  # its pair logits field: seq_relationship_logits
 
     def __init__(self, config: BertConfig):
         super().__init__(config)
         self.bert = BertModel(config)
-        self.cls = Node(predictions=BertLMHead(config), seq_relationship=nn.Linear(config.hidden_size, 2))
+        self.cls = nn.ModuleDict(dict(predictions=BertLMHead(config), seq_relationship=nn.Linear(config.hidden_size, 2)))
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None,
-                next_sentence_label=None, sentence_order_label=None) -> Output:
+                next_sentence_label=None, sentence_order_label=None):
         out = self._bert(input_ids, attention_mask, token_type_ids, position_ids)
         prediction_logits, loss = _mlm_logits_and_loss(self.cls.predictions, out.last_hidden_state,
                                                        self.bert.embeddings.word_embeddings.weight, labels,
@@ -586,15 +482,14 @@ class BertForPreTraining(BertPreTrainedModel):
         pair_label = next_sentence_label if sentence_order_label is None else sentence_order_label
         if loss is not None and pair_label is not None:
             loss = loss + F.cross_entropy(pair_logits.float(), pair_label.view(-1))
-        name = "sop_logits" if self.pair_task == "sop" else "seq_relationship_logits"
-        return Output(loss=loss, prediction_logits=prediction_logits, **{name: pair_logits})
+        return self.output_type(loss, prediction_logits, pair_logits)
 
 
 class BertForPreTrainingSOP(BertForPreTraining):
     """ALBERT's pre-training: MLM + sentence-order prediction (label 0 = A then B as written,
     1 = swapped). Same head as NSP, different data and output name (sop_logits)."""
 
-    pair_task = "sop"
+    output_type = AlbertForPreTrainingOutput  # its pair logits field: sop_logits
 
 
 class BertForSequenceClassification(BertPreTrainedModel):
@@ -608,7 +503,8 @@ class BertForSequenceClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None) -> Output:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None) -> SequenceClassifierOutput:
         pooled = self._bert(input_ids, attention_mask, token_type_ids, position_ids).pooler_output
         logits = self.classifier(self.dropout(pooled))
         loss = None
@@ -624,7 +520,7 @@ class BertForSequenceClassification(BertPreTrainedModel):
                 loss = F.cross_entropy(logits.view(-1, self.config.num_labels).float(), labels.view(-1))
             else:
                 loss = F.binary_cross_entropy_with_logits(logits.float(), labels.float())
-        return Output(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 class BertForTokenClassification(BertPreTrainedModel):
@@ -638,13 +534,14 @@ class BertForTokenClassification(BertPreTrainedModel):
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.init_weights()
 
-    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None, labels=None) -> Output:
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
+                labels=None) -> TokenClassifierOutput:
         x = self._bert(input_ids, attention_mask, token_type_ids, position_ids, pool=False).last_hidden_state
         logits = self.classifier(self.dropout(x))
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits.view(-1, self.config.num_labels).float(), labels.view(-1), ignore_index=-100)
-        return Output(loss=loss, logits=logits)
+        return TokenClassifierOutput(loss=loss, logits=logits)
 
 
 class BertForQuestionAnswering(BertPreTrainedModel):
@@ -657,7 +554,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         self.init_weights()
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
-                start_positions=None, end_positions=None) -> Output:
+                start_positions=None, end_positions=None) -> QuestionAnsweringModelOutput:
         x = self._bert(input_ids, attention_mask, token_type_ids, position_ids, pool=False).last_hidden_state
         start_logits, end_logits = self.qa_outputs(x).unbind(-1)
         loss = None
@@ -666,58 +563,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
             s, e = start_positions.view(-1).clamp(0, L), end_positions.view(-1).clamp(0, L)
             loss = (F.cross_entropy(start_logits.float(), s, ignore_index=L) +
                     F.cross_entropy(end_logits.float(), e, ignore_index=L)) / 2
-        return Output(loss=loss, start_logits=start_logits, end_logits=end_logits)
-
-
-# --- checkpoint files and ALBERT names -------------------------------------------------------------
-
-def load_state_dict_file(path: str, map_location="cpu") -> Dict[str, Tensor]:
-    """model.safetensors, else pytorch_model.bin, from a transformers-format directory (kept for
-    callers of the old name; see checkpoint.read_state_dict)."""
-    return read_state_dict(path, map_location=map_location)
-
-
-# (our base-model key, ALBERT's) as regex pairs; \1 is the layer group.
-_ALBERT_BASE = [
-    (r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.", r"encoder.albert_layer_groups.\1.albert_layers.0.attention.\2."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.dense\.", r"encoder.albert_layer_groups.\1.albert_layers.0.attention.dense."),
-    (r"encoder\.layer\.(\d+)\.attention\.output\.LayerNorm\.", r"encoder.albert_layer_groups.\1.albert_layers.0.attention.LayerNorm."),
-    (r"encoder\.layer\.(\d+)\.intermediate\.dense\.", r"encoder.albert_layer_groups.\1.albert_layers.0.ffn."),
-    (r"encoder\.layer\.(\d+)\.output\.dense\.", r"encoder.albert_layer_groups.\1.albert_layers.0.ffn_output."),
-    (r"encoder\.layer\.(\d+)\.output\.LayerNorm\.", r"encoder.albert_layer_groups.\1.albert_layers.0.full_layer_layer_norm."),
-    (r"pooler\.dense\.", r"pooler."),
-]
-_ALBERT_HEADS = [
-    (r"cls\.predictions\.transform\.dense\.", r"predictions.dense."),
-    (r"cls\.predictions\.transform\.LayerNorm\.", r"predictions.LayerNorm."),
-    (r"cls\.predictions\.bias", r"predictions.bias"),
-    (r"cls\.predictions\.decoder\.", r"predictions.decoder."),
-    (r"cls\.seq_relationship\.", r"sop_classifier.classifier."),
-]
-
-
-def _unregex(pattern: str) -> str:
-    """r'encoder.albert_layer_groups.\\1.x.' -> a regex matching it, with \\1 as a group."""
-    return "^" + re.escape(pattern).replace(r"\\1", r"(\d+)").replace(r"\\2", r"(query|key|value)")
-
-
-def _to_template(pattern: str) -> str:
-    """Our regex r'encoder\\.layer\\.(\\d+)\\.(query|key|value)\\.' -> replacement template."""
-    out, n = pattern, 0
-    for group in re.findall(r"\([^)]*\)", pattern):
-        n += 1
-        out = out.replace(group, f"\\{n}", 1)
-    return out.replace("\\.", ".")
-
-
-def _rename(key: str, table, reverse: bool = False) -> str:
-    """Our name -> ALBERT's (reverse=False) or ALBERT's -> ours (reverse=True); others unchanged."""
-    for ours, theirs in table:
-        src, dst = (_unregex(theirs), _to_template(ours)) if reverse else ("^" + ours, theirs)
-        new, n = re.subn(src, dst, key)
-        if n:
-            return new
-    return key
+        return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
 
 
 MODEL_CLASSES = {
@@ -730,4 +576,4 @@ MODEL_CLASSES = {
     "BertForQuestionAnswering": BertForQuestionAnswering,
 }
 
-__all__ = ["BertConfig", "Output", "Packing", "load_state_dict_file", *MODEL_CLASSES]
+__all__ = ["BertConfig", *MODEL_CLASSES]

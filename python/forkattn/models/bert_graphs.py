@@ -12,7 +12,9 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .bert import BertModel, Output, Packing, check_length
+from .bert import BertModel, check_length
+from .outputs import BaseModelOutputWithPooling
+from .padding import Packing
 
 
 class _Bucket:
@@ -117,7 +119,7 @@ class BertGraphRunner:
         b.cu_seqlens.copy_(torch.tensor(cu, dtype=torch.int32))
 
     def __call__(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                 token_type_ids: Optional[Tensor] = None) -> Output:
+                 token_type_ids: Optional[Tensor] = None) -> BaseModelOutputWithPooling:
         if self.model.training:
             raise RuntimeError("BertGraphRunner is for inference: call model.eval() first (dropout would be frozen into the graph)")
         if input_ids.dim() != 2:
@@ -157,7 +159,7 @@ class BertGraphRunner:
             x = packing.unpack(y)
             pooler = self.model.pooler
             pooled = torch.tanh(pooler.dense(x[:, 0])) if pooler is not None else None
-        return Output(last_hidden_state=x, pooler_output=pooled)
+        return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
 
 
 __all__ = ["BertGraphRunner"]

@@ -1,11 +1,14 @@
-"""BERT's WordPiece tokenization on the `tokenizers` library.
+"""BERT's WordPiece tokenizer: the `tokenizers` library's BertWordPieceTokenizer behind the call
+API of transformers' BertTokenizerFast (so the training commands need no transformers).
 
     tok = BertTokenizer.from_pretrained(checkpoint_dir)     # tokenizer.json, else vocab.txt
     tok = BertTokenizer.train(["corpus.txt"], vocab_size=8000)  # a fresh WordPiece vocabulary
     batch = tok(texts, pairs, padding=True, truncation=True, max_length=128, return_tensors="pt")
     # -> input_ids ([CLS] A [SEP] (B [SEP])), token_type_ids (0 for A, 1 for B), attention_mask
 
-Same ids as transformers' BertTokenizerFast on the same files (tested).
+The library does the tokenizing (normalizer, pre-tokenizer, WordPiece, [CLS]/[SEP] post-processor,
+training); this class adds truncation/padding per call, tensors, and save_pretrained in
+transformers' layout. Same ids as transformers' BertTokenizerFast on the same files (tested).
 """
 from __future__ import annotations
 
@@ -14,18 +17,24 @@ import os
 from typing import Iterable, List, Optional, Sequence, Union
 
 import torch
-from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordPiece
+from tokenizers import Tokenizer
+from tokenizers.implementations import BaseTokenizer, BertWordPieceTokenizer
+from tokenizers.processors import BertProcessing
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+# WordPieceTrainer keeps every character of the corpus by default (limit_alphabet None), which
+# BertWordPieceTokenizer.train cannot pass on; a bound above any alphabet keeps that behaviour.
+_EVERY_CHARACTER = 1 << 31
 TextInput = Union[str, Sequence[str]]
 
 
 class BertTokenizer:
-    def __init__(self, tokenizer: Tokenizer, model_max_length: int = 512):
+    """tokenizer: a tokenizers BaseTokenizer (e.g. BertWordPieceTokenizer) holding BERT's pipeline."""
+
+    def __init__(self, tokenizer: BaseTokenizer, model_max_length: int = 512):
         self.tokenizer = tokenizer
         self.model_max_length = model_max_length
-        tokenizer.no_truncation()
+        tokenizer.no_truncation()  # per call instead (a tokenizer.json may carry its own settings)
         tokenizer.no_padding()
         ids = {t: tokenizer.token_to_id(t) for t in SPECIAL_TOKENS}
         missing = [t for t, i in ids.items() if i is None]
@@ -36,19 +45,6 @@ class BertTokenizer:
         self.all_special_ids = sorted(ids.values())
 
     # -- construction ---
-    @staticmethod
-    def _pipeline(tok: Tokenizer, lowercase: bool) -> Tokenizer:
-        tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
-                                                    lowercase=lowercase)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        tok.decoder = decoders.WordPiece(prefix="##")
-        return tok
-
-    def _set_post_processor(self) -> None:
-        self.tokenizer.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
-            special_tokens=[("[CLS]", self.cls_token_id), ("[SEP]", self.sep_token_id)])
-
     @classmethod
     def from_pretrained(cls, path: str) -> "BertTokenizer":
         """A directory with tokenizer.json (preferred) or vocab.txt (+ tokenizer_config.json), or one of those files."""
@@ -60,44 +56,44 @@ class BertTokenizer:
         max_len = int(cfg.get("model_max_length", 512)) if cfg.get("model_max_length", 512) < 1e9 else 512
         tj = path if path.endswith(".json") else os.path.join(path, "tokenizer.json")
         if os.path.exists(tj):
-            return cls(Tokenizer.from_file(tj), model_max_length=max_len)
+            return cls(BaseTokenizer(Tokenizer.from_file(tj)), model_max_length=max_len)
         vocab = path if path.endswith(".txt") else os.path.join(path, "vocab.txt")
         if os.path.exists(vocab):
             return cls.from_vocab_file(vocab, lowercase=cfg.get("do_lower_case", True), model_max_length=max_len)
         raise FileNotFoundError(f"{path}: neither tokenizer.json nor vocab.txt found")
 
     @classmethod
+    def from_str(cls, text: str, model_max_length: int = 512) -> "BertTokenizer":
+        """The tokenizer to_str() gave (a tokenizer.json's text)."""
+        return cls(BaseTokenizer(Tokenizer.from_str(text)), model_max_length)
+
+    def to_str(self) -> str:
+        return self.tokenizer.to_str()
+
+    @classmethod
     def from_vocab_file(cls, vocab_file: str, lowercase: bool = True, model_max_length: int = 512) -> "BertTokenizer":
-        tok = cls._pipeline(Tokenizer(WordPiece.from_file(vocab_file, unk_token="[UNK]")), lowercase)
-        self = cls(tok, model_max_length)
-        self._set_post_processor()
-        return self
+        return cls(BertWordPieceTokenizer.from_file(vocab_file, lowercase=lowercase), model_max_length)
 
     @classmethod
     def train(cls, files: Union[str, Iterable[str]], vocab_size: int = 30522, lowercase: bool = True,
               min_frequency: int = 2, model_max_length: int = 512) -> "BertTokenizer":
         """Train a WordPiece vocabulary (special tokens first: [PAD]=0, [UNK], [CLS], [SEP], [MASK])."""
-        from tokenizers.trainers import WordPieceTrainer
-
-        files = [files] if isinstance(files, str) else list(files)
-        tok = cls._pipeline(Tokenizer(WordPiece(unk_token="[UNK]")), lowercase)
-        trainer = WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=SPECIAL_TOKENS,
-                                   continuing_subword_prefix="##", show_progress=False)
-        tok.train(files, trainer)
-        self = cls(tok, model_max_length)
-        self._set_post_processor()
-        return self
+        tok = BertWordPieceTokenizer(lowercase=lowercase)
+        tok.train([files] if isinstance(files, str) else list(files), vocab_size=vocab_size,
+                  min_frequency=min_frequency, limit_alphabet=_EVERY_CHARACTER, special_tokens=SPECIAL_TOKENS,
+                  show_progress=False)
+        # BertWordPieceTokenizer adds [CLS] A [SEP] (B [SEP]) only when built from a vocabulary
+        tok.post_processor = BertProcessing(("[SEP]", tok.token_to_id("[SEP]")), ("[CLS]", tok.token_to_id("[CLS]")))
+        return cls(tok, model_max_length)
 
     def save_pretrained(self, path: str) -> None:
         """tokenizer.json, vocab.txt and tokenizer_config.json, readable by transformers too."""
         os.makedirs(path, exist_ok=True)
         self.tokenizer.save(os.path.join(path, "tokenizer.json"))
-        vocab = self.tokenizer.get_vocab()
-        with open(os.path.join(path, "vocab.txt"), "w", encoding="utf-8") as f:
-            f.write("\n".join(t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])) + "\n")
-        norm = json.loads(self.tokenizer.to_str()).get("normalizer") or {}
+        self.tokenizer.save_model(path)  # WordPiece's vocab.txt
         with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
-            json.dump({"tokenizer_class": "BertTokenizer", "do_lower_case": bool(norm.get("lowercase", True)),
+            json.dump({"tokenizer_class": "BertTokenizer",
+                       "do_lower_case": bool(getattr(self.tokenizer.normalizer, "lowercase", True)),
                        "model_max_length": self.model_max_length, "unk_token": "[UNK]", "sep_token": "[SEP]",
                        "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}, f, indent=2)
 
@@ -119,21 +115,16 @@ class BertTokenizer:
         pairs = None if text_pair is None else ([text_pair] if isinstance(text_pair, str) else list(text_pair))
         if pairs is not None and len(pairs) != len(texts):
             raise ValueError(f"text_pair has {len(pairs)} entries, text has {len(texts)}")
-        tok = self.tokenizer
+        if padding not in (True, False, "longest", "max_length", "do_not_pad"):
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        if padding == "max_length" and max_length is None:
+            raise ValueError("padding='max_length' needs max_length")
+        tok = self.tokenizer  # truncation and padding are off between calls (see __init__)
         if truncation:
             tok.enable_truncation(max_length or self.model_max_length, strategy="longest_first")
-        else:
-            tok.no_truncation()
-        if padding == "max_length":
-            if max_length is None:
-                raise ValueError("padding='max_length' needs max_length")
-            tok.enable_padding(pad_id=self.pad_token_id, pad_token="[PAD]", length=max_length)
-        elif padding in (True, "longest"):
-            tok.enable_padding(pad_id=self.pad_token_id, pad_token="[PAD]")
-        elif padding is False or padding == "do_not_pad":
-            tok.no_padding()
-        else:
-            raise ValueError(f"padding must be True, False, 'longest' or 'max_length', got {padding!r}")
+        if padding in (True, "longest", "max_length"):
+            tok.enable_padding(pad_id=self.pad_token_id, pad_token="[PAD]",
+                               length=max_length if padding == "max_length" else None)
         inputs = texts if pairs is None else list(zip(texts, pairs))
         try:
             return tok.encode_batch(inputs, add_special_tokens=add_special_tokens, is_pretokenized=is_split_into_words)
@@ -163,8 +154,8 @@ class BertTokenizer:
         return self.tokenizer.encode(text, add_special_tokens=False).tokens
 
     def convert_tokens_to_ids(self, tokens: Sequence[str]) -> List[int]:
-        return [self.tokenizer.token_to_id(t) if self.tokenizer.token_to_id(t) is not None else self.unk_token_id
-                for t in tokens]
+        ids = [self.tokenizer.token_to_id(t) for t in tokens]
+        return [self.unk_token_id if i is None else i for i in ids]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         if isinstance(ids, torch.Tensor):

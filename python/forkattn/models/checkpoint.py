@@ -96,6 +96,19 @@ def save_safetensors(state: Dict[str, Tensor], file: str) -> None:
     os.chmod(file, 0o666 & ~umask)
 
 
+def write_folder(path, config: dict, state: Dict[str, Tensor], safe_serialization: bool = True) -> None:
+    """A folder from_pretrained (ours and transformers') reads: config.json (indented, sorted keys)
+    and the tensors as model.safetensors, or pytorch_model.bin with safe_serialization=False."""
+    path = os.fspath(path)
+    os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    if safe_serialization:
+        save_safetensors(state, os.path.join(path, "model.safetensors"))
+    else:
+        torch.save(state, os.path.join(path, "pytorch_model.bin"))
+
+
 def load_state(model: nn.Module, state: Dict[str, Tensor], map_key: MapKey, *,
                tied: Iterable[Tuple[str, str]] = (), ignore_mismatched_sizes: bool = False,
                strict: bool = False, owner: Optional[str] = None, log: bool = True) -> Dict[str, list]:

@@ -1,4 +1,4 @@
-"""GPT-2 on forkattn: the model, transformers-compatible checkpoints and KV-cache generation.
+"""GPT-2 on forkattn: the model and its transformers-compatible checkpoints.
 
 One file, nanoGPT style: `GPTConfig` (a transformers GPT-2 config.json), `GPT` (token + learned
 position embeddings, pre-LN blocks of causal attention and a GELU MLP, final LayerNorm, LM head
@@ -6,12 +6,10 @@ tied to the token embedding). Parameter names are transformers' GPT2LMHeadModel 
 `from_pretrained` / `save_pretrained` are a key mapping plus a transpose of the Conv1D weights
 (transformers stores them [in, out]; nn.Linear stores [out, in]).
 
-Attention goes through forkattn.attention (causal, with the attention_mask as key padding mask)
-for training and for the prompt of `generate`; each new token then runs one decode step through
-a KV cache (see `KVCacheBase`): forkattn.KVCache + forkattn.decode_attention when this build has
-them, otherwise `StaticKVCache` (preallocated [B, H, max_len, D] buffers updated in place, gpt-fast
-style, and forkattn.attention with a key padding mask). On CUDA the decode step is captured once in
-a CUDA graph and replayed for every token.
+Attention goes through forkattn.attention (causal, with the attention_mask as key padding mask) on
+the backend config.attention_backend names (models/backend.py). `generate` comes from
+models/generation.py's GenerationMixin, which drives the model through `prefill` and
+`decode_step` with a KV cache in every layer's attention.
 
 Not modelled: attention dropout (attn_pdrop; forkattn.attention has no dropout; embedding and
 residual dropout are), cross-attention, reorder_and_upcast_attn (attention is computed in fp32
@@ -32,7 +30,12 @@ from torch import Tensor
 
 import forkattn
 
-from .checkpoint import load_state, model_folder, read_state_dict, save_safetensors
+from .activations import activation, check_activation
+from .backend import FIELDS as BACKEND_FIELDS
+from .backend import SAME, attention_backend, check_backend, decode_backend, set_backends
+from .checkpoint import load_state, model_folder, read_state_dict, write_folder
+from .generation import GenerationMixin, KVCacheBase
+from .outputs import CausalLMOutput
 
 # ------------------------------------------------------------------------------------------------
 # config
@@ -59,12 +62,16 @@ class GPTConfig:
     eos_token_id: Optional[int] = 50256
     pad_token_id: Optional[int] = None
     extra: Dict = field(default_factory=dict, repr=False)  # other config.json keys, written back
+    # runtime choices, not written to config.json (models/backend.py): None = fastest available
+    attention_backend: Optional[str] = None
+    decode_backend: Optional[str] = SAME  # the KV-cache ops of generate; "same" = attention_backend
 
     def __post_init__(self):
         if self.n_embd % self.n_head != 0:
             raise ValueError(f"n_embd ({self.n_embd}) must be a multiple of n_head ({self.n_head})")
-        if self.activation_function not in _ACTIVATIONS:
-            raise ValueError(f"activation_function must be one of {sorted(_ACTIVATIONS)}, got {self.activation_function!r}")
+        check_activation(self.activation_function, "activation_function")
+        check_backend(self.attention_backend)
+        check_backend(self.decode_backend, "decode_backend", allow_same=True)
         if not self.tie_word_embeddings:
             raise ValueError("tie_word_embeddings=False is not supported: the LM head is the token embedding")
 
@@ -90,29 +97,12 @@ class GPTConfig:
             return cls.from_dict(json.load(f))
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in asdict(self).items() if k != "extra"}
+        d = {k: v for k, v in asdict(self).items() if k != "extra" and k not in BACKEND_FIELDS}
         out = dict(self.extra)
         out.update(d)
         out["model_type"] = "gpt2"
         out.setdefault("architectures", ["GPT2LMHeadModel"])
         return out
-
-
-_ACTIVATIONS = {
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu": F.gelu,
-    "relu": F.relu,
-}
-
-
-@dataclass
-class CausalLMOutput:
-    """transformers' names: `logits` [B, T, V] and, when labels were given, `loss`."""
-
-    logits: Tensor
-    loss: Optional[Tensor] = None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,7 +112,7 @@ class CausalLMOutput:
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
-        self.n_head, self.head_dim, self.layer_idx = config.n_head, config.head_dim, layer_idx
+        self.n_head, self.head_dim, self.layer_idx, self.config = config.n_head, config.head_dim, layer_idx, config
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
@@ -130,7 +120,11 @@ class CausalSelfAttention(nn.Module):
         if config.scale_attn_by_inverse_layer_idx:
             scale /= layer_idx + 1
         self.scale = scale
-        self.backend: Optional[str] = None  # forkattn.attention's backend; None = fastest available
+
+    @property
+    def backend(self) -> Optional[str]:
+        """forkattn.attention's backend: config.attention_backend (None = fastest available)."""
+        return attention_backend(self.config)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, cache=None) -> Tensor:
         B, T, C = x.shape
@@ -149,7 +143,7 @@ class MLP(nn.Module):
         inner = config.n_inner or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, inner)
         self.c_proj = nn.Linear(inner, config.n_embd)
-        self.act = _ACTIVATIONS[config.activation_function]
+        self.act = activation(config.activation_function)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -169,7 +163,7 @@ class Block(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
-class GPT(nn.Module):
+class GPT(GenerationMixin, nn.Module):
     def __init__(self, config: GPTConfig, *, backend: Optional[str] = None):
         super().__init__()
         self.config = config
@@ -186,7 +180,8 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of the residual projections
             if name.endswith("c_proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=config.initializer_range / math.sqrt(2 * config.n_layer))
-        self.set_backend(backend)
+        if backend is not None:
+            self.set_backend(backend)
 
     def _init_weights(self, m: nn.Module) -> None:
         std = self.config.initializer_range
@@ -197,15 +192,25 @@ class GPT(nn.Module):
         elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, mean=0.0, std=std)
 
-    def set_backend(self, backend: Optional[str], decode_backend: Optional[str] = "same") -> "GPT":
+    def set_backend(self, backend: Optional[str], decode_backend: Optional[str] = SAME) -> "GPT":
         """forkattn.attention backend for every layer ("eager", "cpu", "cuda", "triton", None = auto),
         and the backend of the KV-cache ops during generate (forkattn.KVCache.append and
-        forkattn.decode_attention; "same" = the attention backend)."""
-        self.backend = backend
-        self.decode_backend = backend if decode_backend == "same" else decode_backend
-        for blk in self.transformer.h:
-            blk.attn.backend = backend
+        forkattn.decode_attention; "same" = the attention backend): config.attention_backend and
+        config.decode_backend (models/backend.py)."""
+        set_backends(self.config, backend, decode_backend)
         return self
+
+    def set_attention_backend(self, backend: Optional[str]) -> None:
+        """As BertModel's: the attention backend, with the KV-cache ops following it."""
+        set_backends(self.config, backend)
+
+    @property
+    def backend(self) -> Optional[str]:
+        return attention_backend(self.config)
+
+    @property
+    def decode_backend(self) -> Optional[str]:
+        return decode_backend(self.config)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         n = sum(p.numel() for p in self.parameters())  # the tied head is counted once
@@ -219,7 +224,7 @@ class GPT(nn.Module):
         attention_mask: Optional[Tensor] = None,
         labels: Optional[Tensor] = None,
         position_ids: Optional[Tensor] = None,
-        cache: Optional["KVCacheBase"] = None,
+        cache: Optional[KVCacheBase] = None,
     ) -> CausalLMOutput:
         """input_ids [B, T]; attention_mask [B, T] (1/True = token, 0 = padding; padded keys are
         never attended); labels [B, T] (the loss predicts labels[:, t+1] from position t; -100 is
@@ -234,7 +239,7 @@ class GPT(nn.Module):
         return CausalLMOutput(logits=logits, loss=loss)
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
-                      position_ids: Optional[Tensor] = None, cache: Optional["KVCacheBase"] = None) -> Tensor:
+                      position_ids: Optional[Tensor] = None, cache: Optional[KVCacheBase] = None) -> Tensor:
         """The final LayerNorm's output [B, T, n_embd] (forward without the LM head)."""
         B, T = input_ids.shape
         if T > self.config.n_positions:
@@ -253,7 +258,20 @@ class GPT(nn.Module):
             x = blk(x, kpm, cache)
         return self.transformer.ln_f(x)
 
-    def decode_step(self, tokens: Tensor, cache: "KVCacheBase") -> Tensor:
+    # --------------------------------------------------------------------------------------------
+    # the two steps GenerationMixin.generate drives (models/generation.py)
+
+    def prefill(self, input_ids: Tensor, attention_mask: Tensor, cache: KVCacheBase) -> Tensor:
+        """The prompt [B, T] (attention_mask bool [B, T], left or right padded) through the model,
+        each layer's keys and values going to `cache`; -> logits [B, V] (float32) at each row's last
+        real token. Positions count real tokens only, as in transformers' generate."""
+        B, T = input_ids.shape
+        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        h = self.hidden_states(input_ids, attention_mask, position_ids, cache=cache)
+        last = T - 1 - attention_mask.flip(1).long().argmax(1)  # each row's last real token
+        return self.lm_head(h[torch.arange(B, device=input_ids.device), last]).float()  # LM head on B rows only
+
+    def decode_step(self, tokens: Tensor, cache: KVCacheBase) -> Tensor:
         """One new token per sequence, tokens [B] -> logits [B, V] (float32). Only device ops and
         no host syncs, so generate can capture it in a CUDA graph."""
         pos = cache.begin_step()
@@ -327,353 +345,6 @@ class GPT(nn.Module):
 
     def save_pretrained(self, path: str) -> None:
         """config.json + model.safetensors that transformers' GPT2LMHeadModel.from_pretrained loads."""
-        os.makedirs(path, exist_ok=True)
         cfg = self.config.to_dict()
         cfg["dtype"] = cfg["torch_dtype"] = str(self.transformer.wte.weight.dtype).replace("torch.", "")  # transformers 5 / 4
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=2, sort_keys=True)
-        save_safetensors(self.hf_state_dict(), os.path.join(path, "model.safetensors"))
-
-    # --------------------------------------------------------------------------------------------
-    # generation
-
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: Tensor,
-        max_new_tokens: int,
-        *,
-        temperature: float = 1.0,
-        top_k: Optional[int] = None,
-        top_p: Optional[float] = None,
-        eos_token_id: Optional[int] = None,
-        attention_mask: Optional[Tensor] = None,
-        seed: Optional[int] = None,
-        do_sample: bool = True,
-        pad_token_id: Optional[int] = None,
-        cache: str = "auto",
-        cuda_graph: Optional[bool] = None,
-        stop_check_every: int = 8,
-    ) -> Tensor:
-        """Autoregressive generation: [B, T] prompt -> [B, T + n] with n <= max_new_tokens.
-
-        The prompt runs once through forkattn.attention (prefill), then each new token is one
-        decode step through the KV cache. attention_mask (1 = token) allows left-padded (the
-        transformers convention) or ragged prompts in one batch; positions count real tokens
-        only, as in transformers. temperature == 0 or do_sample=False is greedy (argmax);
-        otherwise tokens are sampled from softmax(logits / temperature), optionally restricted
-        to the top_k tokens and to the smallest set with probability >= top_p, with a
-        torch.Generator seeded by `seed` (same seed, same batch -> same tokens). A sequence that
-        produces eos_token_id stops: later positions hold pad_token_id (default: eos_token_id),
-        and generation ends when every sequence has stopped (like transformers' generate).
-
-        cache: "auto" (forkattn.KVCache when this build has it, else "static"), "static" or
-        "forkattn". cuda_graph: capture the decode step in a CUDA graph and replay it (default:
-        on for CUDA tensors). stop_check_every: on CUDA, how many steps run between the host
-        syncs that check whether every sequence has stopped (output is identical either way).
-        """
-        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"input_ids must be an int64 [batch, len] tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        greedy = (not do_sample) or temperature == 0
-        if not greedy and not temperature > 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-        input_ids = input_ids.long()
-        B, T = input_ids.shape
-        device = input_ids.device
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        else:
-            if tuple(attention_mask.shape) != (B, T):
-                raise ValueError(f"attention_mask must have input_ids' shape {(B, T)}, got {tuple(attention_mask.shape)}")
-            attention_mask = attention_mask.to(device=device, dtype=torch.bool)
-            if not bool(attention_mask.any(dim=1).all()):
-                raise ValueError("attention_mask: every prompt needs at least one token (a row is all padding)")
-        if T == 0:
-            raise ValueError("input_ids must hold at least one token per prompt")
-        max_len = T + max_new_tokens
-        if max_len > self.config.n_positions:
-            raise ValueError(f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds n_positions="
-                             f"{self.config.n_positions}")
-        if max_new_tokens == 0:
-            return input_ids
-        pad = pad_token_id if pad_token_id is not None else (eos_token_id if eos_token_id is not None else 0)
-        gen = None
-        if not greedy:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        if cuda_graph is None:
-            cuda_graph = device.type == "cuda"
-        if cuda_graph and device.type != "cuda":
-            raise ValueError("cuda_graph=True needs a model and input_ids on a CUDA device")
-
-        was_training = self.training
-        self.eval()
-        try:
-            kv = make_cache(cache, self.config, B, max_len, dtype=self.transformer.wte.weight.dtype, device=device,
-                            static_shapes=cuda_graph)
-            kv.decode_backend = self.decode_backend
-            # prefill: the whole prompt through forkattn.attention; each layer's k, v go to the cache
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
-            kv.begin_prefill(attention_mask)
-            h = self.hidden_states(input_ids, attention_mask, position_ids, cache=kv)
-            kv.end_prefill()
-            last = T - 1 - attention_mask.flip(1).long().argmax(1)  # each row's last real token
-            next_logits = self.lm_head(h[torch.arange(B, device=device), last]).float()  # LM head on B rows only
-
-            step = self._graphed_step(kv, B, device) if cuda_graph else self._eager_step(kv)
-            out = torch.full((B, max_new_tokens), pad, dtype=torch.long, device=device)
-            finished = torch.zeros(B, dtype=torch.bool, device=device)
-            n = 0
-            for n in range(1, max_new_tokens + 1):
-                tok = _pick(next_logits, greedy, temperature, top_k, top_p, gen)
-                tok = torch.where(finished, torch.full_like(tok, pad), tok)
-                out[:, n - 1] = tok
-                if eos_token_id is not None:
-                    finished |= tok == eos_token_id
-                    if (device.type != "cuda" or n % stop_check_every == 0) and bool(finished.all()):
-                        break
-                if n < max_new_tokens:
-                    next_logits = step(tok)
-            if eos_token_id is not None:  # trim to where every sequence had stopped
-                done_at = torch.where(out == eos_token_id, torch.arange(1, max_new_tokens + 1, device=device), max_new_tokens + 1)
-                first = done_at.min(1).values.max().item()
-                n = min(n, int(first))
-            return torch.cat([input_ids, out[:, :n]], dim=1)
-        finally:
-            self.train(was_training)
-
-    def _eager_step(self, kv: "KVCacheBase"):
-        return lambda tok: self.decode_step(tok, kv)
-
-    def _warm_up(self, kv: "KVCacheBase", static_tok: Tensor, n: int = 2) -> None:
-        """Run n decode steps (kernels pick their plans, allocators settle) and restore the cache:
-        those steps write k/v past each sequence's length (overwritten later) and advance lengths."""
-        snapshot = kv.state()
-        for _ in range(n):
-            self.decode_step(static_tok, kv)
-            kv.load_state(snapshot)
-
-    def _graphed_step(self, kv: "KVCacheBase", B: int, device):
-        """Capture decode_step on static buffers once; each call copies the token in and replays.
-        Warm-up runs on a side stream before capture (as torch.cuda.graphs asks); capture records
-        kernels without running them, but Python-side cache state (host length bounds) still
-        moves, so it is restored after capture too."""
-        static_tok = torch.zeros(B, dtype=torch.long, device=device)
-        s = torch.cuda.Stream(device)
-        s.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(s):
-            self._warm_up(kv, static_tok)
-        torch.cuda.current_stream(device).wait_stream(s)
-        snapshot = kv.state()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_logits = self.decode_step(static_tok, kv)
-        kv.load_state(snapshot)
-
-        def step(tok: Tensor) -> Tensor:
-            static_tok.copy_(tok)
-            graph.replay()
-            return static_logits
-
-        return step
-
-
-def _pick(logits: Tensor, greedy: bool, temperature: float, top_k, top_p, gen) -> Tensor:
-    """logits [B, V] float32 -> next tokens [B]."""
-    if greedy:
-        return logits.argmax(-1)
-    logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=gen)[:, 0]
-
-
-# ------------------------------------------------------------------------------------------------
-# KV caches: the interface generate uses, and two implementations
-
-
-class KVCacheBase:
-    """What GPT.generate needs from a KV cache, for all layers of one batch.
-
-    Sequences are stored compacted: sequence b's tokens (its real prompt tokens, then the
-    generated ones) occupy slots 0..len_b-1 of its row, whatever the prompt's padding was, so
-    padding is never stored and positions are simply the lengths.
-
-    Prefill: begin_prefill(mask); the model's forward calls attend(layer, q, k, v, ...) per layer,
-    which runs causal forkattn.attention over the (padded) prompt and keeps k, v; end_prefill().
-    Decode step: pos = begin_step() (positions [B], a device tensor); attend per layer appends the
-    one new k, v per sequence and attends over each sequence's cache; end_step() advances the
-    lengths. Steps do only device work (no host syncs), so they can be captured in a CUDA graph;
-    state()/load_state() save and restore what a step mutates.
-    """
-
-    decode_backend: Optional[str] = None  # backend of the cache's own ops (set by generate)
-
-    def begin_prefill(self, attention_mask: Tensor) -> None:
-        self.prefilling = True
-        self.prompt_mask = attention_mask
-        self.prompt_lens = attention_mask.sum(1).to(torch.int32)
-        # gather index that moves each row's real tokens to the front, in order
-        self.compact_index = torch.argsort((~attention_mask).to(torch.int8), dim=1, stable=True)
-        self._prefill_kpm = None if bool(attention_mask.all()) else attention_mask
-
-    def end_prefill(self) -> None:
-        self.prefilling = False
-        self.host_max_len = int(self.prompt_mask.shape[1])  # upper bound on every length, no sync
-
-    def _prefill_attend(self, q, k, v, scale, backend):
-        return forkattn.attention(q, k, v, causal=True, key_padding_mask=self._prefill_kpm, scale=scale,
-                                  backend=backend)
-
-    def _compacted(self, x: Tensor) -> Tensor:
-        B, H, T, D = x.shape
-        return x.gather(2, self.compact_index[:, None, :, None].expand(B, H, T, D))
-
-    def begin_step(self) -> Tensor: ...
-    def end_step(self) -> None: ...
-    def attend(self, layer: int, q, k, v, *, scale: float, backend) -> Tensor: ...
-    def state(self): ...
-    def load_state(self, s) -> None: ...
-
-
-class StaticKVCache(KVCacheBase):
-    """Preallocated k, v buffers [n_layer, B, H, max_len, D] updated in place (gpt-fast), lengths
-    as a device tensor; attention of a decode step is forkattn.attention over the cache with a key
-    padding mask `slot < length`. With static_shapes=False (eager), it reads only the first
-    host_max_len + 1 slots (a bound known on the host without a sync); with static_shapes=True (for
-    a CUDA graph) all max_len slots, so every step has the same shapes."""
-
-    name = "static"
-
-    def __init__(self, config: GPTConfig, batch: int, max_len: int, *, dtype, device, static_shapes: bool = False):
-        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
-        self.seqlens = torch.zeros(batch, dtype=torch.int32, device=device)
-        self.max_len, self.static_shapes = max_len, static_shapes
-        self.slots = torch.arange(max_len, device=device)
-        self.prefilling = False
-
-    def end_prefill(self) -> None:
-        super().end_prefill()
-        self.seqlens.copy_(self.prompt_lens)
-
-    def begin_step(self) -> Tensor:
-        pos = self.seqlens.long()
-        self._pos = pos
-        L = self.max_len if self.static_shapes else self.host_max_len + 1
-        self._index = pos.clamp(max=self.max_len - 1)[:, None, None, None]  # clamps, never writes out of bounds
-        self._kpm = self.slots[None, :L] <= pos[:, None]
-        self._L = L
-        return pos
-
-    def end_step(self) -> None:
-        self.seqlens.add_(1)
-        if not self.static_shapes:
-            self.host_max_len += 1
-
-    def attend(self, layer, q, k, v, *, scale, backend):
-        if self.prefilling:
-            T = k.shape[2]
-            self.k[layer, :, :, :T] = self._compacted(k)
-            self.v[layer, :, :, :T] = self._compacted(v)
-            return self._prefill_attend(q, k, v, scale, backend)
-        B, H, _, D = k.shape
-        idx = self._index.expand(B, H, 1, D)
-        kc, vc = self.k[layer], self.v[layer]
-        kc.scatter_(2, idx, k)
-        vc.scatter_(2, idx, v)
-        L = self._L
-        return forkattn.attention(q, kc[:, :, :L], vc[:, :, :L], key_padding_mask=self._kpm, scale=scale,
-                                  backend=backend)
-
-    def state(self):
-        return self.seqlens.clone(), getattr(self, "host_max_len", 0)
-
-    def load_state(self, s) -> None:
-        self.seqlens.copy_(s[0])
-        self.host_max_len = s[1]
-
-
-class ForkattnKVCache(KVCacheBase):
-    """One forkattn.KVCache per layer (contiguous) and forkattn.decode_attention for the steps.
-
-    The prompt is appended compacted (all T slots, real tokens first) and seqlens is then set to
-    each prompt's length, so the padding slots are overwritten by the first generated tokens.
-    The caches run with check=False (no host sync, capturable); generate has already checked that
-    prompt + new tokens fit in max_len, so nothing is ever clamped."""
-
-    name = "forkattn"
-
-    def __init__(self, config: GPTConfig, batch: int, max_len: int, *, dtype, device, static_shapes: bool = False):
-        self.caches = [forkattn.KVCache(batch, config.n_head, max_len, config.head_dim, dtype=dtype, device=device,
-                                        check=False) for _ in range(config.n_layer)]
-        self.max_len, self.static_shapes = max_len, static_shapes
-        self.prefilling = False
-
-    def end_prefill(self) -> None:
-        super().end_prefill()
-        for c in self.caches:
-            c.seqlens.copy_(self.prompt_lens)
-            # an upper bound of the lengths (the eager decode backend slices to it); with static
-            # shapes (a CUDA graph) the whole buffer, since a captured slice cannot grow
-            c.seqlen_bound = self.max_len if self.static_shapes else self.host_max_len
-
-    def begin_step(self) -> Tensor:
-        return self.caches[0].seqlens.long()
-
-    def end_step(self) -> None:
-        if self.static_shapes:
-            for c in self.caches:
-                c.seqlen_bound = self.max_len
-
-    def attend(self, layer, q, k, v, *, scale, backend):
-        c, db = self.caches[layer], self.decode_backend
-        if self.prefilling:
-            c.append(self._compacted(k), self._compacted(v), backend=db)
-            return self._prefill_attend(q, k, v, scale, backend)
-        c.append(k, v, backend=db)
-        return forkattn.decode_attention(q, c, scale=scale, backend=db)
-
-    def state(self):
-        return [(c.seqlens.clone(), c.seqlen_bound) for c in self.caches]
-
-    def load_state(self, s) -> None:
-        for c, (lens, bound) in zip(self.caches, s):
-            c.seqlens.copy_(lens)
-            c.seqlen_bound = bound
-
-
-CACHES = {"static": StaticKVCache, "forkattn": ForkattnKVCache}
-
-
-def forkattn_cache_available() -> Optional[str]:
-    """None when this build has forkattn.KVCache and forkattn.decode_attention, else why not."""
-    if hasattr(forkattn, "KVCache") and hasattr(forkattn, "decode_attention"):
-        return None
-    return "this forkattn build has no KVCache/decode_attention (the decode op family)"
-
-
-def make_cache(kind: str, config: GPTConfig, batch: int, max_len: int, *, dtype, device,
-               static_shapes: bool = False) -> KVCacheBase:
-    if kind == "auto":
-        kind = "forkattn" if forkattn_cache_available() is None else "static"
-    if kind not in CACHES:
-        raise ValueError(f"cache must be 'auto' or one of {sorted(CACHES)}, got {kind!r}")
-    if kind == "forkattn" and forkattn_cache_available() is not None:
-        raise ValueError(f"cache='forkattn' is not available: {forkattn_cache_available()}")
-    return CACHES[kind](config, batch, max_len, dtype=dtype, device=device, static_shapes=static_shapes)
+        write_folder(path, cfg, self.hf_state_dict())

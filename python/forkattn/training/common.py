@@ -1,14 +1,17 @@
-"""Pieces shared by the training commands: optimizer, schedule, DDP, checkpoints, command-line
-helpers (one --dtype vocabulary, help with defaults, input checks that end in one clean line)."""
+"""Pieces shared by the training commands: optimizer, schedule, one optimizer step, autocast, DDP,
+checkpoints, the CSV/JSONL reader, command-line helpers (one --dtype vocabulary, help with defaults,
+input checks that end in one clean line)."""
 from __future__ import annotations
 
 import argparse
 import contextlib
+import csv
+import json
 import logging
 import math
 import os
 import shutil
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -39,6 +42,52 @@ def warmup_schedule(optimizer, warmup_steps: int, total_steps: int, decay: str =
         return min_ratio + (1 - min_ratio) * shape
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def autocast_and_scaler(device: torch.device, dtype: Optional[str]):
+    """(autocast context, GradScaler or None) for --dtype on device: a scaler for float16 only."""
+    torch_dtype = autocast_dtype(dtype, device)
+    if torch_dtype is None:
+        return contextlib.nullcontext(), None
+    scaler = torch.amp.GradScaler(device.type) if torch_dtype == torch.float16 else None
+    return torch.autocast(device.type, dtype=torch_dtype), scaler
+
+
+def optimizer_step(loss: torch.Tensor, model: torch.nn.Module, optimizer, scheduler, scaler=None,
+                   grad_clip: float = 0.0) -> None:
+    """Backward, gradient clipping at grad_clip (> 0), optimizer and schedule step; through the
+    GradScaler when there is one."""
+    optimizer.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if scaler is not None:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    scheduler.step()
+
+
+def progress(total: int, disable: bool, desc: str):
+    """A tqdm bar (disabled: updates do nothing)."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=disable, desc=desc, dynamic_ncols=True)
+
+
+def read_records(path: str) -> List[dict]:
+    """Rows of a CSV / TSV (header line) or JSONL / JSON-list file."""
+    if path.endswith(".csv") or path.endswith(".tsv"):
+        with open(path, newline="", encoding="utf-8") as f:
+            return list(csv.DictReader(f, delimiter="\t" if path.endswith(".tsv") else ","))
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    if text.startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class Distributed:
@@ -76,6 +125,22 @@ class Distributed:
         items = list(items)
         return items[self.rank :: self.world_size]
 
+    def broadcast_object(self, obj):
+        """Rank 0's obj on every rank (picklable; obj itself without torchrun)."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, obj) -> list:
+        """Every rank's obj, in rank order, on every rank ([obj] without torchrun)."""
+        if not self.enabled:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def close(self) -> None:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
@@ -83,6 +148,12 @@ class Distributed:
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def save_pretrained(path: str, *objects) -> None:
+    """save_pretrained(path) of each (a model and its tokenizer): one from_pretrained folder."""
+    for obj in objects:
+        obj.save_pretrained(path)
 
 
 # --- command-line helpers -----------------------------------------------------------------------
@@ -126,6 +197,20 @@ def dtype_arg(text: str) -> str:
 def add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", type=dtype_arg, default=None, metavar="{float32,bfloat16,float16}",
                    help="autocast dtype; fp32/bf16/fp16 also accepted (default: bfloat16 on CUDA, float32 on CPU)")
+
+
+def add_bert_run_args(p: argparse.ArgumentParser) -> None:
+    """The flags bert-mlm and bert-finetune share: output, device, backend, dtype, batch, optimizer."""
+    p.add_argument("--out", required=True, help="output directory (model, tokenizer, logs)")
+    p.add_argument("--device", default=default_device())
+    p.add_argument("--backend", default=None, help="forkattn.attention backend (default: fastest available)")
+    add_dtype_arg(p)
+    p.add_argument("--batch-size", type=int, default=16, help="per process")
+    p.add_argument("--max-len", type=int, default=128)
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true", help="no tqdm bar")
 
 
 def autocast_dtype(name: Optional[str], device: torch.device) -> Optional[torch.dtype]:

@@ -21,7 +21,7 @@ import torch
 
 from ..models.gpt import GPT, GPTConfig
 from .common import (Distributed, HelpFormatter, UsageError, adamw, add_dtype_arg, autocast_dtype, default_device,
-                     input_file, model_dir, output_dir, warmup_schedule)
+                     input_file, model_dir, optimizer_step, output_dir, warmup_schedule)
 
 CHINCHILLA_TOKENS_PER_PARAM = 20
 EOS = "<|endoftext|>"
@@ -143,13 +143,8 @@ def fit(
         with torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype,
                             enabled=autocast_dtype is not None):
             loss = ddp(x, labels=y).loss
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        opt.step()
         lr_used = sched.get_last_lr()[0]
-        sched.step()
+        optimizer_step(loss, model, opt, sched, grad_clip=grad_clip)
         losses.append(loss.item())
         if bar is not None:
             bar.set_postfix(loss=f"{losses[-1]:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")

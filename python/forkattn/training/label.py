@@ -39,8 +39,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from forkattn.models.icl import ICLClassifier
-from forkattn.training.bert import read_records
-from forkattn.training.common import default_device
+from forkattn.training.common import default_device, read_records
 
 
 # --- loading -------------------------------------------------------------------------------------

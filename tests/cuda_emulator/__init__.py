@@ -1,0 +1,12 @@
+"""NumPy emulation of forkattn's CUDA kernels, thread by thread, for checking them without a GPU.
+
+core.py              the SM80 model: threads, bounds-checked global buffers, shared memory with a
+                     race detector, cp.async, ldmatrix, mma.sync
+attention.py         transcription of kernels/attention/ and its host glue
+attention_checks.py  attention cases against the fp64 reference (2x rule, same-rounding model)
+decode.py            transcription of kernels/decode/ (split, merge, kv_append) and its host glue
+decode_checks.py     decode and append cases against forkattn.reference
+__main__.py          the full matrix: python tests/cuda_emulator [--quick] [--only attention|decode]
+
+Retires once scripts/gpu_check.sh has passed on hardware: docs/EMULATION.md.
+"""
