@@ -20,7 +20,8 @@ backend of disentangled_attention (models/backend.py). Outputs are models/output
 
 Differences from transformers: attention_probs_dropout_prob is not applied (the fused kernels have
 no dropout on the probabilities; a warning says so when training with it set). Padded query rows
-attend to the real keys (transformers spreads them over every key): outputs agree at real tokens.
+attend to the real keys (transformers spreads them over every key): outputs agree at real tokens,
+and a loss that reads padded positions (question answering's softmax over all positions) differs.
 transformers' DebertaV2Model keeps a z_steps hook (always 0) for the enhanced mask decoder; it has
 no effect there and is left out here. The checkpoint's mask_predictions.* (replaced-token
 detection) are ignored on load, as transformers does.
@@ -77,7 +78,7 @@ class DebertaV2Config:
     conv_kernel_size: int = 0  # > 0: ConvLayer after the first layer
     conv_groups: int = 1
     conv_act: str = "tanh"
-    pooler_hidden_size: Optional[int] = None  # None = hidden_size
+    pooler_hidden_size: Optional[int] = None  # None = hidden_size (the only size supported)
     pooler_dropout: float = 0.0
     pooler_hidden_act: str = "gelu"
     cls_dropout: Optional[float] = None  # None = hidden_dropout_prob
@@ -97,7 +98,9 @@ class DebertaV2Config:
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of num_attention_heads "
                              f"{self.num_attention_heads}")
-        if self.pooler_hidden_size not in (None, self.hidden_size):
+        if self.pooler_hidden_size is None:
+            self.pooler_hidden_size = self.hidden_size
+        if self.pooler_hidden_size != self.hidden_size:
             raise ValueError(f"pooler_hidden_size must equal hidden_size {self.hidden_size} (transformers' "
                              f"classifier reads hidden_size features), got {self.pooler_hidden_size}")
         for field in ("hidden_act", "pooler_hidden_act", "conv_act"):
@@ -148,7 +151,7 @@ class DebertaV2Config:
         d = dataclasses.asdict(self)
         for name in BACKEND_FIELDS:
             d.pop(name, None)
-        for name in ("embedding_size", "pooler_hidden_size", "cls_dropout", "id2label"):
+        for name in ("embedding_size", "cls_dropout", "id2label"):
             if d[name] is None:
                 d.pop(name)
         if self.id2label is not None:
@@ -326,7 +329,6 @@ class DebertaV2Encoder(nn.Module):
 class DebertaV2PreTrainedModel(nn.Module):
     """Weights init, from_pretrained / save_pretrained in transformers' format."""
 
-    base_model_prefix = "deberta"
     _warned_attention_dropout = False
 
     def __init__(self, config: DebertaV2Config):
@@ -376,7 +378,7 @@ class DebertaV2PreTrainedModel(nn.Module):
                            strict: bool = False, log: bool = False) -> dict:
         """Copy a transformers-named state dict in; the base model's keys load with or without "deberta."."""
         own = set(self.state_dict())
-        prefix = self.base_model_prefix + "."
+        prefix = "deberta."
 
         def map_key(key: str, t: Tensor):
             if key.startswith("mask_predictions.") or key.endswith("position_ids") or key == "cls.predictions.decoder.weight":
@@ -404,8 +406,6 @@ class DebertaV2PreTrainedModel(nn.Module):
 
 
 class DebertaV2Model(DebertaV2PreTrainedModel):
-    base_model_prefix = ""
-
     def __init__(self, config: DebertaV2Config):
         super().__init__(config)
         self.embeddings = DebertaV2Embeddings(config)
