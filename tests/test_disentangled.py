@@ -183,6 +183,17 @@ def test_shared_pos_heads_and_cross_lengths(backend, custom_op_backend):
     _check(backend, q, k, v, pk, pq, max_relative_positions=32, position_buckets=16, scale=0.3)
 
 
+@pytest.mark.parametrize("Lq,Lk,B", [(0, 0, 2), (3, 0, 2), (0, 4, 2), (3, 3, 0)])
+def test_empty_shapes(Lq, Lk, B):
+    """No key: zeros; nothing to compute: an empty output; the backward runs either way."""
+    q, k, v, pk, pq = _inputs(max(B, 1), 2, Lq, Lk, 8, 4, torch.float32)
+    q, k, v = (t[:B].requires_grad_() for t in (q, k, v))
+    out = forkattn.disentangled_attention(q, k, v, pk.requires_grad_(), pq, max_relative_positions=4)
+    assert out.shape == (B, 2, Lq, 8) and not out.any()
+    out.sum().backward()
+    assert not q.grad.any() and not pk.grad.any()
+
+
 def test_no_relative_terms_is_plain_attention():
     q, k, v, _, _ = _inputs(2, 2, 9, 9, 8, 4, torch.float32)
     ours = forkattn.disentangled_attention(q, k, v, None, None, max_relative_positions=4, c2p=False, p2c=False)

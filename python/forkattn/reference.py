@@ -301,7 +301,7 @@ def relative_position_index(len_q: int, len_k: int, *, max_relative_positions: i
     2 * span - 1), the row of pos_key / pos_query that query i and key j read; r is the identity, or
     log_bucket_position when position_buckets > 0. Computed on the host (one table for all backends)."""
     span = relative_span(position_buckets, max_relative_positions)
-    rel = torch.arange(-(len_k - 1), len_q, dtype=torch.int64)
+    rel = torch.arange(max(len_q + len_k - 1, 0), dtype=torch.int64) - (len_k - 1)  # i - j, ascending
     if position_buckets > 0:
         rel = log_bucket_position(rel, position_buckets, max_relative_positions)
     return (rel + span).clamp(0, 2 * span - 1).to(device)
