@@ -28,10 +28,6 @@ detection) are ignored on load, as transformers does.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional
 
@@ -42,16 +38,17 @@ from torch import Tensor, nn
 import forkattn
 
 from .activations import activation, check_activation
-from .backend import FIELDS as BACKEND_FIELDS
-from .backend import attention_backend, check_backend, set_backends
-from .checkpoint import load_state, model_folder, read_state_dict, write_folder
+from .backend import attention_backend, check_backend
+from .checkpoint import load_state
 from .outputs import (BaseModelOutput, MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
                       TokenClassifierOutput)
+from .pretrained import (JsonConfig, PreTrainedModel, build_config, config_json, merge_overrides, normalize_labels,
+                         qa_loss)
 
 # --- config ----------------------------------------------------------------------------------------
 
 @dataclass
-class DebertaV2Config:
+class DebertaV2Config(JsonConfig):
     """transformers' DebertaV2Config fields (config.json), with its defaults."""
 
     vocab_size: int = 128100
@@ -108,9 +105,7 @@ class DebertaV2Config:
         check_backend(self.attention_backend)
         if self.relative_attention:
             forkattn.disentangled.check_positions(self.max_relative, self.position_buckets)
-        if self.id2label is not None:
-            self.id2label = {int(k): v for k, v in self.id2label.items()}
-            self.num_labels = len(self.id2label)
+        normalize_labels(self)
 
     @property
     def head_dim(self) -> int:
@@ -129,34 +124,16 @@ class DebertaV2Config:
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "DebertaV2Config":
         """From a transformers config.json (model_type deberta-v2) or our fields; other keys ignored."""
-        if "num_labels" in overrides and "id2label" not in overrides:
-            d = {k: v for k, v in d.items() if k not in ("id2label", "label2id")}
-        d = {**d, **overrides}
+        d = merge_overrides(d, overrides)
         head = d.get("attention_head_size")
         if head is not None and head * d.get("num_attention_heads", 24) != d.get("hidden_size", 1536):
             raise NotImplementedError(f"attention_head_size={head} (heads wider or narrower than hidden_size / "
                                       "num_attention_heads) is not supported")
-        if "id2label" not in d and "num_labels" not in d and "label2id" in d:
-            d["id2label"] = {v: k for k, v in d["label2id"].items()}
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_json_file(cls, path: str, **overrides) -> "DebertaV2Config":
-        with open(path) as f:
-            return cls.from_dict(json.load(f), **overrides)
+        return build_config(cls, d)
 
     def to_dict(self) -> dict:
         """transformers' config.json contents."""
-        d = dataclasses.asdict(self)
-        for name in BACKEND_FIELDS:
-            d.pop(name, None)
-        for name in ("embedding_size", "cls_dropout", "id2label"):
-            if d[name] is None:
-                d.pop(name)
-        if self.id2label is not None:
-            d["id2label"] = {str(k): v for k, v in self.id2label.items()}
-            d["label2id"] = {v: k for k, v in self.id2label.items()}
+        d = config_json(self, drop=[n for n in ("embedding_size", "cls_dropout") if getattr(self, n) is None])
         d["model_type"] = "deberta-v2"
         return d
 
@@ -326,53 +303,10 @@ class DebertaV2Encoder(nn.Module):
 
 # --- models --------------------------------------------------------------------------------------------
 
-class DebertaV2PreTrainedModel(nn.Module):
-    """Weights init, from_pretrained / save_pretrained in transformers' format."""
+class DebertaV2PreTrainedModel(PreTrainedModel):
+    """DeBERTa's checkpoint keys; init, from_pretrained / save_pretrained are models/pretrained.py's."""
 
-    _warned_attention_dropout = False
-
-    def __init__(self, config: DebertaV2Config):
-        super().__init__()
-        self.config = config
-
-    def init_weights(self) -> None:
-        """transformers' init: N(0, initializer_range) weights, zero biases, unit LayerNorms, zero pad row."""
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding, nn.Conv1d)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-                if getattr(m, "bias", None) is not None:
-                    nn.init.zeros_(m.bias)
-                if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                    with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-
-    def train(self, mode: bool = True):
-        if mode and self.config.attention_probs_dropout_prob > 0 and not DebertaV2PreTrainedModel._warned_attention_dropout:
-            DebertaV2PreTrainedModel._warned_attention_dropout = True
-            warnings.warn(f"attention_probs_dropout_prob={self.config.attention_probs_dropout_prob} is not applied: "
-                          "forkattn's disentangled attention has no dropout on the probabilities")
-        return super().train(mode)
-
-    def set_attention_backend(self, backend: Optional[str]) -> None:
-        """forkattn backend of every attention call ("eager", ..., None = fastest)."""
-        set_backends(self.config, backend)
-
-    @classmethod
-    def from_pretrained(cls, path, *, output_loading_info: bool = False, map_location="cpu",
-                        ignore_mismatched_sizes: bool = False, strict: bool = False, **config_overrides):
-        """Load a transformers-format folder (config.json + model.safetensors or pytorch_model.bin);
-        missing / unexpected / mismatched keys as models/checkpoint.py reports them."""
-        path = model_folder(path)
-        config = DebertaV2Config.from_json_file(os.path.join(path, "config.json"), **config_overrides)
-        model = cls(config)
-        state = read_state_dict(path, map_location=map_location)
-        info = model.load_hf_state_dict(state, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict, log=True)
-        model.eval()
-        return (model, info) if output_loading_info else model
+    config_class = DebertaV2Config
 
     def load_hf_state_dict(self, state: Dict[str, Tensor], *, ignore_mismatched_sizes: bool = False,
                            strict: bool = False, log: bool = False) -> dict:
@@ -394,12 +328,9 @@ class DebertaV2PreTrainedModel(nn.Module):
         return load_state(self, state, map_key, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict,
                           owner=f"{type(self).__name__}.from_pretrained", log=log)
 
-    def save_pretrained(self, path, safe_serialization: bool = True) -> None:
-        """config.json + model.safetensors (or pytorch_model.bin), readable by transformers."""
-        config = self.config.to_dict()
-        config["architectures"] = [type(self).__name__]
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        write_folder(path, config, state, safe_serialization=safe_serialization)
+    def hf_state_dict(self) -> Dict[str, Tensor]:
+        """The state dict: its names are transformers' already."""
+        return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
 
     def _deberta(self, input_ids, attention_mask, token_type_ids, position_ids) -> Tensor:
         return self.deberta(input_ids, attention_mask, token_type_ids, position_ids).last_hidden_state
@@ -588,10 +519,7 @@ class DebertaV2ForQuestionAnswering(DebertaV2PreTrainedModel):
         start_logits, end_logits = self.qa_outputs(x).unbind(-1)
         loss = None
         if start_positions is not None and end_positions is not None:
-            L = start_logits.shape[1]
-            s, e = start_positions.view(-1).clamp(0, L), end_positions.view(-1).clamp(0, L)
-            loss = (F.cross_entropy(start_logits.float(), s, ignore_index=L) +
-                    F.cross_entropy(end_logits.float(), e, ignore_index=L)) / 2
+            loss = qa_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
 
 
