@@ -200,6 +200,14 @@ def test_no_relative_terms_is_plain_attention():
     torch.testing.assert_close(ours, reference.attention(q, k, v))
 
 
+def test_torch_compile_fullgraph():
+    q, k, v, pk, pq = _inputs(2, 2, 9, 9, 8, 4, torch.float32)
+    mask = make_padding(2, 9, fully_padded=(1,), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_relative_positions=16, position_buckets=4, key_padding_mask=mask)
+    compiled = torch.compile(lambda *a: forkattn.disentangled_attention(*a, **kw), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, pk, pq), forkattn.disentangled_attention(q, k, v, pk, pq, **kw))
+
+
 def test_custom_op_opcheck(custom_op_backend):
     q, k, v, pk, pq = _inputs(2, 2, 7, 7, 8, 4, torch.float32)
     table = forkattn.disentangled.relative_position_index(7, 7, max_relative_positions=4)

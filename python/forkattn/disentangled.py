@@ -100,6 +100,14 @@ def _index_table(len_q: int, len_k: int, max_rel: int, buckets: int, device: tor
                                              position_buckets=buckets, device=device)
 
 
+@torch.compiler.assume_constant_result
+def _index_values(len_q: int, len_k: int, max_rel: int, buckets: int) -> tuple:
+    """The table as Python ints: under torch.compile a constant of the graph, so the float32 log
+    buckets are evaluated once by eager PyTorch (as transformers does), never re-derived by a
+    compiled kernel that might round an edge the other way."""
+    return tuple(_index_table(len_q, len_k, max_rel, buckets, torch.device("cpu")).tolist())
+
+
 def relative_position_index(len_q: int, len_k: int, *, max_relative_positions: int, position_buckets: int = -1,
                             device=None) -> Tensor:
     """int64 [len_q + len_k - 1], entry (i - j) + len_k - 1 = δ(i, j) (see disentangled_attention);
@@ -222,9 +230,15 @@ def disentangled_attention(
     mask, scale, max_rel, buckets = check_inputs(q, k, v, pos_key, pos_query, max_relative_positions,
                                                  position_buckets, key_padding_mask, scale, c2p, p2c)
     b = BACKENDS.resolve(backend, q.device.type, q.dtype, q.shape[-1], _FEATURES[mask is not None, c2p, p2c])
-    table = _index_table(q.shape[2], k.shape[2], max_rel, buckets, q.device)
-    if not b.CUSTOM_OP:
-        return b.impl(q, k, v, pos_key, pos_query, table, mask, scale, c2p, p2c)
+    if torch.compiler.is_compiling():
+        table = torch.tensor(_index_values(q.shape[2], k.shape[2], max_rel, buckets), dtype=torch.int64,
+                             device=q.device)
+    else:
+        table = _index_table(q.shape[2], k.shape[2], max_rel, buckets, q.device)
+    if not b.CUSTOM_OP:  # plain PyTorch: traced as it is under torch.compile, where the cached impl's
+        # lock (functools.cached_property on Python 3.11) cannot be entered; building it is cheap
+        impl = b.make_impl() if torch.compiler.is_compiling() else b.impl
+        return impl(q, k, v, pos_key, pos_query, table, mask, scale, c2p, p2c)
     H = q.shape[1]
     pos_key = None if pos_key is None else stride1(pos_key.expand(H, -1, -1))
     pos_query = None if pos_query is None else stride1(pos_query.expand(H, -1, -1))
