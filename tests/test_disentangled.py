@@ -91,8 +91,12 @@ def custom_op_backend():
     FAMILY.clear_cache()
 
 
+D = 32  # the kernels' smallest instantiated head_dim (32, 64, 128): what a fused backend runs
+
+
 def _backends():
-    return FAMILY.runnable("cpu", torch.float32, 16) + ["test_custom_op"]
+    """Every backend that can run these tests' calls here, and the custom-op test double."""
+    return FAMILY.runnable("cpu", torch.float32, D) + ["test_custom_op"]
 
 
 def _inputs(B, H, Lq, Lk, D, span, dtype, pos_heads=None, seed=0):
@@ -150,7 +154,7 @@ def test_index_table_matches_transformers(Lq, Lk, buckets, max_rel):
 def test_against_float64(backend, dtype, L, terms, custom_op_backend):
     c2p, p2c = TERMS[terms]
     buckets = 16 if L > 7 else -1  # log buckets beyond |i - j| >= 8
-    q, k, v, pk, pq = _inputs(2, 3, L, L, 16, 16 if buckets > 0 else 8, dtype, seed=L)
+    q, k, v, pk, pq = _inputs(2, 3, L, L, D, 16 if buckets > 0 else 8, dtype, seed=L)
     _check(backend, q, k, v, pk, pq, max_relative_positions=40 if buckets > 0 else 8, position_buckets=buckets,
            c2p=c2p, p2c=p2c)
 
@@ -158,7 +162,7 @@ def test_against_float64(backend, dtype, L, terms, custom_op_backend):
 @pytest.mark.parametrize("backend", _backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_padding_empty_row_and_nan_in_padded_keys(backend, dtype, custom_op_backend):
-    B, H, L, D, span = 4, 2, 37, 16, 8
+    B, H, L, span = 4, 2, 37, 8
     q, k, v, pk, pq = _inputs(B, H, L, L, D, span, dtype, seed=3)
     mask = make_padding(B, L, fully_padded=(1,), generator=torch.Generator().manual_seed(0))
     mask[0, :3] = False  # a hole before the first valid key
@@ -177,9 +181,9 @@ def test_padding_empty_row_and_nan_in_padded_keys(backend, dtype, custom_op_back
 @pytest.mark.parametrize("backend", _backends())
 def test_shared_pos_heads_and_cross_lengths(backend, custom_op_backend):
     """pos_key / pos_query with one head shared by all; Lq != Lk (the table covers i - j both ways)."""
-    q, k, v, pk, pq = _inputs(2, 3, 5, 11, 8, 6, torch.float32, pos_heads=1, seed=5)
+    q, k, v, pk, pq = _inputs(2, 3, 5, 11, D, 6, torch.float32, pos_heads=1, seed=5)
     _check(backend, q, k, v, pk, pq, max_relative_positions=6)
-    q, k, v, pk, pq = _inputs(1, 2, 13, 4, 8, 16, torch.float32, seed=6)
+    q, k, v, pk, pq = _inputs(1, 2, 13, 4, D, 16, torch.float32, seed=6)
     _check(backend, q, k, v, pk, pq, max_relative_positions=32, position_buckets=16, scale=0.3)
 
 
