@@ -170,6 +170,19 @@ def test_config_checks_name_the_field(field, value, exc, match):
         fd.DebertaV2Config.from_dict(d)
 
 
+def test_bad_inputs_name_the_argument():
+    model = fd.DebertaV2Model(fd.DebertaV2Config.from_dict({**BASE, **CONFIGS["v2-conv"]}))
+    ids = torch.randint(1, 53, (2, 30))
+    with pytest.raises(ValueError, match="more than max_position_embeddings 24"):
+        model(ids)
+    with pytest.raises(ValueError, match="input_ids must be \\[batch, seq\\]"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="attention_mask must have input_ids' shape"):
+        model(ids[:, :10], torch.ones(2, 9))
+    v3 = fd.DebertaV2Model(fd.DebertaV2Config.from_dict({**BASE, **CONFIGS["v3"]}))
+    assert v3(ids).last_hidden_state.shape == (2, 30, 32)  # relative positions only: any length
+
+
 def test_config_json_round_trip():
     config = fd.DebertaV2Config.from_dict({**BASE, **CONFIGS["v3"], "id2label": {"0": "a", "1": "b"}})
     d = config.to_dict()

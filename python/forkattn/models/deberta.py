@@ -315,7 +315,8 @@ class DebertaV2PreTrainedModel(PreTrainedModel):
         prefix = "deberta."
 
         def map_key(key: str, t: Tensor):
-            if key.startswith("mask_predictions.") or key.endswith("position_ids") or key == "cls.predictions.decoder.weight":
+            if (key.startswith("mask_predictions.") or key.endswith("position_ids")
+                    or key == "cls.predictions.decoder.weight"):
                 return None  # replaced-token detection head, a buffer, the tied decoder
             if key == "cls.predictions.decoder.bias":
                 key = "cls.predictions.bias"
@@ -349,6 +350,10 @@ class DebertaV2Model(DebertaV2PreTrainedModel):
         embeddings and hidden from every key."""
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
+        L, cfg = input_ids.shape[1], self.config
+        if cfg.position_biased_input and L > cfg.max_position_embeddings:
+            raise ValueError(f"input_ids has length {L}, more than max_position_embeddings {cfg.max_position_embeddings} "
+                             "(this config adds absolute position embeddings)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         elif tuple(attention_mask.shape) != tuple(input_ids.shape):
