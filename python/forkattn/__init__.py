@@ -9,6 +9,7 @@ from . import reference
 from .mlm import mlm_mask
 from . import data
 from .decode import KVCache, KVCacheOverflowError, decode_attention
+from .disentangled import disentangled_attention
 
 __version__ = _config.VERSION
 
@@ -50,4 +51,5 @@ __all__ = [
     "KVCache",
     "KVCacheOverflowError",
     "decode_attention",
+    "disentangled_attention",
 ]

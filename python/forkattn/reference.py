@@ -89,10 +89,12 @@ def _bhld(t: Tensor) -> Tensor:
     return t.unsqueeze(0).transpose(1, 2)
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: Optional[float]) -> Tensor:
-    """The eager computation shared by attention and decode_attention: GQA heads expanded, scores
-    in fp32, keys not `allowed` (bool, broadcast to [B, H, Lq, Lk]; None = all) masked, rows with
-    no allowed key zero."""
+def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: Optional[float],
+            bias=None) -> Tensor:
+    """The eager computation shared by attention, decode_attention and disentangled_attention: GQA
+    heads expanded, scores in fp32, keys not `allowed` (bool, broadcast to [B, H, Lq, Lk]; None =
+    all) masked, rows with no allowed key zero. bias(q, k), when given, returns the fp32 scores
+    added to q·kᵀ before scaling, from the k whose unseen keys are already zeroed."""
     H, D, Hkv = q.shape[1], q.shape[-1], k.shape[1]
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
@@ -105,7 +107,11 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: O
         unseen = ~allowed.any(dim=-2).unsqueeze(-1)  # [B or 1, 1, Lk, 1]
         k = k.masked_fill(unseen, 0)
         v = v.masked_fill(unseen, 0)
-    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    s = torch.matmul(q, k.transpose(-2, -1))
+    if bias is not None:
+        s = (s.float() + bias(q, k)) * scale
+    else:
+        s = s * scale
     if s.dtype in (torch.float16, torch.bfloat16):
         s = s.float()
     if allowed is not None:
@@ -267,3 +273,82 @@ def decode_attention(
     v = v.masked_fill(~stored[:, None, :, None], 0)
     out = _attend(q, k, v, allowed, scale)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+# --- disentangled attention (DeBERTa-v2/v3) -----------------------------------------------------------
+
+def relative_span(position_buckets: int, max_relative_positions: int) -> int:
+    """DeBERTa's attention span: position_buckets when bucketing (> 0), else max_relative_positions;
+    the relative embeddings (pos_key, pos_query) have 2 * span rows."""
+    return position_buckets if position_buckets > 0 else max_relative_positions
+
+
+def log_bucket_position(rel: Tensor, position_buckets: int, max_relative_positions: int) -> Tensor:
+    """DeBERTa-v2's make_log_bucket_position, in float32 as transformers evaluates it (the ceil at a
+    bucket edge depends on it): |r| < position_buckets // 2 (= mid) stays r; beyond, sign(r) * (mid +
+    ceil(log(|r| / mid) / log((max_relative_positions - 1) / mid) * (mid - 1))). rel int64; returns int64."""
+    mid = position_buckets // 2
+    near = (rel < mid) & (rel > -mid)
+    abs_pos = torch.where(near, torch.full_like(rel, mid - 1), rel.abs()).to(torch.float32)
+    log_pos = torch.ceil(torch.log(abs_pos / mid) / torch.log(torch.tensor((max_relative_positions - 1) / mid))
+                         * (mid - 1)) + mid
+    return torch.where(abs_pos <= mid, rel.to(torch.float32), log_pos * torch.sign(rel)).to(torch.int64)
+
+
+def relative_position_index(len_q: int, len_k: int, *, max_relative_positions: int, position_buckets: int = -1,
+                            device=None) -> Tensor:
+    """int64 [len_q + len_k - 1]: entry (i - j) + (len_k - 1) is δ(i, j) = clamp(r(i - j) + span, 0,
+    2 * span - 1), the row of pos_key / pos_query that query i and key j read; r is the identity, or
+    log_bucket_position when position_buckets > 0. Computed on the host (one table for all backends)."""
+    span = relative_span(position_buckets, max_relative_positions)
+    rel = torch.arange(max(len_q + len_k - 1, 0), dtype=torch.int64) - (len_k - 1)  # i - j, ascending
+    if position_buckets > 0:
+        rel = log_bucket_position(rel, position_buckets, max_relative_positions)
+    return (rel + span).clamp(0, 2 * span - 1).to(device)
+
+
+def disentangled_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    pos_key: Optional[Tensor],
+    pos_query: Optional[Tensor],
+    *,
+    max_relative_positions: int,
+    position_buckets: int = -1,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+    c2p: bool = True,
+    p2c: bool = True,
+) -> Tensor:
+    """forkattn.disentangled_attention in plain PyTorch, materialising the [B, H, Lq, Lk] scores and
+    the c2p / p2c products against every relative embedding (the definition is in
+    forkattn.disentangled_attention's docstring). Differentiable by autograd in all five inputs."""
+    table = relative_position_index(q.shape[2], k.shape[2], max_relative_positions=max_relative_positions,
+                                    position_buckets=position_buckets, device=q.device)
+    if scale is None:
+        scale = (q.shape[-1] * (1 + int(c2p) + int(p2c))) ** -0.5
+    return disentangled_attention_indexed(q, k, v, pos_key, pos_query, table, key_padding_mask, scale, c2p, p2c)
+
+
+def disentangled_attention_indexed(q, k, v, pos_key, pos_query, rel_index: Tensor, key_padding_mask, scale: float,
+                                   c2p: bool, p2c: bool) -> Tensor:
+    """The eager backend's body: rel_index from relative_position_index; pos_key / pos_query
+    [H or 1, 2 * span, D] (None when their term is off)."""
+    Lq, Lk = q.shape[2], k.shape[2]
+    i = torch.arange(Lq, device=q.device)[:, None]
+    j = torch.arange(Lk, device=q.device)[None, :]
+    delta = rel_index[i - j + (Lk - 1)]  # [Lq, Lk]
+
+    def bias(q, k):
+        s = 0.0
+        if c2p:  # q_i · pos_key[δ(i, j)]: every product q_i · pos_key[r], then the gather
+            c = torch.matmul(q, pos_key.unsqueeze(0).transpose(-2, -1)).float()  # [B, H, Lq, 2 span]
+            s = s + c.gather(-1, delta.expand(*c.shape[:2], Lq, Lk))
+        if p2c:  # k_j · pos_query[δ(i, j)]: every product k_j · pos_query[r], gathered per (j, i)
+            p = torch.matmul(k, pos_query.unsqueeze(0).transpose(-2, -1)).float()  # [B, H, Lk, 2 span]
+            s = s + p.gather(-1, delta.t().expand(*p.shape[:2], Lk, Lq)).transpose(-2, -1)
+        return s
+
+    allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :].to(torch.bool)
+    return _attend(q, k, v, allowed, scale, bias=bias if (c2p or p2c) else None)

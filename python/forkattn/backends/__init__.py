@@ -3,7 +3,7 @@ one module per backend: eager.py (plain PyTorch, every device), cpu.py (C++), cu
 kernels), triton.py (Triton). Adding a backend is adding one module here, listed below.
 
 forkattn.backends.get(op) is the OpFamily of an op ("attention", "attention_varlen",
-"decode_attention", "kv_append", "mlm_mask"): .resolve / .why_not / .runnable / .backends.
+"decode_attention", "kv_append", "mlm_mask", "disentangled_attention"): .resolve / .why_not / .runnable / .backends.
 """
 # each module registers its backend classes; this order is the order of OpFamily.backends
 from . import eager, cpu, cuda, triton  # noqa: F401,I001

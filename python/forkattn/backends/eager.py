@@ -7,6 +7,7 @@ import torch
 from .. import reference
 from .families import (AttentionBackend, AttentionVarlenBackend, DecodeBackend, KVAppendBackend,
                        MLMBackend)
+from .families import DisentangledAttentionBackend
 from .registry import register
 
 
@@ -71,3 +72,13 @@ class EagerMLM(_Eager, MLMBackend):
                 return input_ids, lab
             return masked, lab
         return mlm_mask
+
+
+@register
+class EagerDisentangledAttention(_Eager, DisentangledAttentionBackend):
+    """reference.disentangled_attention_indexed: materialises the scores (the kernels' baseline)."""
+
+    CUSTOM_OP = False
+
+    def make_impl(self):
+        return reference.disentangled_attention_indexed

@@ -62,3 +62,22 @@ class MLMBackend(Backend):
     OP = "mlm_mask"
     FEATURES = frozenset({"exact", "word_ids", "min_masked"})
     FEATURE_TEXT = {"exact": "mode='exact'", "word_ids": "word_ids (whole-word masking)"}
+
+
+class DisentangledAttentionBackend(Backend):
+    """forkattn.disentangled_attention (DeBERTa). impl: FwdBwd(fwd, bwd), called through the custom
+    ops forkattn::disentangled_attention_fwd / _bwd:
+    fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c) -> (out, lse);
+    bwd(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, scale, c2p, p2c)
+    -> (dq, dk, dv, dpos_key, dpos_query).
+    q [B, H, Lq, D], k, v [B, H, Lk, D] with unit stride in D; pos_key / pos_query [H, 2 * span, D]
+    (a head stride of 0 when shared by the heads), None when c2p / p2c is off; rel_index int64
+    [Lq + Lk - 1] on q's device, entry (i - j) + Lk - 1 the embedding row δ(i, j) of query i and key
+    j (the op builds it); key_padding_mask bool [B, Lk] or None. out, dq, dk, dv in the layout of
+    _layout.empty_bhld, lse float32 [B, H, Lq] (+inf on empty rows), dpos_* contiguous
+    [H, 2 * span, D] (empty, numel 0, for a term that is off). With CUSTOM_OP False,
+    impl(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c) -> out,
+    differentiable as it is (pos_key / pos_query may then have 1 head)."""
+
+    OP = "disentangled_attention"
+    FEATURES = frozenset({"key_padding", "c2p", "p2c"})

@@ -58,6 +58,7 @@ FAMILIES: List[Family] = [  # one line per family; python -m forkattn.bench runs
     Family("bert", "forkattn.bench.bert", "BERT-base end to end: inference and an MLM training step"),
     Family("gpt", "forkattn.bench.gpt", "GPT-2: prefill and greedy generation"),
     Family("hf", "forkattn.bench.hf", "transformers' BERT, GPT-2 and GQA Llama with attn_implementation='forkattn'"),
+    Family("deberta", "forkattn.bench.deberta", "DeBERTa-v3: disentangled attention and the encoder vs transformers"),
 ]
 SIZES = ("quick", "default", "full")
 NOISY = 0.20  # a spread (IQR / median) above this marks a row as noisy

@@ -18,6 +18,9 @@ _EXPORTS = {
     "checkpoint": ["read_state_dict", "load_state"],
     "padding": ["Packing"],
     "outputs": ["ModelOutput", "CausalLMOutput"],
+    "deberta": ["DebertaV2Config", "DebertaV2Model", "DebertaV2ForMaskedLM", "DebertaV2ForSequenceClassification",
+                "DebertaV2ForTokenClassification", "DebertaV2ForQuestionAnswering"],
+    "deberta_tokenizer": ["load_deberta_tokenizer"],
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_WHERE)

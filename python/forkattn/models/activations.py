@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -24,6 +25,7 @@ ACTIVATIONS: Dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu,
     "silu": F.silu,
     "swish": F.silu,
+    "tanh": torch.tanh,  # DeBERTa's conv_act default
 }
 
 

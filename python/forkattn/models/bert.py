@@ -32,10 +32,6 @@ says so the first time a model trains with it set.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional
 
@@ -46,18 +42,19 @@ from torch import Tensor, nn
 import forkattn
 
 from .activations import activation, check_activation
-from .backend import FIELDS as BACKEND_FIELDS
-from .backend import attention_backend, check_backend, set_backends
+from .backend import attention_backend, check_backend
 from .bert_names import hf_key, key_map_from_hf
-from .checkpoint import load_state, model_folder, read_state_dict, write_folder
+from .checkpoint import load_state
 from .outputs import (AlbertForPreTrainingOutput, BaseModelOutputWithPooling, BertForPreTrainingOutput,
                       MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
 from .padding import Packing
+from .pretrained import (JsonConfig, PreTrainedModel, build_config, config_json, merge_overrides, normalize_labels,
+                         qa_loss)
 
 # --- config ----------------------------------------------------------------------------------------
 
 @dataclass
-class BertConfig:
+class BertConfig(JsonConfig):
     vocab_size: int = 30522
     hidden_size: int = 768
     num_hidden_layers: int = 12
@@ -102,9 +99,7 @@ class BertConfig:
             raise ValueError(f"model_type must be 'bert' or 'albert', got {self.model_type!r}")
         check_activation(self.hidden_act, "hidden_act")
         check_backend(self.attention_backend)
-        if self.id2label is not None:
-            self.id2label = {int(k): v for k, v in self.id2label.items()}
-            self.num_labels = len(self.id2label)
+        normalize_labels(self)
 
     @property
     def head_dim(self) -> int:
@@ -117,9 +112,7 @@ class BertConfig:
     @classmethod
     def from_dict(cls, d: dict, **overrides) -> "BertConfig":
         """From a dict of our fields or a transformers config.json (BERT or ALBERT); other keys are ignored."""
-        if "num_labels" in overrides and "id2label" not in overrides:
-            d = {k: v for k, v in d.items() if k not in ("id2label", "label2id")}
-        d = {**d, **overrides}
+        d = merge_overrides(d, overrides)
         if d.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"only absolute position embeddings are supported, got {d['position_embedding_type']!r}")
         if d.get("is_decoder") or d.get("add_cross_attention"):
@@ -132,28 +125,11 @@ class BertConfig:
             d.setdefault("hidden_act", "gelu_new")
             if "classifier_dropout_prob" in d and "classifier_dropout" not in d:
                 d["classifier_dropout"] = d["classifier_dropout_prob"]
-        if "id2label" not in d and "num_labels" not in d and "label2id" in d:
-            d["id2label"] = {v: k for k, v in d["label2id"].items()}
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-    @classmethod
-    def from_json_file(cls, path: str, **overrides) -> "BertConfig":
-        with open(path) as f:
-            return cls.from_dict(json.load(f), **overrides)
+        return build_config(cls, d)
 
     def to_dict(self) -> dict:
         """transformers-style config.json contents (loadable by transformers when model_type allows)."""
-        d = dataclasses.asdict(self)
-        for name in BACKEND_FIELDS:
-            d.pop(name, None)
-        d.pop("unpad_inputs")
-        d.pop("sparse_prediction")
-        if self.id2label is None:
-            d.pop("id2label")
-        else:
-            d["id2label"] = {str(k): v for k, v in self.id2label.items()}
-            d["label2id"] = {v: k for k, v in self.id2label.items()}
+        d = config_json(self, drop=("unpad_inputs", "sparse_prediction"))
         if self.model_type == "albert":
             d["embedding_size"] = self.embedding_size or self.hidden_size
             d["num_hidden_groups"] = self.num_groups
@@ -260,70 +236,11 @@ class BertEncoder(nn.Module):
 
 # --- the model and its heads ---------------------------------------------------------------------
 
-class BertPreTrainedModel(nn.Module):
-    """Weights init, from_pretrained / save_pretrained; subclasses set `base_model_prefix` use."""
+class BertPreTrainedModel(PreTrainedModel):
+    """BERT's checkpoint names (models/bert_names.py); the rest is models/pretrained.py's."""
 
     base_model_prefix = "bert"
-    _warned_attention_dropout = False
-
-    def __init__(self, config: BertConfig):
-        super().__init__()
-        self.config = config
-
-    def init_weights(self) -> None:
-        """transformers' init: N(0, initializer_range) weights, zero biases, unit LayerNorms, zero pad row."""
-        std = self.config.initializer_range
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, mean=0.0, std=std)
-                if isinstance(m, nn.Linear) and m.bias is not None:
-                    nn.init.zeros_(m.bias)
-                if isinstance(m, nn.Embedding) and m.padding_idx is not None:
-                    with torch.no_grad():
-                        m.weight[m.padding_idx].zero_()
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        for name, p in self.named_parameters():
-            if name.endswith("predictions.bias"):
-                nn.init.zeros_(p)
-
-    def train(self, mode: bool = True):
-        if mode and self.config.attention_probs_dropout_prob > 0 and not BertPreTrainedModel._warned_attention_dropout:
-            BertPreTrainedModel._warned_attention_dropout = True
-            warnings.warn(f"attention_probs_dropout_prob={self.config.attention_probs_dropout_prob} is not applied: "
-                          "forkattn's fused attention has no dropout on the probabilities (hidden dropout is applied)")
-        return super().train(mode)
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    def set_attention_backend(self, backend: Optional[str]) -> None:
-        """forkattn backend of every attention call ("eager", "cpu", "cuda", "triton", None = fastest)."""
-        set_backends(self.config, backend)
-
-    # -- checkpoints ---
-    @classmethod
-    def from_pretrained(cls, path: str, *, output_loading_info: bool = False, map_location="cpu",
-                        ignore_mismatched_sizes: bool = False, strict: bool = False, **config_overrides):
-        """Load a transformers-format directory (config.json + model.safetensors or pytorch_model.bin).
-
-        Keys the model has but the checkpoint lacks (e.g. a new head) are initialized randomly and
-        reported as missing; checkpoint keys the model does not use (e.g. a pre-training head when
-        fine-tuning) are reported as unexpected (a warning on the "forkattn.models" logger; strict=True
-        raises instead). A checkpoint tensor whose shape disagrees with the config raises a ValueError
-        naming it and both shapes, unless ignore_mismatched_sizes=True (then it stays initialized, as
-        for a classifier with another num_labels). output_loading_info=True also returns
-        {"missing_keys", "unexpected_keys", "mismatched_keys", "ignored_keys"}. See models/checkpoint.py.
-        """
-        path = model_folder(path)
-        config = BertConfig.from_json_file(os.path.join(path, "config.json"), **config_overrides)
-        model = cls(config)
-        state = read_state_dict(path, map_location=map_location)
-        info = model.load_hf_state_dict(state, ignore_mismatched_sizes=ignore_mismatched_sizes, strict=strict, log=True)
-        model.eval()
-        return (model, info) if output_loading_info else model
+    config_class = BertConfig
 
     def load_hf_state_dict(self, state: Dict[str, Tensor], *, ignore_mismatched_sizes: bool = False,
                            strict: bool = False, log: bool = False) -> dict:
@@ -337,12 +254,6 @@ class BertPreTrainedModel(nn.Module):
         """The state dict under transformers' names (ALBERT names when config.model_type == 'albert')."""
         return {hf_key(k, self.config.model_type, self.base_model_prefix): v.detach().contiguous()
                 for k, v in self.state_dict().items()}
-
-    def save_pretrained(self, path: str, safe_serialization: bool = True) -> None:
-        """config.json + model.safetensors (or pytorch_model.bin), readable by from_pretrained and transformers."""
-        config = self.config.to_dict()
-        config["architectures"] = [self._hf_architecture()]
-        write_folder(path, config, self.hf_state_dict(), safe_serialization=safe_serialization)
 
     def _hf_architecture(self) -> str:
         name = type(self).__name__
@@ -559,10 +470,7 @@ class BertForQuestionAnswering(BertPreTrainedModel):
         start_logits, end_logits = self.qa_outputs(x).unbind(-1)
         loss = None
         if start_positions is not None and end_positions is not None:
-            L = start_logits.shape[1]
-            s, e = start_positions.view(-1).clamp(0, L), end_positions.view(-1).clamp(0, L)
-            loss = (F.cross_entropy(start_logits.float(), s, ignore_index=L) +
-                    F.cross_entropy(end_logits.float(), e, ignore_index=L)) / 2
+            loss = qa_loss(start_logits, end_logits, start_positions, end_positions)
         return QuestionAnsweringModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits)
 
 

@@ -96,3 +96,10 @@ class QuestionAnsweringModelOutput(ModelOutput):
 
 class CausalLMOutput(_LossAndLogits):
     """logits [B, T, vocab]; loss (with labels): next-token cross-entropy."""
+
+
+@dataclass
+class BaseModelOutput(ModelOutput):
+    """An encoder without a pooler (DeBERTa): last_hidden_state [B, L, hidden]."""
+
+    last_hidden_state: Optional[Tensor] = None
