@@ -8,7 +8,7 @@ handles: "causal", "key_padding", "gqa", "paged", ...), whether it is usable in 
 lists why it cannot run a call; `@register` adds one instance to its op family.
 
 An `OpFamily` (one per op: "attention", "attention_varlen", "decode_attention", "kv_append",
-"mlm_mask") resolves a user's `backend=` argument: a named backend that cannot run the call raises
+"mlm_mask", "disentangled_attention") resolves a user's `backend=` argument: a named backend that cannot run the call raises
 BackendUnavailableError with its reasons; None walks the backends that have a priority on the call's
 device type, highest first, then the fallback ("eager"), and takes the first that can run it.
 Answers are cached per (backend argument, device type, dtype, head_dim, features): availability
