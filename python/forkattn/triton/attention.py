@@ -207,7 +207,7 @@ def _common(q, k, seq: _Seq, key_padding_mask, causal, scale, dropout_p, seed):
     return H, Hkv, D, meta
 
 
-def _fwd(q, k, v, out, lse, seq: _Seq, key_padding_mask, causal, scale, dropout_p, seed):
+def _fwd(q, k, v, out, lse, seq: _Seq, key_padding_mask, causal, scale, dropout_p=0.0, seed=0):
     H, _, _, meta = _common(q, k, seq, key_padding_mask, causal, scale, dropout_p, seed)
     sq, sk, sv, so, sl = seq.strides(q), seq.strides(k), seq.strides(v), seq.strides(out), seq.lse_strides(lse)
     args = dict(
@@ -222,7 +222,7 @@ def _fwd(q, k, v, out, lse, seq: _Seq, key_padding_mask, causal, scale, dropout_
     _launch("fwd", seq.max_q, H, seq.batch, args)
 
 
-def _bwd(dout, q, k, v, out, lse, dq, dk, dv, seq: _Seq, key_padding_mask, causal, scale, dropout_p, seed):
+def _bwd(dout, q, k, v, out, lse, dq, dk, dv, seq: _Seq, key_padding_mask, causal, scale, dropout_p=0.0, seed=0):
     H, Hkv, D, meta = _common(q, k, seq, key_padding_mask, causal, scale, dropout_p, seed)
     delta = torch.empty_like(lse)
     so, sdo, sl = seq.strides(out), seq.strides(dout), seq.lse_strides(lse)
