@@ -141,26 +141,31 @@ def test_bad_arguments(kw, err, text):
 
 
 def test_registry_feature():
-    """cpu and cuda have no dropout kernels yet: a named call says so, backend=None falls back."""
+    """eager, cpu and triton declare dropout; the cuda kernels do not have it yet: a named call says
+    so, and backend=None never picks a backend without it."""
     for fam in (BACKENDS, VARLEN):
-        assert "dropout" in fam.backends["eager"].FEATURES and "dropout" in fam.backends["triton"].FEATURES
-        for name in ("cpu", "cuda"):
-            why = fam.backends[name].supports(device_type=fam.backends[name].SUPPORTED_DEVICES[0], features=("dropout",))
-            assert why == f"dropout is not supported by backend {name!r}"
-    q, k, v = make_qkv(1, 2, 2, 4, 4, 8, torch.float32, device="cpu", requires_grad=False)
-    with pytest.raises(forkattn.BackendUnavailableError, match="cpu"):
-        forkattn.attention(q, k, v, dropout_p=0.1, backend="cpu")
-    if BACKENDS.why_not("cpu", "cpu", torch.float32, 8) is None:  # _C built: the reason is dropout itself
-        with pytest.raises(forkattn.BackendUnavailableError, match="dropout is not supported by backend 'cpu'"):
-            forkattn.attention(q, k, v, dropout_p=0.1, backend="cpu")
-    assert BACKENDS.resolve(None, "cpu", torch.float32, 8, ("dropout",)).NAME == "eager"
-    torch.testing.assert_close(forkattn.attention(q, k, v, dropout_p=0.2, seed=1),
-                               forkattn.attention(q, k, v, dropout_p=0.2, seed=1, backend="eager"), rtol=0, atol=0)
+        for name in ("eager", "cpu", "triton"):
+            assert "dropout" in fam.backends[name].FEATURES, (fam.op, name)
+        why = fam.backends["cuda"].supports(device_type="cuda", features=("dropout",))
+        assert why == "dropout is not supported by backend 'cuda'"
+        assert fam.backends["cuda"].supports(device_type="cuda", features=("causal",)) is None
+    if torch.cuda.is_available():
+        q = torch.randn(1, 2, 4, 64, device="cuda", dtype=torch.float16)
+        with pytest.raises(forkattn.BackendUnavailableError, match="dropout is not supported by backend 'cuda'"):
+            forkattn.attention(q, q, q, dropout_p=0.1, backend="cuda")
+    expected = "cpu" if BACKENDS.why_not("cpu", "cpu", torch.float32, 8) is None else "eager"
+    assert BACKENDS.resolve(None, "cpu", torch.float32, 8, ("dropout",)).NAME == expected
 
 
 # --- kernel backends against the eager reference ---------------------------------------------------------
 
-KERNELS = [pytest.param("triton", marks=needs_triton)]
+needs_cpu = pytest.mark.skipif(BACKENDS.why_not("cpu", "cpu", torch.float32, 16) is not None,
+                               reason=f"cpu backend unavailable: {BACKENDS.why_not('cpu', 'cpu', torch.float32, 16)}")
+KERNELS = [pytest.param("cpu", marks=needs_cpu), pytest.param("triton", marks=needs_triton)]
+
+
+def _device(backend):
+    return "cpu" if backend == "cpu" else DEV
 
 
 def _check(run, backend, inputs, dtype, p, seed, allowance=None):
@@ -187,11 +192,13 @@ def _check(run, backend, inputs, dtype, p, seed, allowance=None):
     (1, 2, 1, 129, 97, 16, True, False, torch.float16),
     (2, 2, 2, 7, 1, 8, False, True, torch.float32),
     (1, 3, 3, 1, 7, 8, True, False, torch.float16),
+    (2, 2, 1, 33, 20, 16, True, True, torch.bfloat16),  # triton upcasts bf16 in the interpreter
 ])
 def test_padded_against_eager(backend, B, H, Hkv, Lq, Lk, D, causal, padded, dtype):
+    dev = _device(backend)
     torch.manual_seed(Lq * 1000 + Lk)
-    q, k, v = make_qkv(B, H, Hkv, Lq, Lk, D, torch.float32, device=DEV, requires_grad=False)
-    kpm = make_padding(B, Lk, DEV) if padded else None
+    q, k, v = make_qkv(B, H, Hkv, Lq, Lk, D, torch.float32, device=dev, requires_grad=False)
+    kpm = make_padding(B, Lk, dev) if padded else None
 
     def run(q, k, v, backend, p, seed):
         if backend is None:  # the float64 reference
@@ -199,21 +206,23 @@ def test_padded_against_eager(backend, B, H, Hkv, Lq, Lk, D, causal, padded, dty
         return forkattn.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p, seed=seed, backend=backend)
 
     def allowance(ins, ref, g):
-        allowed = reference.visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=kpm, device=DEV)
+        allowed = reference.visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=kpm, device=dev)
         return delta_rounding_allowance(ins[0], ins[1], ref, g, D ** -0.5, allowed)
     _check(run, backend, (q, k, v), dtype, 0.2, 0x5EED_0000_0000_0001 + Lq, allowance)
 
 
-@pytest.mark.parametrize("backend", KERNELS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend, dtype", [
+    pytest.param(b, d, marks=m) for b, m in (("cpu", needs_cpu), ("triton", needs_triton))
+    for d in (torch.float32, torch.float16)] + [pytest.param("cpu", torch.bfloat16, marks=needs_cpu)])
 def test_varlen_against_eager(backend, dtype):
+    dev = _device(backend)
     lq, lk = [7, 1, 40], [9, 7, 33]
     H, Hkv, D = 2, 1, 16
-    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
-    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=DEV)
+    cu_q = torch.tensor([0] + torch.tensor(lq).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0] + torch.tensor(lk).cumsum(0).tolist(), dtype=torch.int32, device=dev)
     torch.manual_seed(3)
-    q = torch.randn(sum(lq), H, D, device=DEV)
-    k, v = (torch.randn(sum(lk), Hkv, D, device=DEV) for _ in range(2))
+    q = torch.randn(sum(lq), H, D, device=dev)
+    k, v = (torch.randn(sum(lk), Hkv, D, device=dev) for _ in range(2))
 
     def run(q, k, v, backend, p, seed):
         if backend is None:
@@ -222,16 +231,16 @@ def test_varlen_against_eager(backend, dtype):
                                          backend=backend)
     # fp16 dq/dk: the kernels' Delta is rounded from the stored output (attn_utils explains); bounded
     # here by the same formula per sequence, the largest of them
-    _check(run, backend, (q, k, v), dtype, 0.3, -42, _varlen_allowance(cu_q, cu_k, lq, lk, D) if dtype != torch.float32 else None)
+    _check(run, backend, (q, k, v), dtype, 0.3, -42, _varlen_allowance(cu_q, cu_k, lq, lk, D, dev) if dtype != torch.float32 else None)
 
 
-def _varlen_allowance(cu_q, cu_k, lq, lk, D):
+def _varlen_allowance(cu_q, cu_k, lq, lk, D, dev):
     def allowance(ins, ref, g):
         worst = {"dq": 0.0, "dk": 0.0}
         for b in range(len(lq)):
             rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
             bhld = lambda t, r: t[r].transpose(0, 1).unsqueeze(0)  # noqa: E731
-            allowed = reference.visible_keys(1, lq[b], lk[b], causal=True, key_padding_mask=None, device=DEV)
+            allowed = reference.visible_keys(1, lq[b], lk[b], causal=True, key_padding_mask=None, device=dev)
             a = delta_rounding_allowance(bhld(ins[0], rq), bhld(ins[1], rk), bhld(ref, rq), bhld(g, rq), D ** -0.5,
                                          allowed)
             worst = {n: max(worst[n], a[n]) for n in worst}
@@ -243,32 +252,34 @@ def _varlen_allowance(cu_q, cu_k, lq, lk, D):
 def test_same_mask_as_eager_bit_for_bit(backend):
     """v = identity: out is P * keep / (1 - p), zero exactly where a probability was dropped; the
     kernel's zeros are eager's zeros, element for element (padded and varlen, causal, GQA)."""
+    dev = _device(backend)
     B, H, Hkv, Lq, Lk, p, seed = 2, 4, 2, 13, 32, 0.4, 2 ** 63 + 12345
-    q = torch.randn(B, H, Lq, Lk, device=DEV)
-    k = torch.randn(B, Hkv, Lk, Lk, device=DEV)
-    v = _identity_v(B, Hkv, Lk)
+    q = torch.randn(B, H, Lq, Lk, device=dev)
+    k = torch.randn(B, Hkv, Lk, Lk, device=dev)
+    v = _identity_v(B, Hkv, Lk, device=dev)
     for causal in (False, True):
         ours = forkattn.attention(q, k, v, causal=causal, dropout_p=p, seed=seed, backend=backend)
         eager = forkattn.attention(q, k, v, causal=causal, dropout_p=p, seed=seed, backend="eager")
-        allowed = reference.visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=None, device=DEV)
-        keep = philox.dropout_keep(seed, p, B, H, Lq, Lk, device=DEV)
+        allowed = reference.visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=None, device=dev)
+        keep = philox.dropout_keep(seed, p, B, H, Lq, Lk, device=dev)
         if allowed is not None:
             keep = keep & allowed
         assert torch.equal(ours != 0, keep) and torch.equal(eager != 0, keep)
     # varlen: sequence b is batch row b, i and j counted inside the sequence
-    cu_q = torch.tensor([0, Lq, 2 * Lq - 5], dtype=torch.int32, device=DEV)
-    cu_k = torch.tensor([0, Lk, 2 * Lk], dtype=torch.int32, device=DEV)
+    cu_q = torch.tensor([0, Lq, 2 * Lq - 5], dtype=torch.int32, device=dev)
+    cu_k = torch.tensor([0, Lk, 2 * Lk], dtype=torch.int32, device=dev)
     qv = torch.cat([q[0], q[1, :, :Lq - 5]], dim=1).transpose(0, 1).contiguous()
     kv, vv = (t.transpose(1, 2).reshape(B * Lk, Hkv, Lk) for t in (k, v))
     out = forkattn.attention_varlen(qv, kv, vv, cu_q, cu_k, Lq, Lk, dropout_p=p, seed=seed, backend=backend)
-    keep = philox.dropout_keep(seed, p, B, H, Lq, Lk, device=DEV)
+    keep = philox.dropout_keep(seed, p, B, H, Lq, Lk, device=dev)
     assert torch.equal(out[:Lq] != 0, keep[0].transpose(0, 1))
     assert torch.equal(out[Lq:] != 0, keep[1, :, :Lq - 5].transpose(0, 1))
 
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_kernel_seeds_and_p_zero(backend):
-    q, k, v = make_qkv(1, 2, 2, 9, 11, 16, torch.float32, device=DEV, requires_grad=False)
+    dev = _device(backend)
+    q, k, v = make_qkv(1, 2, 2, 9, 11, 16, torch.float32, device=dev, requires_grad=False)
     run = lambda **kw: forkattn.attention(q, k, v, causal=True, backend=backend, **kw)  # noqa: E731
     assert torch.equal(run(dropout_p=0.3, seed=1), run(dropout_p=0.3, seed=1))
     assert not torch.equal(run(dropout_p=0.3, seed=1), run(dropout_p=0.3, seed=2))
@@ -277,8 +288,9 @@ def test_kernel_seeds_and_p_zero(backend):
 
 @pytest.mark.parametrize("backend", KERNELS)
 def test_opcheck_with_dropout(backend):
-    q, k, v = (torch.randn(1, 2, 7, 16, device=DEV) for _ in range(3))
+    dev = _device(backend)
+    q, k, v = (torch.randn(1, 2, 7, 16, device=dev) for _ in range(3))
     torch.library.opcheck(attention_fwd, (q, k, v, None, True, 0.25, backend, 0.2, -5))
-    vq = torch.randn(7, 2, 16, device=DEV)
-    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=DEV)
+    vq = torch.randn(7, 2, 16, device=dev)
+    cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=dev)
     torch.library.opcheck(attention_varlen_fwd, (vq, vq, vq, cu, cu, 4, 4, False, 0.25, backend, 0.2, 2 ** 40))

@@ -21,7 +21,6 @@ class _Cpu:
 @register
 class CpuAttention(_Cpu, AttentionBackend):
     MAX_HEAD_DIM = MAX_HEAD_DIM
-    FEATURES = AttentionBackend.FEATURES - {"dropout"}  # csrc's kernels have no dropout yet (issue #16)
 
     def make_impl(self):
         return FwdBwd(_native._C.attention_fwd_cpu, _native._C.attention_bwd_cpu)
@@ -30,7 +29,6 @@ class CpuAttention(_Cpu, AttentionBackend):
 @register
 class CpuAttentionVarlen(_Cpu, AttentionVarlenBackend):
     MAX_HEAD_DIM = MAX_HEAD_DIM
-    FEATURES = AttentionVarlenBackend.FEATURES - {"dropout"}
 
     def make_impl(self):
         # one call for all sequences: the C++ kernel schedules (sequence, head, query block) tasks
