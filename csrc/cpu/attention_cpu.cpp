@@ -313,15 +313,28 @@ void Problem::mask(float* s, int64_t b, int64_t i0, int64_t rows, int64_t j0, in
 }
 
 void Problem::drop(float* s, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+  namespace k = ::forkattn::kernels;
   const uint32_t bh = static_cast<uint32_t>(b * H + h);
   const int64_t blk0 = j0 >> 3, blk1 = (j0 + cols + 7) >> 3;
   for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * bk - j0;  // indexed by the key column
-    for (int64_t blk = blk0; blk < blk1; ++blk) {
-      uint32_t u[8];  // one Philox block: the u16 of key columns 8 * blk .. 8 * blk + 7
-      ::forkattn::kernels::dropout_u16x8(seed, bh, static_cast<uint32_t>(i0 + r), static_cast<uint32_t>(blk), u);
-      const int64_t c0 = std::max<int64_t>(blk * 8, j0), c1 = std::min<int64_t>(blk * 8 + 8, j0 + cols);
-      for (int64_t c = c0; c < c1; ++c) row[c] = u[c & 7] >= drop_threshold ? row[c] * drop_scale : 0.f;
+    float* row = s + r * bk;
+    const uint32_t i = static_cast<uint32_t>(i0 + r);
+    // 8 Philox blocks (64 key columns) per philox4x32_10_x8 call: block blk is counter
+    // (blk, i, bh, kDropoutStream), its u16 for column 8 * blk + t is half t & 1 of word t >> 1.
+    for (int64_t g = blk0; g < blk1; g += 8) {
+      uint32_t c0[8], c1[8], out[4][8];
+      for (int t = 0; t < 8; ++t) {
+        c0[t] = static_cast<uint32_t>(g + t);
+        c1[t] = i;
+      }
+      k::philox4x32_10_x8(seed, c0, c1, bh, k::kDropoutStream, out);
+      const int64_t c_lo = std::max<int64_t>(g * 8, j0), c_hi = std::min<int64_t>((g + 8) * 8, j0 + cols);
+      for (int64_t c = c_lo; c < c_hi; ++c) {
+        const int64_t blk = (c >> 3) - g, t = c & 7;
+        const uint32_t u = (out[t >> 1][blk] >> (16 * (t & 1))) & 0xffffu;
+        float& x = row[c - j0];
+        x = u >= drop_threshold ? x * drop_scale : 0.f;
+      }
     }
   }
 }
@@ -474,7 +487,15 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
     gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, pv, p.bk, 1.f, w.dv.data() + j0 * D, D);
     // dP = dO V^T (with dropout: times keep / (1 - p)), then dS = P * (dP - Delta), 0 at hidden keys
     gemm(p.blas, true, false, cols, rows, D, 1.f, vt, vld, dout, io.dout.sl, 0.f, dp, p.bk);
-    if (p.dropout) p.drop(dp, b, h, i0, rows, j0, cols);
+    if (p.dropout) {
+      // the mask once per tile: where P > 0 the dropped P is nonzero iff kept; where P = 0, dS = P (...) = 0
+      // whatever dP is
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* pd = w.pd.data() + r * p.bk;
+        float* d = dp + r * p.bk;
+        for (int64_t c = 0; c < cols; ++c) d[c] = pd[c] != 0.f ? d[c] * p.drop_scale : 0.f;
+      }
+    }
     for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * p.bk, dp + r * p.bk, cols, w.delta[r]);
     p.mask(dp, b, i0, rows, j0, cols, 0.f);
     // dK += scale * dS^T Q ; dQ += scale * dS K
