@@ -60,6 +60,10 @@ AttnSizes check_attention_bwd_inputs(const at::Tensor& dout, const at::Tensor& q
   return s;
 }
 
+void check_dropout_p(double dropout_p) {
+  TORCH_CHECK_VALUE(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+}
+
 bool zero_grads_if_empty(const AttnSizes& s, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   if (s.batch > 0 && s.len_q > 0 && s.len_k > 0 && s.heads > 0) return false;
   dq.zero_();  // no-ops on empty tensors
@@ -75,13 +79,14 @@ at::Tensor empty_bhld(const at::Tensor& like, int64_t B, int64_t H, int64_t L, i
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v,
                                                      const std::optional<at::Tensor>& key_padding_mask,
-                                                     bool causal, double scale) {
+                                                     bool causal, double scale, double dropout_p, int64_t seed) {
   const AttnSizes s = check_attention_inputs(q, k, v, key_padding_mask);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the cpu backend, got ", q.device());
+  check_dropout_p(dropout_p);
   at::Tensor out = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor lse = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));
   if (out.numel() > 0) {
-    cpu::attention_fwd_kernel(q, k, v, key_padding_mask, causal, static_cast<float>(scale), out, lse);
+    cpu::attention_fwd_kernel(q, k, v, key_padding_mask, causal, static_cast<float>(scale), dropout_p, seed, out, lse);
   }
   return {out, lse};
 }
@@ -89,15 +94,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, double scale) {
+    bool causal, double scale, double dropout_p, int64_t seed) {
   const AttnSizes s = check_attention_bwd_inputs(dout, q, k, v, out, lse, key_padding_mask);
   TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the cpu backend, got ", q.device());
+  check_dropout_p(dropout_p);
   at::Tensor dq = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
   at::Tensor dv = empty_bhld(v, s.batch, s.kv_heads, s.len_k, s.head_dim);
   if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv};
-  cpu::attention_bwd_kernel(dout, q, k, v, out, lse, key_padding_mask, causal, static_cast<float>(scale), dq,
-                            dk, dv);
+  cpu::attention_bwd_kernel(dout, q, k, v, out, lse, key_padding_mask, causal, static_cast<float>(scale), dropout_p,
+                            seed, dq, dk, dv);
   return {dq, dk, dv};
 }
 
@@ -165,13 +171,15 @@ AttnSizes check_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::T
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                            int64_t max_seqlen_k, bool causal, double scale) {
+                                                            int64_t max_seqlen_k, bool causal, double scale,
+                                                            double dropout_p, int64_t seed) {
   const AttnSizes s = check_varlen_cpu(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  check_dropout_p(dropout_p);
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({s.heads, s.len_q}, q.options().dtype(at::kFloat));
   if (out.numel() > 0) {
     cpu::attention_varlen_fwd_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                                     static_cast<float>(scale), out, lse);
+                                     static_cast<float>(scale), dropout_p, seed, out, lse);
   }
   return {out, lse};
 }
@@ -179,7 +187,8 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale, double dropout_p, int64_t seed) {
+  check_dropout_p(dropout_p);
   FA_CHECK_DIM(dout, 3);
   FA_CHECK_DIM(out, 3);
   FA_CHECK_DIM(lse, 2);
@@ -192,7 +201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
   at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
   if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv};
   cpu::attention_varlen_bwd_kernel(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                   causal, static_cast<float>(scale), dq, dk, dv);
+                                   causal, static_cast<float>(scale), dropout_p, seed, dq, dk, dv);
   return {dq, dk, dv};
 }
 

@@ -35,13 +35,15 @@ at::Tensor empty_bhld(const at::Tensor& like, int64_t B, int64_t H, int64_t L, i
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                      const at::Tensor& v,
                                                      const std::optional<at::Tensor>& key_padding_mask,
-                                                     bool causal, double scale);
+                                                     bool causal, double scale, double dropout_p = 0.0,
+                                                     int64_t seed = 0);
 
-// Returns (dq, dk, dv) with the shapes of q, k, v.
+// Returns (dq, dk, dv) with the shapes of q, k, v. dropout_p in [0, 1): attention dropout with
+// kernels/common/philox.h's mask of `seed` (a signed int64's bit pattern); the backward redraws it.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, double scale);
+    bool causal, double scale, double dropout_p = 0.0, int64_t seed = 0);
 
 // Varlen (packed sequences, FlashAttention's convention): q [total_q, H, D], k and v
 // [total_k, Hkv, D], cu_seqlens int32 [B + 1]; sequence b is rows cu[b]..cu[b+1]. Returns out
@@ -50,11 +52,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q, const at::Tensor& k,
                                                             const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                             const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                            int64_t max_seqlen_k, bool causal, double scale);
+                                                            int64_t max_seqlen_k, bool causal, double scale,
+                                                            double dropout_p = 0.0, int64_t seed = 0);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale);
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale, double dropout_p = 0.0,
+    int64_t seed = 0);
 
 // Shared by the CPU and CUDA varlen entry points and kernels: the packed-sequence view, [total, H, D]
 // -> [1, H, total, D], which the padded-batch checks and kernels understand.
@@ -97,19 +101,20 @@ namespace cpu {
 // dq/dk/dv are allocated by the caller and fully overwritten.
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
-                          at::Tensor& out, at::Tensor& lse);
+                          double dropout_p, int64_t seed, at::Tensor& out, at::Tensor& lse);
 void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                           const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
-                          at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+                          double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
 void attention_varlen_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, bool causal, float scale, at::Tensor& out, at::Tensor& lse);
+                                 int64_t max_seqlen_k, bool causal, float scale, double dropout_p, int64_t seed,
+                                 at::Tensor& out, at::Tensor& lse);
 void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, bool causal, float scale, at::Tensor& dq, at::Tensor& dk,
-                                 at::Tensor& dv);
+                                 int64_t max_seqlen_k, bool causal, float scale, double dropout_p, int64_t seed,
+                                 at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
 }  // namespace cpu
 
 }  // namespace forkattn

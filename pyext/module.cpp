@@ -11,18 +11,22 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compiled_with_cuda", &forkattn::compiled_with_cuda);
   m.def("attention_fwd_cpu", &forkattn::attention_fwd_cpu, "fused attention forward (CPU): (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
-        py::arg("scale"));
+        py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_bwd_cpu", &forkattn::attention_bwd_cpu, "fused attention backward (CPU): (dq, dk, dv)",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
-        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"));
+        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_varlen_fwd_cpu", &forkattn::attention_varlen_fwd_cpu,
         "fused attention over packed sequences, forward (CPU): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"), py::arg("max_seqlen_k"),
-        py::arg("causal"), py::arg("scale"));
+        py::arg("causal"), py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_varlen_bwd_cpu", &forkattn::attention_varlen_bwd_cpu,
         "fused attention over packed sequences, backward (CPU): (dq, dk, dv)", py::arg("dout"), py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
-        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"));
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   // MLM masking: writes out_ids and out_labels in place (see csrc/mlm.h).
   m.def("mlm_mask_cpu", &forkattn::mlm_mask_cpu, "MLM 80/10/10 masking (CPU)", py::arg("input_ids"),
         py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"), py::arg("attention_mask"),

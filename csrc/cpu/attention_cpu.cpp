@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "attention.h"
+#include "common/philox.h"
 
 // Fortran BLAS sgemm (LP64), exported by libtorch_cpu when torch is built with MKL. Weak, so
 // the extension still loads against a torch without it; gemm() then uses its own loop.
@@ -237,6 +238,12 @@ struct Problem {
   Rows q, k, v;
   const KeyPlan* plan;
   std::vector<int64_t> q_start, k_start, len_q, len_k;  // varlen only (empty: padded batch)
+  // Dropout (dropout_p > 0): kernels/common/philox.h's mask of (b, h, i, j), i and j counted inside
+  // the sequence; kept entries scaled by 1 / (1 - p).
+  bool dropout = false;
+  uint64_t seed = 0;
+  uint32_t drop_threshold = 0;
+  float drop_scale = 1.f;
 
   int64_t lq(int64_t b) const { return len_q.empty() ? Lq : len_q[b]; }
   int64_t lk(int64_t b) const { return len_k.empty() ? Lk : len_k[b]; }
@@ -253,6 +260,8 @@ struct Problem {
                        int64_t* ld) const;
   // Writes `fill` over hidden (query, key) entries of a tile when it has any (mixed or diagonal).
   void mask(float* s, int64_t b, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float fill) const;
+  // Multiplies tile entry (r, c) (row stride bk) by keep(b, h, i0 + r, j0 + c) / (1 - p).
+  void drop(float* s, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const;
   // S = scale * Q K^T for a tile into s (row stride bk), K rows from kt (row stride kld); hidden
   // keys -inf. False (and nothing computed) when the block is skipped.
   bool scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
@@ -300,6 +309,33 @@ void Problem::mask(float* s, int64_t b, int64_t i0, int64_t rows, int64_t j0, in
   const bool diagonal = causal && j0 + cols - 1 > i0 + off(b);
   if (mixed || diagonal) {
     mask_tile(s, bk, rows, cols, mixed ? plan->keep.data() + b * Lk + j0 : nullptr, diagonal, i0, j0, off(b), fill);
+  }
+}
+
+void Problem::drop(float* s, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+  namespace k = ::forkattn::kernels;
+  const uint32_t bh = static_cast<uint32_t>(b * H + h);
+  const int64_t blk0 = j0 >> 3, blk1 = (j0 + cols + 7) >> 3;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* row = s + r * bk;
+    const uint32_t i = static_cast<uint32_t>(i0 + r);
+    // 8 Philox blocks (64 key columns) per philox4x32_10_x8 call: block blk is counter
+    // (blk, i, bh, kDropoutStream), its u16 for column 8 * blk + t is half t & 1 of word t >> 1.
+    for (int64_t g = blk0; g < blk1; g += 8) {
+      uint32_t c0[8], c1[8], out[4][8];
+      for (int t = 0; t < 8; ++t) {
+        c0[t] = static_cast<uint32_t>(g + t);
+        c1[t] = i;
+      }
+      k::philox4x32_10_x8(seed, c0, c1, bh, k::kDropoutStream, out);
+      const int64_t c_lo = std::max<int64_t>(g * 8, j0), c_hi = std::min<int64_t>((g + 8) * 8, j0 + cols);
+      for (int64_t c = c_lo; c < c_hi; ++c) {
+        const int64_t blk = (c >> 3) - g, t = c & 7;
+        const uint32_t u = (out[t >> 1][blk] >> (16 * (t & 1))) & 0xffffu;
+        float& x = row[c - j0];
+        x = u >= drop_threshold ? x * drop_scale : 0.f;
+      }
+    }
   }
 }
 
@@ -355,8 +391,9 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
   std::fill(w.l.begin(), w.l.end(), 0.f);
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
   p.for_each_key_tile(b, h, i0, rows, w.kt.data(), w.vt.data(), w.s.data(),
-                      [&](int64_t, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
+                      [&](int64_t j0, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
                         online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D);
+                        if (p.dropout) p.drop(w.s.data(), b, h, i0, rows, j0, cols);  // after l: lse is undropped
                         // acc += P V
                         gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, w.acc.data(), D);
                       });
@@ -384,10 +421,10 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
 // +7% causal) and forms Delta from it; fp32 inputs use the saved O, which is that output already.
 
 struct BwdScratch {
-  std::vector<float> s, dp, dq, delta, lse, dk, dv, kt, vt;
-  BwdScratch(const Tiles& t, int64_t Lk, int64_t D)
+  std::vector<float> s, dp, dq, delta, lse, dk, dv, kt, vt, pd;  // pd: the dropped P (dropout only)
+  BwdScratch(const Tiles& t, int64_t Lk, int64_t D, bool dropout)
       : s(t.bq * t.bk), dp(t.bq * t.bk), dq(t.bq * D), delta(t.bq), lse(t.bq),
-        dk(Lk * D), dv(Lk * D), kt(t.bk * D), vt(t.bk * D) {}
+        dk(Lk * D), dv(Lk * D), kt(t.bk * D), vt(t.bk * D), pd(dropout ? t.bq * t.bk : 0) {}
 };
 
 struct BwdIO {
@@ -418,6 +455,7 @@ void recomputed_delta(const Problem& p, const BwdIO& io, int64_t b, int64_t h, i
                       [&](int64_t j0, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
                         probs_from_lse(w.s.data(), p.bk, rows, cols, w.lse.data());
                         p.mask(w.s.data(), b, i0, rows, j0, cols, 0.f);
+                        if (p.dropout) p.drop(w.s.data(), b, h, i0, rows, j0, cols);  // O holds the dropout
                         gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, o, D);
                       });
   for (int64_t r = 0; r < rows; ++r) w.delta[r] = vec::dot(io.dout.at(b, h, i0 + r), o + r * D, D);
@@ -439,10 +477,25 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
                                                                           int64_t kld, const float* vt, int64_t vld) {
     probs_from_lse(s, p.bk, rows, cols, w.lse.data());
     p.mask(s, b, i0, rows, j0, cols, 0.f);  // P = 0 exactly at hidden keys, even on a NaN row
-    // dV += P^T dO
-    gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, s, p.bk, 1.f, w.dv.data() + j0 * D, D);
-    // dP = dO V^T, then dS = P * (dP - Delta), 0 at hidden keys
+    // dV += P^T dO (with dropout: the dropped P, the forward's mask redrawn)
+    const float* pv = s;
+    if (p.dropout) {
+      std::copy(s, s + rows * p.bk, w.pd.data());
+      p.drop(w.pd.data(), b, h, i0, rows, j0, cols);
+      pv = w.pd.data();
+    }
+    gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, pv, p.bk, 1.f, w.dv.data() + j0 * D, D);
+    // dP = dO V^T (with dropout: times keep / (1 - p)), then dS = P * (dP - Delta), 0 at hidden keys
     gemm(p.blas, true, false, cols, rows, D, 1.f, vt, vld, dout, io.dout.sl, 0.f, dp, p.bk);
+    if (p.dropout) {
+      // the mask once per tile: where P > 0 the dropped P is nonzero iff kept; where P = 0, dS = P (...) = 0
+      // whatever dP is
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* pd = w.pd.data() + r * p.bk;
+        float* d = dp + r * p.bk;
+        for (int64_t c = 0; c < cols; ++c) d[c] = pd[c] != 0.f ? d[c] * p.drop_scale : 0.f;
+      }
+    }
     for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * p.bk, dp + r * p.bk, cols, w.delta[r]);
     p.mask(dp, b, i0, rows, j0, cols, 0.f);
     // dK += scale * dS^T Q ; dQ += scale * dS K
@@ -491,6 +544,14 @@ Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tenso
   p.v = rows_of(vf);
   p.plan = &plan;
   return p;
+}
+
+void set_dropout(Problem& p, double dropout_p, int64_t seed) {
+  if (dropout_p <= 0.0) return;
+  p.dropout = true;
+  p.seed = static_cast<uint64_t>(seed);  // a signed int64's bit pattern
+  p.drop_threshold = ::forkattn::kernels::dropout_threshold16(dropout_p);
+  p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
 }
 
 // Varlen: sequence b is rows cu[b]..cu[b+1] of the packed operands. The host reads cu_seqlens
@@ -552,7 +613,7 @@ void run_bwd(const Problem& p, const Tiles& tiles, const at::Tensor& of, const a
   BwdIO io{io_rows(of, p, true), io_rows(dof, p, true), io_rows(dq_f, p, true), io_rows(dk_f, p, false),
            io_rows(dv_f, p, false), lse_rows(lse, p)};
   run_tasks(
-      p.B * p.Hkv, [&] { return BwdScratch(tiles, p.Lk, p.D); },
+      p.B * p.Hkv, [&] { return BwdScratch(tiles, p.Lk, p.D, p.dropout); },
       [&](int64_t t, BwdScratch& w) { bwd_kv_head(p, io, t / p.Hkv, t % p.Hkv, w); });
   finish_output(dq, dq_f);
   finish_output(dk, dk_f);
@@ -563,34 +624,38 @@ void run_bwd(const Problem& p, const Tiles& tiles, const at::Tensor& of, const a
 
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
-                          at::Tensor& out, at::Tensor& lse) {
+                          double dropout_p, int64_t seed, at::Tensor& out, at::Tensor& lse) {
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v);
   const Tiles tiles = choose_tiles(q.size(0) * q.size(1), q.size(2));
   const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2), tiles.bk);
-  const Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
+  Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
+  set_dropout(p, dropout_p, seed);
   run_fwd(p, tiles, out, lse);
 }
 
 void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                           const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
-                          at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                          double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), dof = as_f32(dout);
   const Tiles tiles = choose_tiles(q.size(0) * q.size(1), q.size(2));
   const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2), tiles.bk);
   Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
   p.fp32_delta = fp32_delta_enabled(q);
+  set_dropout(p, dropout_p, seed);
   run_bwd(p, tiles, of, dof, lse, dq, dk, dv);
 }
 
 void attention_varlen_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, bool causal, float scale, at::Tensor& out, at::Tensor& lse) {
+                                 int64_t max_seqlen_k, bool causal, float scale, double dropout_p, int64_t seed,
+                                 at::Tensor& out, at::Tensor& lse) {
   const at::Tensor qf = as_f32(packed_as_bhld(q)), kf = as_f32(packed_as_bhld(k)), vf = as_f32(packed_as_bhld(v));
   const Tiles tiles = choose_tiles((cu_seqlens_q.numel() - 1) * q.size(1), max_seqlen_q);
   const KeyPlan plan = plan_keys(std::nullopt, 1, max_seqlen_k, tiles.bk);
   Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
   set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
+  set_dropout(p, dropout_p, seed);
   at::Tensor out4 = packed_as_bhld(out);
   run_fwd(p, tiles, out4, lse);
 }
@@ -598,8 +663,8 @@ void attention_varlen_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const
 void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                  const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, bool causal, float scale, at::Tensor& dq, at::Tensor& dk,
-                                 at::Tensor& dv) {
+                                 int64_t max_seqlen_k, bool causal, float scale, double dropout_p, int64_t seed,
+                                 at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const at::Tensor qf = as_f32(packed_as_bhld(q)), kf = as_f32(packed_as_bhld(k)), vf = as_f32(packed_as_bhld(v));
   const at::Tensor of = as_f32(packed_as_bhld(out)), dof = as_f32(packed_as_bhld(dout));
   const Tiles tiles = choose_tiles((cu_seqlens_q.numel() - 1) * q.size(1), max_seqlen_q);
@@ -607,6 +672,7 @@ void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, co
   Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
   set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);
   p.fp32_delta = fp32_delta_enabled(q);
+  set_dropout(p, dropout_p, seed);
   at::Tensor dq4 = packed_as_bhld(dq), dk4 = packed_as_bhld(dk), dv4 = packed_as_bhld(dv);
   run_bwd(p, tiles, of, dof, lse, dq4, dk4, dv4);
 }

@@ -65,3 +65,34 @@ def key_padding_mask_as_bool(mask: Optional[Tensor], batch: int, len_k: int, dev
             raise ValueError(
                 f"key_padding_mask must hold only 0 and 1 (1 = attend), got {mask[b, j].item()} at [{b}, {j}]")
     return mask != 0
+
+
+_U64 = 1 << 64
+
+
+def check_dropout(dropout_p, seed, generator) -> tuple:
+    """Attention dropout's arguments -> (dropout_p as a float, seed as a signed int64, or 0 when
+    dropout_p is 0). dropout_p: a real number in [0, 1). seed: an int (a signed int64 is taken as
+    its bit pattern), or None: one fresh 64-bit seed is drawn per call from `generator` (a
+    torch.Generator; None: torch's default CPU generator, so torch.manual_seed reproduces a run)."""
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, numbers.Real):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
+    p = float(dropout_p)
+    if not 0.0 <= p < 1.0:  # also refuses NaN
+        raise ValueError(f"dropout_p must be in [0, 1), got {p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    if seed is not None:
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
+        seed = int(seed)
+        if not -(1 << 63) <= seed < _U64:
+            raise ValueError(f"seed must be a 64-bit int (in [-2^63, 2^64)), got {seed}")
+    if p == 0.0:
+        return 0.0, 0
+    if seed is None:
+        device = generator.device if generator is not None else torch.device("cpu")
+        lo, hi = torch.randint(0, 1 << 32, (2,), dtype=torch.int64, generator=generator, device=device).tolist()
+        seed = lo | (hi << 32)
+    seed &= _U64 - 1
+    return p, seed - _U64 if seed >= (1 << 63) else seed

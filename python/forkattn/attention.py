@@ -14,15 +14,15 @@ import torch
 from torch import Tensor
 
 from . import backends
-from ._checks import _values_checkable, key_padding_mask_as_bool, resolve_scale
+from ._checks import _values_checkable, check_dropout, key_padding_mask_as_bool, resolve_scale
 from ._layout import FLOAT_DTYPES, empty_bhld, stride1
 
 BACKENDS = backends.get("attention")
 VARLEN_BACKENDS = backends.get("attention_varlen")
 
 
-_FEATURES = backends.registry.feature_table("causal", "key_padding", "gqa")
-_VARLEN_FEATURES = backends.registry.feature_table("causal", "gqa")
+_FEATURES = backends.registry.feature_table("causal", "key_padding", "gqa", "dropout")
+_VARLEN_FEATURES = backends.registry.feature_table("causal", "gqa", "dropout")
 
 
 # --- argument checks: one place, messages that name the argument --------------------------------
@@ -67,14 +67,19 @@ def check_inputs(q, k, v, key_padding_mask=None, causal=False, scale=None) -> Tu
 
 @torch.library.custom_op("forkattn::attention_fwd", mutates_args=())
 def attention_fwd(
-    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float, backend: str
+    q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor], causal: bool, scale: float, backend: str,
+    dropout_p: float = 0.0, seed: int = 0,
 ) -> Tuple[Tensor, Tensor]:
-    """(out, lse): out in the layout of empty_bhld, lse float32 [B, H, Lq] (+inf on empty rows)."""
+    """(out, lse): out in the layout of empty_bhld, lse float32 [B, H, Lq] (+inf on empty rows; dropout
+    does not change it). dropout_p > 0: the probabilities are dropped with the Philox mask of `seed`
+    (a signed int64; kernels/common/philox.h), and only then are dropout_p and seed passed on."""
+    if dropout_p:
+        return BACKENDS.impl(backend).fwd(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
     return BACKENDS.impl(backend).fwd(q, k, v, key_padding_mask, causal, scale)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, key_padding_mask, causal, scale, backend):
+def _(q, k, v, key_padding_mask, causal, scale, backend, dropout_p=0.0, seed=0):
     B, H, Lq, D = q.shape
     return empty_bhld(q, B, H, Lq, D), q.new_empty((B, H, Lq), dtype=torch.float32)
 
@@ -91,30 +96,35 @@ def attention_bwd(
     causal: bool,
     scale: float,
     backend: str,
+    dropout_p: float = 0.0,
+    seed: int = 0,
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) in the layout of empty_bhld."""
+    """(dq, dk, dv) in the layout of empty_bhld; with dropout, of the forward's mask (regenerated from seed)."""
+    if dropout_p:
+        return BACKENDS.impl(backend).bwd(stride1(dout), q, k, v, out, lse, key_padding_mask, causal, scale,
+                                          dropout_p, seed)
     return BACKENDS.impl(backend).bwd(stride1(dout), q, k, v, out, lse, key_padding_mask, causal, scale)
 
 
 @attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, key_padding_mask, causal, scale, backend):
+def _(dout, q, k, v, out, lse, key_padding_mask, causal, scale, backend, dropout_p=0.0, seed=0):
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     return empty_bhld(q, B, H, Lq, D), empty_bhld(k, B, Hkv, Lk, D), empty_bhld(v, B, Hkv, Lk, D)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_padding_mask, causal, scale, backend = inputs
+    q, k, v, key_padding_mask, causal, scale, backend, *dropout = inputs  # (dropout_p, seed) when given
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, key_padding_mask)
-    ctx.causal, ctx.scale, ctx.backend = causal, scale, backend
+    ctx.args = (causal, scale, backend, *dropout)  # the seed, never the mask: the backward redraws it
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, key_padding_mask, ctx.causal, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, key_padding_mask, *ctx.args)
+    return (dq, dk, dv) + (None,) * (len(ctx.args) + 1)
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -135,6 +145,9 @@ def attention(
     causal: bool = False,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
     """Softmax attention, SDPA layout: q [B, H, Lq, D], k and v [B, Hkv, Lk, D] -> [B, H, Lq, D].
@@ -148,6 +161,14 @@ def attention(
         may hold anything, inf and NaN included: they never reach an output or a gradient. A NaN
         in a query or a visible key makes NaN exactly the rows (and gradients) it reaches in
         eager PyTorch.
+    dropout_p: attention dropout as SDPA's dropout_p: each probability is zeroed with probability
+        dropout_p and the survivors scaled by 1 / (1 - dropout_p), after the softmax, before P @ V.
+        The mask element of (b, h, i, j) is a pure function of the seed and those indices
+        (kernels/common/philox.h), so every backend draws the same mask for a seed; the backward
+        regenerates it from the seed. seed: an int (a signed int64 is its bit pattern); None draws
+        a fresh one per call from `generator` (default: torch's default CPU generator, so
+        torch.manual_seed reproduces a run). dropout_p=0 (the default) runs the kernels without
+        dropout code. Backends with dropout: eager, cpu, triton.
     backend: None picks the fastest backend for the device, dtype and head_dim; or one of
         "eager", "cpu", "triton", "cuda" (an error names why a named backend cannot run).
         "cuda" (hand-written tensor-core kernels: CUDA builds, sm_80+, float16/bfloat16,
@@ -158,13 +179,15 @@ def attention(
     is free. Strided inputs are read in place (only a non-unit stride in head_dim copies).
     """
     key_padding_mask, scale = check_inputs(q, k, v, key_padding_mask, causal, scale)
-    features = _FEATURES[causal, key_padding_mask is not None, k.shape[1] != q.shape[1]]
+    dropout_p, seed = check_dropout(dropout_p, seed, generator)
+    features = _FEATURES[causal, key_padding_mask is not None, k.shape[1] != q.shape[1], dropout_p > 0]
     b = BACKENDS.resolve(backend, q.device.type, q.dtype, q.shape[-1], features)
     if not b.CUSTOM_OP:
-        return b.impl(q, k, v, key_padding_mask, causal, scale)
+        return b.impl(q, k, v, key_padding_mask, causal, scale, dropout_p, seed)
     if key_padding_mask is not None:
         key_padding_mask = stride1(key_padding_mask)
-    out, _ = attention_fwd(stride1(q), stride1(k), stride1(v), key_padding_mask, causal, scale, b.NAME)
+    drop = (dropout_p, seed) if dropout_p else ()
+    out, _ = attention_fwd(stride1(q), stride1(k), stride1(v), key_padding_mask, causal, scale, b.NAME, *drop)
     return out
 
 
@@ -231,45 +254,51 @@ def check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_s
 @torch.library.custom_op("forkattn::attention_varlen_fwd", mutates_args=())
 def attention_varlen_fwd(
     q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor, max_seqlen_q: int,
-    max_seqlen_k: int, causal: bool, scale: float, backend: str
+    max_seqlen_k: int, causal: bool, scale: float, backend: str, dropout_p: float = 0.0, seed: int = 0
 ) -> Tuple[Tensor, Tensor]:
-    """(out [total_q, H, D] contiguous, lse float32 [H, total_q], +inf on empty rows)."""
-    return VARLEN_BACKENDS.impl(backend).fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    """(out [total_q, H, D] contiguous, lse float32 [H, total_q], +inf on empty rows); dropout as attention_fwd."""
+    args = (q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    if dropout_p:
+        return VARLEN_BACKENDS.impl(backend).fwd(*args, dropout_p, seed)
+    return VARLEN_BACKENDS.impl(backend).fwd(*args)
 
 
 @attention_varlen_fwd.register_fake
-def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend, dropout_p=0.0, seed=0):
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 @torch.library.custom_op("forkattn::attention_varlen_bwd", mutates_args=())
 def attention_varlen_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, cu_seqlens_q: Tensor,
-    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, backend: str
+    cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, causal: bool, scale: float, backend: str,
+    dropout_p: float = 0.0, seed: int = 0
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous, shaped like q, k, v."""
-    return VARLEN_BACKENDS.impl(backend).bwd(
-        stride1(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale
-    )
+    args = (stride1(dout), q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+    if dropout_p:
+        return VARLEN_BACKENDS.impl(backend).bwd(*args, dropout_p, seed)
+    return VARLEN_BACKENDS.impl(backend).bwd(*args)
 
 
 @attention_varlen_bwd.register_fake
-def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend):
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, backend,
+      dropout_p=0.0, seed=0):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _varlen_setup_context(ctx, inputs, output):
-    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend = inputs
+    q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, backend, *dropout = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = (max_q, max_k, causal, scale, backend)
+    ctx.args = (max_q, max_k, causal, scale, backend, *dropout)
     ctx.mark_non_differentiable(lse)
 
 
 def _varlen_backward(ctx, dout, _dlse):
     q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
     dq, dk, dv = attention_varlen_bwd(dout, q, k, v, out, lse, cu_q, cu_k, *ctx.args)
-    return dq, dk, dv, None, None, None, None, None, None, None
+    return (dq, dk, dv) + (None,) * (len(ctx.args) + 2)
 
 
 attention_varlen_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup_context)
@@ -286,6 +315,9 @@ def attention_varlen(
     *,
     causal: bool = False,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
     backend: Optional[str] = None,
     validate_seqlens: bool = True,
 ) -> Tensor:
@@ -307,15 +339,19 @@ def attention_varlen(
     backend: as for attention(); "cuda" (float16/bfloat16, head_dim 32/64/128) is opt-in like
     there: name it, or prefer it with forkattn.backends.prefer_cuda_attention() or
     FORKATTN_PREFER_CUDA_ATTENTION=1.
+    dropout_p, seed, generator: as for attention(); sequence b's mask is that of batch row b, its
+    query and key positions counted inside the sequence.
     """
     scale = check_varlen_inputs(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
                                 values=validate_seqlens)
-    features = _VARLEN_FEATURES[causal, k.shape[1] != q.shape[1]]
+    dropout_p, seed = check_dropout(dropout_p, seed, generator)
+    features = _VARLEN_FEATURES[causal, k.shape[1] != q.shape[1], dropout_p > 0]
     b = VARLEN_BACKENDS.resolve(backend, q.device.type, q.dtype, q.shape[-1], features)
     if not b.CUSTOM_OP:
-        return b.impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale)
+        return b.impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale, dropout_p, seed)
+    drop = (dropout_p, seed) if dropout_p else ()
     out, _ = attention_varlen_fwd(
         stride1(q), stride1(k), stride1(v), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-        b.NAME
+        b.NAME, *drop
     )
     return out

@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import philox
+
 
 def visible_keys(
     batch: int,
@@ -45,15 +47,27 @@ def attention(
     causal: bool = False,
     key_padding_mask: Optional[Tensor] = None,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    _batch_index: Optional[int] = None,
 ) -> Tensor:
-    """matmul -> masked_fill(-inf) -> softmax in fp32 -> matmul, with SDPA's [B, H, L, D] layout.
+    """matmul -> masked_fill(-inf) -> softmax in fp32 -> dropout -> matmul, with SDPA's [B, H, L, D]
+    layout.
 
     k and v may have fewer heads than q (GQA). Rows with no visible key give zeros, and their
-    gradients are zero rather than NaN.
+    gradients are zero rather than NaN. dropout_p > 0: the probabilities are multiplied by
+    philox.dropout_keep(seed, ...) / (1 - dropout_p) (the mask every backend draws for this seed;
+    seed None: one drawn from torch's default generator).
     """
     B, Lq = q.shape[0], q.shape[2]
     allowed = visible_keys(B, Lq, k.shape[2], causal=causal, key_padding_mask=key_padding_mask, device=q.device)
-    return _attend(q, k, v, allowed, scale)
+    keep = None
+    if dropout_p:
+        if seed is None:
+            seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
+        keep = philox.dropout_keep(seed, dropout_p, B, q.shape[1], Lq, k.shape[2], batch_index=_batch_index,
+                                   device=q.device)
+    return _attend(q, k, v, allowed, scale, keep, dropout_p)
 
 
 def attention_varlen(
@@ -65,14 +79,20 @@ def attention_varlen(
     *,
     causal: bool = False,
     scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
 ) -> Tensor:
     """attention() once per packed sequence (FlashAttention's varlen layout: q [total_q, H, D], k and
     v [total_k, Hkv, D], sequence b is rows cu_seqlens[b]:cu_seqlens[b+1]). Reads cu_seqlens on
-    the host. A sequence without keys gives zeros. Returns [total_q, H, D]."""
+    the host. A sequence without keys gives zeros. Returns [total_q, H, D]. Dropout as in
+    attention(), sequence b's mask drawn as batch row b (i and j counted inside the sequence)."""
     bounds_q, bounds_k = (_seq_bounds(cu) for cu in (cu_seqlens_q, cu_seqlens_k))
+    if dropout_p and seed is None:
+        seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
     outs = []
-    for (qs, qe), (ks, ke) in zip(bounds_q, bounds_k):
-        o = attention(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), causal=causal, scale=scale)
+    for b, ((qs, qe), (ks, ke)) in enumerate(zip(bounds_q, bounds_k)):
+        o = attention(_bhld(q[qs:qe]), _bhld(k[ks:ke]), _bhld(v[ks:ke]), causal=causal, scale=scale,
+                      dropout_p=dropout_p, seed=seed, _batch_index=b)
         if ke == ks:  # no key: the softmax over nothing would be NaN; zeros by contract
             o = o * 0
         outs.append(o[0].transpose(0, 1))
@@ -90,11 +110,12 @@ def _bhld(t: Tensor) -> Tensor:
 
 
 def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: Optional[float],
-            bias=None) -> Tensor:
+            bias=None, keep: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
     """The eager computation shared by attention, decode_attention and disentangled_attention: GQA
     heads expanded, scores in fp32, keys not `allowed` (bool, broadcast to [B, H, Lq, Lk]; None =
     all) masked, rows with no allowed key zero. bias(q, k), when given, returns the fp32 scores
-    added to q·kᵀ before scaling, from the k whose unseen keys are already zeroed."""
+    added to q·kᵀ before scaling, from the k whose unseen keys are already zeroed. Then dropout:
+    P * keep / (1 - dropout_p) when keep (bool [B, H, Lq, Lk]) is given."""
     H, D, Hkv = q.shape[1], q.shape[-1], k.shape[1]
     if Hkv != H:
         k = k.repeat_interleave(H // Hkv, dim=1)
@@ -121,6 +142,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: O
     p = torch.softmax(s, dim=-1)
     if allowed is not None:
         p = p.masked_fill(~row_any, 0.0)  # ... which then contribute nothing
+    if keep is not None:
+        p = p * keep / (1.0 - dropout_p)
     return torch.matmul(p.to(v.dtype), v)
 
 

@@ -21,8 +21,9 @@ class EagerAttention(_Eager, AttentionBackend):
     CUSTOM_OP = False  # autograd runs through the reference's own ops
 
     def make_impl(self):
-        def attention(q, k, v, key_padding_mask, causal, scale):
-            return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        def attention(q, k, v, key_padding_mask, causal, scale, dropout_p, seed):
+            return reference.attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale,
+                                       dropout_p=dropout_p, seed=seed)
         return attention
 
 
@@ -31,8 +32,9 @@ class EagerAttentionVarlen(_Eager, AttentionVarlenBackend):
     CUSTOM_OP = False
 
     def make_impl(self):
-        def attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale):
-            return reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale)
+        def attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p, seed):
+            return reference.attention_varlen(q, k, v, cu_q, cu_k, causal=causal, scale=scale, dropout_p=dropout_p,
+                                              seed=seed)
         return attention_varlen
 
 

@@ -12,20 +12,25 @@ class AttentionBackend(Backend):
     bwd(dout, q, k, v, out, lse, key_padding_mask, causal, scale) -> (dq, dk, dv)), called through the
     custom ops forkattn::attention_fwd/_bwd; out and grads in the layout of _layout.empty_bhld, lse
     float32 [B, H, Lq] (+inf on empty rows). With CUSTOM_OP False, impl(q, k, v, key_padding_mask,
-    causal, scale) -> out, differentiable as it is."""
+    causal, scale, dropout_p, seed) -> out, differentiable as it is.
+    "dropout" (a call with dropout_p > 0): fwd and bwd get two more arguments, dropout_p (float in
+    (0, 1)) and seed (signed int64), and draw kernels/common/philox.h's mask; without dropout they
+    are called with the six (nine) arguments above, so a backend without it needs no change. A
+    backend that has no dropout leaves "dropout" out of its FEATURES."""
 
     OP = "attention"
-    FEATURES = frozenset({"causal", "key_padding", "gqa"})
+    FEATURES = frozenset({"causal", "key_padding", "gqa", "dropout"})
 
 
 class AttentionVarlenBackend(Backend):
     """forkattn.attention_varlen (packed sequences, FlashAttention's varlen convention). impl:
     FwdBwd(fwd(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> (out [total_q, H, D], lse float32
     [H, total_q]), bwd(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal, scale) -> (dq, dk, dv)),
-    contiguous. With CUSTOM_OP False, impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> out."""
+    contiguous. With CUSTOM_OP False, impl(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, dropout_p,
+    seed) -> out. "dropout": as for AttentionBackend (fwd and bwd get dropout_p and seed last)."""
 
     OP = "attention_varlen"
-    FEATURES = frozenset({"causal", "gqa"})
+    FEATURES = frozenset({"causal", "gqa", "dropout"})
 
 
 class DecodeBackend(Backend):

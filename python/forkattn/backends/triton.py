@@ -30,6 +30,9 @@ class _TritonAttentionKernels(_Triton):  # forkattn/triton/attention.py: one set
     MAX_HEAD_DIM = 256
 
 
+# both declare every feature of their family, dropout included (the family base classes list them)
+
+
 @register
 class TritonAttention(_TritonAttentionKernels, AttentionBackend):
     def make_impl(self):

@@ -10,7 +10,10 @@ from cu_seqlens on the device (no host sync, CUDA-graph friendly).
 
 Math (FlashAttention-2): online softmax in base 2 (scores scaled by scale*log2 e) with fp32
 accumulators; the forward stores lse in natural log (float32, +inf for a row with no visible key,
-whose output is zeros). The backward is Delta = rowsum(dO * O), then one kernel per key block for
+whose output is zeros). Dropout (HAS_DROPOUT, a constexpr: dropout_p = 0 compiles the kernels
+without it) drops the probabilities after the normalizer l is summed (so lse is that of the plain
+softmax) with kernels/common/philox.h's mask, drawn by tl.philox from the seed and (b, h, i, j); the
+backward redraws it, and Delta = rowsum(dO * O) stays right because O already holds the dropout. The backward is Delta = rowsum(dO * O), then one kernel per key block for
 dK/dV (looping over the q heads of its GQA group, so no atomics) and one per query block for dQ.
 
 Masking: causal is bottom-right aligned (query i sees key j iff j <= i + Lk - Lq). Key blocks that no
@@ -28,6 +31,7 @@ import torch
 import triton
 
 from .._layout import empty_bhld
+from ..philox import dropout_threshold
 from . import interpreting
 from .attention_bwd import _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel
 from .attention_fwd import _attn_fwd_kernel
@@ -106,7 +110,7 @@ def _prune(kind):
     return prune
 
 
-_KEYS = ["SEQ_Q_KEY", "SEQ_K_KEY", "GROUP", "IS_CAUSAL", "HAS_MASK", "IS_VARLEN", "D"]
+_KEYS = ["SEQ_Q_KEY", "SEQ_K_KEY", "GROUP", "IS_CAUSAL", "HAS_MASK", "IS_VARLEN", "D", "HAS_DROPOUT"]
 _fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_KEYS, prune_configs_by={"early_config_prune": _prune("fwd")})(
     _attn_fwd_kernel)
 _dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_KEYS, prune_configs_by={"early_config_prune": _prune("dkdv")})(
@@ -183,7 +187,7 @@ def _mask_args(q, key_padding_mask):
     return mb, k_lo.contiguous(), k_hi.contiguous(), mb.stride(0), mb.stride(1)
 
 
-def _common(q, k, seq: _Seq, key_padding_mask, causal, scale):
+def _common(q, k, seq: _Seq, key_padding_mask, causal, scale, dropout_p, seed):
     H, D = q.shape[-2 if seq.varlen else 1], q.shape[-1]
     Hkv = k.shape[-2 if seq.varlen else 1]
     upcast = interpreting() and q.dtype == torch.bfloat16  # the 3.6 interpreter's bf16 dot is wrong
@@ -196,12 +200,15 @@ def _common(q, k, seq: _Seq, key_padding_mask, causal, scale):
         SEQ_Q_KEY=_bucket(seq.max_q), SEQ_K_KEY=_bucket(seq.max_k),
         IS_CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, IS_VARLEN=seq.varlen,
         BLOCK_D=_block_d(D), UPCAST=upcast, DOT_PREC=_dot_prec(q.dtype),
+        # dropout: the seed's 64-bit pattern as a non-negative int (tl.philox takes it as uint64)
+        seed=int(seed) & 0xFFFFFFFFFFFFFFFF, H_Q=H, drop_thresh=dropout_threshold(dropout_p) if dropout_p else 0,
+        drop_scale=1.0 / (1.0 - dropout_p), HAS_DROPOUT=dropout_p > 0,
     )
     return H, Hkv, D, meta
 
 
-def _fwd(q, k, v, out, lse, seq: _Seq, key_padding_mask, causal, scale):
-    H, _, _, meta = _common(q, k, seq, key_padding_mask, causal, scale)
+def _fwd(q, k, v, out, lse, seq: _Seq, key_padding_mask, causal, scale, dropout_p=0.0, seed=0):
+    H, _, _, meta = _common(q, k, seq, key_padding_mask, causal, scale, dropout_p, seed)
     sq, sk, sv, so, sl = seq.strides(q), seq.strides(k), seq.strides(v), seq.strides(out), seq.lse_strides(lse)
     args = dict(
         Q=q, K=k, V=v, Out=out, Lse=lse,
@@ -215,8 +222,8 @@ def _fwd(q, k, v, out, lse, seq: _Seq, key_padding_mask, causal, scale):
     _launch("fwd", seq.max_q, H, seq.batch, args)
 
 
-def _bwd(dout, q, k, v, out, lse, dq, dk, dv, seq: _Seq, key_padding_mask, causal, scale):
-    H, Hkv, D, meta = _common(q, k, seq, key_padding_mask, causal, scale)
+def _bwd(dout, q, k, v, out, lse, dq, dk, dv, seq: _Seq, key_padding_mask, causal, scale, dropout_p=0.0, seed=0):
+    H, Hkv, D, meta = _common(q, k, seq, key_padding_mask, causal, scale, dropout_p, seed)
     delta = torch.empty_like(lse)
     so, sdo, sl = seq.strides(out), seq.strides(dout), seq.lse_strides(lse)
     block_d = meta["BLOCK_D"]
@@ -248,7 +255,8 @@ def _bwd(dout, q, k, v, out, lse, dq, dk, dv, seq: _Seq, key_padding_mask, causa
 
 # --- the backend's entry points (the op contract of forkattn.attention) ---------------------------------
 
-def attention_fwd(q, k, v, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float):
+def attention_fwd(q, k, v, key_padding_mask: Optional[torch.Tensor], causal: bool, scale: float,
+                  dropout_p: float = 0.0, seed: int = 0):
     """q [B, H, Lq, D], k/v [B, Hkv, Lk, D] (stride 1 in D) -> (out in empty_bhld layout, lse f32 [B, H, Lq])."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -258,11 +266,12 @@ def attention_fwd(q, k, v, key_padding_mask: Optional[torch.Tensor], causal: boo
         return out, lse
     if Lk == 0:  # no key at all: every row is empty
         return out.zero_(), lse.fill_(float("inf"))
-    _fwd(q, k, v, out, lse, _Seq(B, Lq, Lk, Lq, Lk), key_padding_mask, causal, scale)
+    _fwd(q, k, v, out, lse, _Seq(B, Lq, Lk, Lq, Lk), key_padding_mask, causal, scale, dropout_p, seed)
     return out, lse
 
 
-def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, scale: float):
+def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, scale: float, dropout_p: float = 0.0,
+                  seed: int = 0):
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     dq = empty_bhld(q, B, H, Lq, D)
@@ -270,12 +279,13 @@ def attention_bwd(dout, q, k, v, out, lse, key_padding_mask, causal: bool, scale
     dv = empty_bhld(v, B, Hkv, Lk, D)
     if B * H * Lq == 0 or Lk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    _bwd(dout, q, k, v, out, lse, dq, dk, dv, _Seq(B, Lq, Lk, Lq, Lk), key_padding_mask, causal, scale)
+    _bwd(dout, q, k, v, out, lse, dq, dk, dv, _Seq(B, Lq, Lk, Lq, Lk), key_padding_mask, causal, scale, dropout_p,
+         seed)
     return dq, dk, dv
 
 
 def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                         causal: bool, scale: float):
+                         causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0):
     """q [total_q, H, D], k/v [total_k, Hkv, D] -> (out [total_q, H, D], lse f32 [H, total_q])."""
     Tq, H, D = q.shape
     B = cu_seqlens_q.shape[0] - 1
@@ -286,12 +296,12 @@ def attention_varlen_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
     if k.shape[0] == 0 or max_seqlen_k == 0:
         return out.zero_(), lse.fill_(float("inf"))
     seq = _Seq(B, 0, 0, max(max_seqlen_q, 1), max(max_seqlen_k, 1), cu_seqlens_q, cu_seqlens_k)
-    _fwd(q, k, v, out, lse, seq, None, causal, scale)
+    _fwd(q, k, v, out, lse, seq, None, causal, scale, dropout_p, seed)
     return out, lse
 
 
 def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int,
-                         max_seqlen_k: int, causal: bool, scale: float):
+                         max_seqlen_k: int, causal: bool, scale: float, dropout_p: float = 0.0, seed: int = 0):
     B = cu_seqlens_q.shape[0] - 1
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
@@ -299,5 +309,5 @@ def attention_varlen_bwd(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, ma
     if q.shape[0] == 0 or k.shape[0] == 0 or max_seqlen_k == 0 or max_seqlen_q == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     seq = _Seq(B, 0, 0, max_seqlen_q, max_seqlen_k, cu_seqlens_q, cu_seqlens_k)
-    _bwd(dout, q, k, v, out, lse, dq, dk, dv, seq, None, causal, scale)
+    _bwd(dout, q, k, v, out, lse, dq, dk, dv, seq, None, causal, scale, dropout_p, seed)
     return dq, dk, dv

@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_compat
-from .attention_fwd import _key_range, _seq_info
+from .attention_fwd import _dropout_keep, _key_range, _seq_info
 
 interpreter_compat()
 
@@ -45,7 +45,9 @@ def _bwd_dkdv_inner(
     Q, DO, Lse, Delta, stride_qm, stride_dom, stride_lm,
     cols, valid_k, offs_m, offs_d, d_ok,
     start, end, seqlen_q, causal_off, qk_scale,
+    seed, bh, drop_thresh, drop_scale,
     CAUSAL_STAGE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
 ):
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + offs_m
@@ -63,14 +65,19 @@ def _bwd_dkdv_inner(
         if CAUSAL_STAGE:
             valid = valid & (cols[:, None] <= rows[None, :] + causal_off)
         p_t = tl.where(valid, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+        if HAS_DROPOUT:  # the forward's mask, redrawn: dV = (P o M)^T dO / (1 - p), dP = (dO V^T) o M / (1 - p)
+            keep_t = _dropout_keep(seed, bh, rows[None, :], cols[:, None], drop_thresh)
+            dv += tl.dot(tl.where(keep_t, p_t * drop_scale, 0.0).to(do.dtype), do, input_precision=DOT_PREC)
+            dp_t = tl.where(keep_t, dp_t * drop_scale, 0.0)
+        else:
+            dv += tl.dot(p_t.to(do.dtype), do, input_precision=DOT_PREC)
         ds_t = tl.where(valid, p_t * (dp_t - delta[None, :]), 0.0)
         dk += tl.dot(ds_t.to(q.dtype), q, input_precision=DOT_PREC)
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
 def _attn_bwd_dkdv_kernel(
     Q, K, V, DO, Lse, Delta, DK, DV, KPM, KLO, KHI, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
@@ -82,10 +89,11 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_mb, stride_mn,
     GROUP, Lq, Lk, qk_scale, sm_scale,
+    seed, H_Q, drop_thresh, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
@@ -133,6 +141,7 @@ def _attn_bwd_dkdv_kernel(
         m_mid = tl.minimum(m_full, q_end)
     for g in range(0, GROUP):
         h64 = (hk * GROUP + g).to(tl.int64)
+        bh = b * H_Q + hk * GROUP + g
         Qh = Q + b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
         DOh = DO + b64 * stride_dob + h64 * stride_doh + q_start * stride_dom
         Lseh = Lse + b64 * stride_lb + h64 * stride_lh + q_start * stride_lm
@@ -141,16 +150,16 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, Qh, DOh, Lseh, Deltah, stride_qm, stride_dom, stride_lm,
                 cols, valid_k, offs_m, offs_d, d_ok, m_lo, m_mid, seqlen_q, causal_off, qk_scale,
-                True, UPCAST, DOT_PREC, BLOCK_M)
+                seed, bh, drop_thresh, drop_scale, True, UPCAST, DOT_PREC, BLOCK_M, HAS_DROPOUT)
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, Qh, DOh, Lseh, Deltah, stride_qm, stride_dom, stride_lm,
                 cols, valid_k, offs_m, offs_d, d_ok, m_full, q_end, seqlen_q, causal_off, qk_scale,
-                False, UPCAST, DOT_PREC, BLOCK_M)
+                seed, bh, drop_thresh, drop_scale, False, UPCAST, DOT_PREC, BLOCK_M, HAS_DROPOUT)
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, Qh, DOh, Lseh, Deltah, stride_qm, stride_dom, stride_lm,
                 cols, valid_k, offs_m, offs_d, d_ok, 0, q_end, seqlen_q, causal_off, qk_scale,
-                False, UPCAST, DOT_PREC, BLOCK_M)
+                seed, bh, drop_thresh, drop_scale, False, UPCAST, DOT_PREC, BLOCK_M, HAS_DROPOUT)
     # a padded key's gradients are exactly zero (0 * NaN from a NaN query row would not be)
     dk = tl.where(valid_k[:, None], dk * sm_scale, 0.0)
     dv = tl.where(valid_k[:, None], dv, 0.0)
@@ -164,8 +173,9 @@ def _bwd_dq_inner(
     K, V, KPM, stride_kn, stride_vn, stride_mn,
     offs_m, offs_n, offs_d, d_ok,
     start, end, k_end, causal_off, qk_scale,
+    seed, bh, drop_thresh, drop_scale,
     HAS_MASK: tl.constexpr, CAUSAL_STAGE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -184,12 +194,14 @@ def _bwd_dq_inner(
             valid = valid & (cols[None, :] <= offs_m[:, None] + causal_off)
         p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+        if HAS_DROPOUT:  # dP = (dO V^T) o M / (1 - p); Delta = rowsum(dO o O) already holds the dropout
+            dp = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], drop_thresh), dp * drop_scale, 0.0)
         ds = tl.where(valid, p * (dp - delta[:, None]), 0.0)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
     return dq
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
 def _attn_bwd_dq_kernel(
     Q, K, V, DO, Lse, Delta, DQ, KPM, KLO, KHI, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
@@ -200,10 +212,11 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqm,
     stride_mb, stride_mn,
     GROUP, Lq, Lk, qk_scale, sm_scale,
+    seed, H_Q, drop_thresh, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the last query blocks do the most work: launch them first (shorter tail)
@@ -216,6 +229,7 @@ def _attn_bwd_dq_kernel(
     if start_m >= seqlen_q:
         return
     hk = h // GROUP
+    bh = b * H_Q + h
     b64 = b.to(tl.int64)
     h64 = h.to(tl.int64)
     Q += b64 * stride_qb + h64 * stride_qh + q_start * stride_qm
@@ -253,13 +267,16 @@ def _attn_bwd_dq_kernel(
         mid = tl.minimum(mid, hi)
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, K, V, KPM, stride_kn, stride_vn, stride_mn, offs_m, offs_n, offs_d, d_ok,
-            lo, mid, hi, causal_off, qk_scale, HAS_MASK, False, UPCAST, DOT_PREC, BLOCK_N)
+            lo, mid, hi, causal_off, qk_scale, seed, bh, drop_thresh, drop_scale,
+            HAS_MASK, False, UPCAST, DOT_PREC, BLOCK_N, HAS_DROPOUT)
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, K, V, KPM, stride_kn, stride_vn, stride_mn, offs_m, offs_n, offs_d, d_ok,
-            mid, hi, hi, causal_off, qk_scale, HAS_MASK, True, UPCAST, DOT_PREC, BLOCK_N)
+            mid, hi, hi, causal_off, qk_scale, seed, bh, drop_thresh, drop_scale,
+            HAS_MASK, True, UPCAST, DOT_PREC, BLOCK_N, HAS_DROPOUT)
     else:
         dq = _bwd_dq_inner(
             dq, q, do, lse2, delta, K, V, KPM, stride_kn, stride_vn, stride_mn, offs_m, offs_n, offs_d, d_ok,
-            lo, hi, hi, causal_off, qk_scale, HAS_MASK, False, UPCAST, DOT_PREC, BLOCK_N)
+            lo, hi, hi, causal_off, qk_scale, seed, bh, drop_thresh, drop_scale,
+            HAS_MASK, False, UPCAST, DOT_PREC, BLOCK_N, HAS_DROPOUT)
     dq = dq * sm_scale
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=mask)

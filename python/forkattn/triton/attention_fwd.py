@@ -12,13 +12,29 @@ interpreter_compat()
 
 
 @triton.jit
+def _dropout_keep(seed, bh, rows, cols, threshold):
+    """Attention dropout's keep mask, kernels/common/philox.h's layout: rows (query i) and cols (key j,
+    both counted inside the sequence) broadcast to the tile; bh = b * heads + h. One Philox block per
+    8 key columns, counter (j >> 3, i, bh, 1); u16 = half (j & 1) of word (j & 7) >> 1; keep iff
+    u16 >= threshold. (Each element computes its block: simple, and the same on every tiling.)"""
+    z = rows * 0 + cols * 0
+    r0, r1, r2, r3 = tl.philox(seed, ((cols >> 3) + z).to(tl.uint32), (rows + z).to(tl.uint32),
+                               (z + bh).to(tl.uint32), (z + 1).to(tl.uint32))
+    w = ((cols & 7) >> 1) + z
+    word = tl.where(w == 0, r0, tl.where(w == 1, r1, tl.where(w == 2, r2, r3)))
+    u = (word >> (16 * ((cols & 1) + z)).to(tl.uint32)) & 0xFFFF
+    return u.to(tl.int32) >= threshold
+
+
+@triton.jit
 def _fwd_inner(
     acc, l_i, m_i, q,
     K, V, KPM, stride_kn, stride_vn, stride_mn,
     offs_m, offs_n, offs_d, d_ok,
     start, end, k_end, causal_off, qk_scale,
+    seed, bh, drop_thresh, drop_scale,
     HAS_MASK: tl.constexpr, CAUSAL_STAGE: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, HAS_DROPOUT: tl.constexpr,
 ):
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -38,7 +54,9 @@ def _fwd_inner(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # an all-masked row so far: no NaN
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normalizer (and lse) before dropout
+        if HAS_DROPOUT:
+            p = tl.where(_dropout_keep(seed, bh, offs_m[:, None], cols[None, :], drop_thresh), p * drop_scale, 0.0)
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
         if UPCAST:
             v = v.to(tl.float32)
@@ -71,7 +89,7 @@ def _key_range(KLO, KHI, b, seqlen_k, HAS_MASK: tl.constexpr):
     return k_lo, k_hi
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
 def _attn_fwd_kernel(
     Q, K, V, Out, Lse, KPM, KLO, KHI, CU_Q, CU_K,
     stride_qb, stride_qh, stride_qm,
@@ -81,10 +99,11 @@ def _attn_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn,
     GROUP, Lq, Lk, qk_scale,
+    seed, H_Q, drop_thresh, drop_scale,  # dropout: Philox seed, q heads, u16 threshold, 1 / (1 - p)
     SEQ_Q_KEY, SEQ_K_KEY,  # length buckets: autotune keys only
     IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     if IS_CAUSAL:  # the last query blocks do the most work: launch them first (shorter tail)
@@ -97,6 +116,7 @@ def _attn_fwd_kernel(
     if start_m >= seqlen_q:  # query block past this sequence's end (varlen): nothing to do
         return
     hk = h // GROUP
+    bh = b * H_Q + h
     b64 = b.to(tl.int64)
     Q += b64 * stride_qb + h.to(tl.int64) * stride_qh + q_start * stride_qm
     K += b64 * stride_kb + hk.to(tl.int64) * stride_kh + k_start * stride_kn
@@ -130,17 +150,17 @@ def _attn_fwd_kernel(
         mid = tl.minimum(mid, hi)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, K, V, KPM, stride_kn, stride_vn, stride_mn, offs_m, offs_n, offs_d, d_ok,
-            lo, mid, hi, causal_off, qk_scale,
-            HAS_MASK, False, UPCAST, DOT_PREC, BLOCK_N)
+            lo, mid, hi, causal_off, qk_scale, seed, bh, drop_thresh, drop_scale,
+            HAS_MASK, False, UPCAST, DOT_PREC, BLOCK_N, HAS_DROPOUT)
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, K, V, KPM, stride_kn, stride_vn, stride_mn, offs_m, offs_n, offs_d, d_ok,
-            mid, hi, hi, causal_off, qk_scale,
-            HAS_MASK, True, UPCAST, DOT_PREC, BLOCK_N)
+            mid, hi, hi, causal_off, qk_scale, seed, bh, drop_thresh, drop_scale,
+            HAS_MASK, True, UPCAST, DOT_PREC, BLOCK_N, HAS_DROPOUT)
     else:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, K, V, KPM, stride_kn, stride_vn, stride_mn, offs_m, offs_n, offs_d, d_ok,
-            lo, hi, hi, causal_off, qk_scale,
-            HAS_MASK, False, UPCAST, DOT_PREC, BLOCK_N)
+            lo, hi, hi, causal_off, qk_scale, seed, bh, drop_thresh, drop_scale,
+            HAS_MASK, False, UPCAST, DOT_PREC, BLOCK_N, HAS_DROPOUT)
 
     empty = l_i == 0.0  # no visible key: zeros out, lse = +inf
     l_safe = tl.where(empty, 1.0, l_i)
