@@ -67,7 +67,7 @@ def attention(
             seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
         keep = philox.dropout_keep(seed, dropout_p, B, q.shape[1], Lq, k.shape[2], batch_index=_batch_index,
                                    device=q.device)
-    return _attend(q, k, v, allowed, scale, keep, dropout_p)
+    return _attend(q, k, v, allowed, scale, keep=keep, dropout_p=dropout_p)
 
 
 def attention_varlen(
