@@ -1,5 +1,5 @@
 """Helpers for the op modules' custom ops (torch.library.custom_op): when a call may bypass the
-dispatcher and run the backend's function directly."""
+dispatcher and run the backend's function directly, and which helpers torch.compile treats as constants."""
 from __future__ import annotations
 
 import torch
@@ -16,3 +16,11 @@ def direct_call_ok(*tensors) -> bool:
     if torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack() != 0:
         return False
     return all(t is None or (type(t) is torch.Tensor and not t.requires_grad) for t in tensors)
+
+
+def assume_constant_result(fn):
+    """torch.compiler.assume_constant_result(fn) without importing torch._dynamo (and with it
+    Triton) when forkattn is imported: dynamo reads the same marker. Under torch.compile, fn runs
+    once at trace time and its result is a constant of the graph."""
+    fn._dynamo_marked_constant = True
+    return fn

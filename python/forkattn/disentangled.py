@@ -19,6 +19,7 @@ from torch import Tensor
 
 from . import backends, reference
 from ._checks import key_padding_mask_as_bool, resolve_scale
+from ._custom_op import assume_constant_result
 from ._layout import empty_bhld, stride1
 from .attention import _check_qkv
 
@@ -100,16 +101,13 @@ def _index_table(len_q: int, len_k: int, max_rel: int, buckets: int, device: tor
                                              position_buckets=buckets, device=device)
 
 
+@assume_constant_result
 def _index_values(len_q: int, len_k: int, max_rel: int, buckets: int) -> tuple:
     """The table as Python ints: under torch.compile a constant of the graph, so the float32 log
     buckets are evaluated once by eager PyTorch (as transformers does), never re-derived by a
     compiled kernel that might round an edge the other way."""
     return tuple(_index_table(len_q, len_k, max_rel, buckets, torch.device("cpu")).tolist())
 
-
-# What torch.compiler.assume_constant_result(_index_values) does, without importing torch._dynamo
-# (and with it Triton) when forkattn is imported (as backends/registry.py does for resolve).
-_index_values._dynamo_marked_constant = True
 
 
 def relative_position_index(len_q: int, len_k: int, *, max_relative_positions: int, position_buckets: int = -1,

@@ -24,6 +24,8 @@ from typing import Dict, FrozenSet, List, NamedTuple, Optional, Tuple
 
 import torch
 
+from .._custom_op import assume_constant_result
+
 Reason = Optional[str]  # None means "yes"
 
 
@@ -236,6 +238,7 @@ class OpFamily:
         self._cache.clear()
 
 
+@assume_constant_result  # tests/test_api.py's fullgraph test relies on it
 def _resolve_traced(op: str, backend, device_type, dtype, head_dim, features):
     """resolve() for torch.compile: run once at trace time, its answer a constant of the graph (the
     registry's own code is not traced). Returns (None, backend name) or (exception class, message),
@@ -245,10 +248,6 @@ def _resolve_traced(op: str, backend, device_type, dtype, head_dim, features):
     except (ValueError, BackendUnavailableError) as e:
         return type(e), str(e)
 
-
-# What torch.compiler.assume_constant_result(_resolve_traced) does, without importing torch._dynamo
-# (and with it Triton) when forkattn is imported; tests/test_api.py's fullgraph test relies on it.
-_resolve_traced._dynamo_marked_constant = True
 
 
 def feature_table(*names: str) -> Dict[Tuple[bool, ...], Tuple[str, ...]]:
