@@ -281,3 +281,36 @@ def test_each_case_runs_on_its_own_batch(monkeypatch):
         for name, fn in fns.items():
             out = fn()
             assert out.shape == (case.params["batch"], case.params["prompt"] + case.params["new_tokens"]), (case.name, name)
+
+
+def test_attention_dropout_rows(monkeypatch):
+    """Issue #16's rows: a "fwd+bwd, dropout 0.1" case after the plain one at BERT-base L512 and
+    GPT-2 L1024 (not in the quick set); every row drops with p (eager and forkattn the same Philox
+    mask), and "p=0: forkattn-cpu" does not."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from forkattn.bench import attention
+
+    assert not [c for c in attention.cases(torch.device("cpu"), "quick") if c.params["dropout_p"]]
+    cases = attention.cases(torch.device("cpu"), "default")
+    drop = [(i, c) for i, c in enumerate(cases) if c.params["dropout_p"]]
+    assert [(c.params["L"], c.params["causal"], c.params["padded"]) for _, c in drop] == [(512, False, True),
+                                                                                           (1024, True, False)]
+    for i, c in drop:
+        prev = cases[i - 1]
+        assert c.params["pass"] == "fwd+bwd" and c.params["dropout_p"] == attention.DROPOUT_P
+        assert prev.params == dict(c.params, dropout_p=0.0) and c.name == prev.name + ", dropout 0.1"
+        assert c.chart == prev.chart and c.panel == "fwd+bwd, dropout 0.1" and c.flops == prev.flops
+    # a small shape through the same setup: outputs (the "fwd" pass) and gradients
+    for causal, padded in ((False, True), (True, False)):
+        fwd = attention._setup(2, 3, 37, 16, torch.float32, causal, padded, torch.device("cpu"), 5, "fwd", 0.1)()
+        assert {"eager", "sdpa", "forkattn-cpu", "p=0: forkattn-cpu"} <= set(fwd)
+        out = {name: fn() for name, fn in fwd.items()}
+        plain = attention._setup(2, 3, 37, 16, torch.float32, causal, padded, torch.device("cpu"), 5, "fwd")()
+        base = plain["forkattn-cpu"]()
+        torch.testing.assert_close(out["p=0: forkattn-cpu"], base)
+        torch.testing.assert_close(out["forkattn-cpu"], out["eager"], rtol=1e-5, atol=1e-5)
+        assert (out["forkattn-cpu"] - base).abs().max() > 1e-3  # it drops
+        assert (out["sdpa"] - base).abs().max() > 1e-3
+        grads = attention._setup(2, 3, 37, 16, torch.float32, causal, padded, torch.device("cpu"), 5, "fwd+bwd", 0.1)()
+        for name, fn in grads.items():
+            assert all(torch.isfinite(g).all() for g in fn()), name

@@ -2,6 +2,12 @@
 
 Per shape: eager (forkattn.reference), SDPA, and every fused forkattn backend that runs here.
 Padded BERT batches draw lengths uniformly in [L/2, L].
+
+Attention dropout (issue #16): at the shapes in DROPOUT (BERT-base padded L512, GPT-2 causal L1024),
+a "fwd+bwd, dropout 0.1" case follows the plain fwd+bwd one. Every row there runs with
+dropout_p=0.1 (SDPA's dropout path; eager draws the Philox mask explicitly), and one more row,
+"p=0: forkattn-<backend>", is the fastest fused backend without dropout, timed in the same rounds
+so that its ratio to "forkattn-<backend>" is dropout's overhead.
 """
 from __future__ import annotations
 
@@ -36,22 +42,34 @@ CPU_SHAPES = {
     + [("BERT-base", 8, 12, L, 64, torch.bfloat16, False, True) for L in (128, 512)],
 }
 
+DROPOUT_P = 0.1
+DROPOUT = {("BERT-base", 512), ("GPT-2", 1024)}  # (label, L) of the shapes with a dropout case
+
 IMPLS = {
     "eager": "forkattn.reference.attention: plain PyTorch matmul + masked softmax + matmul",
     "sdpa": "torch.nn.functional.scaled_dot_product_attention (a boolean mask for padding, is_causal for GPT)",
     "forkattn-*": "forkattn.attention(..., backend=<name>): forkattn's fused kernel (cpu: C++, cuda, triton)",
+    "p=0: forkattn-*": f"dropout cases only: forkattn-<name> without dropout, the base of the dropout_p={DROPOUT_P} overhead",
 }
 
 
-def _impls(mask, causal, backends):
+def _impls(mask, causal, backends, dropout_p=0.0):
+    """With dropout_p, every row drops with that p (a fixed seed for forkattn's rows, so each call
+    does the same work) plus the first backend's row without dropout."""
     sdpa_mask = None if mask is None else mask[:, None, None, :]
+    drop = dict(dropout_p=dropout_p, seed=1234) if dropout_p else {}
     impls = {
-        "eager": lambda q, k, v: reference.attention(q, k, v, causal=causal, key_padding_mask=mask),
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal),
+        "eager": lambda q, k, v: reference.attention(q, k, v, causal=causal, key_padding_mask=mask, **drop),
+        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask, is_causal=causal,
+                                                               dropout_p=dropout_p),
     }
     for b in backends:
         impls[f"forkattn-{b}"] = (
-            lambda q, k, v, b=b: forkattn.attention(q, k, v, causal=causal, key_padding_mask=mask, backend=b)
+            lambda q, k, v, b=b: forkattn.attention(q, k, v, causal=causal, key_padding_mask=mask, backend=b, **drop)
+        )
+    if dropout_p and backends:
+        impls[f"p=0: forkattn-{backends[0]}"] = (
+            lambda q, k, v: forkattn.attention(q, k, v, causal=causal, key_padding_mask=mask, backend=backends[0])
         )
     return impls
 
@@ -65,7 +83,7 @@ def _bind(impls, q, k, v):
     return fwd, fwd_bwd
 
 
-def _setup(B, H, L, D, dtype, causal, padded, device, seed, pass_):
+def _setup(B, H, L, D, dtype, causal, padded, device, seed, pass_, dropout_p=0.0):
     def build():
         gen = torch.Generator().manual_seed(seed)
         mask = None
@@ -73,7 +91,8 @@ def _setup(B, H, L, D, dtype, causal, padded, device, seed, pass_):
             lengths = torch.randint(L // 2, L + 1, (B,), generator=gen)
             mask = (torch.arange(L)[None, :] < lengths[:, None]).to(device)
         q, k, v = (torch.randn(B, H, L, D, generator=gen).to(device=device, dtype=dtype) for _ in range(3))
-        fwd, fwd_bwd = _bind(_impls(mask, causal, fused_backends("attention", device, dtype, D)), q, k, v)
+        backends = fused_backends("attention", device, dtype, D, ("dropout",) if dropout_p else ())
+        fwd, fwd_bwd = _bind(_impls(mask, causal, backends, dropout_p), q, k, v)
         return fwd if pass_ == "fwd" else fwd_bwd
     return build
 
@@ -87,10 +106,14 @@ def cases(device: torch.device, size: str = "default") -> List[Case]:
         name = f"{label} B{B} H{H} L{L} D{D} {dt} {kind}"
         params = dict(B=B, H=H, L=L, D=D, dtype=str(dtype), causal=causal, padded=padded)
         chart = f"{dt} {kind}, {label} B{B} H{H} D{D}"
-        for pass_ in ("fwd", "fwd+bwd"):
-            out.append(Case("attention", f"{name} {pass_}", flops=attention_flops(B, H, L, L, D, causal=causal,
-                                                                                  backward=pass_ != "fwd"),
-                            params={**params, "pass": pass_}, setup=_setup(B, H, L, D, dtype, causal, padded,
-                                                                           device, seed, pass_),
-                            chart=chart, panel=pass_, x=f"L{L}", xlabel="sequence length"))
+        passes = [("fwd", 0.0), ("fwd+bwd", 0.0)]
+        if (label, L) in DROPOUT and size != "quick":
+            passes.append(("fwd+bwd", DROPOUT_P))
+        for pass_, p in passes:
+            suffix = f", dropout {p}" if p else ""
+            out.append(Case("attention", f"{name} {pass_}{suffix}",
+                            flops=attention_flops(B, H, L, L, D, causal=causal, backward=pass_ != "fwd"),
+                            params={**params, "pass": pass_, "dropout_p": p},
+                            setup=_setup(B, H, L, D, dtype, causal, padded, device, seed, pass_, p),
+                            chart=chart, panel=pass_ + suffix, x=f"L{L}", xlabel="sequence length"))
     return out
