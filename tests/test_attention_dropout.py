@@ -294,3 +294,31 @@ def test_opcheck_with_dropout(backend):
     vq = torch.randn(7, 2, 16, device=dev)
     cu = torch.tensor([0, 3, 7], dtype=torch.int32, device=dev)
     torch.library.opcheck(attention_varlen_fwd, (vq, vq, vq, cu, cu, 4, 4, False, 0.25, backend, 0.2, 2 ** 40))
+
+
+@needs_cpu
+def test_cpu_long_rows_same_mask_as_eager_bit_for_bit():
+    """The cpu kernel draws a row's u16 128 or 64 keys per Philox call and none past a row's last
+    visible key: rows of 250 keys (two key tiles of 128) cut by padding at a tile's start, middle
+    and end, and causal rows with Lq != Lk; forward masks bit for bit, gradients against eager."""
+    B, H, Lq, Lk, p, seed = 5, 2, 40, 250, 0.3, 77
+    q = torch.randn(B, H, Lq, Lk)
+    k = torch.randn(B, H, Lk, Lk)
+    v = _identity_v(B, H, Lk, device="cpu")
+    lengths = torch.tensor([250, 131, 60, 128, 193])
+    kpm = torch.arange(Lk)[None, :] < lengths[:, None]
+    keep = philox.dropout_keep(seed, p, B, H, Lq, Lk)
+    for causal, mask in ((False, kpm), (True, None), (True, kpm)):
+        kw = dict(causal=causal, key_padding_mask=mask, dropout_p=p, seed=seed)
+        ours = forkattn.attention(q, k, v, backend="cpu", **kw)
+        allowed = reference.visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=mask, device="cpu")
+        assert torch.equal(ours != 0, keep & allowed)
+        vr = torch.randn(B, H, Lk, 32)
+        args = [t.clone().requires_grad_() for t in (q[..., :32], k[..., :32], vr)]
+        ref_args = [t.detach().clone().requires_grad_() for t in args]
+        out = forkattn.attention(*args, backend="cpu", **kw)
+        ref = forkattn.attention(*ref_args, backend="eager", **kw)
+        dout = torch.randn_like(out)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        for a, b in zip(torch.autograd.grad(out, args, dout), torch.autograd.grad(ref, ref_args, dout)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -28,6 +28,7 @@
 
 #include "attention.h"
 #include "common/philox.h"
+#include "cpu/philox_cpu.h"
 
 // Fortran BLAS sgemm (LP64), exported by libtorch_cpu when torch is built with MKL. Weak, so
 // the extension still loads against a torch without it; gemm() then uses its own loop.
@@ -158,7 +159,10 @@ struct KeyPlan {
   int64_t nkb = 0;                // key blocks
   std::vector<uint8_t> state;     // [B, nkb] BlockState
   std::vector<uint8_t> keep;      // [B, Lk] 1 = attend, 0 = padded; empty without a mask
+  std::vector<int32_t> last;      // [B, nkb] one past the block's last attended key, from the block's start
   BlockState at(int64_t b, int64_t kb) const { return state.empty() ? kFull : BlockState(state[b * nkb + kb]); }
+  // Keys [j0, j0 + end) of block kb (cols keys) hold every attended one.
+  int64_t end(int64_t b, int64_t kb, int64_t cols) const { return last.empty() ? cols : last[b * nkb + kb]; }
 };
 
 KeyPlan plan_keys(const std::optional<at::Tensor>& key_padding_mask, int64_t B, int64_t Lk, int64_t bk) {
@@ -168,6 +172,7 @@ KeyPlan plan_keys(const std::optional<at::Tensor>& key_padding_mask, int64_t B, 
   const at::Tensor mask = key_padding_mask->contiguous();
   const bool* mp = mask.data_ptr<bool>();
   plan.state.assign(B * plan.nkb, kSkip);
+  plan.last.assign(B * plan.nkb, 0);
   plan.keep.resize(B * Lk);
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t kb = 0; kb < plan.nkb; ++kb) {
@@ -176,6 +181,7 @@ KeyPlan plan_keys(const std::optional<at::Tensor>& key_padding_mask, int64_t B, 
       for (int64_t j = j0; j < j1; ++j) {
         attend += mp[b * Lk + j];
         plan.keep[b * Lk + j] = mp[b * Lk + j] ? 1 : 0;
+        if (mp[b * Lk + j]) plan.last[b * plan.nkb + kb] = static_cast<int32_t>(j + 1 - j0);
       }
       plan.state[b * plan.nkb + kb] = attend == 0 ? kSkip : (attend == j1 - j0 ? kFull : kMixed);
     }
@@ -260,8 +266,16 @@ struct Problem {
                        int64_t* ld) const;
   // Writes `fill` over hidden (query, key) entries of a tile when it has any (mixed or diagonal).
   void mask(float* s, int64_t b, int64_t i0, int64_t rows, int64_t j0, int64_t cols, float fill) const;
-  // Multiplies tile entry (r, c) (row stride bk) by keep(b, h, i0 + r, j0 + c) / (1 - p).
-  void drop(float* s, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const;
+  // Dropout, one tile row (query i, keys j0 .. j0 + cols); u is scratch for drop_u16.
+  // The leading keys of the row that may be visible (the rest are hidden: no Philox for them).
+  int64_t drop_cols(int64_t b, int64_t i, int64_t j0, int64_t cols) const;
+  // u[c] = the mask's u16 of (b, h, i, j0 + c) for c < n rounded up to 64; j0 a multiple of 8.
+  void drop_u16(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, uint16_t* u) const;
+  // x[c] *= keep(b, h, i, j0 + c) / (1 - p); hidden keys 0.
+  void drop_row(float* x, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols, uint16_t* u) const;
+  // Backward: s = P in, the dropped P out; dp = dP (of the dropped P) in, dS out.
+  void drop_grad_row(float* s, float* dp, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols, float delta,
+                     uint16_t* u) const;
   // S = scale * Q K^T for a tile into s (row stride bk), K rows from kt (row stride kld); hidden
   // keys -inf. False (and nothing computed) when the block is skipped.
   bool scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
@@ -312,31 +326,95 @@ void Problem::mask(float* s, int64_t b, int64_t i0, int64_t rows, int64_t j0, in
   }
 }
 
-void Problem::drop(float* s, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
-  namespace k = ::forkattn::kernels;
-  const uint32_t bh = static_cast<uint32_t>(b * H + h);
-  const int64_t blk0 = j0 >> 3, blk1 = (j0 + cols + 7) >> 3;
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * bk;
-    const uint32_t i = static_cast<uint32_t>(i0 + r);
-    // 8 Philox blocks (64 key columns) per philox4x32_10_x8 call: block blk is counter
-    // (blk, i, bh, kDropoutStream), its u16 for column 8 * blk + t is half t & 1 of word t >> 1.
-    for (int64_t g = blk0; g < blk1; g += 8) {
-      uint32_t c0[8], c1[8], out[4][8];
-      for (int t = 0; t < 8; ++t) {
-        c0[t] = static_cast<uint32_t>(g + t);
-        c1[t] = i;
-      }
-      k::philox4x32_10_x8(seed, c0, c1, bh, k::kDropoutStream, out);
-      const int64_t c_lo = std::max<int64_t>(g * 8, j0), c_hi = std::min<int64_t>((g + 8) * 8, j0 + cols);
-      for (int64_t c = c_lo; c < c_hi; ++c) {
-        const int64_t blk = (c >> 3) - g, t = c & 7;
-        const uint32_t u = (out[t >> 1][blk] >> (16 * (t & 1))) & 0xffffu;
-        float& x = row[c - j0];
-        x = u >= drop_threshold ? x * drop_scale : 0.f;
-      }
+// Rows of a 4 x 8 word matrix as 8 x 4: 128-bit group t of dst (u16 8t .. 8t + 7) = words
+// (w[0][t], w[1][t], w[2][t], w[3][t]). For philox4x32_10_x8's output that is block t's 8 u16 in
+// key order (low half first), the layout of kernels/common/philox.h.
+inline void transpose_words_4x8(const uint32_t w[4][8], uint16_t* dst) {
+#if defined(__AVX2__)
+  const auto ld = [&](int r) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r])); };
+  const __m256i a0 = ld(0), a1 = ld(1), a2 = ld(2), a3 = ld(3);
+  const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpackhi_epi32(a0, a1);
+  const __m256i t2 = _mm256_unpacklo_epi32(a2, a3), t3 = _mm256_unpackhi_epi32(a2, a3);
+  const __m256i r0 = _mm256_unpacklo_epi64(t0, t2), r1 = _mm256_unpackhi_epi64(t0, t2);  // blocks 0|4, 1|5
+  const __m256i r2 = _mm256_unpacklo_epi64(t1, t3), r3 = _mm256_unpackhi_epi64(t1, t3);  // blocks 2|6, 3|7
+  __m256i* d = reinterpret_cast<__m256i*>(dst);
+  _mm256_storeu_si256(d + 0, _mm256_permute2x128_si256(r0, r1, 0x20));
+  _mm256_storeu_si256(d + 1, _mm256_permute2x128_si256(r2, r3, 0x20));
+  _mm256_storeu_si256(d + 2, _mm256_permute2x128_si256(r0, r1, 0x31));
+  _mm256_storeu_si256(d + 3, _mm256_permute2x128_si256(r2, r3, 0x31));
+#else
+  for (int t = 0; t < 8; ++t) {
+    for (int r = 0; r < 4; ++r) {
+      dst[8 * t + 2 * r] = static_cast<uint16_t>(w[r][t] & 0xffffu);
+      dst[8 * t + 2 * r + 1] = static_cast<uint16_t>(w[r][t] >> 16);
     }
   }
+#endif
+}
+
+int64_t Problem::drop_cols(int64_t b, int64_t i, int64_t j0, int64_t cols) const {
+  const int64_t n = plan->end(b, j0 / bk, cols);
+  return causal ? std::min(n, std::clamp<int64_t>(i + off(b) + 1 - j0, 0, cols)) : n;
+}
+
+void Problem::drop_u16(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, uint16_t* u) const {
+  // Philox block blk (keys 8 blk .. 8 blk + 7) is counter (blk, i, bh, kDropoutStream); 16 blocks
+  // (128 keys) per call while more than 64 keys are left, else 8.
+  const uint32_t bh = static_cast<uint32_t>(b * H + h), row = static_cast<uint32_t>(i);
+  const uint32_t stream = ::forkattn::kernels::kDropoutStream;
+  for (int64_t c = 0; c < n;) {
+    const uint32_t blk = static_cast<uint32_t>((j0 + c) >> 3);
+    if (n - c > 64) {
+      uint32_t out[2][4][8];
+      philox4x32_10_groups<2>(seed, blk, row, bh, stream, out);
+      transpose_words_4x8(out[0], u + c);
+      transpose_words_4x8(out[1], u + c + 64);
+      c += 128;
+    } else {
+      uint32_t out[1][4][8];
+      philox4x32_10_groups<1>(seed, blk, row, bh, stream, out);
+      transpose_words_4x8(out[0], u + c);
+      c += 64;
+    }
+  }
+}
+
+void Problem::drop_row(float* x, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols, uint16_t* u) const {
+  const int64_t n = drop_cols(b, i, j0, cols);
+  drop_u16(b, h, i, j0, n, u);
+  const Vec vs(drop_scale);
+  int64_t c = 0;
+  for (; c + vec::kWidth <= n; c += vec::kWidth) {
+    ((Vec::loadu(x + c) * vs) & vec::mask_ge_u16(u + c, drop_threshold)).store(x + c);
+  }
+  for (; c < n; ++c) x[c] = u[c] >= drop_threshold ? x[c] * drop_scale : 0.f;
+  std::fill(x + n, x + cols, 0.f);
+}
+
+// dS = P * (dP' - Delta) where dP' = dP * keep / (1 - p) is the gradient of the dropped P; taken as 0
+// where the dropped P is 0 (dropped, or P underflowed to 0), so a NaN dP there cannot reach dS.
+void Problem::drop_grad_row(float* s, float* dp, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols,
+                            float delta, uint16_t* u) const {
+  const int64_t n = drop_cols(b, i, j0, cols);
+  drop_u16(b, h, i, j0, n, u);
+  const Vec vs(drop_scale), vd(delta), zero(0.f);
+  int64_t c = 0;
+  for (; c + vec::kWidth <= n; c += vec::kWidth) {
+    const Vec pr = Vec::loadu(s + c);
+    const Vec pd = (pr * vs) & vec::mask_ge_u16(u + c, drop_threshold);
+    const Vec d = (Vec::loadu(dp + c) * vs) & (pd != zero);
+    pd.store(s + c);
+    (pr * (d - vd)).store(dp + c);
+  }
+  for (; c < n; ++c) {
+    const float pr = s[c];
+    const float pd = u[c] >= drop_threshold ? pr * drop_scale : 0.f;
+    const float d = pd != 0.f ? dp[c] * drop_scale : 0.f;
+    s[c] = pd;
+    dp[c] = pr * (d - delta);
+  }
+  std::fill(s + n, s + cols, 0.f);  // hidden keys (mixed or diagonal tiles, which mask() covers too)
+  std::fill(dp + n, dp + cols, 0.f);
 }
 
 bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
@@ -350,15 +428,22 @@ bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
 // ---------------------------------------------------------------------------------------------
 // Forward.
 
+// Dropout's u16 of one tile row: whole calls of 64 keys (drop_u16).
+int64_t drop_u16_size(const Tiles& t) { return (t.bk + 63) / 64 * 64; }
+
 struct FwdScratch {
   std::vector<float> s, acc, m, l, kt, vt;
+  std::vector<uint16_t> u;  // dropout
   explicit FwdScratch(const Tiles& t, int64_t D)
-      : s(t.bq * t.bk), acc(t.bq * D), m(t.bq), l(t.bq), kt(t.bk * D), vt(t.bk * D) {}
+      : s(t.bq * t.bk), acc(t.bq * D), m(t.bq), l(t.bq), kt(t.bk * D), vt(t.bk * D), u(drop_u16_size(t)) {}
 };
 
 // Folds a tile of scores (turned into probabilities in place) into the running max m, sum l
-// and the accumulator rows acc, which are rescaled when the max grows.
-void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, float* m, float* l, float* acc, int64_t D) {
+// and the accumulator rows acc, which are rescaled when the max grows. after(r, row) then runs on
+// each row that has a visible key, while it is in L1 (dropout).
+template <class RowFn>
+void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, float* m, float* l, float* acc, int64_t D,
+                    const RowFn& after) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
     const float m_new = vec::max_nan(m[r], vec::row_max(row, cols));
@@ -371,6 +456,7 @@ void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, float* m, 
     if (corr != 1.f) vec::scale(acc + r * D, D, corr);
     l[r] = l[r] * corr + sum;
     m[r] = m_new;
+    after(r, row);
   }
 }
 
@@ -392,8 +478,11 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
   p.for_each_key_tile(b, h, i0, rows, w.kt.data(), w.vt.data(), w.s.data(),
                       [&](int64_t j0, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
-                        online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D);
-                        if (p.dropout) p.drop(w.s.data(), b, h, i0, rows, j0, cols);  // after l: lse is undropped
+                        // dropout after l: lse is of the undropped P
+                        online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D,
+                                       [&](int64_t r, float* row) {
+                                         if (p.dropout) p.drop_row(row, b, h, i0 + r, j0, cols, w.u.data());
+                                       });
                         // acc += P V
                         gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, w.acc.data(), D);
                       });
@@ -421,10 +510,11 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
 // +7% causal) and forms Delta from it; fp32 inputs use the saved O, which is that output already.
 
 struct BwdScratch {
-  std::vector<float> s, dp, dq, delta, lse, dk, dv, kt, vt, pd;  // pd: the dropped P (dropout only)
-  BwdScratch(const Tiles& t, int64_t Lk, int64_t D, bool dropout)
+  std::vector<float> s, dp, dq, delta, lse, dk, dv, kt, vt;
+  std::vector<uint16_t> u;  // dropout
+  BwdScratch(const Tiles& t, int64_t Lk, int64_t D)
       : s(t.bq * t.bk), dp(t.bq * t.bk), dq(t.bq * D), delta(t.bq), lse(t.bq),
-        dk(Lk * D), dv(Lk * D), kt(t.bk * D), vt(t.bk * D), pd(dropout ? t.bq * t.bk : 0) {}
+        dk(Lk * D), dv(Lk * D), kt(t.bk * D), vt(t.bk * D), u(drop_u16_size(t)) {}
 };
 
 struct BwdIO {
@@ -455,7 +545,11 @@ void recomputed_delta(const Problem& p, const BwdIO& io, int64_t b, int64_t h, i
                       [&](int64_t j0, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
                         probs_from_lse(w.s.data(), p.bk, rows, cols, w.lse.data());
                         p.mask(w.s.data(), b, i0, rows, j0, cols, 0.f);
-                        if (p.dropout) p.drop(w.s.data(), b, h, i0, rows, j0, cols);  // O holds the dropout
+                        if (p.dropout) {  // O holds the dropout
+                          for (int64_t r = 0; r < rows; ++r) {
+                            p.drop_row(w.s.data() + r * p.bk, b, h, i0 + r, j0, cols, w.u.data());
+                          }
+                        }
                         gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, o, D);
                       });
   for (int64_t r = 0; r < rows; ++r) w.delta[r] = vec::dot(io.dout.at(b, h, i0 + r), o + r * D, D);
@@ -477,26 +571,18 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
                                                                           int64_t kld, const float* vt, int64_t vld) {
     probs_from_lse(s, p.bk, rows, cols, w.lse.data());
     p.mask(s, b, i0, rows, j0, cols, 0.f);  // P = 0 exactly at hidden keys, even on a NaN row
-    // dV += P^T dO (with dropout: the dropped P, the forward's mask redrawn)
-    const float* pv = s;
-    if (p.dropout) {
-      std::copy(s, s + rows * p.bk, w.pd.data());
-      p.drop(w.pd.data(), b, h, i0, rows, j0, cols);
-      pv = w.pd.data();
-    }
-    gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, pv, p.bk, 1.f, w.dv.data() + j0 * D, D);
-    // dP = dO V^T (with dropout: times keep / (1 - p)), then dS = P * (dP - Delta), 0 at hidden keys
+    // dP = dO V^T, then dS = P * (dP - Delta), 0 at hidden keys. With dropout the forward's mask is
+    // redrawn once per row, in the same pass: s becomes the dropped P and dP its gradient's.
     gemm(p.blas, true, false, cols, rows, D, 1.f, vt, vld, dout, io.dout.sl, 0.f, dp, p.bk);
-    if (p.dropout) {
-      // the mask once per tile: where P > 0 the dropped P is nonzero iff kept; where P = 0, dS = P (...) = 0
-      // whatever dP is
-      for (int64_t r = 0; r < rows; ++r) {
-        const float* pd = w.pd.data() + r * p.bk;
-        float* d = dp + r * p.bk;
-        for (int64_t c = 0; c < cols; ++c) d[c] = pd[c] != 0.f ? d[c] * p.drop_scale : 0.f;
+    for (int64_t r = 0; r < rows; ++r) {
+      if (p.dropout) {
+        p.drop_grad_row(s + r * p.bk, dp + r * p.bk, b, h, i0 + r, j0, cols, w.delta[r], w.u.data());
+      } else {
+        softmax_grad_row(s + r * p.bk, dp + r * p.bk, cols, w.delta[r]);
       }
     }
-    for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * p.bk, dp + r * p.bk, cols, w.delta[r]);
+    // dV += P^T dO (the dropped P with dropout)
+    gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, s, p.bk, 1.f, w.dv.data() + j0 * D, D);
     p.mask(dp, b, i0, rows, j0, cols, 0.f);
     // dK += scale * dS^T Q ; dQ += scale * dS K
     gemm(p.blas, false, true, D, cols, rows, p.scale, q, p.q.sl, dp, p.bk, 1.f, w.dk.data() + j0 * D, D);
@@ -552,6 +638,7 @@ void set_dropout(Problem& p, double dropout_p, int64_t seed) {
   p.seed = static_cast<uint64_t>(seed);  // a signed int64's bit pattern
   p.drop_threshold = ::forkattn::kernels::dropout_threshold16(dropout_p);
   p.drop_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  TORCH_INTERNAL_ASSERT(p.bk % 8 == 0, "dropout needs key tiles of whole Philox blocks");
 }
 
 // Varlen: sequence b is rows cu[b]..cu[b+1] of the packed operands. The host reads cu_seqlens
@@ -613,7 +700,7 @@ void run_bwd(const Problem& p, const Tiles& tiles, const at::Tensor& of, const a
   BwdIO io{io_rows(of, p, true), io_rows(dof, p, true), io_rows(dq_f, p, true), io_rows(dk_f, p, false),
            io_rows(dv_f, p, false), lse_rows(lse, p)};
   run_tasks(
-      p.B * p.Hkv, [&] { return BwdScratch(tiles, p.Lk, p.D, p.dropout); },
+      p.B * p.Hkv, [&] { return BwdScratch(tiles, p.Lk, p.D); },
       [&](int64_t t, BwdScratch& w) { bwd_kv_head(p, io, t / p.Hkv, t % p.Hkv, w); });
   finish_output(dq, dq_f);
   finish_output(dk, dk_f);

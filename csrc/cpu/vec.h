@@ -115,6 +115,23 @@ inline float exp_sub_sum(float* x, int64_t n, float sub) {
   return sum;
 }
 
+// --- masks ------------------------------------------------------------------------------------------
+
+// A select mask for operator& (all bits set where u[i] >= threshold, 0 elsewhere) from kWidth
+// 16-bit values; threshold <= 65536. `(x * s) & mask_ge_u16(u, t)` is exactly
+// `u[i] >= t ? x[i] * s : 0.f`, also for a NaN x[i].
+inline Vec mask_ge_u16(const uint16_t* u, uint32_t threshold) {
+#if defined(CPU_CAPABILITY_AVX2)
+  static_assert(kWidth == 8);
+  const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
+  return Vec(_mm256_castsi256_ps(_mm256_cmpgt_epi32(x, _mm256_set1_epi32(static_cast<int>(threshold) - 1))));
+#else
+  uint32_t bits[kWidth];
+  for (int64_t i = 0; i < kWidth; ++i) bits[i] = u[i] >= threshold ? 0xffffffffu : 0u;
+  return Vec::loadu(bits);
+#endif
+}
+
 // --- element-wise updates -----------------------------------------------------------------------------
 
 // x *= a
