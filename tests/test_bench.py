@@ -285,10 +285,12 @@ def test_each_case_runs_on_its_own_batch(monkeypatch):
 
 def test_attention_dropout_rows(monkeypatch):
     """Issue #16's rows: a "fwd+bwd, dropout 0.1" case after the plain one at BERT-base L512 and
-    GPT-2 L1024 (not in the quick set); every row drops with p (eager and forkattn the same Philox
-    mask), and "p=0: forkattn-cpu" does not."""
+    GPT-2 L1024 (not in the quick set); every row drops with p (forkattn's rows the reference's
+    Philox mask for the bench's seed), and "p=0: forkattn-cpu" does not."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    from forkattn import reference
     from forkattn.bench import attention
+    _bind, _impls = attention._bind, attention._impls
 
     assert not [c for c in attention.cases(torch.device("cpu"), "quick") if c.params["dropout_p"]]
     cases = attention.cases(torch.device("cpu"), "default")
@@ -302,15 +304,24 @@ def test_attention_dropout_rows(monkeypatch):
         assert c.chart == prev.chart and c.panel == "fwd+bwd, dropout 0.1" and c.flops == prev.flops
     # a small shape through the same setup: outputs (the "fwd" pass) and gradients
     for causal, padded in ((False, True), (True, False)):
+        captured = {}  # the tensors and mask _setup builds, to run the reference on them
+        monkeypatch.setattr(attention, "_bind", lambda impls, q, k, v: (captured.update(qkv=(q, k, v)),
+                                                                         _bind(impls, q, k, v))[1])
+        monkeypatch.setattr(attention, "_impls", lambda mask, *a: (captured.update(mask=mask), _impls(mask, *a))[1])
         fwd = attention._setup(2, 3, 37, 16, torch.float32, causal, padded, torch.device("cpu"), 5, "fwd", 0.1)()
         assert {"eager", "sdpa", "forkattn-cpu", "p=0: forkattn-cpu"} <= set(fwd)
         out = {name: fn() for name, fn in fwd.items()}
         plain = attention._setup(2, 3, 37, 16, torch.float32, causal, padded, torch.device("cpu"), 5, "fwd")()
         base = plain["forkattn-cpu"]()
         torch.testing.assert_close(out["p=0: forkattn-cpu"], base)
-        torch.testing.assert_close(out["forkattn-cpu"], out["eager"], rtol=1e-5, atol=1e-5)
-        assert (out["forkattn-cpu"] - base).abs().max() > 1e-3  # it drops
-        assert (out["sdpa"] - base).abs().max() > 1e-3
+        torch.testing.assert_close(plain["eager"](), base, rtol=1e-5, atol=1e-5)
+        (q, k, v), mask = captured["qkv"], captured["mask"]
+        assert (mask is not None) == padded
+        ref = reference.attention(q, k, v, causal=causal, key_padding_mask=mask, dropout_p=0.1,
+                                  seed=attention.DROPOUT_SEED)
+        torch.testing.assert_close(out["forkattn-cpu"], ref, rtol=1e-5, atol=1e-5)
+        for name in ("eager", "sdpa", "forkattn-cpu"):
+            assert (out[name] - base).abs().max() > 1e-3, name  # it drops
         grads = attention._setup(2, 3, 37, 16, torch.float32, causal, padded, torch.device("cpu"), 5, "fwd+bwd", 0.1)()
         for name, fn in grads.items():
             assert all(torch.isfinite(g).all() for g in fn()), name
