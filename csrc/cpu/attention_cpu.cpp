@@ -327,7 +327,7 @@ void Problem::mask(float* s, int64_t b, int64_t i0, int64_t rows, int64_t j0, in
 }
 
 // Rows of a 4 x 8 word matrix as 8 x 4: 128-bit group t of dst (u16 8t .. 8t + 7) = words
-// (w[0][t], w[1][t], w[2][t], w[3][t]). For philox4x32_10_x8's output that is block t's 8 u16 in
+// (w[0][t], w[1][t], w[2][t], w[3][t]). For one 8-block Philox group that is block t's 8 u16 in
 // key order (low half first), the layout of kernels/common/philox.h.
 inline void transpose_words_4x8(const uint32_t w[4][8], uint16_t* dst) {
 #if defined(__AVX2__)
