@@ -161,6 +161,13 @@ def _check_rel_index(rel_index, q, k):
     return rel_index.contiguous()
 
 
+def _staged(t, upcast: bool):
+    """Where a kernel writes t: t itself, or (interpreting bf16) a float32 twin copied into t after, by
+    torch, rounding to nearest: the 3.6 interpreter's float32 -> bf16 cast truncates (0.99999 -> 0.9961),
+    a GPU's rounds to nearest even."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=torch.float32, device=t.device) if upcast else t
+
+
 def disentangled_fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale: float, c2p: bool, p2c: bool):
     """The contract of DisentangledAttentionBackend.fwd -> (out in empty_bhld layout, lse f32 [B, H, Lq])."""
     B, H, Lq, D = q.shape
@@ -173,10 +180,13 @@ def disentangled_fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, s
         return out.zero_(), lse.fill_(float("inf"))
     rel_index = _check_rel_index(rel_index, q, k)
     args = _common(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c)
-    so, sl = _bhl(out), _bhl(lse)
-    args.update(Out=out, Lse=lse, stride_ob=so[0], stride_oh=so[1], stride_om=so[2],
+    o = _staged(out, args["UPCAST"])
+    so, sl = _bhl(o), _bhl(lse)
+    args.update(Out=o, Lse=lse, stride_ob=so[0], stride_oh=so[1], stride_om=so[2],
                 stride_lb=sl[0], stride_lh=sl[1], stride_lm=sl[2])
     _launch("fwd", Lq, H, B, args)
+    if o is not out:
+        out.copy_(o)
     return out, lse
 
 
@@ -209,10 +219,14 @@ def disentangled_bwd(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key
                 stride_dob=sdo[0], stride_doh=sdo[1], stride_dom=sdo[2],
                 stride_lb=sl[0], stride_lh=sl[1], stride_lm=sl[2],
                 stride_gh=acc.stride(0), stride_gr=acc.stride(1))
-    sdq, sdk, sdv = _bhl(dq), _bhl(dk), _bhl(dv)
-    _launch("dq", Lq, H, B, dict(args, DQ=dq, DPK=dpk if c2p else lse,
+    gq, gk, gv = (_staged(t, args["UPCAST"]) for t in (dq, dk, dv))
+    sdq, sdk, sdv = _bhl(gq), _bhl(gk), _bhl(gv)
+    _launch("dq", Lq, H, B, dict(args, DQ=gq, DPK=dpk if c2p else lse,
                                  stride_dqb=sdq[0], stride_dqh=sdq[1], stride_dqm=sdq[2]))
-    _launch("dkdv", Lk, H, B, dict(args, DK=dk, DV=dv, DPQ=dpq if p2c else lse,
+    _launch("dkdv", Lk, H, B, dict(args, DK=gk, DV=gv, DPQ=dpq if p2c else lse,
                                    stride_dkb=sdk[0], stride_dkh=sdk[1], stride_dkn=sdk[2],
                                    stride_dvb=sdv[0], stride_dvh=sdv[1], stride_dvn=sdv[2]))
+    for t, g in ((dq, gq), (dk, gk), (dv, gv)):
+        if g is not t:
+            t.copy_(g)
     return dq, dk, dv, finish(dpk), finish(dpq)
