@@ -105,11 +105,13 @@ def test_padded_keys_content_never_matters():
 
 
 def test_lse_and_empty_rows():
-    """The forward's lse (natural log, float32) matches float64 scores; a row with no key: +inf."""
+    """The forward's lse (natural log, float32) matches float64 scores; a row with no key: +inf.
+    pos_key / pos_query as the models make them: [2 span, H, D] projections seen as [H, 2 span, D]."""
     from forkattn.triton.disentangled import disentangled_fwd
 
     B, H, L, D, span = 2, 2, 33, 32, 8
-    q, k, v, pk, pq = (t.to(DEV) for t in _inputs(B, H, L, L, D, span, F32, seed=4))
+    q, k, v, _, _ = (t.to(DEV) for t in _inputs(B, H, L, L, D, span, F32, seed=4))
+    pk, pq = (torch.randn(2 * span, H, D, device=DEV).transpose(0, 1) for _ in range(2))
     kpm, _ = _padding(B, L, False, (q, k, v, pk, pq))
     table = forkattn.disentangled.relative_position_index(L, L, max_relative_positions=span, device=DEV)
     out, lse = disentangled_fwd(q, k, v, pk, pq, table, kpm, 0.2, True, True)

@@ -97,14 +97,11 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
 
 
-def _up_from(meta):
-    return {"UP": _up(meta["BLOCK_M"], meta["BLOCK_N"])}
-
-
 _KEYS = ["SEQ_Q_KEY", "SEQ_K_KEY", "C2P", "P2C", "HAS_MASK", "D"]
 _PLAIN = {"fwd": _dis_fwd_kernel, "dq": _dis_bwd_dq_kernel, "dkdv": _dis_bwd_dkdv_kernel}
 _TUNED = {kind: triton.autotune(_CONFIGS[kind], key=_KEYS, prune_configs_by={"early_config_prune": _prune},
-                                reset_to_zero=reset)(triton.heuristics(_up_from)(kernel))
+                                reset_to_zero=reset)(
+    triton.heuristics({"UP": lambda a: _up(a["BLOCK_M"], a["BLOCK_N"])})(kernel))
           for (kind, kernel), reset in zip(_PLAIN.items(), ([], ["DPK"], ["DPQ"]))}
 
 
@@ -214,16 +211,20 @@ def disentangled_bwd(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key
     _attn_bwd_delta_kernel[(triton.cdiv(Lq, block_m), H, B)](
         out, dout, delta, lse, so[0], so[1], so[2], sdo[0], sdo[1], sdo[2], sl[0], sl[1], sl[2],
         Lq, IS_VARLEN=False, BLOCK_M=block_m, BLOCK_D=block_d, D=D)
-    acc = dpk if c2p else (dpq if p2c else lse)  # strides of the accumulators (alike)
+    # strides of the accumulators (alike); a term that is off gets its own scratch word, never a
+    # tensor the kernel reads (autotuning zeroes DPK / DPQ between timing runs)
+    scratch = lse.new_zeros(1)
+    dpk_arg, dpq_arg = (dpk if c2p else scratch), (dpq if p2c else scratch)
+    acc = dpk if c2p else (dpq if p2c else lse)
     args.update(DO=dout, Lse=lse, Delta=delta, sm_scale=scale,
                 stride_dob=sdo[0], stride_doh=sdo[1], stride_dom=sdo[2],
                 stride_lb=sl[0], stride_lh=sl[1], stride_lm=sl[2],
                 stride_gh=acc.stride(0), stride_gr=acc.stride(1))
     gq, gk, gv = (_staged(t, args["UPCAST"]) for t in (dq, dk, dv))
     sdq, sdk, sdv = _bhl(gq), _bhl(gk), _bhl(gv)
-    _launch("dq", Lq, H, B, dict(args, DQ=gq, DPK=dpk if c2p else lse,
+    _launch("dq", Lq, H, B, dict(args, DQ=gq, DPK=dpk_arg,
                                  stride_dqb=sdq[0], stride_dqh=sdq[1], stride_dqm=sdq[2]))
-    _launch("dkdv", Lk, H, B, dict(args, DK=gk, DV=gv, DPQ=dpq if p2c else lse,
+    _launch("dkdv", Lk, H, B, dict(args, DK=gk, DV=gv, DPQ=dpq_arg,
                                    stride_dkb=sdk[0], stride_dkh=sdk[1], stride_dkn=sdk[2],
                                    stride_dvb=sdv[0], stride_dvh=sdv[1], stride_dvn=sdv[2]))
     for t, g in ((dq, gq), (dk, gk), (dv, gv)):

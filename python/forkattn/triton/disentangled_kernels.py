@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_compat
+from .attention_fwd import _key_range
 
 interpreter_compat()
 
@@ -76,14 +77,6 @@ def _key_block(K, V, KPM, stride_kn, stride_vn, stride_mn, cols, k_end, offs_d, 
         k = k.to(tl.float32)
         v = v.to(tl.float32)
     return k, v, ok
-
-
-@triton.jit
-def _key_range(KLO, KHI, b, seqlen_k, HAS_MASK: tl.constexpr):
-    """[k_lo, k_hi): the keys of batch b that may be visible (outside it every key is padding)."""
-    if HAS_MASK:
-        return tl.load(KLO + b), tl.load(KHI + b)
-    return seqlen_k * 0, seqlen_k
 
 
 @triton.jit(do_not_specialize=["Lq", "Lk"])
