@@ -127,6 +127,16 @@ def test_lse_and_empty_rows():
     assert not out[1].any()
 
 
+def test_custom_op_opcheck():
+    """forkattn::disentangled_attention_fwd with backend "triton": schema, fake, autograd registration."""
+    q, k, v, pk, pq = (t.to(DEV) for t in _inputs(2, 2, 7, 7, 32, 4, F32, seed=9))
+    table = forkattn.disentangled.relative_position_index(7, 7, max_relative_positions=4, device=DEV)
+    mask = make_padding(2, 7, generator=torch.Generator().manual_seed(1)).to(DEV)
+    args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), None, pq.requires_grad_(), table, mask,
+            0.2, False, True, "triton")
+    torch.library.opcheck(torch.ops.forkattn.disentangled_attention_fwd.default, args)
+
+
 def test_import_does_not_load_triton():
     code = ("import sys, forkattn; print('triton' in sys.modules, "
             "'forkattn.triton.disentangled' in sys.modules)")
