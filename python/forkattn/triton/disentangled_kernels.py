@@ -165,6 +165,23 @@ def _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, valid, qk_scale,
     return p, tl.where(valid, p * (dp - delta[:, None]), 0.0)
 
 
+@triton.jit
+def _query_block(Q, DO, Lse, Delta, stride_qm, stride_dom, stride_lm, offs_m, Lq, offs_d, d_ok,
+                 UPCAST: tl.constexpr):
+    """(q, dO, lse in base 2, Delta, rows inside Lq) of a query block, for the backward; rows past
+    Lq read as zeros with lse = +inf (P = 0 there)."""
+    m_ok = offs_m < Lq
+    md = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=md, other=0.0)
+    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=md, other=0.0)
+    if UPCAST:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse2 = tl.load(Lse + offs_m * stride_lm, mask=m_ok, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(Delta + offs_m * stride_lm, mask=m_ok, other=0.0)
+    return q, do, lse2, delta, m_ok
+
+
 @triton.jit(do_not_specialize=["Lq", "Lk"])
 def _dis_bwd_dq_kernel(
     Q, K, V, PK, PQ, REL, DO, Lse, Delta, DQ, DPK, KPM, KLO, KHI,
@@ -205,18 +222,12 @@ def _dis_bwd_dq_kernel(
     offs_u = tl.arange(0, UP)
     offs_d = tl.arange(0, BLOCK_D)
     offs_m = start_m + offs_i
-    m_ok = offs_m < Lq
     d_ok = offs_d < D
-    md = m_ok[:, None] & d_ok[None, :]
     skew = offs_i[:, None] - offs_j[None, :] + (BLOCK_N - 1)
     n_rel = Lq + Lk - 1
-    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=md, other=0.0)
-    do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=md, other=0.0)
-    if UPCAST:
-        q = q.to(tl.float32)
-        do = do.to(tl.float32)
-    lse2 = tl.load(Lse + offs_m * stride_lm, mask=m_ok, other=float("inf")) * 1.4426950408889634
-    delta = tl.load(Delta + offs_m * stride_lm, mask=m_ok, other=0.0)
+    q, do, lse2, delta, m_ok = _query_block(Q, DO, Lse, Delta, stride_qm, stride_dom, stride_lm, offs_m, Lq, offs_d,
+                                            d_ok, UPCAST)
+    md = m_ok[:, None] & d_ok[None, :]
     gk = tl.zeros([UP, BLOCK_D], dtype=q.dtype)
     gq = tl.zeros([UP, BLOCK_D], dtype=q.dtype)
     rows = offs_u.to(tl.int64)
@@ -302,16 +313,8 @@ def _dis_bwd_dkdv_kernel(
     live = (start_n < k_hi) & (start_n + BLOCK_N > k_lo)
     q_end = tl.where(live, Lq, 0)  # an all-padding key block: zero gradients, no loop
     for start_m in range(0, q_end, BLOCK_M):
-        offs_m = start_m + offs_i
-        m_ok = offs_m < Lq
-        md = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=md, other=0.0)
-        do = tl.load(DO + offs_m[:, None] * stride_dom + offs_d[None, :], mask=md, other=0.0)
-        if UPCAST:
-            q = q.to(tl.float32)
-            do = do.to(tl.float32)
-        lse2 = tl.load(Lse + offs_m * stride_lm, mask=m_ok, other=float("inf")) * 1.4426950408889634
-        delta = tl.load(Delta + offs_m * stride_lm, mask=m_ok, other=0.0)
+        q, do, lse2, delta, m_ok = _query_block(Q, DO, Lse, Delta, stride_qm, stride_dom, stride_lm,
+                                                start_m + offs_i, Lq, offs_d, d_ok, UPCAST)
         t0 = start_m - start_n + Lk - BLOCK_N
         if C2P:
             gk, _r, _o = _rel_rows(REL, PK, stride_pkr, t0, n_rel, offs_u, offs_d, d_ok, BLOCK_M + BLOCK_N - 1,
