@@ -71,7 +71,7 @@ CASES = [
     (1, 2, 129, 129, 32, F16, "p2c", -1, 8, None, None),
     (1, 1, 129, 97, 128, F32, "c2p+p2c", 16, 40, "pad", 1),
     (2, 2, 7, 129, 64, F16, "c2p", 256, 512, "nan", None),
-    (1, 2, 97, 33, 32, F32, "c2p+p2c", 16, 10, None, None),
+    (1, 2, 97, 33, 48, F32, "c2p+p2c", 16, 10, None, None),  # head_dim 48: a masked 64-wide block
     (1, 2, 33, 97, 64, F16, "c2p+p2c", 16, 40, "pad", 1),
 ]
 
@@ -79,6 +79,18 @@ CASES = [
 @pytest.mark.parametrize("B,H,Lq,Lk,D,dtype,terms,buckets,max_rel,mask,pos_heads", CASES)
 def test_matches_fp64_reference(B, H, Lq, Lk, D, dtype, terms, buckets, max_rel, mask, pos_heads):
     compare(B, H, Lq, Lk, D, dtype, terms, buckets, max_rel, mask, pos_heads)
+
+
+@pytest.mark.parametrize("Lq,Lk,B", [(0, 0, 2), (3, 0, 2), (0, 4, 2), (3, 3, 0)])
+def test_empty_shapes(Lq, Lk, B):
+    """No key: zeros and zero gradients; nothing to compute: empty outputs; the backward runs."""
+    q, k, v, pk, pq = _inputs(max(B, 1), 2, Lq, Lk, 32, 4, F32)
+    q, k, v = (t[:B].to(DEV).requires_grad_() for t in (q, k, v))
+    pk, pq = pk.to(DEV).requires_grad_(), pq.to(DEV).requires_grad_()
+    out = forkattn.disentangled_attention(q, k, v, pk, pq, max_relative_positions=4, backend="triton")
+    assert out.shape == (B, 2, Lq, 32) and not out.any()
+    out.sum().backward()
+    assert not q.grad.any() and not pk.grad.any() and not pq.grad.any()
 
 
 def test_bf16_upcast_path_in_interpreter():
