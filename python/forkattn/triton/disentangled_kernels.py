@@ -19,17 +19,28 @@ interpreter_compat()
 
 
 @triton.jit
-def _rel_rows(REL, P, stride_pr, t0, n_rel, offs_u, offs_d, d_ok, U: tl.constexpr, UPCAST: tl.constexpr):
-    """(P[rel_index[t0 + u]] as [UP, BLOCK_D], those rows, and which u are real): the position
-    projection's row read on each diagonal u of the tile; zeros where u >= U or t0 + u falls off the
-    table (only padded rows or columns of the tile sit on those diagonals)."""
+def _tile_rows(REL, PK, PQ, stride_pkr, stride_pqr, t0, n_rel, like, offs_u, offs_d, d_ok, U: tl.constexpr,
+               C2P: tl.constexpr, P2C: tl.constexpr, UPCAST: tl.constexpr):
+    """(G_k, G_q [UP, BLOCK_D], rows, which u are real): the position rows read on each diagonal u of
+    the tile, pos_key[rel_index[t0 + u]] and pos_query[...] (indexed row loads from the small
+    projections); zeros where u >= U or t0 + u falls off the table (only padded rows or columns of
+    the tile sit on those diagonals). A term that is off gets an unused zero tile. Called inside the
+    loops, so no tile is carried from one iteration to the next."""
     t = t0 + offs_u
     ok = (offs_u < U) & (t >= 0) & (t < n_rel)
     rows = tl.load(REL + t, mask=ok, other=0)
-    g = tl.load(P + rows[:, None] * stride_pr + offs_d[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-    if UPCAST:
-        g = g.to(tl.float32)
-    return g, rows, ok
+    m = ok[:, None] & d_ok[None, :]
+    gk = (offs_u[:, None] * 0 + offs_d[None, :] * 0).to(like.dtype)
+    gq = gk
+    if C2P:
+        gk = tl.load(PK + rows[:, None] * stride_pkr + offs_d[None, :], mask=m, other=0.0)
+        if UPCAST:
+            gk = gk.to(tl.float32)
+    if P2C:
+        gq = tl.load(PQ + rows[:, None] * stride_pqr + offs_d[None, :], mask=m, other=0.0)
+        if UPCAST:
+            gq = gq.to(tl.float32)
+    return gk, gq, rows, ok
 
 
 @triton.jit
@@ -118,8 +129,6 @@ def _dis_fwd_kernel(
     q = tl.load(Q + offs_m[:, None] * stride_qm + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    gk = tl.zeros([UP, BLOCK_D], dtype=q.dtype)
-    gq = tl.zeros([UP, BLOCK_D], dtype=q.dtype)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -129,12 +138,8 @@ def _dis_fwd_kernel(
         k, v, col_ok = _key_block(K, V, KPM, stride_kn, stride_vn, stride_mn, start_n + offs_j, k_hi, offs_d, d_ok,
                                   HAS_MASK, UPCAST)
         t0 = start_m - start_n + Lk - BLOCK_N
-        if C2P:
-            gk, _r, _o = _rel_rows(REL, PK, stride_pkr, t0, n_rel, offs_u, offs_d, d_ok, BLOCK_M + BLOCK_N - 1,
-                                   UPCAST)
-        if P2C:
-            gq, _r, _o = _rel_rows(REL, PQ, stride_pqr, t0, n_rel, offs_u, offs_d, d_ok, BLOCK_M + BLOCK_N - 1,
-                                   UPCAST)
+        gk, gq, rows, u_ok = _tile_rows(REL, PK, PQ, stride_pkr, stride_pqr, t0, n_rel, q, offs_u, offs_d, d_ok,
+                                        BLOCK_M + BLOCK_N - 1, C2P, P2C, UPCAST)
         s = _tile_scores(q, k, gk, gq, skew, C2P, P2C, DOT_PREC) * qk_scale
         s = tl.where(col_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -228,10 +233,6 @@ def _dis_bwd_dq_kernel(
     q, do, lse2, delta, m_ok = _query_block(Q, DO, Lse, Delta, stride_qm, stride_dom, stride_lm, offs_m, Lq, offs_d,
                                             d_ok, UPCAST)
     md = m_ok[:, None] & d_ok[None, :]
-    gk = tl.zeros([UP, BLOCK_D], dtype=q.dtype)
-    gq = tl.zeros([UP, BLOCK_D], dtype=q.dtype)
-    rows = offs_u.to(tl.int64)
-    u_ok = offs_u < 0
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     k_lo, k_hi = _key_range(KLO, KHI, b, Lk, HAS_MASK)
@@ -239,12 +240,8 @@ def _dis_bwd_dq_kernel(
         k, v, col_ok = _key_block(K, V, KPM, stride_kn, stride_vn, stride_mn, start_n + offs_j, k_hi, offs_d, d_ok,
                                   HAS_MASK, UPCAST)
         t0 = start_m - start_n + Lk - BLOCK_N
-        if C2P:
-            gk, rows, u_ok = _rel_rows(REL, PK, stride_pkr, t0, n_rel, offs_u, offs_d, d_ok, BLOCK_M + BLOCK_N - 1,
-                                       UPCAST)
-        if P2C:
-            gq, _r, _o = _rel_rows(REL, PQ, stride_pqr, t0, n_rel, offs_u, offs_d, d_ok, BLOCK_M + BLOCK_N - 1,
-                                   UPCAST)
+        gk, gq, rows, u_ok = _tile_rows(REL, PK, PQ, stride_pkr, stride_pqr, t0, n_rel, q, offs_u, offs_d, d_ok,
+                                        BLOCK_M + BLOCK_N - 1, C2P, P2C, UPCAST)
         _p, ds = _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, col_ok[None, :], qk_scale, C2P, P2C, DOT_PREC)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         if C2P:
@@ -303,10 +300,6 @@ def _dis_bwd_dkdv_kernel(
     n_rel = Lq + Lk - 1
     k_lo, k_hi = _key_range(KLO, KHI, b, Lk, HAS_MASK)
     k, v, col_ok = _key_block(K, V, KPM, stride_kn, stride_vn, stride_mn, cols, k_hi, offs_d, d_ok, HAS_MASK, UPCAST)
-    gk = tl.zeros([UP, BLOCK_D], dtype=k.dtype)
-    gq = tl.zeros([UP, BLOCK_D], dtype=k.dtype)
-    rows = offs_u.to(tl.int64)
-    u_ok = offs_u < 0
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
@@ -316,12 +309,8 @@ def _dis_bwd_dkdv_kernel(
         q, do, lse2, delta, m_ok = _query_block(Q, DO, Lse, Delta, stride_qm, stride_dom, stride_lm,
                                                 start_m + offs_i, Lq, offs_d, d_ok, UPCAST)
         t0 = start_m - start_n + Lk - BLOCK_N
-        if C2P:
-            gk, _r, _o = _rel_rows(REL, PK, stride_pkr, t0, n_rel, offs_u, offs_d, d_ok, BLOCK_M + BLOCK_N - 1,
-                                   UPCAST)
-        if P2C:
-            gq, rows, u_ok = _rel_rows(REL, PQ, stride_pqr, t0, n_rel, offs_u, offs_d, d_ok, BLOCK_M + BLOCK_N - 1,
-                                       UPCAST)
+        gk, gq, rows, u_ok = _tile_rows(REL, PK, PQ, stride_pkr, stride_pqr, t0, n_rel, k, offs_u, offs_d, d_ok,
+                                        BLOCK_M + BLOCK_N - 1, C2P, P2C, UPCAST)
         p, ds = _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, col_ok[None, :] & m_ok[:, None], qk_scale,
                          C2P, P2C, DOT_PREC)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
