@@ -46,6 +46,16 @@ if command -v compute-sanitizer >/dev/null; then
   grep -E "ERROR SUMMARY|RACECHECK SUMMARY" "$OUT/sanitizer.log" | tee -a "$OUT/summary.log"
 fi
 
+# DeBERTa (issue #17): the fused disentangled attention's correctness at full size is in the GPU
+# tests above (tests/test_disentangled_triton.py); here its speed vs transformers' eager
+# DisentangledSelfAttention (H12 D64 span 256, L128 and L512, fwd and fwd+bwd; goal >= 5x at L512).
+step "DeBERTa attention vs transformers" | tee -a "$OUT/summary.log"
+# (the triton rows autotune on first use: compiles take most of the first case)
+timeout ${DEBERTA_TIMEOUT:-180} $PY -m forkattn.bench --only deberta --no-plot --out "$(mktemp -d)" \
+  > "$OUT/deberta.log" 2>&1
+echo "deberta bench exit $?" | tee -a "$OUT/summary.log"
+grep -E "^\[|^  (impl|hf-eager|forkattn-)" "$OUT/deberta.log" | tee -a "$OUT/summary.log"
+
 step "benchmark" | tee -a "$OUT/summary.log"
 timeout ${BENCH_TIMEOUT:-120} $PY -m forkattn.bench ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench exit $?" | tee -a "$OUT/summary.log"

@@ -8,6 +8,7 @@ from .._layout import FLOAT_DTYPES
 from .cuda import HEAD_DIMS
 from .families import (AttentionBackend, AttentionVarlenBackend, DecodeBackend, KVAppendBackend,
                        MLMBackend)
+from .families import DisentangledAttentionBackend
 from .registry import FwdBwd, register
 
 
@@ -82,3 +83,14 @@ class TritonMLM(_Triton, MLMBackend):
 
         return mlm_mask_triton
 
+
+
+@register
+class TritonDisentangledAttention(_Triton, DisentangledAttentionBackend):
+    SUPPORTED_DTYPES = FLOAT_DTYPES
+    MAX_HEAD_DIM = 128  # forkattn/triton/disentangled.py's MAX_HEAD_DIM (not imported: no Triton at import)
+
+    def make_impl(self):
+        from ..triton import disentangled as kernels
+
+        return FwdBwd(kernels.disentangled_fwd, kernels.disentangled_bwd)

@@ -8,6 +8,9 @@ Implementations (IMPLS below is the legend printed with the tables):
                      forkattn.disentangled_attention(backend=<name>), for every backend the registry
                      says can run the call here; forkattn-eager is the plain-PyTorch reference
                      (materialising the scores), the baseline the fused kernels must beat.
+                     On CUDA tensors that includes forkattn-triton, the fused Triton kernel
+                     (forkattn/triton/disentangled.py; autotuned on first use); Triton on CPU
+                     tensors runs only in its interpreter and is left out.
 
 Shapes: DeBERTa-v3-base attention (H12, D64, position_buckets 256, max_relative_positions 512, so
 span 256, share_att_key, c2p + p2c), padded batches with lengths uniform in L/2..L (the first at
