@@ -5,6 +5,7 @@
 #include "build.h"
 #include "mlm.h"
 #include "decode.h"
+#include "encoder.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "forkattn native kernels (use the forkattn package, not this module)";
@@ -27,6 +28,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"),
         py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
+  // BERT encoder-layer epilogues, in place on x (see csrc/encoder.h).
+  m.def("bias_gelu_cpu", &forkattn::bias_gelu_cpu, "x = gelu(x + bias) in place (CPU, fp32)", py::arg("x"),
+        py::arg("bias"));
+  m.def("bias_residual_layernorm_cpu", &forkattn::bias_residual_layernorm_cpu,
+        "x = layer_norm(x + bias + residual) * weight + ln_bias in place (CPU, fp32)", py::arg("x"),
+        py::arg("residual"), py::arg("bias"), py::arg("weight"), py::arg("ln_bias"), py::arg("eps"));
   // MLM masking: writes out_ids and out_labels in place (see csrc/mlm.h).
   m.def("mlm_mask_cpu", &forkattn::mlm_mask_cpu, "MLM 80/10/10 masking (CPU)", py::arg("input_ids"),
         py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"), py::arg("attention_mask"),

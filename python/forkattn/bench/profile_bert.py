@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import ort as peers
+from ..models import cpu_inference as ci
 from .bert import BASE, MINILM
 
 GROUPS = [  # (group, substrings of aten/ORT op names), first match wins
@@ -161,6 +162,17 @@ def gemm_floor(cfg, B, L, iters):
         out["mkl packed linear"] = (time.perf_counter() - t0) / iters * 1e3 * n
     except Exception as e:  # not built with MKL here
         out["mkl packed linear"] = f"unavailable ({type(e).__name__})"
+    if ci.PACKED:  # oneDNN-packed weights, what the inference fast path uses (models/cpu_inference.py)
+        dnn = [(a, torch.ops.mkldnn._reorder_linear_weight(w, B * L), b) for (a, w), b in zip(shapes, bias)]
+
+        def onednn():
+            for a, p, b in dnn:
+                torch.ops.mkldnn._linear_pointwise(a, p, b, "none", [], "")
+        onednn()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            onednn()
+        out["onednn packed linear"] = (time.perf_counter() - t0) / iters * 1e3 * n
     return out
 
 
@@ -172,6 +184,9 @@ def main(argv=None):
     p.add_argument("--seqlen", type=int, default=128)
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--iters", type=int, default=10, help="calls per profile")
+    p.add_argument("--variants", action="store_true",
+                   help="also time forkattn without packed weights and without the fast path (models/cpu_inference.py)")
+    p.add_argument("--no-profile", action="store_true", help="only the interleaved wall-clock comparison")
     args = p.parse_args(argv)
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads, cpu capability {torch.backends.cpu.get_cpu_capability()}")
@@ -184,12 +199,16 @@ def main(argv=None):
         mask = torch.ones_like(ids)
         fns = {}
 
-        def wrap(m):
+        def wrap(m, fused=True, packed=ci.PACKED):
             def run():
+                ci.FUSED, ci.PACKED = fused, packed  # models/cpu_inference.py's switches
                 with torch.inference_mode():
                     return m(input_ids=ids, attention_mask=mask).last_hidden_state
             return run
         fns["forkattn"], fns["hf-sdpa"] = wrap(ours), wrap(hf)
+        if args.variants:  # the inference fast path's steps, each against the others
+            fns["forkattn-unpacked"] = wrap(ours, packed=False)
+            fns["forkattn-module-path"] = wrap(ours, fused=False)
         proto = None
         if not peers.ort_missing():
             proto = peers.export_bert(hf, cfg)
@@ -203,6 +222,8 @@ def main(argv=None):
             print(f"wall (median [q1, q3] ms), repeat {rep}: " +
                   ", ".join(f"{k} {m:.1f} [{a:.1f}, {b:.1f}]" for k, (m, a, b) in wall.items()) +
                   f"; load {open('/proc/loadavg').read().split()[0]}")
+        if args.no_profile:
+            continue
         for impl in ("forkattn", "hf-sdpa"):
             groups, top, wall_ms, covered = torch_profile(fns[impl], args.iters)
             tot = sum(groups.values())

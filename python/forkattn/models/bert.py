@@ -45,6 +45,7 @@ from .activations import activation, check_activation
 from .backend import attention_backend, check_backend
 from .bert_names import hf_key, key_map_from_hf
 from .checkpoint import load_state
+from .cpu_inference import fast_path, fused_epilogues, qkv_projection
 from .outputs import (AlbertForPreTrainingOutput, BaseModelOutputWithPooling, BertForPreTrainingOutput,
                       MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
 from .padding import Packing
@@ -193,10 +194,8 @@ class BertLayer(nn.Module):
     def qkv(self, x: Tensor):
         """q, k, v as [..., heads, head_dim] views of one GEMM against the concatenated weights (one
         read of x instead of three; the parameters stay transformers' three Linears)."""
-        s = self.attention.self
-        w = torch.cat([s.query.weight, s.key.weight, s.value.weight])
-        b = torch.cat([s.query.bias, s.key.bias, s.value.bias])
-        return F.linear(x, w, b).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+        # the concatenation is cached when no gradient is recorded (models/cpu_inference.py)
+        return qkv_projection(self, x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], packing: Optional[Packing] = None) -> Tensor:
         """x [B, L, hidden] with key_padding_mask [B, L] or None; or packed [T, hidden] with `packing`."""
@@ -212,6 +211,9 @@ class BertLayer(nn.Module):
             # cu_seqlens were built on the host from the mask: no per-layer device-to-host re-check
             y = forkattn.attention_varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
                                           packing.max_seqlen, backend=backend, validate_seqlens=False).flatten(1)
+        fast = fast_path(self, x)  # eval, no autograd, fp32 CPU: packed GEMMs + fused C++ epilogues
+        if fast is not None:
+            return fused_epilogues(self, x, y, fast)
         x = att.output.LayerNorm(x + self.dropout(att.output.dense(y)))
         y = self.output.dense(self.act(self.intermediate.dense(x)))
         return self.output.LayerNorm(x + self.dropout(y))

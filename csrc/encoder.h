@@ -1,0 +1,30 @@
+// Host entry points of the fused element-wise steps of a BERT encoder layer on CPU (issue #18's
+// inference path, python/forkattn/models/bert.py): the epilogues that follow the layer's GEMMs, so
+// that each is one pass over the GEMM output instead of a bias add, an activation or residual add
+// and a LayerNorm as separate ATen ops (each its own pass and OpenMP region).
+//
+// Both work in place on x, a contiguous float32 tensor whose last dimension is the feature
+// dimension C; every other dimension is flattened into rows. bias, weight and ln_bias are
+// contiguous float32 [C]; residual has x's shape and is contiguous (it may not alias x).
+#pragma once
+#include <ATen/core/Tensor.h>
+
+namespace forkattn {
+
+// x = gelu(x + bias), the exact (erf) GELU of torch.nn.functional.gelu.
+void bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias);
+
+// x = LayerNorm(x + bias + residual) * weight + ln_bias over the last dimension, with eps inside the
+// square root as torch.nn.functional.layer_norm: BERT's "dense -> dropout (none in eval) -> add ->
+// LayerNorm" after the attention output projection and after the FFN.
+void bias_residual_layernorm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& bias,
+                                 const at::Tensor& weight, const at::Tensor& ln_bias, double eps);
+
+namespace cpu {
+// csrc/cpu/encoder_cpu.cpp: x holds rows x cols floats, rows in parallel (small problems on one thread).
+void bias_gelu_kernel(float* x, const float* bias, int64_t rows, int64_t cols);
+void bias_residual_layernorm_kernel(float* x, const float* residual, const float* bias, const float* weight,
+                                    const float* ln_bias, float eps, int64_t rows, int64_t cols);
+}  // namespace cpu
+
+}  // namespace forkattn

@@ -1,0 +1,131 @@
+"""BERT's inference fast path on CPU (issue #18): what a BertLayer does differently when nothing
+needs gradients. docs/CPU_INFERENCE.md has the measurements behind each step.
+
+- The fused QKV GEMM reads one [3H, H] weight. Under autograd it is a fresh torch.cat every forward
+  (gradients must reach the three Linears); otherwise it is built once and kept until one of its
+  parameters changes (`cached`).
+- In eval mode without autograd, for contiguous fp32 CPU activations (`fast_path`), the layer's four
+  weights are also kept pre-packed for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`, what
+  inductor's freezing uses), and the GEMMs run through `torch.ops.mkldnn._linear_pointwise`; after
+  the attention, `LN(x + W_o y + b_o)` and `LN(x + W_2 h + b_2)` are bias-less GEMMs each followed
+  by one in-place C++ pass (csrc/cpu/encoder_cpu.cpp: bias + residual + LayerNorm) instead of
+  addmm's bias copy and separate add and LayerNorm ops; `gelu(W_1 x + b_1)` is oneDNN's GEMM with
+  its bias + erf-GELU post-op, or (unpacked) a bias-less GEMM and the C++ bias + GELU pass.
+  Dropout is the identity in eval mode; training, autograd and other dtypes take the module path.
+
+Cache validity: every in-place update bumps a tensor's version counter (optimizer steps,
+load_state_dict, `with torch.no_grad(): p.mul_(...)`), and `.to()`, `p.data = ...` or a replaced
+Parameter change the tensor behind the name; a cache entry remembers the parameters it was built
+from (holding them, so their memory cannot be reused by another tensor while it compares) and is
+rebuilt when any differs. Entries live in the module's __dict__, outside its state dict.
+"""
+from __future__ import annotations
+
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import _native
+
+# Switches for benchmarks and tests (python -m forkattn.bench.profile_bert compares them).
+FUSED = True  # the fast path at all (cached packed weights, fused C++ epilogues)
+PACKED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+PACK_ROWS_HINT = 128  # the token count oneDNN picks the packed weight layout for (any count runs)
+
+
+def cached(owner: nn.Module, slot: str, params: Sequence[Tensor], build: Callable[[Sequence[Tensor]], object]):
+    """build(params), kept in owner.__dict__[slot] until one of params changes (module docstring)."""
+    entry = owner.__dict__.get(slot)
+    if entry is not None and _unchanged(entry[0], params):
+        return entry[1]
+    if any(p.is_inference() for p in params):  # built under inference_mode: no version counter to watch
+        return build(params)
+    # normal tensors even when called under inference_mode: a later no_grad or autograd call with
+    # frozen parameters may hand them to an op that saves its inputs for backward
+    with torch.inference_mode(False), torch.no_grad():
+        entry = (tuple((p.detach(), p._version) for p in params), build(params))
+    owner.__dict__[slot] = entry
+    return entry[1]
+
+
+def _unchanged(sources, params: Sequence[Tensor]) -> bool:
+    return len(sources) == len(params) and all(
+        p.data_ptr() == s.data_ptr() and p._version == v and p.shape == s.shape for (s, v), p in zip(sources, params))
+
+
+def _qkv_params(layer: nn.Module) -> Tuple[Tensor, ...]:
+    s = layer.attention.self
+    return s.query.weight, s.key.weight, s.value.weight, s.query.bias, s.key.bias, s.value.bias
+
+
+def _cat_qkv(p: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
+    return torch.cat(p[:3]), torch.cat(p[3:6])
+
+
+class Weights(NamedTuple):
+    """A layer's GEMM weights for the fast path: packed for oneDNN (PACKED) or plain."""
+    qkv: Tensor
+    qkv_bias: Tensor
+    attn_out: Tensor
+    inter: Tensor
+    out: Tensor
+    packed: bool
+
+
+def _pack(p: Sequence[Tensor]) -> Weights:
+    qkv, qkv_bias = _cat_qkv(p)
+    ws = (qkv, *p[6:9])
+    if PACKED:
+        ws = tuple(torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in ws)
+    return Weights(ws[0], qkv_bias, *ws[1:], packed=PACKED)
+
+
+def fast_path(layer: nn.Module, x: Tensor) -> Optional[Weights]:
+    """The layer's cached fast-path weights when it may run the fast path on activations x, else None."""
+    if not (FUSED and _native._C is not None and not layer.training and not torch.is_grad_enabled()
+            and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()):
+        return None
+    return cached(layer, f"_fast_weights_packed{int(PACKED)}", _qkv_params(layer) + (
+        layer.attention.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight), _pack)
+
+
+def _linear(x: Tensor, w: Tensor, bias: Optional[Tensor], packed: bool) -> Tensor:
+    if packed:
+        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+    return F.linear(x, w, bias)
+
+
+def qkv_projection(layer: nn.Module, x: Tensor) -> Tensor:
+    """x @ [W_q; W_k; W_v]^T + [b_q; b_k; b_v]: [..., 3 * hidden]."""
+    fast = fast_path(layer, x)
+    if fast is not None:
+        return _linear(x, fast.qkv, fast.qkv_bias, fast.packed)
+    p = _qkv_params(layer)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in p):
+        w, b = _cat_qkv(p)  # fresh, so gradients reach the three Linears
+    else:
+        w, b = cached(layer, "_qkv", p, _cat_qkv)
+    return F.linear(x, w, b)
+
+
+def fused_epilogues(layer: nn.Module, x: Tensor, y: Tensor, fast: Weights) -> Tensor:
+    """The rest of a BertLayer after attention on the fast path: x the layer input, y the attention
+    output (both [..., hidden], contiguous fp32 CPU), fast = fast_path(layer, x)."""
+    C = _native._C
+    att_out, inter, out = layer.attention.output, layer.intermediate.dense, layer.output
+    h = _linear(y, fast.attn_out, None, fast.packed)
+    ln = att_out.LayerNorm
+    C.bias_residual_layernorm_cpu(h, x, att_out.dense.bias, ln.weight, ln.bias, ln.eps)
+    if layer.config.hidden_act == "gelu" and fast.packed:  # oneDNN's erf-GELU post-op, inside the GEMM
+        a = torch.ops.mkldnn._linear_pointwise(h, fast.inter, inter.bias, "gelu", [], "none")
+    elif layer.config.hidden_act == "gelu":
+        a = _linear(h, fast.inter, None, fast.packed)
+        C.bias_gelu_cpu(a, inter.bias)
+    else:  # the tanh GELUs: vec.h has no Sleef-free tanh, so the activation stays ATen's
+        a = layer.act(_linear(h, fast.inter, inter.bias, fast.packed))
+    o = _linear(a, fast.out, None, fast.packed)
+    ln = out.LayerNorm
+    C.bias_residual_layernorm_cpu(o, h, out.dense.bias, ln.weight, ln.bias, ln.eps)
+    return o
