@@ -27,19 +27,12 @@ FAST = dict(vocab=18, hidden=32, layers=2, heads=4, seq=16, period=4, batch=16, 
 @pytest.mark.parametrize("model", ["gpt2"])
 def test_short_training_run_matches_transformers_statistically(model):
     s = dlc.Setup(model=model, **FAST)
-    batches = dlc.make_batches(s)
-    groups = {}
-    for impl, p, seeds in (("transformers", s.p, (1, 2, 3)), ("forkattn", s.p, (1, 2, 3)), ("forkattn", 0.0, (1,))):
-        g = groups[impl, p] = dlc.Group(impl, p)
-        for seed in seeds:
-            m = dlc.hf_model(s, p) if impl == "transformers" else dlc.forkattn_model(s, p)
-            g.runs[seed] = dlc.train(m, batches, s, seed)
-    ref = groups["transformers", s.p]
+    hf, same, off = dlc.run_groups(s, seeds=[1, 2, 3])  # forkattn without dropout: one run
+    assert (same.p, off.p, len(hf.runs), len(same.runs), len(off.runs)) == (s.p, 0.0, 3, 3, 1)
     with torch.no_grad():  # one init, one data handling: the models' eval losses on a batch agree
-        losses = [m.eval()(**batches[0]).loss for m in (dlc.hf_model(s, s.p), dlc.forkattn_model(s, s.p))]
+        losses = [m.eval()(**dlc.make_batches(s)[0]).loss for m in (dlc.hf_model(s, s.p), dlc.forkattn_model(s, s.p))]
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-5)
-    same = dlc.compare(groups["forkattn", s.p], ref, window=20)
-    off = dlc.compare(groups["forkattn", 0.0], ref, window=20)
+    same, off = (dlc.compare(g, hf, window=20) for g in (same, off))
     print(f"forkattn p={s.p}: {same}\nforkattn p=0: {off}")
     assert same["agree"], same
     assert not off["agree"], off  # dropout off in forkattn: the same comparison fails

@@ -68,12 +68,17 @@ def _batch(B=4, L=29, seed=3):
     ids = torch.randint(1, V, (B, L), generator=g)
     mask = torch.zeros(B, L, dtype=torch.long)
     mask[0] = 1
-    mask[1, :17] = 1
-    mask[2, L - 9:] = 1
+    mask[1, : L * 3 // 5] = 1
+    mask[2, L - L // 3:] = 1
     mask[3, :1] = 1
     for b in range(4, B):
         mask[b, : int(torch.randint(L // 2, L + 1, (1,), generator=g))] = 1
     return ids.masked_fill(mask == 0, 0), mask
+
+
+def _length(backend):
+    """Shorter rows for Triton's interpreter (each program instance runs in Python)."""
+    return 12 if backend == "triton" else 29
 
 
 def _run(m, ids, mask, seed=None):
@@ -126,7 +131,7 @@ def calls(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bert_train_differs_from_eval_and_reproduces_under_seed(backend, unpad):
     m = _bert(backend=backend, unpad=unpad)
-    ids, mask = _batch()
+    ids, mask = _batch(L=_length(backend))
     real = mask.bool()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "not applied" warning any more
@@ -145,7 +150,7 @@ def test_bert_train_differs_from_eval_and_reproduces_under_seed(backend, unpad):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpt_train_differs_from_eval_and_reproduces_under_seed(backend):
     m = _gpt(backend=backend)
-    ids, mask = _batch()
+    ids, mask = _batch(L=_length(backend))
     real = mask.bool()
     m.train()
     a, b, c = _run(m, ids, mask, seed=1), _run(m, ids, mask, seed=1), _run(m, ids, mask)
@@ -183,7 +188,7 @@ def test_backends_agree_with_the_float64_model_under_one_seed(backend, calls):
     BERT's padded and unpadded layouts and GPT's, are the float64 model's (forkattn.reference fed
     the same seeds) within 2x the float32 eager model's error. The backward regenerates the
     forward's mask (else the gradients would be far off)."""
-    ids, mask = _batch()
+    ids, mask = _batch(L=_length(backend))
     step = lambda m: _loss_and_grads(m, ids, mask, seed=11)  # noqa: E731
     for unpad in (False, True):
         make = lambda be: _bert(backend=be, unpad=unpad)  # noqa: E731

@@ -36,6 +36,9 @@ dropout_p when the module is in training mode, as transformers' eager attention 
 torch.manual_seed reproduces a training run. forkattn's masks are Philox ones, not torch's
 bernoulli: same statistics, different draws than sdpa's or eager's. A pinned "cuda" backend has no
 dropout and raises in training with dropout set; unpinned, forkattn picks a backend that has it.
+The seed is drawn on the host per call, so torch.compile graph-breaks there in training with
+dropout (fullgraph=True refuses it; the default compile runs and reproduces eager's outputs);
+eval and dropout 0 compile in one graph as before.
 
 What forkattn cannot do yet, per case:
 - masks forkattn cannot express (sliding windows, chunked attention, packed sequences found from

@@ -17,6 +17,7 @@ model in training mode, and the KV-cache attention (cache.attend) never applies 
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
 import torch
@@ -28,7 +29,7 @@ class AttentionDropout(nn.Module):
 
     def __init__(self, p: float, field: str = "p"):
         super().__init__()
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
+        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= float(p) < 1.0:
             raise ValueError(f"{field} must be a float in [0, 1) (attention-probability dropout), got {p!r}")
         self.p = float(p)
         self.generator: Optional[torch.Generator] = None
