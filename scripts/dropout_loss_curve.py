@@ -13,8 +13,8 @@ before each run). They agree when
     |mean(forkattn) - mean(transformers)| <= z * sd(transformers) * sqrt(2 / seeds)
 
 with sd the run-to-run spread of transformers' runs (z = 4: few runs, heavy tails). A control,
-forkattn with attention dropout off, shows the comparison can tell dropout from none (its
-verdict should be "differs").
+forkattn with attention dropout off, shows whether the comparison can tell dropout from none (its
+verdict should be "differs"; a note says when it does not). Exit status 1: forkattn at p differs.
 
 The task makes attention matter: every row is periodic (x[t] = x[t - period]), right padded to
 a random length in [L/2, L], so a masked token (BERT, 15% of the real tokens, replaced by [MASK])
@@ -237,8 +237,11 @@ def main(argv=None) -> int:
               f"{time.perf_counter() - t0:.0f} s")
     write_outputs(args.out, results, args.window)
     print(f"wrote {os.path.join(args.out, 'dropout_loss_curve.csv')} and dropout_loss_curve.png")
-    ok = all(c["agree"] == (g.p == args.p) for _, g, c in verdicts)  # same p agrees, the control differs
-    return 0 if ok else 1
+    for model, g, c in verdicts:
+        if g.p != args.p and c["agree"]:
+            print(f"note: {model}'s control (no attention dropout) is not told apart from p={args.p} either: this run "
+                  "lacks the power to see the dropout (more steps or seeds, or a larger p)")
+    return 0 if all(c["agree"] for _, g, c in verdicts if g.p == args.p) else 1  # exit 1: forkattn differs
 
 
 if __name__ == "__main__":
