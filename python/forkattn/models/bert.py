@@ -31,9 +31,11 @@ attention_probs_dropout_prob on the attention probabilities in training mode, th
 forkattn.attention's (and attention_varlen's) dropout_p on either layout and every backend that has
 dropout (eager, cpu, triton; "cuda" pinned in training with it set raises). Each layer's
 AttentionDropout (models/dropout.py, at attention.self.dropout as in transformers) draws a fresh seed
-per call from torch's default generator, so torch.manual_seed reproduces a run; the masks differ
-from transformers' (Philox, not torch's bernoulli), the statistics do not
-(scripts/dropout_loss_curve.py).
+per call from torch's default generator (or set_attention_dropout_generator's), so
+torch.manual_seed reproduces a run. The masks differ from transformers' (Philox, not torch's
+bernoulli), the statistics do not (scripts/dropout_loss_curve.py); the unpadded layout counts
+positions inside each sequence, so a left-padded row draws other (equally random) masks than in
+the padded layout, a right-padded one the same.
 """
 from __future__ import annotations
 
