@@ -268,25 +268,7 @@ def _fresh_warnings():
     hf._warned.clear()
 
 
-def test_attention_dropout_falls_back_to_sdpa_once():
-    from transformers import BertConfig
-
-    _fresh_warnings()
-    cfg = BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.5)
-    torch.manual_seed(0)
-    m = transformers.BertModel(cfg)
-    m.set_attn_implementation("forkattn")
-    ids, mask = _batch([8, 3], 8)
-    with pytest.warns(UserWarning, match="attention dropout"):
-        out = m.train()(ids, attention_mask=mask).last_hidden_state
-    assert torch.isfinite(out).all()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # one warning only, and none in eval (dropout 0)
-        m(ids, attention_mask=mask)
-        ev = m.eval()(ids, attention_mask=mask).last_hidden_state
-    ref = _twin(m, "sdpa").eval()(ids, attention_mask=mask).last_hidden_state
-    torch.testing.assert_close(ev[mask.bool()], ref[mask.bool()], atol=1e-5, rtol=1e-5)
+# (attention dropout in training runs on forkattn now: tests/test_integration_dropout.py)
 
 
 def test_4d_mask_falls_back_to_sdpa():

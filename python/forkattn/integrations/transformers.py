@@ -29,10 +29,18 @@ vs 32.1 ms median; B32: 121.5 vs 118.1 ms) and ~15% faster at B4 L512 (147 vs 17
 data-dependent shapes (nonzero, max length) break torch.compile graphs. forkattn's own BertModel
 unpads once per forward instead, which is where unpadding pays.
 
+Attention dropout: the `dropout` transformers' attention modules hand over (their
+attention_probs_dropout_prob / attn_pdrop / attention_dropout, 0 in eval) becomes forkattn's
+dropout_p when the module is in training mode, as transformers' eager attention applies it
+(`training=module.training`); a fresh seed per call from torch's default generator, so
+torch.manual_seed reproduces a training run. forkattn's masks are Philox ones, not torch's
+bernoulli: same statistics, different draws than sdpa's or eager's. A pinned "cuda" backend has no
+dropout and raises in training with dropout set; unpinned, forkattn picks a backend that has it.
+The seed is drawn on the host per call, so torch.compile graph-breaks there in training with
+dropout (fullgraph=True refuses it; the default compile runs and reproduces eager's outputs);
+eval and dropout 0 compile in one graph as before.
+
 What forkattn cannot do yet, per case:
-- attention dropout > 0 (a model in train() mode with attention_probs_dropout_prob /
-  attn_pdrop / attention_dropout > 0): falls back to sdpa, one warning. Set that dropout to 0 to
-  train through forkattn's kernels.
 - masks forkattn cannot express (sliding windows, chunked attention, packed sequences found from
   position_ids, image-token overlays, a 4-D mask passed by the caller): forkattn_mask asks sdpa's
   mask function for them, and a 4-D mask falls back to sdpa, one warning. sdpa_mask returns None
@@ -115,12 +123,10 @@ def forkattn_mask(batch_size: int, q_length: int, kv_length: int, q_offset=0, kv
 
 # --- the attention function -----------------------------------------------------------------------
 
-def _fallback_reason(query, key, value, attention_mask, dropout, kwargs, backend: Optional[str]) -> Optional[str]:
+def _fallback_reason(query, key, value, attention_mask, kwargs, backend: Optional[str]) -> Optional[str]:
     if attention_mask is not None and attention_mask.dim() != 2:
         return (f"a {attention_mask.dim()}-D attention mask (a pattern forkattn cannot express: sliding window, "
                 "chunked or packed sequences, or a caller's own mask)")
-    if dropout and dropout > 0:
-        return f"attention dropout {dropout} in training (forkattn has no attention dropout yet)"
     if kwargs.get("position_bias") is not None:
         return "position_bias (an additive attention bias)"
     if value.shape[-1] != query.shape[-1]:
@@ -182,7 +188,7 @@ def forkattn_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
     if mask is not None and mask.dim() == 2 and mask.dtype != torch.bool:
         mask = mask != 0  # transformers' int 0/1 masks; forkattn takes bool
     backend = attention_backend(getattr(module, "config", None))
-    why = _fallback_reason(query, key, value, mask, dropout, kwargs, backend)
+    why = _fallback_reason(query, key, value, mask, kwargs, backend)
     if why is not None:
         _warn_once(why)
         return _sdpa_fallback(module, query, key, value, mask, dropout, scaling, causal, kwargs)
@@ -199,7 +205,9 @@ def forkattn_attention_forward(module: torch.nn.Module, query: Tensor, key: Tens
             raise ValueError(f"attention_mask covers {n} keys but the layer has {key.shape[2]}")
         if mask.shape[0] != B:
             mask = mask.expand(B, n)
-    out = forkattn.attention(query, key, value, causal=causal, key_padding_mask=mask,
+    # dropout in training only, as transformers' eager attention (module.training), whatever the caller passed
+    p = float(dropout) if dropout and getattr(module, "training", False) else 0.0
+    out = forkattn.attention(query, key, value, causal=causal, key_padding_mask=mask, dropout_p=p,
                              scale=None if scaling is None else float(scaling), backend=backend)
     return out.transpose(1, 2), None  # [B, Lq, H, D] view of the kernel's [B, Lq, H, D] memory
 

@@ -17,6 +17,7 @@ _EXPORTS = {
     "icl": ["ICLClassifier", "Prediction", "format_prompt"],
     "checkpoint": ["read_state_dict", "load_state"],
     "padding": ["Packing"],
+    "dropout": ["AttentionDropout", "set_attention_dropout_generator"],
     "outputs": ["ModelOutput", "CausalLMOutput"],
     "deberta": ["DebertaV2Config", "DebertaV2Model", "DebertaV2ForMaskedLM", "DebertaV2ForSequenceClassification",
                 "DebertaV2ForTokenClassification", "DebertaV2ForQuestionAnswering"],

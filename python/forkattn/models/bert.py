@@ -26,9 +26,16 @@ BERT's usual lengths uniform in L/2..L that skips a quarter of every GEMM, not o
 transformers computes values at the padded positions; we do not (they are zeros, and heads see
 zeros there): compare outputs at real tokens.
 
-Difference from transformers: the fused attention kernels have no dropout on the attention
-probabilities, so attention_probs_dropout_prob is not applied (hidden-state dropout is); a warning
-says so the first time a model trains with it set.
+Dropout as transformers': hidden_dropout_prob on the embeddings and both residual branches, and
+attention_probs_dropout_prob on the attention probabilities in training mode, through
+forkattn.attention's (and attention_varlen's) dropout_p on either layout and every backend that has
+dropout (eager, cpu, triton; "cuda" pinned in training with it set raises). Each layer's
+AttentionDropout (models/dropout.py, at attention.self.dropout as in transformers) draws a fresh seed
+per call from torch's default generator (or set_attention_dropout_generator's), so
+torch.manual_seed reproduces a run. The masks differ from transformers' (Philox, not torch's
+bernoulli), the statistics do not (scripts/dropout_loss_curve.py); the unpadded layout counts
+positions inside each sequence, so a left-padded row draws other (equally random) masks than in
+the padded layout, a right-padded one the same.
 """
 from __future__ import annotations
 
@@ -46,6 +53,7 @@ from .backend import attention_backend, check_backend
 from .bert_names import hf_key, key_map_from_hf
 from .checkpoint import load_state
 from .cpu_inference import fast_path, fused_epilogues, qkv_projection
+from .dropout import AttentionDropout
 from .outputs import (AlbertForPreTrainingOutput, BaseModelOutputWithPooling, BertForPreTrainingOutput,
                       MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
 from .padding import Packing
@@ -63,7 +71,7 @@ class BertConfig(JsonConfig):
     intermediate_size: int = 3072
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1  # not applied: see the module docstring
+    attention_probs_dropout_prob: float = 0.1  # on the attention probabilities, in training
     max_position_embeddings: int = 512
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
@@ -181,7 +189,9 @@ class BertLayer(nn.Module):
         super().__init__()
         H, I, eps = config.hidden_size, config.intermediate_size, config.layer_norm_eps
         self.attention = nn.ModuleDict(dict(
-            self=nn.ModuleDict(dict(query=nn.Linear(H, H), key=nn.Linear(H, H), value=nn.Linear(H, H))),
+            self=nn.ModuleDict(dict(query=nn.Linear(H, H), key=nn.Linear(H, H), value=nn.Linear(H, H),
+                                    dropout=AttentionDropout(config.attention_probs_dropout_prob,
+                                                             "attention_probs_dropout_prob"))),
             output=nn.ModuleDict(dict(dense=nn.Linear(H, H), LayerNorm=nn.LayerNorm(H, eps=eps))),
         ))
         self.intermediate = nn.ModuleDict(dict(dense=nn.Linear(H, I)))
@@ -200,17 +210,19 @@ class BertLayer(nn.Module):
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], packing: Optional[Packing] = None) -> Tensor:
         """x [B, L, hidden] with key_padding_mask [B, L] or None; or packed [T, hidden] with `packing`."""
         att, backend = self.attention, attention_backend(self.config)
+        drop = att.self.dropout.kwargs()  # dropout_p (and generator) in training, {} in eval
         if packing is None:
             B, L, H = x.shape
             # [B, L, heads, head_dim] -> [B, heads, L, head_dim] views; forkattn reads the strides in place
             q, k, v = (t.transpose(1, 2) for t in self.qkv(x))
-            y = forkattn.attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend)
+            y = forkattn.attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend, **drop)
             y = y.transpose(1, 2).reshape(B, L, H)  # free: the output has [B, L, heads, head_dim] memory
         else:
             q, k, v = self.qkv(x)  # [T, heads, head_dim] views
             # cu_seqlens were built on the host from the mask: no per-layer device-to-host re-check
             y = forkattn.attention_varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
-                                          packing.max_seqlen, backend=backend, validate_seqlens=False).flatten(1)
+                                          packing.max_seqlen, backend=backend, validate_seqlens=False,
+                                          **drop).flatten(1)
         fast = fast_path(self, x)  # eval, no autograd, fp32 CPU: packed GEMMs + fused C++ epilogues
         if fast is not None:
             return fused_epilogues(self, x, y, fast)
@@ -243,6 +255,7 @@ class BertPreTrainedModel(PreTrainedModel):
 
     base_model_prefix = "bert"
     config_class = BertConfig
+    applies_attention_dropout = True  # attention.self.dropout (models/dropout.py): no warning on train()
 
     def load_hf_state_dict(self, state: Dict[str, Tensor], *, ignore_mismatched_sizes: bool = False,
                            strict: bool = False, log: bool = False) -> dict:

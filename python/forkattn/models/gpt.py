@@ -11,9 +11,14 @@ the backend config.attention_backend names (models/backend.py). `generate` comes
 models/generation.py's GenerationMixin, which drives the model through `prefill` and
 `decode_step` with a KV cache in every layer's attention.
 
-Not modelled: attention dropout (attn_pdrop; forkattn.attention has no dropout; embedding and
-residual dropout are), cross-attention, reorder_and_upcast_attn (attention is computed in fp32
-inside the kernels anyway).
+Dropout as transformers': embd_pdrop, resid_pdrop, and attn_pdrop on the attention probabilities in
+training mode through forkattn.attention's dropout_p (each layer's attn.attn_dropout, an
+AttentionDropout from models/dropout.py: a fresh seed per call from torch's default generator, so
+torch.manual_seed reproduces a run). The KV-cache path (prefill / decode_step, generate) is
+inference: generate switches to eval, and cache.attend never drops.
+
+Not modelled: cross-attention, reorder_and_upcast_attn (attention is computed in fp32 inside the
+kernels anyway).
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from .activations import activation, check_activation
 from .backend import FIELDS as BACKEND_FIELDS
 from .backend import SAME, attention_backend, check_backend, decode_backend, set_backends
 from .checkpoint import load_state, model_folder, read_state_dict, write_folder
+from .dropout import AttentionDropout
 from .generation import GenerationMixin, KVCacheBase
 from .outputs import CausalLMOutput
 
@@ -52,7 +58,7 @@ class GPTConfig:
     activation_function: str = "gelu_new"
     resid_pdrop: float = 0.1
     embd_pdrop: float = 0.1
-    attn_pdrop: float = 0.1  # kept for round trips; not applied (see the module docstring)
+    attn_pdrop: float = 0.1  # on the attention probabilities, in training
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     scale_attn_weights: bool = True
@@ -115,6 +121,7 @@ class CausalSelfAttention(nn.Module):
         self.n_head, self.head_dim, self.layer_idx, self.config = config.n_head, config.head_dim, layer_idx, config
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.attn_dropout = AttentionDropout(config.attn_pdrop, "attn_pdrop")
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         scale = self.head_dim ** -0.5 if config.scale_attn_weights else 1.0
         if config.scale_attn_by_inverse_layer_idx:
@@ -131,8 +138,8 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # [B, H, T, D]
         if cache is None:
             y = forkattn.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask, scale=self.scale,
-                                   backend=self.backend)
-        else:
+                                   backend=self.backend, **self.attn_dropout.kwargs())
+        else:  # inference (generate): no attention dropout
             y = cache.attend(self.layer_idx, q, k, v, scale=self.scale, backend=self.backend)
         return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C)))
 

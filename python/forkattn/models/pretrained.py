@@ -78,6 +78,7 @@ class PreTrainedModel(nn.Module):
     """Weights init, the backend setter, from_pretrained / save_pretrained (see the module docstring)."""
 
     config_class: type = None
+    applies_attention_dropout = False  # True where attention_probs_dropout_prob reaches the kernels (BERT)
 
     def __init__(self, config):
         super().__init__()
@@ -104,7 +105,8 @@ class PreTrainedModel(nn.Module):
 
     def train(self, mode: bool = True):
         global _warned_attention_dropout
-        if mode and self.config.attention_probs_dropout_prob > 0 and not _warned_attention_dropout:
+        if (mode and not self.applies_attention_dropout and self.config.attention_probs_dropout_prob > 0
+                and not _warned_attention_dropout):
             _warned_attention_dropout = True
             warnings.warn(f"attention_probs_dropout_prob={self.config.attention_probs_dropout_prob} is not applied: "
                           "forkattn's fused attention has no dropout on the probabilities (hidden dropout is applied)")
