@@ -16,8 +16,8 @@ Implementations (IMPLS below is the legend printed with the tables):
 Random weights (the same in every model), padded batches with lengths uniform in L/2..L.
 Inference: BertModel forward under inference_mode (fp16 on GPU, fp32 on CPU). Training: one
 BertForMaskedLM step (15% of real tokens labelled) = forward + backward + AdamW, fp32 weights with
-fp16 autocast on GPU. Attention-probability dropout is off in every model (forkattn's kernels have
-none), hidden dropout 0.1 on. The quick set uses a 4-layer, 256-wide BERT to stay a smoke test.
+fp16 autocast on GPU. Attention-probability dropout is off in every model (the attention family
+times dropout on its own rows), hidden dropout 0.1 on. The quick set uses a 4-layer, 256-wide BERT to stay a smoke test.
 On CPU the default and full sets also time all-MiniLM-L6-v2's shape (6 layers, 384 wide, 12 heads
 of 32) at the shapes of issue #18's table, with the ONNX Runtime and torch.compile peers.
 """

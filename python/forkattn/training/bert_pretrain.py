@@ -147,7 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--intermediate", type=int, default=None, help="default 4 x hidden")
     p.add_argument("--embedding-size", type=int, default=None, help="ALBERT factorized embeddings")
     p.add_argument("--share-layers", action="store_true", help="ALBERT cross-layer sharing (one layer group)")
-    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--dropout", type=float, default=0.1, help="hidden-state dropout of a fresh model")
+    p.add_argument("--attention-dropout", type=float, default=None,
+                   help="dropout on the attention probabilities of a fresh model (default: --dropout)")
     p.add_argument("--objective", default="mlm", choices=["mlm", "nsp", "sop"])
     p.add_argument("--mask-prob", type=float, default=0.15)
     p.add_argument("--steps", type=int, default=1000)
@@ -190,7 +192,8 @@ def main(argv=None) -> int:
             config = fb.BertConfig(
                 vocab_size=tok.vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
                 num_attention_heads=args.heads, intermediate_size=args.intermediate or 4 * args.hidden,
-                hidden_dropout_prob=args.dropout, attention_probs_dropout_prob=0.0,
+                hidden_dropout_prob=args.dropout,
+                attention_probs_dropout_prob=args.dropout if args.attention_dropout is None else args.attention_dropout,
                 max_position_embeddings=max(512, args.max_len), pad_token_id=tok.pad_token_id,
                 embedding_size=args.embedding_size, num_hidden_groups=1 if args.share_layers else None,
                 attention_backend=args.backend)

@@ -183,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--weight-decay", type=float, default=0.1)
     p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--dropout", type=float, default=0.0, help="residual and embedding dropout of a fresh model")
+    p.add_argument("--attention-dropout", type=float, default=None,
+                   help="dropout on the attention probabilities of a fresh model (default: --dropout)")
     p.add_argument("--val-fraction", type=float, default=0.05)
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: only at the end)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -234,7 +236,8 @@ def _train(args, dist: Distributed) -> int:
         eos = tok.token_to_id(EOS)
         config = GPTConfig(vocab_size=tok.get_vocab_size(), n_positions=args.block_size, n_embd=args.n_embd,
                            n_layer=args.n_layer, n_head=args.n_head, resid_pdrop=args.dropout,
-                           embd_pdrop=args.dropout, attn_pdrop=0.0, bos_token_id=eos, eos_token_id=eos)
+                           embd_pdrop=args.dropout,
+                           attn_pdrop=args.dropout if args.attention_dropout is None else args.attention_dropout, bos_token_id=eos, eos_token_id=eos)
         model = GPT(config, backend=args.backend)
     if args.block_size > model.config.n_positions:
         raise UsageError(f"--block-size {args.block_size} exceeds the model's n_positions {model.config.n_positions}")
