@@ -167,13 +167,7 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
                         // acc += P V
                         gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, w.acc.data(), D);
                       });
-  for (int64_t r = 0; r < rows; ++r) {
-    const bool empty = w.l[r] == 0.f;
-    float* o = out.at(b, h, i0 + r);
-    std::copy(w.acc.begin() + r * D, w.acc.begin() + (r + 1) * D, o);
-    vec::scale(o, D, empty ? 0.f : 1.f / w.l[r]);
-    *lse.at(b, h, i0 + r) = empty ? kInf : w.m[r] + std::log(w.l[r]);
-  }
+  store_block(w.acc.data(), w.m.data(), w.l.data(), rows, D, out, lse, b, h, i0);
 }
 
 // ---------------------------------------------------------------------------------------------

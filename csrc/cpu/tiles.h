@@ -265,6 +265,19 @@ struct LseRows {
   float* at(int64_t b, int64_t h, int64_t i) const { return p + b * sb + h * sh + ((start ? start[b] : 0) + i) * sl; }
 };
 
+// A finished query block (rows from i0 of batch b, head h): out = acc / l and lse = m + log l per row;
+// a row that saw no key (l = 0) gets zeros and lse = +inf.
+void store_block(const float* acc, const float* m, const float* l, int64_t rows, int64_t D, const Rows& out,
+                 const LseRows& lse, int64_t b, int64_t h, int64_t i0) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool empty = l[r] == 0.f;
+    float* o = out.at(b, h, i0 + r);
+    std::copy(acc + r * D, acc + (r + 1) * D, o);
+    vec::scale(o, D, empty ? 0.f : 1.f / l[r]);
+    *lse.at(b, h, i0 + r) = empty ? kInf : m[r] + std::log(l[r]);
+  }
+}
+
 // P = exp(S - lse) for a tile; rows with lse = +inf (no visible key) become zeros.
 void probs_from_lse(float* s, int64_t ld, int64_t rows, int64_t cols, const float* lse) {
   for (int64_t r = 0; r < rows; ++r) {

@@ -7,13 +7,14 @@ transformers' eager attention holds several.
     python -m forkattn.bench.deberta_memory [--L 2048] [--B 1] [--pass fwd|fwd+bwd|both] [--impls a,b]
 
 Implementations: the deberta family's (hf-eager, forkattn-eager, forkattn-<fused backend>). A warm-up call at
-L64 first loads libraries and thread pools, so the figure is the call's own working memory (inputs,
+L64 first loads libraries and thread pools, and the allocator's free memory is trimmed, so the figure is the call's own working memory (inputs,
 weights and the module built before the measurement are not counted; the outputs and, for fwd+bwd, the
 gradients it returns are).
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import subprocess
 import sys
@@ -22,6 +23,15 @@ import sys
 def _status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         return int(next(line for line in f if line.startswith(field + ":")).split()[1])
+
+
+def _trim() -> None:
+    """Hands the allocator's free memory back (glibc malloc_trim), so that the call cannot reuse memory
+    the set-up freed without the resident set showing it."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _reset_peak() -> bool:
@@ -45,6 +55,7 @@ def _measure(impl: str, B: int, L: int, pass_: str) -> dict:
     fns = deberta._attention_setup(B, L, torch.device("cpu"), torch.float32, pass_, 0)()
     fn = fns[impl]
     del warm, fns
+    _trim()
     before = _status_kb("VmRSS") * 1024
     reset = _reset_peak()
     peak_before = _status_kb("VmHWM") * 1024
