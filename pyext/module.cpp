@@ -5,6 +5,7 @@
 #include "build.h"
 #include "mlm.h"
 #include "decode.h"
+#include "disentangled.h"
 #include "encoder.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -46,6 +47,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode_attention_cpu", &forkattn::decode_attention_cpu, "decode attention over a KV cache (CPU)",
         py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("seqlens"), py::arg("block_table"),
         py::arg("o_partial"), py::arg("lse_partial"), py::arg("max_seqlen"), py::arg("num_splits"), py::arg("scale"));
+  m.def("disentangled_attention_fwd_cpu", &forkattn::disentangled_attention_fwd_cpu,
+        "DeBERTa disentangled attention forward (CPU): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
+        py::arg("pos_key"), py::arg("pos_query"), py::arg("rel_index"), py::arg("key_padding_mask"), py::arg("scale"),
+        py::arg("c2p"), py::arg("p2c"));
+  m.def("disentangled_attention_bwd_cpu", &forkattn::disentangled_attention_bwd_cpu,
+        "DeBERTa disentangled attention backward (CPU): (dq, dk, dv, dpos_key, dpos_query)", py::arg("dout"),
+        py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos_key"), py::arg("pos_query"), py::arg("out"),
+        py::arg("lse"), py::arg("rel_index"), py::arg("key_padding_mask"), py::arg("scale"), py::arg("c2p"),
+        py::arg("p2c"));
 #ifdef FORKATTN_WITH_CUDA
   m.def("mlm_mask_cuda", &forkattn::mlm_mask_cuda, "MLM 80/10/10 masking (CUDA)", py::arg("input_ids"),
         py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"), py::arg("attention_mask"),

@@ -95,6 +95,73 @@ def varlen_cases():
     ]
 
 
+def disentangled_cases():
+    """The public op, then the cpu kernel's _C entry points called directly with a bad table or
+    position rows (what could read out of bounds if trusted)."""
+    import torch
+
+    import forkattn
+    from forkattn import _native
+
+    q, k, v = (torch.randn(2, 2, L, 16) for L in (5, 7, 7))
+    pk, pq = torch.randn(2, 8, 16), torch.randn(2, 8, 16)
+    table = forkattn.disentangled.relative_position_index(5, 7, max_relative_positions=4)
+    f, fwd, bwd = forkattn.disentangled_attention, _native._C.disentangled_attention_fwd_cpu, \
+        _native._C.disentangled_attention_bwd_cpu
+    out, lse = fwd(q, k, v, pk, pq, table, None, 0.2, True, True)
+
+    def table_with(i, value):
+        t = table.clone()
+        t[i] = value
+        return t
+    return [
+        _case("public: pos_key rows", lambda: f(q, k, v, pk[:, :7], pq, max_relative_positions=4), ValueError,
+              "pos_key"),
+        _case("public: cpu backend, float64", lambda: f(q.double(), k.double(), v.double(), pk.double(), pq.double(),
+                                                       max_relative_positions=4, backend="cpu"), TypeError, "float64"),
+        _case("_C: table entry = 2 * span", lambda: fwd(q, k, v, pk, pq, table_with(3, 8), None, 0.2, True, True),
+              ValueError, "rel_index[3] = 8"),
+        _case("_C: table entry huge", lambda: fwd(q, k, v, pk, None, table_with(0, 2**40), None, 0.2, True, False),
+              ValueError, "rel_index[0]"),
+        _case("_C: table entry negative", lambda: fwd(q, k, v, None, pq, table_with(10, -1), None, 0.2, False, True),
+              ValueError, "rel_index[10] = -1"),
+        _case("_C: table too short", lambda: fwd(q, k, v, pk, pq, table[:-1], None, 0.2, True, True), ValueError,
+              "rel_index", "11"),
+        _case("_C: table int32", lambda: fwd(q, k, v, pk, pq, table.int(), None, 0.2, True, True), TypeError,
+              "rel_index"),
+        _case("_C: table 2-D", lambda: fwd(q, k, v, pk, pq, table[None], None, 0.2, True, True), ValueError,
+              "rel_index"),
+        _case("_C: bwd bad table", lambda: bwd(out, q, k, v, pk, pq, out, lse, table_with(1, 99), None, 0.2, True,
+                                               True), ValueError, "rel_index[1] = 99"),
+        _case("_C: pos_key missing with c2p", lambda: fwd(q, k, v, None, pq, table, None, 0.2, True, True),
+              ValueError, "pos_key"),
+        _case("_C: pos_query given without p2c", lambda: fwd(q, k, v, pk, pq, table, None, 0.2, True, False),
+              ValueError, "pos_query"),
+        _case("_C: pos rows differ", lambda: fwd(q, k, v, pk, pq[:, :6], table, None, 0.2, True, True), ValueError,
+              "pos_key and pos_query"),
+        _case("_C: pos_key 3 heads", lambda: fwd(q, k, v, torch.randn(3, 8, 16), pq, table, None, 0.2, True, True),
+              ValueError, "pos_key"),
+        _case("_C: pos_key 2-D", lambda: fwd(q, k, v, pk[0], pq, table, None, 0.2, True, True), ValueError,
+              "pos_key"),
+        _case("_C: pos_query no rows", lambda: fwd(q, k, v, None, pq[:, :0], table, None, 0.2, False, True),
+              ValueError, "pos_query"),
+        _case("_C: pos_query fp16", lambda: fwd(q, k, v, pk, pq.half(), table, None, 0.2, True, True), TypeError,
+              "pos_query"),
+        _case("_C: pos_key strided in D", lambda: fwd(q, k, v, torch.randn(2, 8, 32)[..., ::2], pq, table, None, 0.2,
+                                                      True, True), ValueError, "pos_key", "stride"),
+        _case("_C: grouped keys", lambda: fwd(q, k[:, :1], v[:, :1], pk, pq, table, None, 0.2, True, True),
+              ValueError, "heads"),
+        _case("_C: mask wrong length", lambda: fwd(q, k, v, pk, pq, table, torch.ones(2, 6, dtype=torch.bool), 0.2,
+                                                   True, True), ValueError, "key_padding_mask"),
+        _case("_C: bwd lse shape", lambda: bwd(out, q, k, v, pk, pq, out, lse[:, :1], table, None, 0.2, True, True),
+              ValueError, "lse"),
+        _case("_C: bwd dout dtype", lambda: bwd(out.double(), q, k, v, pk, pq, out, lse, table, None, 0.2, True,
+                                                True), TypeError, "dout"),
+        _case("_C: no relative term ignores the table", lambda: fwd(q, k, v, None, None, table_with(0, 99), None, 0.2,
+                                                                    False, False), ACCEPT),
+    ]
+
+
 def mlm_cases():
     import torch
 
@@ -415,6 +482,7 @@ def cli_cases():
 
 
 ENTRIES = {"attention": attention_cases, "attention_varlen": varlen_cases, "mlm_mask": mlm_cases,
+           "disentangled_attention": disentangled_cases,
            "kvcache_append_decode": kvcache_cases, "mlm_collator": collator_cases,
            "from_pretrained": from_pretrained_cases, "cli": cli_cases}
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
+from forkattn.backends import family  # noqa: E402
 from forkattn.models import deberta as fd  # noqa: E402
 from forkattn.models.deberta_tokenizer import load_deberta_tokenizer  # noqa: E402
 
@@ -88,12 +89,17 @@ def _check_close(ours, base, ref, what):
     assert e[0] <= 2 * e[1] + 1e-5, f"{what}: our error {e[0]:.3g} > 2 x transformers' {e[1]:.3g} + 1e-5"
 
 
+# every backend that runs these CPU float32 calls (head_dim 8): the fused cpu kernel and eager
+BACKENDS = family("disentangled_attention").runnable("cpu", torch.float32, 8)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("config", list(CONFIGS))
 @pytest.mark.parametrize("kind,name,fields", HEADS, ids=[h[0] for h in HEADS])
-def test_matches_transformers_outputs_and_gradients(kind, name, fields, config):
+def test_matches_transformers_outputs_and_gradients(kind, name, fields, config, backend):
     hf = _hf(kind, name, config)
     ref = copy.deepcopy(hf).double()
-    ours = getattr(fd, name)(fd.DebertaV2Config.from_dict(hf.config.to_dict()))
+    ours = getattr(fd, name)(fd.DebertaV2Config.from_dict({**hf.config.to_dict(), "attention_backend": backend}))
     info = ours.load_hf_state_dict(hf.state_dict())
     assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
     ours.eval()

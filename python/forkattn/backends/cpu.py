@@ -1,9 +1,11 @@
 """The "cpu" backend: forkattn._C's fused C++ kernels (csrc/), for CPU tensors."""
 from __future__ import annotations
 
+import torch
+
 from .. import _native
-from .families import (AttentionBackend, AttentionVarlenBackend, DecodeBackend, KVAppendBackend,
-                       MLMBackend)
+from .families import (AttentionBackend, AttentionVarlenBackend, DecodeBackend, DisentangledAttentionBackend,
+                       KVAppendBackend, MLMBackend)
 from .registry import FwdBwd, register
 
 MAX_HEAD_DIM = 256  # csrc's attention and decode kernels keep a row of head_dim in registers
@@ -56,3 +58,14 @@ class CpuKVAppend(_Cpu, KVAppendBackend):
 class CpuMLM(_Cpu, MLMBackend):
     def make_impl(self):
         return _native._C.mlm_mask_cpu
+
+
+@register
+class CpuDisentangledAttention(_Cpu, DisentangledAttentionBackend):
+    """csrc/cpu/disentangled_cpu.cpp: tiled online softmax with the relative terms gathered per tile."""
+
+    SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+    MAX_HEAD_DIM = MAX_HEAD_DIM
+
+    def make_impl(self):
+        return FwdBwd(_native._C.disentangled_attention_fwd_cpu, _native._C.disentangled_attention_bwd_cpu)

@@ -15,7 +15,9 @@ Implementations (IMPLS below is the legend printed with the tables):
 Shapes: DeBERTa-v3-base attention (H12, D64, position_buckets 256, max_relative_positions 512, so
 span 256, share_att_key, c2p + p2c), padded batches with lengths uniform in L/2..L (the first at
 L), L128 and L512; the attention cases time the module's forward (projections of q, k, v and the
-relative embeddings included, alike for every row) and forward+backward. The model cases run
+relative embeddings included, alike for every row) and forward+backward; the "attention core" cases
+the same with identity projections, i.e. the attention alone. Peak memory at L2048:
+`python -m forkattn.bench.deberta_memory`. The model cases run
 DebertaV2Model inference (torch.inference_mode) with random weights shared by both models. The
 quick set uses one short batch and a 4-layer, 256-wide model to stay a smoke test. Figures are ms.
 """
@@ -54,7 +56,10 @@ def _mask(B: int, L: int, device, seed: int) -> torch.Tensor:
     return (torch.arange(L)[None] < lengths[:, None]).long().to(device)
 
 
-def _attention_setup(B, L, device, dtype, pass_, seed):
+def _attention_setup(B, L, device, dtype, pass_, seed, core=False):
+    """core: the module's projections (q, k, v, and the relative embeddings' with share_att_key)
+    replaced by identities, so that both rows time the attention alone (q = k = v = x: what each
+    implementation does with them is the same work as with projected inputs)."""
     def build():
         import transformers
         from transformers.models.deberta_v2 import modeling_deberta_v2 as m
@@ -64,6 +69,8 @@ def _attention_setup(B, L, device, dtype, pass_, seed):
         cfg = transformers.DebertaV2Config(**dict(BASE, num_hidden_layers=1))
         torch.manual_seed(seed)
         att = m.DisentangledSelfAttention(cfg).to(device=device, dtype=dtype).eval()
+        if core:
+            att.query_proj = att.key_proj = att.value_proj = torch.nn.Identity()
         H, D = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
         x = torch.randn(B, L, cfg.hidden_size, device=device, dtype=dtype)
         rel = torch.randn(2 * att.pos_ebd_size, cfg.hidden_size, device=device, dtype=dtype)
@@ -146,12 +153,15 @@ def cases(device: torch.device, size: str = "default") -> List[Case]:
     common = dict(eager="hf-eager", sdpa="none")
     out = []
     for seed, (B, L) in enumerate(att_shapes):
-        for pass_ in ("fwd", "fwd+bwd"):
-            out.append(Case("deberta", f"attention H12 D64 span256 B{B} L{L} {dt} padded L/2..L {pass_}",
-                            setup=_attention_setup(B, L, device, dtype, pass_, seed),
-                            params=dict(B=B, H=12, L=L, D=64, span=256, dtype=str(dtype), **{"pass": pass_}),
-                            chart=f"disentangled attention, {dt} padded", panel=pass_, x=f"B{B} L{L}",
-                            xlabel="batch x sequence length", **common))
+        for core in (False, True):
+            what = "attention core (no projections)" if core else "attention"
+            for pass_ in ("fwd", "fwd+bwd"):
+                out.append(Case("deberta", f"{what} H12 D64 span256 B{B} L{L} {dt} padded L/2..L {pass_}",
+                                setup=_attention_setup(B, L, device, dtype, pass_, seed, core=core),
+                                params=dict(B=B, H=12, L=L, D=64, span=256, dtype=str(dtype), core=core,
+                                            **{"pass": pass_}),
+                                chart=f"disentangled {what}, {dt} padded", panel=pass_, x=f"B{B} L{L}",
+                                xlabel="batch x sequence length", **common))
     for seed, (B, L) in enumerate(model_shapes):
         out.append(Case("deberta", f"{label} inference B{B} L{L} {dt} padded L/2..L", tokens=B * L,
                         setup=_model_setup(B, L, device, dtype, cfg, seed),
