@@ -200,7 +200,7 @@ def test_emulated_nan_propagates_like_eager(plant, causal):
 DROPOUT_CASES = [
     # causal, GQA 2:1, padding, Lq != Lk (odd), two key tiles
     dict(B=2, H=2, Hkv=1, Lq=33, Lk=70, D=32, causal=True, padding="partial", dropout=(0.25, 12345)),
-    # head_dim 128: dq key tiles and dk/dv query tiles of 32 (4 Philox blocks per fragment row)
+    # head_dim 128: dq key tiles of 32, dk/dv query tiles of 16 with dropout (NJ = 4 and 2 in dropout.cuh)
     dict(B=1, H=2, Hkv=1, Lq=7, Lk=40, D=128, causal=False, padding="partial", seed=3, dropout=(0.5, -9)),
 ]
 

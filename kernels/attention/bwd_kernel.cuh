@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
         const bool hidden = bias[col] != 0.f || (diagonal && n0 + col > row_base + (e >> 1) * 8 + offset);
         const float prob = exp2f(s[j][e] * p.scale_log2 - lse2[e >> 1]);
         float dpv = dp[j][e];
-        if constexpr (DROPOUT) dpv = (keep >> (4 * j + e)) & 1u ? dpv * p.dropout_scale : 0.f;
+        if constexpr (DROPOUT) dpv = keep & (1u << (4 * j + e)) ? dpv * p.dropout_scale : 0.f;
         s[j][e] = hidden ? 0.f : prob * (dpv - delta[e >> 1]);  // dS
       }
     }
@@ -166,17 +166,21 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
 
 // --- 3. dk, dv ----------------------------------------------------------------------------------
 
-template <int D>
+// DROPOUT at head_dim 128: query tiles of 16, as S^T, dP^T and the mask do not fit next to the
+// dk/dv accumulators with 32 (ptxas spills 4-28 bytes on sm_90a however the mask is placed).
+template <int D, bool DROPOUT>
 struct DkvConfig {
-  static constexpr int kBlockN = 64, kBlockM = (D == 128 ? 32 : 64), kWarps = 4, kThreads = kWarps * 32;
+  static constexpr int kBlockN = 64, kBlockM = (D == 128 ? (DROPOUT ? 16 : 32) : 64), kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
   static constexpr int kRow = Smem<D>::kRow;
-  // K, V, 2 stages of Q and dO, 2 stages of lse, delta, tile row and query head
-  static constexpr size_t kSmem = (2 * kBlockN + 4 * kBlockM) * kRow * 2 + 4 * kBlockM * sizeof(float) + 4 * sizeof(int);
+  // K, V, 2 stages of Q and dO, 2 stages of lse, delta and tile row (DROPOUT: and query head)
+  static constexpr size_t kSmem =
+      (2 * kBlockN + 4 * kBlockM) * kRow * 2 + 4 * kBlockM * sizeof(float) + (DROPOUT ? 4 : 2) * sizeof(int);
 };
 
 template <typename T, int D, bool CAUSAL, bool DROPOUT>
-__global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
-  using C = DkvConfig<D>;
+__global__ void __launch_bounds__(DkvConfig<D, DROPOUT>::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
+  using C = DkvConfig<D, DROPOUT>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads;
   static_assert(BN == 16 * C::kWarps, "each warp owns 16 keys");
   extern __shared__ __align__(16) unsigned char smem[];
@@ -297,7 +301,7 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
         if (diagonal && key_base + (e >> 1) * 8 > m0 + col + offset) x = -INFINITY;
         const float prob = exp2f(x - lse2[col]);
         if constexpr (DROPOUT) {
-          const bool kept = (keep >> (4 * j + e)) & 1u;
+          const bool kept = keep & (1u << (4 * j + e));
           st[j][e] = kept ? prob : 0.f;  // (P * keep)^T; 1 / (1 - p) joins dV at the end
           dpt[j][e] = prob * ((kept ? dpt[j][e] * p.dropout_scale : 0.f) - delta[col]);  // dS^T
         } else {
@@ -347,7 +351,7 @@ cudaError_t run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) 
       e = cudaGetLastError();
       if (e != cudaSuccess) return e;
     }
-    using C = DkvConfig<D>;
+    using C = DkvConfig<D, DROPOUT>;
     auto kernel = attention_bwd_dkdv_kernel<T, D, kCausal, DROPOUT>;
     cudaError_t e = set_smem(kernel, C::kSmem);
     if (e != cudaSuccess) return e;

@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
       for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          if (!((keep >> (4 * j + e)) & 1u)) s[j][e] = 0.f;
+          if (!(keep & (1u << (4 * j + e)))) s[j][e] = 0.f;
         }
       }
     }

@@ -387,8 +387,8 @@ def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx, DROPOUT=False):
 
 
 def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx, DROPOUT=False):
-    BN, BM, ROW = 64, (32 if D == 128 else 64), D + 8
-    kSmem = (2 * BN + 4 * BM) * ROW * 2 + 4 * BM * 4 + 4 * 4
+    BN, BM, ROW = 64, ((16 if DROPOUT else 32) if D == 128 else 64), D + 8
+    kSmem = (2 * BN + 4 * BM) * ROW * 2 + 4 * BM * 4 + (4 if DROPOUT else 2) * 4
     sm = Smem(kSmem)
     sK = 0
     sV = sK + 2 * BN * ROW

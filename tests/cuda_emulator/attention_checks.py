@@ -399,5 +399,5 @@ def dropout_matrix():
             out.append(lambda D=D, c=causal: run_case(1, 2, 1, 130, 65, D, c, padding="holes", dropout=(0.5, -3)))
             out.append(lambda D=D, c=causal: run_varlen_case([65, 0, 7, 130], [70, 3, 0, 129], 4, 2, D, c,
                                                             dropout=(0.3, 2 ** 63 - 25)))
-    out.append(lambda: run_case(1, 2, 2, 1, 7, 32, False, dropout=(0.9, 5)))
+    out.append(lambda: run_case(1, 2, 2, 1, 70, 32, False, dropout=(0.9, 5)))
     return out
