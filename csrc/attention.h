@@ -23,6 +23,9 @@ AttnSizes check_attention_bwd_inputs(const at::Tensor& dout, const at::Tensor& q
                                      const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                      const std::optional<at::Tensor>& key_padding_mask);
 
+// dropout_p must be in [0, 1) (a ValueError naming it otherwise).
+void check_dropout_p(double dropout_p);
+
 // A backward with nothing to compute (no batch entry, query row, key or head): zero-fills dq, dk, dv
 // and returns true, so the caller returns them without a kernel launch.
 bool zero_grads_if_empty(const AttnSizes& s, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
@@ -72,15 +75,17 @@ void check_varlen_bwd_shapes(const at::Tensor& dout, const at::Tensor& q, const 
 
 #ifdef FORKATTN_WITH_CUDA
 // CUDA versions (csrc/cuda/attention_cuda.cpp): fp16/bf16, head_dim 32, 64
-// or 128, sm_80 or newer; same contract as the CPU ones. Deterministic (no atomics).
+// or 128, sm_80 or newer; same contract as the CPU ones, dropout included (the same mask bit for
+// bit). Deterministic (no atomics).
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v,
                                                       const std::optional<at::Tensor>& key_padding_mask,
-                                                      bool causal, double scale);
+                                                      bool causal, double scale, double dropout_p = 0.0,
+                                                      int64_t seed = 0);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, double scale);
+    bool causal, double scale, double dropout_p = 0.0, int64_t seed = 0);
 
 // Varlen (packed sequences): q [total_q, H, D], k and v [total_k, Hkv, D], cu_seqlens int32 [B + 1]
 // on the device (their values are not validated here: that would need a host sync); returns
@@ -89,11 +94,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q, const at::Tensor& k,
                                                              const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                             int64_t max_seqlen_k, bool causal, double scale);
+                                                             int64_t max_seqlen_k, bool causal, double scale,
+                                                             double dropout_p = 0.0, int64_t seed = 0);
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const at::Tensor& out, const at::Tensor& lse, const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k,
-    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale);
+    int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale, double dropout_p = 0.0,
+    int64_t seed = 0);
 #endif  // FORKATTN_WITH_CUDA
 
 namespace cpu {

@@ -70,17 +70,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("o_partial"), py::arg("lse_partial"), py::arg("max_seqlen"), py::arg("num_splits"), py::arg("scale"));
   m.def("attention_fwd_cuda", &forkattn::attention_fwd_cuda, "fused attention forward (CUDA): (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
-        py::arg("scale"));
+        py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_bwd_cuda", &forkattn::attention_bwd_cuda, "fused attention backward (CUDA): (dq, dk, dv)",
         py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"),
-        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"));
+        py::arg("key_padding_mask"), py::arg("causal"), py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_varlen_fwd_cuda", &forkattn::attention_varlen_fwd_cuda,
         "packed varlen attention forward (CUDA): (out, lse [H, total_q])", py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"), py::arg("max_seqlen_q"),
-        py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"));
+        py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("attention_varlen_bwd_cuda", &forkattn::attention_varlen_bwd_cuda,
         "packed varlen attention backward (CUDA): (dq, dk, dv)", py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
-        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"));
+        py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"),
+        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
 #endif
 }

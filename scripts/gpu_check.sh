@@ -34,6 +34,9 @@ timeout ${GPU_TEST_TIMEOUT:-150} $PY -m pytest tests -m gpu -q --maxfail=25 -p n
 echo "pytest exit $?" | tee -a "$OUT/summary.log"
 tail -15 "$OUT/tests_gpu.log" | tee -a "$OUT/summary.log"
 
+step "attention dropout cost (fwd+bwd, dropout_p 0 vs 0.1)" | tee -a "$OUT/summary.log"
+timeout ${DROPOUT_BENCH_TIMEOUT:-60} $PY scripts/bench_attention_dropout.py 2>&1 | tee -a "$OUT/summary.log"
+
 if command -v compute-sanitizer >/dev/null; then
   for tool in memcheck racecheck; do
     step "compute-sanitizer $tool" | tee -a "$OUT/summary.log"

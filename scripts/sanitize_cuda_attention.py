@@ -1,6 +1,6 @@
 """A small run of every CUDA attention kernel for compute-sanitizer (memcheck, racecheck):
 odd lengths, padding with a fully padded sequence and holes, causal with Lq > Lk, GQA, every
-head_dim, both dtypes, and varlen. Padded keys and values hold inf / -inf / NaN, and the outputs
+head_dim, both dtypes, dropout (fp16), and varlen. Padded keys and values hold inf / -inf / NaN, and the outputs
 are checked too: equal to the run without the garbage, padded keys' gradients exactly zero, no NaN
 (issue 12, section 2); a NaN query row gives NaN in exactly that row (section 3). Exits 1 on a
 wrong result, 0 without running when the cuda backend is unavailable."""
@@ -73,6 +73,10 @@ def main() -> int:
                 mask[1] = False
                 out = forkattn.attention(q, k, v, causal=causal, key_padding_mask=mask, backend="cuda")
                 out.float().sum().backward()
+                if dtype == torch.float16:  # the dropout instantiations (the mask's shuffles, the head per stage)
+                    out = forkattn.attention(q, k, v, causal=causal, key_padding_mask=mask, dropout_p=0.2, seed=D,
+                                             backend="cuda")
+                    out.float().sum().backward()
             check_garbage(dtype, D, D != 64, float("nan"))
         check_nan_query(dtype, 64)
     for garbage in (float("inf"), float("-inf")):
@@ -81,6 +85,8 @@ def main() -> int:
     q = torch.randn(135, 4, 64, device="cuda", dtype=torch.float16, requires_grad=True)
     kv = torch.randn(135, 2, 64, device="cuda", dtype=torch.float16, requires_grad=True)
     forkattn.attention_varlen(q, kv, kv, cu, cu, 130, 130, causal=True, backend="cuda").float().sum().backward()
+    forkattn.attention_varlen(q, kv, kv, cu, cu, 130, 130, causal=True, dropout_p=0.1, seed=-1,
+                              backend="cuda").float().sum().backward()
     torch.cuda.synchronize()
     if FAILURES:
         print(f"sanitize_cuda_attention: {len(FAILURES)} wrong results")

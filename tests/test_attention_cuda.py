@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import forkattn
-from attn_utils import assert_within_budget, check_against_reference, make_padding, make_qkv
+from attn_utils import (assert_within_budget, check_against_reference, delta_rounding_allowance, make_padding,
+                        make_qkv)
 from forkattn import reference
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -328,6 +329,135 @@ def test_varlen_cuda_graph_capture():
         assert torch.equal(a, b)
 
 
+# --- GPU: dropout (issue 16) ------------------------------------------------------------------------
+
+def _dropout_check(run, inputs, p, seed, allowance):
+    """run(q, k, v, backend, p, seed): cuda, eager in the same dtype and eager in float64 fed the
+    same Philox mask; the 2x rule for out, dq, dk, dv (plus Delta's rounding for dq, dk)."""
+    ins = [t.detach().clone().requires_grad_() for t in inputs]
+    ins64 = [t.detach().double().requires_grad_() for t in inputs]
+    out, eager, ref = run(*ins, "cuda", p, seed), run(*ins, "eager", p, seed), run(*ins64, None, p, seed)
+    assert_within_budget("out", out, eager, ref)
+    g = torch.randn_like(out)
+    extra = allowance(ins, ref, g)
+    grads = zip(torch.autograd.grad(out, ins, g), torch.autograd.grad(eager, ins, g),
+                torch.autograd.grad(ref, ins64, g.double()))
+    for name, (a, b, r) in zip(("dq", "dk", "dv"), grads):
+        assert_within_budget(name, a, b, r, extra=1e-5 + extra.get(name, 0.0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+@pytest.mark.parametrize("B,H,Hkv,Lq,Lk,D,causal,padded", [
+    (2, 4, 2, 97, 129, 64, False, True), (1, 2, 1, 129, 97, 128, True, False), (2, 2, 2, 1, 7, 32, True, True),
+    (1, 2, 2, 1025, 1025, 64, True, False)])
+def test_dropout_against_reference_with_the_same_mask(dtype, B, H, Hkv, Lq, Lk, D, causal, padded):
+    _needs_cuda_backend()
+    torch.manual_seed(Lq + Lk)
+    q, k, v = make_qkv(B, H, Hkv, Lq, Lk, D, dtype, device="cuda", requires_grad=False)
+    kpm = make_padding(B, Lk, "cuda") if padded else None
+
+    def run(q, k, v, backend, p, seed):
+        if backend is None:
+            return reference.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p, seed=seed)
+        return forkattn.attention(q, k, v, causal=causal, key_padding_mask=kpm, dropout_p=p, seed=seed, backend=backend)
+
+    def allowance(ins, ref, g):
+        allowed = reference.visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=kpm, device="cuda")
+        return delta_rounding_allowance(ins[0], ins[1], ref, g, D ** -0.5, allowed)
+    _dropout_check(run, (q, k, v), 0.17, 0x5EED + Lq, allowance)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF, ids=str)
+def test_dropout_varlen_against_reference(dtype):
+    _needs_cuda_backend()
+    lq, lk = [65, 1, 0, 130], [70, 9, 3, 129]
+    q, cu_q = _pack(lq, 4, 64, dtype)
+    k, cu_k = _pack(lk, 2, 64, dtype)
+    v = torch.randn_like(k)
+
+    def run(q, k, v, backend, p, seed):
+        if backend is None:
+            return reference.attention_varlen(q, k, v, cu_q, cu_k, causal=True, dropout_p=p, seed=seed)
+        return forkattn.attention_varlen(q, k, v, cu_q, cu_k, max(lq), max(lk), causal=True, dropout_p=p, seed=seed,
+                                         backend=backend)
+
+    def allowance(ins, ref, g):  # per sequence, the largest
+        worst = {"dq": 0.0, "dk": 0.0}
+        for b in range(len(lq)):
+            rq, rk = slice(int(cu_q[b]), int(cu_q[b + 1])), slice(int(cu_k[b]), int(cu_k[b + 1]))
+            if lq[b] == 0:
+                continue
+            bhld = lambda t, r: t[r].transpose(0, 1).unsqueeze(0)  # noqa: E731
+            allowed = reference.visible_keys(1, lq[b], lk[b], causal=True, key_padding_mask=None, device="cuda")
+            a = delta_rounding_allowance(bhld(ins[0], rq), bhld(ins[1], rk), bhld(ref, rq), bhld(g, rq), 0.125, allowed)
+            worst = {n: max(worst[n], a[n]) for n in worst}
+        return worst
+    _dropout_check(run, (q, k, v), 0.3, -42, allowance)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+def test_dropout_mask_bit_identical_to_eager(D):
+    """q = 0 (P uniform over the visible keys), V = I, dO = I: out[i, j] and dV[j, i] are nonzero
+    exactly where the mask keeps (i, j); cuda's zeros are eager's and philox.py's, forward and
+    backward (the dk/dv kernel draws the mask transposed), padded + causal + GQA, and varlen."""
+    _needs_cuda_backend()
+    from forkattn import philox
+
+    B, H, Hkv, Lq, Lk, p, seed = 2, 4, 2, D - 3, D, 0.4, 2 ** 63 + 12345
+    q = torch.zeros(B, H, Lq, D, dtype=torch.float16, device="cuda", requires_grad=True)
+    k = torch.randn(B, Hkv, Lk, D, dtype=torch.float16, device="cuda")
+    v = torch.eye(Lk, D, dtype=torch.float16, device="cuda").expand(B, Hkv, Lk, D).contiguous().requires_grad_()
+    kpm = make_padding(B, Lk, "cuda")
+    want = philox.dropout_keep(seed, p, B, H, Lq, Lk, device="cuda")
+    for causal in (False, True):
+        allowed = reference.visible_keys(B, Lq, Lk, causal=causal, key_padding_mask=kpm, device="cuda").expand_as(want)
+        kw = dict(causal=causal, key_padding_mask=kpm, dropout_p=p, seed=seed)
+        ours = forkattn.attention(q, k, v, backend="cuda", **kw)
+        eager = forkattn.attention(q.float(), k.float(), v.float(), backend="eager", **kw)
+        dv, = torch.autograd.grad(ours, v, torch.eye(Lq, D, dtype=torch.float16, device="cuda").expand_as(ours))
+        assert torch.equal((ours[..., :Lk] != 0) & allowed, want & allowed), f"out, causal={causal}"
+        assert torch.equal((eager[..., :Lk] != 0) & allowed, want & allowed), f"eager, causal={causal}"
+        dvs = dv[..., :Lq].transpose(-2, -1)  # [B, Hkv, Lq, Lk]: sum over the group of P keep
+        grp = (want & allowed).view(B, Hkv, H // Hkv, Lq, Lk).any(2)
+        assert torch.equal(dvs != 0, grp), f"dv, causal={causal}"
+    lens = [D - 1, 5, D]  # varlen: (b, i, j) counted inside each sequence
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    zeros = torch.zeros(sum(lens), 2, D, dtype=torch.float16, device="cuda")
+    pos = torch.cat([torch.arange(n) for n in lens])  # V row = e_(position inside its sequence)
+    vv = torch.eye(D, dtype=torch.float16, device="cuda")[pos][:, None].expand(-1, 2, -1).contiguous()
+    out = forkattn.attention_varlen(zeros, zeros, vv, cu, cu, D, D, dropout_p=p, seed=seed, backend="cuda")
+    for b, n in enumerate(lens):
+        keep = philox.dropout_keep(seed, p, 1, 2, n, n, batch_index=b, device="cuda")[0]
+        got = out[int(cu[b]):int(cu[b + 1]), :, :n].transpose(0, 1) != 0
+        assert torch.equal(got, keep), f"varlen sequence {b}"
+
+
+@pytest.mark.gpu
+def test_dropout_zero_is_plain_and_a_seed_is_reproducible():
+    """dropout_p = 0 runs the plain kernels (bit-identical to no dropout, any seed); p > 0 with one
+    seed gives bit-identical outputs and gradients twice, and another seed a different result."""
+    _needs_cuda_backend()
+    q, k, v = make_qkv(2, 4, 2, 97, 130, 64, torch.bfloat16, device="cuda", requires_grad=False)
+    g = torch.randn(2, 4, 97, 64, dtype=torch.bfloat16, device="cuda")
+
+    def run(**kw):
+        ins = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = forkattn.attention(*ins, causal=True, backend="cuda", **kw)
+        return [out, *torch.autograd.grad(out, ins, g)]
+    for a, b in zip(run(), run(dropout_p=0.0, seed=7)):
+        assert torch.equal(a, b)
+    first, again, other = run(dropout_p=0.1, seed=7), run(dropout_p=0.1, seed=7), run(dropout_p=0.1, seed=8)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+    with pytest.raises(ValueError, match="dropout_p must be in"):
+        from forkattn._native import _C
+        _C.attention_fwd_cuda(q, k, v, None, False, 1.0, 1.0, 0)
+
+
 # --- anywhere: host side ---------------------------------------------------------------------------
 
 def test_cuda_backend_unavailable_says_why():
@@ -393,7 +523,7 @@ def test_generated_kernels_are_up_to_date(tmp_path):
     gen_dir = os.path.join(ROOT, "kernels", "attention", "generated")
     names = sorted(os.listdir(tmp_path))
     assert names == sorted(f for f in os.listdir(gen_dir) if f.endswith(".cu"))
-    assert len(names) == 2 * 2 * 3  # (fwd, bwd) x (fp16, bf16) x (32, 64, 128)
+    assert len(names) == 2 * 2 * 2 * 3  # (fwd, bwd) x (plain, dropout) x (fp16, bf16) x (32, 64, 128)
     for n in names:
         with open(os.path.join(gen_dir, n)) as a, open(tmp_path / n) as b:
             assert a.read() == b.read(), n
@@ -404,7 +534,7 @@ def test_generated_kernels_are_up_to_date(tmp_path):
 
 
 def test_instantiations_cover_the_switches():
-    """Every (direction, dtype, head_dim) the switch header dispatches to has its generated file."""
+    """Every (direction, dropout, dtype, head_dim) the switch header dispatches to has its generated file."""
     with open(os.path.join(ROOT, "kernels", "common", "static_switch.h")) as f:
         switch = f.read()
     dims = [d for d in (32, 64, 128) if f"(HEAD_DIM) == {d}" in switch]
@@ -413,7 +543,7 @@ def test_instantiations_cover_the_switches():
 
     assert tuple(dims) == CUDA_HEAD_DIMS
     gen = os.listdir(os.path.join(ROOT, "kernels", "attention", "generated"))
-    for direction in ("fwd", "bwd"):
+    for direction in ("fwd", "bwd", "fwd_dropout", "bwd_dropout"):
         for dtype in ("fp16", "bf16"):
             for d in dims:
                 assert f"attention_{direction}_{dtype}_hdim{d}.cu" in gen

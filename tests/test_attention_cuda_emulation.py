@@ -3,12 +3,14 @@ a thread-level transcription of kernels/attention/*.cuh and their host glue on a
 small cases against the fp64 reference, the fragment layouts against a plain matmul, and mutations (a
 deliberately broken copy of one kernel step) that the checks must catch, so they cannot pass
 vacuously. The full matrix is `python tests/cuda_emulator` (docs/EMULATION.md)."""
+import sys
+
 import numpy as np
 import pytest
 import torch
 from cuda_emulator import attention as emu
 from cuda_emulator import core
-from cuda_emulator.attention_checks import run_case, run_varlen_case
+from cuda_emulator.attention_checks import run_case, run_mask_probe, run_varlen_case
 from cuda_emulator.core import EmulationError
 from forkattn import reference
 
@@ -191,3 +193,67 @@ def test_emulated_nan_propagates_like_eager(plant, causal):
         assert torch.equal(torch.isnan(a), torch.isnan(r)), f"{name}: NaN at {int(torch.isnan(a).sum())} places, eager {int(torch.isnan(r).sum())}"
         fin = ~torch.isnan(r)
         assert (a.double()[fin] - r[fin]).abs().max() < 0.05, name
+
+
+# --- dropout (issue 16): the kernels' Philox mask, fwd and bwd ------------------------------------------
+
+DROPOUT_CASES = [
+    # causal, GQA 2:1, padding, Lq != Lk (odd), two key tiles
+    dict(B=2, H=2, Hkv=1, Lq=33, Lk=70, D=32, causal=True, padding="partial", dropout=(0.25, 12345)),
+    # head_dim 128: dq key tiles of 32, dk/dv query tiles of 16 with dropout (NJ = 4 and 2 in dropout.cuh)
+    dict(B=1, H=2, Hkv=1, Lq=7, Lk=40, D=128, causal=False, padding="partial", seed=3, dropout=(0.5, -9)),
+]
+
+
+@pytest.mark.parametrize("case", DROPOUT_CASES, ids=["causal-gqa-pad", "hdim128"])
+def test_emulated_dropout_matches_reference_with_the_same_mask(case):
+    """out, lse, dq, dk, dv against float64 eager fed philox.py's mask (2x rule and the same-rounding
+    model), and every mask element the forward, dq and dk/dv kernels draw equal to philox.py's."""
+    case = dict(case)
+    run_case(case.pop("B"), case.pop("H"), case.pop("Hkv"), case.pop("Lq"), case.pop("Lk"), case.pop("D"),
+             case.pop("causal"), verbose=False, **case)
+
+
+def test_emulated_varlen_dropout_counts_rows_inside_each_sequence():
+    run_varlen_case([33, 0, 7], [40, 3, 0], 2, 1, 64, True, verbose=False, dropout=(0.3, 2 ** 63 + 11))
+
+
+def test_emulated_dropout_mask_equals_eager_end_to_end():
+    """Through the outputs (q = 0, V = I, dO = I: an element is nonzero iff kept): the emulated
+    forward's out and dk/dv kernel's dV, and the eager backend, against philox.py."""
+    assert run_mask_probe(2, 2, 33, 60, 64, True, 0.3, 99, padding=True) > 1000
+
+
+def _dropout_small():
+    run_case(1, 2, 2, 33, 70, 32, False, verbose=False, dropout=(0.3, 77))
+
+
+def test_mutation_dropout_shuffle_from_the_wrong_lane_is_caught(monkeypatch):
+    from cuda_emulator import dropout as drop
+    real = drop.shfl
+    monkeypatch.setattr(drop, "shfl", lambda x, src: real(x, src ^ 1))
+    with pytest.raises(AssertionError):
+        _dropout_small()
+
+
+def test_mutation_dkdv_ignoring_the_mask_is_caught_by_the_numerics(monkeypatch):
+    """The dk/dv kernel draws the right mask but keeps every probability: only the numerics
+    (2x rule, same-rounding model) can notice, and must."""
+    real = emu.kept
+
+    def kept(keep, j, e):
+        return np.ones_like(real(keep, j, e)) if sys._getframe(1).f_code.co_name == "attention_bwd_dkdv_kernel" \
+            else real(keep, j, e)
+    monkeypatch.setattr(emu, "kept", kept)
+    with pytest.raises(AssertionError, match="dk|dv"):
+        _dropout_small()
+
+
+def test_mutation_dkdv_mask_of_the_wrong_head_is_caught(monkeypatch):
+    """The dk/dv kernel draws head 0's mask for every query head of the group (numerics and the
+    mask comparison both see it; the numerics are checked first)."""
+    real = emu.dropout_mask
+    monkeypatch.setattr(emu, "dropout_mask", lambda p, b, h: real(p, b, h if sys._getframe(1).f_code.co_name
+                                                                  != "attention_bwd_dkdv_kernel" else 0))
+    with pytest.raises(AssertionError, match="dk|dv"):
+        _dropout_small()

@@ -141,18 +141,12 @@ def test_bad_arguments(kw, err, text):
 
 
 def test_registry_feature():
-    """eager, cpu and triton declare dropout; the cuda kernels do not have it yet: a named call says
-    so, and backend=None never picks a backend without it."""
+    """Every attention backend declares dropout (the cuda kernels' mask is checked in
+    tests/test_attention_cuda_emulation.py and, on a GPU, tests/test_attention_cuda.py)."""
     for fam in (BACKENDS, VARLEN):
-        for name in ("eager", "cpu", "triton"):
+        for name in ("eager", "cpu", "triton", "cuda"):
             assert "dropout" in fam.backends[name].FEATURES, (fam.op, name)
-        why = fam.backends["cuda"].supports(device_type="cuda", features=("dropout",))
-        assert why == "dropout is not supported by backend 'cuda'"
-        assert fam.backends["cuda"].supports(device_type="cuda", features=("causal",)) is None
-    if torch.cuda.is_available():
-        q = torch.randn(1, 2, 4, 64, device="cuda", dtype=torch.float16)
-        with pytest.raises(forkattn.BackendUnavailableError, match="dropout is not supported by backend 'cuda'"):
-            forkattn.attention(q, q, q, dropout_p=0.1, backend="cuda")
+        assert fam.backends["cuda"].supports(device_type="cuda", features=("dropout", "causal")) is None
     expected = "cpu" if BACKENDS.why_not("cpu", "cpu", torch.float32, 8) is None else "eager"
     assert BACKENDS.resolve(None, "cpu", torch.float32, 8, ("dropout",)).NAME == expected
 

@@ -11,6 +11,7 @@
 #include "attention.h"
 #include "attention/api.h"
 #include "checks.h"
+#include "common/philox.h"
 
 namespace forkattn {
 namespace {
@@ -88,6 +89,14 @@ void fill_bwd(AttentionBwdParams& p, const at::Tensor& dout, const at::Tensor& d
   p.dv_batch_stride = dv.stride(0), p.dv_head_stride = dv.stride(1), p.dv_row_stride = dv.stride(2);
 }
 
+// Dropout (dropout_p > 0; already checked to be in [0, 1)): picks the DROPOUT instantiations.
+void set_dropout(AttentionFwdParams& p, double dropout_p, int64_t seed) {
+  p.dropout = dropout_p > 0.0;
+  p.dropout_threshold = p.dropout ? kernels::dropout_threshold16(dropout_p) : 0u;
+  p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
+  p.dropout_seed = static_cast<uint64_t>(seed);  // a signed int64's bit pattern
+}
+
 // Turns padded-batch params of the [1, H, total, D] views into varlen params.
 void make_varlen(AttentionFwdParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
   TORCH_CHECK_VALUE(cu_q.numel() - 1 <= 65535, "the cuda backend takes at most 65535 sequences, got ", cu_q.numel() - 1);
@@ -113,9 +122,10 @@ void check_launch(cudaError_t err, const char* what) {
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in,
                                                       const std::optional<at::Tensor>& key_padding_mask,
-                                                      bool causal, double scale) {
+                                                      bool causal, double scale, double dropout_p, int64_t seed) {
   const AttnSizes s = check_attention_inputs(q_in, k_in, v_in, key_padding_mask);
   check_cuda_limits(q_in, s);
+  check_dropout_p(dropout_p);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor out = empty_bhld(q_in, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor lse = at::empty({s.batch, s.heads, s.len_q}, q_in.options().dtype(at::kFloat));
@@ -123,6 +133,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   AttentionFwdParams p{};
   fill_fwd(p, q, k, v, key_padding_mask, out, lse, s, causal, scale);
+  set_dropout(p, dropout_p, seed);
   check_launch(kernels::attention::attention_fwd(p, at::cuda::getCurrentCUDAStream()), "forward");
   return {out, lse};
 }
@@ -130,9 +141,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const std::optional<at::Tensor>& key_padding_mask,
-    bool causal, double scale) {
+    bool causal, double scale, double dropout_p, int64_t seed) {
   const AttnSizes s = check_attention_bwd_inputs(dout_in, q_in, k_in, v_in, out_in, lse_in, key_padding_mask);
   check_cuda_limits(q_in, s);
+  check_dropout_p(dropout_p);
   const c10::cuda::CUDAGuard guard(q_in.device());
   at::Tensor dq = empty_bhld(q_in, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor dk = empty_bhld(k_in, s.batch, s.kv_heads, s.len_k, s.head_dim);
@@ -145,6 +157,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   AttentionBwdParams p{};
   fill_fwd(p, q, k, v, key_padding_mask, out, lse, s, causal, scale);
   fill_bwd(p, dout, dq, dk, dv, delta);
+  set_dropout(p, dropout_p, seed);
   check_launch(kernels::attention::attention_bwd(p, at::cuda::getCurrentCUDAStream()), "backward");
   return {dq, dk, dv};
 }
@@ -154,7 +167,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
 std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                              const at::Tensor& v_in, const at::Tensor& cu_seqlens_q,
                                                              const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                                             int64_t max_seqlen_k, bool causal, double scale) {
+                                                             int64_t max_seqlen_k, bool causal, double scale,
+                                                             double dropout_p, int64_t seed) {
+  check_dropout_p(dropout_p);
   FA_CHECK_DIM_NAMED(q_in, "q", 3);
   FA_CHECK_DIM_NAMED(k_in, "k", 3);
   FA_CHECK_DIM_NAMED(v_in, "v", 3);
@@ -170,6 +185,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q
   AttentionFwdParams p{};
   fill_fwd(p, q, k, v, std::nullopt, packed_as_bhld(out), lse.unsqueeze(0), s, causal, scale);
   make_varlen(p, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k);
+  set_dropout(p, dropout_p, seed);
   check_launch(kernels::attention::attention_fwd(p, at::cuda::getCurrentCUDAStream()), "varlen forward");
   return {out, lse};
 }
@@ -177,7 +193,9 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cuda(const at::Tensor& q
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& cu_seqlens_q,
-    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale) {
+    const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale,
+    double dropout_p, int64_t seed) {
+  check_dropout_p(dropout_p);
   for (const auto& [t, name] : {std::pair{&dout_in, "dout"}, std::pair{&q_in, "q"}, std::pair{&k_in, "k"},
                                 std::pair{&v_in, "v"}, std::pair{&out_in, "out"}}) {
     FA_CHECK_DIM_NAMED((*t), name, 3);
@@ -203,6 +221,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cuda(
   fill_bwd(p, dout, packed_as_bhld(dq), packed_as_bhld(dk), packed_as_bhld(dv), delta);
   make_varlen(p, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), max_seqlen_q, max_seqlen_k);
   p.dout_batch_stride = p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0;
+  set_dropout(p, dropout_p, seed);
   check_launch(kernels::attention::attention_bwd(p, at::cuda::getCurrentCUDAStream()), "varlen backward");
   return {dq, dk, dv};
 }

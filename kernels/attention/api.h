@@ -14,10 +14,10 @@ cudaError_t attention_fwd(const AttentionFwdParams& params, cudaStream_t stream)
 // dq comes from its own kernel, dk/dv sum a GQA group inside one block; no atomics.
 cudaError_t attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
 
-// One instantiation per (dtype, head_dim), each in its own generated .cu (generated/).
-template <typename T, int D>
+// One instantiation per (dtype, head_dim, dropout), each in its own generated .cu (generated/).
+template <typename T, int D, bool DROPOUT>
 cudaError_t run_attention_fwd(const AttentionFwdParams& params, cudaStream_t stream);
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 cudaError_t run_attention_bwd(const AttentionBwdParams& params, cudaStream_t stream);
 
 }  // namespace forkattn::kernels::attention

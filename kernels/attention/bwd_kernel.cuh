@@ -8,9 +8,13 @@
 //      once; with causal, query tiles entirely before the key tile are not visited.
 // dS = P * (dP - delta), P = exp2(s * scale_log2 - lse * log2 e): a row that saw no key has
 // lse = +inf, so P = 0 and every gradient it touches is zero.
+// DROPOUT: the forward's mask is redrawn (dropout.cuh), never stored: dV = (P * keep)^T dO times
+// 1 / (1 - p), and dP becomes dP * keep / (1 - p) before dS = P * (dP - delta); delta =
+// rowsum(dO * O) needs no change, O holds the dropout.
 #pragma once
 #include "attention/api.h"
 #include "attention/common.cuh"
+#include "attention/dropout.cuh"
 #include "common/static_switch.h"
 
 namespace forkattn::kernels::attention {
@@ -51,7 +55,7 @@ struct DqConfig {
   static constexpr size_t kSmem = (2 * kBlockM + 4 * kBlockN) * kRow * 2 + 2 * kBlockN * sizeof(float);
 };
 
-template <typename T, int D, bool CAUSAL>
+template <typename T, int D, bool CAUSAL, bool DROPOUT>
 __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel(const AttentionBwdParams p) {
   using C = DqConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads;
@@ -105,6 +109,8 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
   }
   float dq[D / 8][4];
   zero(dq);
+  DropoutMask drop{};
+  if constexpr (DROPOUT) drop = dropout_mask(p, b, h);
 
   int stage = 0;
   while (n < n_tiles) {
@@ -128,6 +134,8 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
 
     const int n0 = n * BN;
     const bool diagonal = CAUSAL && n0 + BN - 1 > m0 + offset;
+    uint32_t keep = 0;
+    if constexpr (DROPOUT) keep = dropout_keep_rows<BN / 8>(drop, row_base, n0, lane);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
@@ -136,7 +144,9 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
         // hidden keys: P = dS = 0 by select (a NaN row's lse or delta must not reach them)
         const bool hidden = bias[col] != 0.f || (diagonal && n0 + col > row_base + (e >> 1) * 8 + offset);
         const float prob = exp2f(s[j][e] * p.scale_log2 - lse2[e >> 1]);
-        s[j][e] = hidden ? 0.f : prob * (dp[j][e] - delta[e >> 1]);  // dS
+        float dpv = dp[j][e];
+        if constexpr (DROPOUT) dpv = keep & (1u << (4 * j + e)) ? dpv * p.dropout_scale : 0.f;
+        s[j][e] = hidden ? 0.f : prob * (dpv - delta[e >> 1]);  // dS
       }
     }
     mma_tile_reg_a<T, ROW, BN, D>(dq, s, sKs, lane);
@@ -156,17 +166,21 @@ __global__ void __launch_bounds__(DqConfig<D>::kThreads) attention_bwd_dq_kernel
 
 // --- 3. dk, dv ----------------------------------------------------------------------------------
 
-template <int D>
+// DROPOUT at head_dim 128: query tiles of 16, as S^T, dP^T and the mask do not fit next to the
+// dk/dv accumulators with 32 (ptxas spills 4-28 bytes on sm_90a however the mask is placed).
+template <int D, bool DROPOUT>
 struct DkvConfig {
-  static constexpr int kBlockN = 64, kBlockM = (D == 128 ? 32 : 64), kWarps = 4, kThreads = kWarps * 32;
+  static constexpr int kBlockN = 64, kBlockM = (D == 128 ? (DROPOUT ? 16 : 32) : 64), kWarps = 4;
+  static constexpr int kThreads = kWarps * 32;
   static constexpr int kRow = Smem<D>::kRow;
-  // K, V, 2 stages of Q and dO, 2 stages of lse, delta and tile row
-  static constexpr size_t kSmem = (2 * kBlockN + 4 * kBlockM) * kRow * 2 + 4 * kBlockM * sizeof(float) + 2 * sizeof(int);
+  // K, V, 2 stages of Q and dO, 2 stages of lse, delta and tile row (DROPOUT: and query head)
+  static constexpr size_t kSmem =
+      (2 * kBlockN + 4 * kBlockM) * kRow * 2 + 4 * kBlockM * sizeof(float) + (DROPOUT ? 4 : 2) * sizeof(int);
 };
 
-template <typename T, int D, bool CAUSAL>
-__global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
-  using C = DkvConfig<D>;
+template <typename T, int D, bool CAUSAL, bool DROPOUT>
+__global__ void __launch_bounds__(DkvConfig<D, DROPOUT>::kThreads) attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
+  using C = DkvConfig<D, DROPOUT>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads;
   static_assert(BN == 16 * C::kWarps, "each warp owns 16 keys");
   extern __shared__ __align__(16) unsigned char smem[];
@@ -177,6 +191,7 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
   float* sLse = reinterpret_cast<float*>(sdO + 2 * BM * ROW);  // [2][BM], log2 units
   float* sDelta = sLse + 2 * BM;                               // [2][BM]
   int* sTileRow = reinterpret_cast<int*>(sDelta + 2 * BM);     // [2]: first query row of each stage
+  int* sTileHead = sTileRow + 2;                               // [2]: its query head (DROPOUT only)
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int n0 = blockIdx.x * BN, hk = blockIdx.y, b = blockIdx.z;
@@ -226,7 +241,10 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
       sLse[st * BM + tid] = row < len_q ? p.lse[i] * kLog2e : INFINITY;
       sDelta[st * BM + tid] = row < len_q ? p.delta[i] : 0.f;
     }
-    if (tid == 0) sTileRow[st] = m0;
+    if (tid == 0) {
+      sTileRow[st] = m0;
+      if constexpr (DROPOUT) sTileHead[st] = next_head;
+    }
     if (++next_mt == m_tiles) {
       next_mt = m_begin;
       ++next_head;
@@ -266,6 +284,11 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
     mma_tile_smem_a<T, ROW, D, BM, true>(dpt, sV, warp * 16, sdOs, lane);
 
     const bool diagonal = CAUSAL && n0 + BN - 1 > m0 + offset;
+    uint32_t keep = 0;
+    if constexpr (DROPOUT) {
+      const DropoutMask drop = dropout_mask(p, b, sTileHead[stage]);
+      keep = dropout_keep_cols<BM / 8>(drop, (n0 + warp * 16) >> 3, m0, lane);
+    }
 #pragma unroll
     for (int j = 0; j < BM / 8; ++j) {
 #pragma unroll
@@ -277,8 +300,14 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
         float x = st[j][e] * p.scale_log2 + key_bias[e >> 1];
         if (diagonal && key_base + (e >> 1) * 8 > m0 + col + offset) x = -INFINITY;
         const float prob = exp2f(x - lse2[col]);
-        st[j][e] = prob;                              // P^T
-        dpt[j][e] = prob * (dpt[j][e] - delta[col]);  // dS^T
+        if constexpr (DROPOUT) {
+          const bool kept = keep & (1u << (4 * j + e));
+          st[j][e] = kept ? prob : 0.f;  // (P * keep)^T; 1 / (1 - p) joins dV at the end
+          dpt[j][e] = prob * ((kept ? dpt[j][e] * p.dropout_scale : 0.f) - delta[col]);  // dS^T
+        } else {
+          st[j][e] = prob;                              // P^T
+          dpt[j][e] = prob * (dpt[j][e] - delta[col]);  // dS^T
+        }
       }
     }
     mma_tile_reg_a<T, ROW, BM, D>(dv, st, sdOs, lane);
@@ -298,13 +327,14 @@ __global__ void __launch_bounds__(DkvConfig<D>::kThreads) attention_bwd_dkdv_ker
     }
   }
   stage_rows<T, D>(sK, warp * 16, dk, p.scale, p.scale, lane);
-  stage_rows<T, D>(sV, warp * 16, dv, 1.f, 1.f, lane);
+  const float dv_mul = DROPOUT ? p.dropout_scale : 1.f;
+  stage_rows<T, D>(sV, warp * 16, dv, dv_mul, dv_mul, lane);
   __syncthreads();
   store_tile<BN, D, NT>(dk_out, p.dk_row_stride, n0, len_k, sK, tid);
   store_tile<BN, D, NT>(dv_out, p.dv_row_stride, n0, len_k, sV, tid);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 cudaError_t run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) {
   // Empty q or k: nothing to launch (the host glue zero-fills the other side's gradients).
   if (p.len_q == 0 || p.len_k == 0 || p.batch == 0 || p.heads == 0) return cudaSuccess;
@@ -314,15 +344,15 @@ cudaError_t run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) 
   return FA_BOOL_SWITCH(p.causal, kCausal, [&] {
     {
       using C = DqConfig<D>;
-      auto kernel = attention_bwd_dq_kernel<T, D, kCausal>;
+      auto kernel = attention_bwd_dq_kernel<T, D, kCausal, DROPOUT>;
       cudaError_t e = set_smem(kernel, C::kSmem);
       if (e != cudaSuccess) return e;
       kernel<<<dim3(cdiv(p.len_q, C::kBlockM), p.heads, p.batch), C::kThreads, C::kSmem, stream>>>(p);
       e = cudaGetLastError();
       if (e != cudaSuccess) return e;
     }
-    using C = DkvConfig<D>;
-    auto kernel = attention_bwd_dkdv_kernel<T, D, kCausal>;
+    using C = DkvConfig<D, DROPOUT>;
+    auto kernel = attention_bwd_dkdv_kernel<T, D, kCausal, DROPOUT>;
     cudaError_t e = set_smem(kernel, C::kSmem);
     if (e != cudaSuccess) return e;
     kernel<<<dim3(cdiv(p.len_k, C::kBlockN), p.kv_heads, p.batch), C::kThreads, C::kSmem, stream>>>(p);
@@ -332,7 +362,10 @@ cudaError_t run_attention_bwd(const AttentionBwdParams& p, cudaStream_t stream) 
 
 }  // namespace forkattn::kernels::attention
 
-// The generated file for (T, D) instantiates run_attention_bwd<T, D> (declared in api.h).
-#define FORKATTN_INSTANTIATE_ATTENTION_BWD(T, D)                                \
-  template cudaError_t forkattn::kernels::attention::run_attention_bwd<T, D>( \
+// The generated files for (T, D) instantiate run_attention_bwd<T, D, false> and <T, D, true>
+// (declared in api.h), each in its own file.
+#define FORKATTN_INSTANTIATE_ATTENTION_BWD_(T, D, DROPOUT)                               \
+  template cudaError_t forkattn::kernels::attention::run_attention_bwd<T, D, DROPOUT>( \
       const forkattn::kernels::attention::AttentionBwdParams&, cudaStream_t);
+#define FORKATTN_INSTANTIATE_ATTENTION_BWD(T, D) FORKATTN_INSTANTIATE_ATTENTION_BWD_(T, D, false)
+#define FORKATTN_INSTANTIATE_ATTENTION_BWD_DROPOUT(T, D) FORKATTN_INSTANTIATE_ATTENTION_BWD_(T, D, true)

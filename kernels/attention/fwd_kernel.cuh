@@ -2,9 +2,12 @@
 // warp owns 16 query rows. K/V tiles of 64 keys stream through shared memory in two cp.async
 // stages; key tiles with no visible key (padding, or past the causal limit) are never loaded.
 // Online softmax in base 2 with fp32 accumulators; only lse is stored for the backward pass.
+// DROPOUT: after the running sum (lse stays undropped), dropped probabilities are zeroed before
+// P V; the survivors' 1 / (1 - p) joins the final 1 / l.
 #pragma once
 #include "attention/api.h"
 #include "attention/common.cuh"
+#include "attention/dropout.cuh"
 #include "common/static_switch.h"
 
 namespace forkattn::kernels::attention {
@@ -17,7 +20,7 @@ struct FwdConfig {
   static constexpr size_t kSmem = (kBlockM + 4 * kBlockN) * kRow * 2 + 2 * kBlockN * sizeof(float);
 };
 
-template <typename T, int D, bool CAUSAL>
+template <typename T, int D, bool CAUSAL, bool DROPOUT>
 __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(const AttentionFwdParams p) {
   using C = FwdConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads;
@@ -60,6 +63,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
   float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; reduced over the quad at the end
   const int g = lane >> 2, t = lane & 3;
   const int row_base = m0 + warp * 16 + g;  // rows row_base and row_base + 8
+  DropoutMask drop{};
+  if constexpr (DROPOUT) drop = dropout_mask(p, b, h);
 
   int stage = 0;
   while (n < n_tiles) {
@@ -116,6 +121,16 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
         acc[j][2 * r + 1] *= alpha;
       }
     }
+    if constexpr (DROPOUT) {
+      const uint32_t keep = dropout_keep_rows<BN / 8>(drop, row_base, n0, lane);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (!(keep & (1u << (4 * j + e)))) s[j][e] = 0.f;
+        }
+      }
+    }
     mma_tile_reg_a<T, ROW, BN, D>(acc, s, sVs, lane);
 
     __syncthreads();  // this stage is refilled by the next iteration's prefetch
@@ -131,7 +146,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
     const float l = quad_sum(row_sum[r]);
     const int row = row_base + r * 8;
     // a row that sees no key (l == 0) writes zeros; a NaN score (l NaN) makes the row NaN, as in eager
-    mul[r] = l != 0.f ? 1.f / l : 0.f;
+    mul[r] = l != 0.f ? (DROPOUT ? p.dropout_scale : 1.f) / l : 0.f;
     if (t == 0 && row < len_q) {
       p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + row] =
           l != 0.f ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
@@ -143,13 +158,13 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
   store_tile<BM, D, NT>(out, p.out_row_stride, m0, len_q, sQ, tid);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 cudaError_t run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) {
   using C = FwdConfig<D>;
   if (p.len_q == 0 || p.batch == 0 || p.heads == 0) return cudaSuccess;
   const dim3 grid(cdiv(p.len_q, C::kBlockM), p.heads, p.batch);
   return FA_BOOL_SWITCH(p.causal, kCausal, [&] {
-    auto kernel = attention_fwd_kernel<T, D, kCausal>;
+    auto kernel = attention_fwd_kernel<T, D, kCausal, DROPOUT>;
     cudaError_t err = set_smem(kernel, C::kSmem);
     if (err != cudaSuccess) return err;
     kernel<<<grid, C::kThreads, C::kSmem, stream>>>(p);
@@ -159,7 +174,10 @@ cudaError_t run_attention_fwd(const AttentionFwdParams& p, cudaStream_t stream) 
 
 }  // namespace forkattn::kernels::attention
 
-// The generated file for (T, D) instantiates run_attention_fwd<T, D> (declared in api.h).
-#define FORKATTN_INSTANTIATE_ATTENTION_FWD(T, D)                                \
-  template cudaError_t forkattn::kernels::attention::run_attention_fwd<T, D>( \
+// The generated files for (T, D) instantiate run_attention_fwd<T, D, false> and <T, D, true>
+// (declared in api.h), each in its own file.
+#define FORKATTN_INSTANTIATE_ATTENTION_FWD_(T, D, DROPOUT)                               \
+  template cudaError_t forkattn::kernels::attention::run_attention_fwd<T, D, DROPOUT>( \
       const forkattn::kernels::attention::AttentionFwdParams&, cudaStream_t);
+#define FORKATTN_INSTANTIATE_ATTENTION_FWD(T, D) FORKATTN_INSTANTIATE_ATTENTION_FWD_(T, D, false)
+#define FORKATTN_INSTANTIATE_ATTENTION_FWD_DROPOUT(T, D) FORKATTN_INSTANTIATE_ATTENTION_FWD_(T, D, true)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes one .cu per (forward|backward, dtype, head_dim) into kernels/attention/generated/, so a
+"""Writes one .cu per (forward|backward, with or without dropout, dtype, head_dim) into kernels/attention/generated/, so a
 CUDA build compiles the instantiations in parallel. Checked in with its output; rerun after
 changing the lists in kernels/common/generate.py:  python kernels/attention/generate_kernels.py
 `--check` exits 1 when the checked-in files differ from what this script writes."""
@@ -13,6 +13,10 @@ from generate import instantiations, write_or_check  # noqa: E402
 LAUNCHERS = {
     "attention_fwd": ("fwd_kernel.cuh", "FORKATTN_INSTANTIATE_ATTENTION_FWD"),
     "attention_bwd": ("bwd_kernel.cuh", "FORKATTN_INSTANTIATE_ATTENTION_BWD"),
+    # dropout_p > 0: the same kernels with the mask code compiled in, in files of their own so that
+    # a parallel build compiles them side by side with the plain ones
+    "attention_fwd_dropout": ("fwd_kernel.cuh", "FORKATTN_INSTANTIATE_ATTENTION_FWD_DROPOUT"),
+    "attention_bwd_dropout": ("bwd_kernel.cuh", "FORKATTN_INSTANTIATE_ATTENTION_BWD_DROPOUT"),
 }
 
 

@@ -39,6 +39,14 @@ struct AttentionFwdParams {
   float scale_log2;  // scale * log2(e): the kernels work with exp2
   bool causal;
   bool is_bf16;  // element type: bf16 if true, else fp16
+
+  // Attention dropout (kernels/common/philox.h's mask of (b, h, i, j), i and j counted inside the
+  // sequence; b the sequence for varlen): each probability is kept iff its u16 >= dropout_threshold,
+  // survivors scaled by dropout_scale. dropout false (p = 0) picks the instantiations without it.
+  bool dropout;
+  uint32_t dropout_threshold;  // dropout_threshold16(p)
+  float dropout_scale;         // 1 / (1 - p)
+  uint64_t dropout_seed;       // Philox key (a signed int64's bit pattern)
 };
 
 struct AttentionBwdParams : AttentionFwdParams {

@@ -168,7 +168,7 @@ def attention(
         regenerates it from the seed. seed: an int (a signed int64 is its bit pattern); None draws
         a fresh one per call from `generator` (default: torch's default CPU generator, so
         torch.manual_seed reproduces a run). dropout_p=0 (the default) runs the kernels without
-        dropout code. Backends with dropout: eager, cpu, triton.
+        dropout code. Backends with dropout: eager, cpu, triton, cuda.
     backend: None picks the fastest backend for the device, dtype and head_dim; or one of
         "eager", "cpu", "triton", "cuda" (an error names why a named backend cannot run).
         "cuda" (hand-written tensor-core kernels: CUDA builds, sm_80+, float16/bfloat16,

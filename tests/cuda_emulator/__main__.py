@@ -1,8 +1,8 @@
 """The full emulation matrix: python tests/cuda_emulator [--quick] [--only attention|decode]
 (or, with tests/ on PYTHONPATH, python -m cuda_emulator). Attention: head_dim 32/64/128 x Lq, Lk in
 {1, 7, 65, 97, 129} x causal, padding incl. a fully padded sequence, GQA 4/2 and 4/1, strided
-inputs, varlen with an empty sequence and an oversized grid (198 cases, about 5 minutes on a
-2-core machine). Decode: decode_checks.full_decode_matrix(). --quick: a handful of cases each."""
+inputs, varlen with an empty sequence and an oversized grid, and 19 of them with dropout (217 cases,
+about 6 minutes on a 2-core machine). Decode: decode_checks.full_decode_matrix(). --quick: a handful of cases each."""
 import argparse
 import sys
 import time
@@ -20,6 +20,9 @@ def attention_main(quick):
         attention_checks.run_case(1, 2, 2, 65, 97, 32, True)
         attention_checks.run_case(2, 4, 2, 97, 65, 64, False, padding="full")
         attention_checks.run_varlen_case([65, 0, 7], [70, 3, 0], 2, 1, 128, True)
+        attention_checks.run_case(2, 4, 2, 97, 129, 128, True, padding="full", dropout=(0.1, 7))
+        print(f"mask probe: {attention_checks.run_mask_probe(2, 2, 61, 64, 64, True, 0.3, -5, padding=True)} "
+              "visible elements of out and dV kept exactly where eager and philox.py keep them")
         return
     cases = attention_checks.full_matrix()
     worst, ratio = {}, {}

@@ -15,6 +15,8 @@ What is emulated
 - Shuffle reductions (quad_max/quad_sum: xor 1, 2; delta: xor 16..1); __syncthreads_or as an OR
   over all 128 threads.
 - Numerics: fp16 inputs, fp32 accumulators and softmax, P and staged outputs rounded to fp16.
+- Dropout (the DROPOUT instantiations, p.dropout): dropout.cuh's mask, transcribed in dropout.py
+  (Philox per thread, the keep-bit exchange by shuffles), applied where the kernels apply it.
 - Outputs and workspaces poisoned with NaN and write-once.
 
 Not emulated beyond core.py's limits: bf16 (only fp16; bf16 differs in pack2/unpack2 and the mma
@@ -32,6 +34,7 @@ import torch
 
 from .core import (F32, G, GBuf, INF, LANE, NT, HostTensor, Smem, TID, TQ, WARP, cp_async16_from,
                    ldsm_x4, mma16816, pack2, pack_a, syncthreads_or)
+from .dropout import dropout_keep_cols, dropout_keep_rows, dropout_mask, dropout_threshold16, kept
 
 kLog2e = np.float32(1.4426950408889634)
 kLn2 = np.float32(0.6931471805599453)
@@ -147,7 +150,7 @@ def sequence(p, b):
 
 # --- fwd_kernel.cuh ----------------------------------------------------------------------------------
 
-def attention_fwd_kernel(p, D, CAUSAL, blockIdx):
+def attention_fwd_kernel(p, D, CAUSAL, blockIdx, DROPOUT=False):
     BM, BN, ROW = 64, 64, D + 8
     kSmem = (BM + 4 * BN) * ROW * 2 + 2 * BN * 4
     sm = Smem(kSmem)
@@ -185,6 +188,7 @@ def attention_fwd_kernel(p, D, CAUSAL, blockIdx):
     row_max = np.full((NT, 2), -INF, F32)
     row_sum = np.zeros((NT, 2), F32)
     row_base = m0 + WARP * 16 + G
+    drop = dropout_mask(p, b, h) if DROPOUT else None
 
     stage = 0
     while n < n_tiles:
@@ -227,6 +231,11 @@ def attention_fwd_kernel(p, D, CAUSAL, blockIdx):
             row_sum[:, r] = row_sum[:, r] * alpha + ssum
             acc[:, :, 2 * r] *= alpha[:, None]
             acc[:, :, 2 * r + 1] *= alpha[:, None]
+        if DROPOUT:
+            keep = dropout_keep_rows(drop, row_base, n0, BN // 8)
+            for j in range(BN // 8):
+                for e in range(4):
+                    s[~kept(keep, j, e), j, e] = 0
         mma_tile_reg_a(sm, acc, s, sVs, ROW, BN, D)
 
         sm.barrier()
@@ -240,7 +249,7 @@ def attention_fwd_kernel(p, D, CAUSAL, blockIdx):
         l = quad_sum(row_sum[:, r])
         row = row_base + r * 8
         live = l != 0  # l == 0: the row sees no key (zeros); NaN l: a NaN score, the row is NaN
-        mul[:, r] = np.where(live, F32(1) / np.where(live, l, F32(1)), F32(0))
+        mul[:, r] = np.where(live, F32(p.dropout_scale if DROPOUT else 1) / np.where(live, l, F32(1)), F32(0))
         w = (TQ == 0) & (row < len_q)
         lse_val = np.where(live, (row_max[:, r] + np.log2(np.where(live, l, F32(1)))) * kLn2, INF).astype(F32)
         p.lse.write(b * p.lse_batch_stride + h * p.lse_head_stride + q_start + row[w], lse_val[w])
@@ -254,7 +263,7 @@ def run_attention_fwd(p):
     if p.len_q == 0 or p.batch == 0 or p.heads == 0:
         return
     for blk in itertools.product(range(cdiv(p.len_q, 64)), range(p.heads), range(p.batch)):
-        attention_fwd_kernel(p, p.head_dim, p.causal, blk)
+        attention_fwd_kernel(p, p.head_dim, p.causal, blk, p.dropout)
 
 
 # --- bwd_kernel.cuh ----------------------------------------------------------------------------------
@@ -281,7 +290,7 @@ def attention_bwd_delta_kernel(p, D, blockIdx):
     p.delta.write(b * p.lse_batch_stride + h * p.lse_head_stride + qrow[w], ssum[w])
 
 
-def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx):
+def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx, DROPOUT=False):
     BM, BN, ROW = 64, (32 if D == 128 else 64), D + 8
     kSmem = (2 * BM + 4 * BN) * ROW * 2 + 2 * BN * 4
     sm = Smem(kSmem)
@@ -329,6 +338,7 @@ def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx):
         lse2[ok, r] = p.lse.read(i[ok]) * kLog2e
         delta[ok, r] = p.delta.read(i[ok])
     dq = np.zeros((NT, D // 8, 4), F32)
+    drop = dropout_mask(p, b, h) if DROPOUT else None
 
     stage = 0
     while n < n_tiles:
@@ -350,6 +360,7 @@ def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx):
 
         n0 = n * BN
         diagonal = CAUSAL and n0 + BN - 1 > m0 + offset
+        keep = dropout_keep_rows(drop, row_base, n0, BN // 8) if DROPOUT else None
         for j in range(BN // 8):
             for e in range(4):
                 col = j * 8 + 2 * TQ + (e & 1)
@@ -357,7 +368,10 @@ def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx):
                 if diagonal:
                     hidden = hidden | (n0 + col > row_base + (e >> 1) * 8 + offset)
                 prob = np.exp2(s[:, j, e] * F32(p.scale_log2) - lse2[:, e >> 1]).astype(F32)
-                s[:, j, e] = np.where(hidden, F32(0), prob * (dp[:, j, e] - delta[:, e >> 1]))
+                dpv = dp[:, j, e]
+                if DROPOUT:
+                    dpv = np.where(kept(keep, j, e), dpv * F32(p.dropout_scale), F32(0)).astype(F32)
+                s[:, j, e] = np.where(hidden, F32(0), prob * (dpv - delta[:, e >> 1]))
         mma_tile_reg_a(sm, dq, s, sKs, ROW, BN, D)
 
         sm.barrier()
@@ -372,9 +386,9 @@ def attention_bwd_dq_kernel(p, D, CAUSAL, blockIdx):
     store_tile(sm, dq_out, p.dq_row_stride, m0, len_q, sQ, ROW, BM, D)
 
 
-def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx):
-    BN, BM, ROW = 64, (32 if D == 128 else 64), D + 8
-    kSmem = (2 * BN + 4 * BM) * ROW * 2 + 4 * BM * 4 + 2 * 4
+def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx, DROPOUT=False):
+    BN, BM, ROW = 64, ((16 if DROPOUT else 32) if D == 128 else 64), D + 8
+    kSmem = (2 * BN + 4 * BM) * ROW * 2 + 4 * BM * 4 + (4 if DROPOUT else 2) * 4
     sm = Smem(kSmem)
     sK = 0
     sV = sK + 2 * BN * ROW
@@ -383,6 +397,7 @@ def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx):
     sLse = sdO + 2 * 2 * BM * ROW
     sDelta = sLse + 4 * 2 * BM
     sTileRow = sDelta + 4 * 2 * BM
+    sTileHead = sTileRow + 4 * 2
 
     bx, hk, b = blockIdx
     n0 = bx * BN
@@ -436,6 +451,8 @@ def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx):
         sm.write_f(sLse + 4 * (st * BM + TID[sel]), lse_v, TID[sel])
         sm.write_f(sDelta + 4 * (st * BM + TID[sel]), del_v, TID[sel])
         sm.write_i(sTileRow + 4 * np.array([st]), np.array([m0], np.int32), np.array([0]))
+        if DROPOUT:
+            sm.write_i(sTileHead + 4 * np.array([st]), np.array([st8.next_head], np.int32), np.array([0]))
         st8.next_mt += 1
         if st8.next_mt == m_tiles:
             st8.next_mt = m_begin
@@ -475,6 +492,12 @@ def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx):
 
         assert np.all(m0 == m0[0])
         diagonal = CAUSAL and n0 + BN - 1 > int(m0[0]) + offset
+        keep = None
+        if DROPOUT:
+            head = sm.read_i(np.full(NT, sTileHead + 4 * stage), TID)
+            assert np.all(head == head[0])
+            drop = dropout_mask(p, b, int(head[0]))
+            keep = dropout_keep_cols(drop, (n0 + WARP * 16) >> 3, m0, BM // 8)
         for j in range(BM // 8):
             for e in range(4):
                 col = j * 8 + 2 * TQ + (e & 1)
@@ -482,8 +505,14 @@ def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx):
                 if diagonal:
                     x = np.where(key_base + (e >> 1) * 8 > m0 + col + offset, -INF, x)
                 prob = np.exp2(x - sm.read_f(lse2 + 4 * col, TID)).astype(F32)
-                st[:, j, e] = prob
-                dpt[:, j, e] = prob * (dpt[:, j, e] - sm.read_f(delta + 4 * col, TID))
+                if DROPOUT:
+                    kp = kept(keep, j, e)
+                    st[:, j, e] = np.where(kp, prob, F32(0))
+                    dpv = np.where(kp, dpt[:, j, e] * F32(p.dropout_scale), F32(0)).astype(F32)
+                    dpt[:, j, e] = prob * (dpv - sm.read_f(delta + 4 * col, TID))
+                else:
+                    st[:, j, e] = prob
+                    dpt[:, j, e] = prob * (dpt[:, j, e] - sm.read_f(delta + 4 * col, TID))
         mma_tile_reg_a(sm, dv, st, sdOs, ROW, BM, D)
         mma_tile_reg_a(sm, dk, dpt, sQs, ROW, BM, D)
 
@@ -496,7 +525,8 @@ def attention_bwd_dkdv_kernel(p, D, CAUSAL, blockIdx):
         dk[pad, :, 2 * r] = dk[pad, :, 2 * r + 1] = 0
         dv[pad, :, 2 * r] = dv[pad, :, 2 * r + 1] = 0
     stage_rows(sm, sK, ROW, WARP * 16, dk, D, F32(p.scale), F32(p.scale))
-    stage_rows(sm, sV, ROW, WARP * 16, dv, D, F32(1), F32(1))
+    dv_mul = F32(p.dropout_scale if DROPOUT else 1)
+    stage_rows(sm, sV, ROW, WARP * 16, dv, D, dv_mul, dv_mul)
     sm.barrier()
     store_tile(sm, dk_out, p.dk_row_stride, n0, len_k, sK, ROW, BN, D)
     store_tile(sm, dv_out, p.dv_row_stride, n0, len_k, sV, ROW, BN, D)
@@ -509,9 +539,9 @@ def run_attention_bwd(p):
     for blk in itertools.product(range(cdiv(p.len_q, 4)), range(p.heads), range(p.batch)):
         attention_bwd_delta_kernel(p, D, blk)
     for blk in itertools.product(range(cdiv(p.len_q, 64)), range(p.heads), range(p.batch)):
-        attention_bwd_dq_kernel(p, D, p.causal, blk)
+        attention_bwd_dq_kernel(p, D, p.causal, blk, p.dropout)
     for blk in itertools.product(range(cdiv(p.len_k, 64)), range(p.kv_heads), range(p.batch)):
-        attention_bwd_dkdv_kernel(p, D, p.causal, blk)
+        attention_bwd_dkdv_kernel(p, D, p.causal, blk, p.dropout)
 
 
 # --- csrc/cuda/attention_cuda.cpp, transcribed --------------------------------------------------------
@@ -566,6 +596,14 @@ def fill_bwd(p, dout, dq, dk, dv, delta):
     p.dv_batch_stride, p.dv_head_stride, p.dv_row_stride = dv.stride[:3]
 
 
+def set_dropout(p, dropout_p, seed):
+    assert 0 <= dropout_p < 1  # check_dropout_p
+    p.dropout = dropout_p > 0
+    p.dropout_threshold = dropout_threshold16(dropout_p) if p.dropout else 0
+    p.dropout_scale = float(np.float32(1.0 / (1.0 - dropout_p)))
+    p.dropout_seed = int(seed) & 0xFFFFFFFFFFFFFFFF
+
+
 def make_varlen(p, cu_q, cu_k, max_q, max_k):
     assert cu_q.numel() == cu_k.numel() and max_q >= 0 and max_k >= 0
     p.cu_seqlens_q = GBuf("cu_seqlens_q", cu_q.to(torch.int32).numpy())
@@ -580,7 +618,7 @@ def _h(name, t, **kw):
     return HostTensor(name, t, **kw)
 
 
-def attention_fwd_cuda(q, k, v, key_padding_mask=None, causal=False, scale=None):
+def attention_fwd_cuda(q, k, v, key_padding_mask=None, causal=False, scale=None, dropout_p=0.0, seed=0):
     """attention_fwd_cuda: q [B, H, Lq, D], k/v [B, Hkv, Lk, D] fp16 -> (out, lse)."""
     B, H, Lq, D = q.shape
     scale = D ** -0.5 if scale is None else scale
@@ -591,11 +629,13 @@ def attention_fwd_cuda(q, k, v, key_padding_mask=None, causal=False, scale=None)
     qh, kh, vh = (_h(n, rows_aligned(t)) for n, t in (("q", q), ("k", k), ("v", v)))
     mh = _h("key_padding_mask", key_padding_mask) if key_padding_mask is not None else None
     p = fill_fwd(qh, kh, vh, mh, out, lse, causal, scale)
+    set_dropout(p, dropout_p, seed)
     run_attention_fwd(p)
     return out.tensor(), lse.tensor()
 
 
-def attention_bwd_cuda(dout, q, k, v, out, lse, key_padding_mask=None, causal=False, scale=None):
+def attention_bwd_cuda(dout, q, k, v, out, lse, key_padding_mask=None, causal=False, scale=None, dropout_p=0.0,
+                       seed=0):
     B, H, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D ** -0.5 if scale is None else scale
@@ -612,11 +652,12 @@ def attention_bwd_cuda(dout, q, k, v, out, lse, key_padding_mask=None, causal=Fa
     mh = _h("key_padding_mask", key_padding_mask) if key_padding_mask is not None else None
     p = fill_fwd(qh, kh, vh, mh, oh, lseh, causal, scale)
     fill_bwd(p, doh, dq, dk, dv, delta)
+    set_dropout(p, dropout_p, seed)
     run_attention_bwd(p)
     return dq.tensor(), dk.tensor(), dv.tensor()
 
 
-def attention_varlen_fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, scale=None):
+def attention_varlen_fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, scale=None, dropout_p=0.0, seed=0):
     """q [total_q, H, D], k/v [total_k, Hkv, D] -> (out [total_q, H, D], lse [H, total_q])."""
     total_q, H, D = q.shape
     scale = D ** -0.5 if scale is None else scale
@@ -628,11 +669,13 @@ def attention_varlen_fwd_cuda(q, k, v, cu_q, cu_k, max_q, max_k, causal=False, s
     lse4 = lse.view((1, H, total_q), (H * total_q, total_q, 1))  # lse.unsqueeze(0)
     p = fill_fwd(qh, kh, vh, None, packed_as_bhld(out), lse4, causal, scale)
     make_varlen(p, cu_q, cu_k, max_q, max_k)
+    set_dropout(p, dropout_p, seed)
     run_attention_fwd(p)
     return out.tensor(), lse.tensor()
 
 
-def attention_varlen_bwd_cuda(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=False, scale=None):
+def attention_varlen_bwd_cuda(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k, causal=False, scale=None,
+                              dropout_p=0.0, seed=0):
     total_q, H, D = q.shape
     scale = D ** -0.5 if scale is None else scale
     dq = _h("dq", torch.empty(q.shape, dtype=q.dtype), poison=True, write_once=True)
@@ -650,5 +693,6 @@ def attention_varlen_bwd_cuda(dout, q, k, v, out, lse, cu_q, cu_k, max_q, max_k,
     fill_bwd(p, doh, packed_as_bhld(dq), packed_as_bhld(dk), packed_as_bhld(dv), delta)
     make_varlen(p, cu_q, cu_k, max_q, max_k)
     p.dout_batch_stride = p.dq_batch_stride = p.dk_batch_stride = p.dv_batch_stride = 0
+    set_dropout(p, dropout_p, seed)
     run_attention_bwd(p)
     return dq.tensor(), dk.tensor(), dv.tensor()

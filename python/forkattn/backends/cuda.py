@@ -72,16 +72,12 @@ class _OptIn:
 
 @register
 class CudaAttention(_OptIn, _CudaKernels, AttentionBackend):
-    FEATURES = AttentionBackend.FEATURES - {"dropout"}  # kernels/attention has no dropout yet (issue #16)
-
-    def make_impl(self):
+    def make_impl(self):  # dropout: the kernels draw kernels/common/philox.h's mask themselves
         return FwdBwd(_native._C.attention_fwd_cuda, _native._C.attention_bwd_cuda)
 
 
 @register
 class CudaAttentionVarlen(_OptIn, _CudaKernels, AttentionVarlenBackend):
-    FEATURES = AttentionVarlenBackend.FEATURES - {"dropout"}
-
     def make_impl(self):
         # cu_seqlens stay on the device: the kernels read them, the host never does
         return FwdBwd(_native._C.attention_varlen_fwd_cuda, _native._C.attention_varlen_bwd_cuda)
