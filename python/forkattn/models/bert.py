@@ -29,7 +29,7 @@ zeros there): compare outputs at real tokens.
 Dropout as transformers': hidden_dropout_prob on the embeddings and both residual branches, and
 attention_probs_dropout_prob on the attention probabilities in training mode, through
 forkattn.attention's (and attention_varlen's) dropout_p on either layout and every backend that has
-dropout (eager, cpu, triton; "cuda" pinned in training with it set raises). Each layer's
+dropout (eager, cpu, triton, cuda). Each layer's
 AttentionDropout (models/dropout.py, at attention.self.dropout as in transformers) draws a fresh seed
 per call from torch's default generator (or set_attention_dropout_generator's), so
 torch.manual_seed reproduces a run. The masks differ from transformers' (Philox, not torch's
