@@ -11,6 +11,7 @@ from attn_utils import assert_within_budget
 from forkattn import _native
 from forkattn.models import bert as fb
 from forkattn.models import cpu_inference
+from forkattn.models.dropout import AttentionDropout
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.skipif(_native._C is None, reason=f"no native extension: {_native.ERROR}")]
@@ -285,7 +286,7 @@ def test_module_path_qkv_cache_without_autograd():
     m = _model()
     m.config.hidden_dropout_prob = 0.0
     for mod in m.modules():
-        if isinstance(mod, torch.nn.Dropout):
+        if isinstance(mod, (torch.nn.Dropout, AttentionDropout)):  # hidden and attention dropout
             mod.p = 0.0
     m.train()
     ids, mask = _batch()

@@ -23,6 +23,7 @@ import forkattn.triton as ftriton
 from forkattn import philox, reference
 from forkattn._checks import check_dropout
 from forkattn.models import bert as fb
+from forkattn.models import cpu_inference
 from forkattn.models.bert_graphs import BertGraphRunner
 from forkattn.models.dropout import AttentionDropout, set_attention_dropout_generator
 from forkattn.models.gpt import GPT, GPTConfig
@@ -276,9 +277,12 @@ def test_each_call_gets_the_config_rate_and_the_reference_mask(model, calls):
 
 @pytest.mark.parametrize("make", [lambda p: _bert(p=p), lambda p: _bert(p=p, unpad=False), lambda p: _gpt(p=p)],
                          ids=["bert-unpadded", "bert-padded", "gpt"])
-def test_zero_rate_in_training_equals_eval(make):
+def test_zero_rate_in_training_equals_eval(make, monkeypatch):
     """attention_probs_dropout_prob / attn_pdrop = 0 in train mode is exactly eval (no dropout code),
-    and a model with p > 0 in eval is exactly the p = 0 model."""
+    and a model with p > 0 in eval is exactly the p = 0 model. BERT's CPU inference fast path (eval
+    without autograd: packed GEMMs, fused epilogues, rounded differently) is off here; its own tests
+    hold it to transformers."""
+    monkeypatch.setattr(cpu_inference, "FUSED", False)
     ids, mask = _batch()
     zero = make(0.0)
     with torch.no_grad():
