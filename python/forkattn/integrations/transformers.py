@@ -34,8 +34,8 @@ attention_probs_dropout_prob / attn_pdrop / attention_dropout, 0 in eval) become
 dropout_p when the module is in training mode, as transformers' eager attention applies it
 (`training=module.training`); a fresh seed per call from torch's default generator, so
 torch.manual_seed reproduces a training run. forkattn's masks are Philox ones, not torch's
-bernoulli: same statistics, different draws than sdpa's or eager's. A pinned "cuda" backend has no
-dropout and raises in training with dropout set; unpinned, forkattn picks a backend that has it.
+bernoulli: same statistics, different draws than sdpa's or eager's. Every backend has dropout
+(eager, cpu, triton, cuda: the same Philox mask on each).
 The seed is drawn on the host per call, so torch.compile graph-breaks there in training with
 dropout (fullgraph=True refuses it; the default compile runs and reproduces eager's outputs);
 eval and dropout 0 compile in one graph as before.
