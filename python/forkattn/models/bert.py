@@ -201,29 +201,29 @@ class BertLayer(nn.Module):
         self.num_heads = config.num_attention_heads
         self.config = config
 
-    def qkv(self, x: Tensor):
+    def qkv(self, x: Tensor, fast=None):
         """q, k, v as [..., heads, head_dim] views of one GEMM against the concatenated weights (one
         read of x instead of three; the parameters stay transformers' three Linears)."""
         # the concatenation is cached when no gradient is recorded (models/cpu_inference.py)
-        return qkv_projection(self, x).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
+        return qkv_projection(self, x, fast).unflatten(-1, (3, self.num_heads, -1)).unbind(-3)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor], packing: Optional[Packing] = None) -> Tensor:
         """x [B, L, hidden] with key_padding_mask [B, L] or None; or packed [T, hidden] with `packing`."""
         att, backend = self.attention, attention_backend(self.config)
         drop = att.self.dropout.kwargs()  # dropout_p (and generator) in training, {} in eval
+        fast = fast_path(self, x)  # eval, no autograd, fp32 CPU: packed GEMMs + fused C++ epilogues
         if packing is None:
             B, L, H = x.shape
             # [B, L, heads, head_dim] -> [B, heads, L, head_dim] views; forkattn reads the strides in place
-            q, k, v = (t.transpose(1, 2) for t in self.qkv(x))
+            q, k, v = (t.transpose(1, 2) for t in self.qkv(x, fast))
             y = forkattn.attention(q, k, v, key_padding_mask=key_padding_mask, backend=backend, **drop)
             y = y.transpose(1, 2).reshape(B, L, H)  # free: the output has [B, L, heads, head_dim] memory
         else:
-            q, k, v = self.qkv(x)  # [T, heads, head_dim] views
+            q, k, v = self.qkv(x, fast)  # [T, heads, head_dim] views
             # cu_seqlens were built on the host from the mask: no per-layer device-to-host re-check
             y = forkattn.attention_varlen(q, k, v, packing.cu_seqlens, packing.cu_seqlens, packing.max_seqlen,
                                           packing.max_seqlen, backend=backend, validate_seqlens=False,
                                           **drop).flatten(1)
-        fast = fast_path(self, x)  # eval, no autograd, fp32 CPU: packed GEMMs + fused C++ epilogues
         if fast is not None:
             return fused_epilogues(self, x, y, fast)
         x = att.output.LayerNorm(x + self.dropout(att.output.dense(y)))

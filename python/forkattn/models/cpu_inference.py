@@ -97,9 +97,8 @@ def _linear(x: Tensor, w: Tensor, bias: Optional[Tensor], packed: bool) -> Tenso
     return F.linear(x, w, bias)
 
 
-def qkv_projection(layer: nn.Module, x: Tensor) -> Tensor:
-    """x @ [W_q; W_k; W_v]^T + [b_q; b_k; b_v]: [..., 3 * hidden]."""
-    fast = fast_path(layer, x)
+def qkv_projection(layer: nn.Module, x: Tensor, fast: Optional[Weights]) -> Tensor:
+    """x @ [W_q; W_k; W_v]^T + [b_q; b_k; b_v]: [..., 3 * hidden]; fast = fast_path(layer, x)."""
     if fast is not None:
         return _linear(x, fast.qkv, fast.qkv_bias, fast.packed)
     p = _qkv_params(layer)
