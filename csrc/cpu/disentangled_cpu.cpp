@@ -29,6 +29,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include <utility>
 #include <vector>
 
@@ -90,9 +93,24 @@ struct Problem {
 };
 
 // Per-thread buffers of the relative terms of one query block and one of its key tiles.
+// The positional products are formed in chunks of kChunk query rows (qp) or key columns (kp): a
+// chunk reads only chunk + keys - 1 (or chunk + queries - 1) position rows, where the whole block
+// reads rows + keys - 1, so the products no row uses shrink from (rows - 1) / keys of the useful
+// ones to (kChunk - 1) / keys (at L128 with 128 x 128 tiles: from 0.99 to 0.24).
+constexpr int64_t kChunk = 32;
+
+// Position rows [lo, lo + w) a chunk reads; its products sit in the block's buffer at column lo - block lo.
+struct Band {
+  int64_t lo, w;
+};
+
 struct Terms {
   std::vector<float> qp, kp;  // qp [bq, wq], kp [bk, wk]; the backward's dqp / dkp have the same shapes
   std::vector<int32_t> iq, ik;  // [bq + bk - 1]: delta - lo_q, delta - lo_k along the tile's diagonals
+  // run[x]: how many entries from x on step down by exactly 1 (i*[x + t] == i*[x] - t): where a run
+  // covers a block of the tile, the terms are contiguous slices of qp / kp rows (no gathers).
+  std::vector<int32_t> run;
+  std::vector<Band> qband, kband;  // per chunk of query rows / key columns
   int64_t lo_q = 0, wq = 0, lo_k = 0, wk = 0;
   bool have_qp = false;  // qp computed for the current query block (done at its first visible tile)
 
@@ -100,7 +118,10 @@ struct Terms {
       : qp(p.c2p ? p.bq * std::min(rows_cap, p.bq + p.Lk - 1) : 0),
         kp(p.p2c ? p.bk * std::min(rows_cap, p.bq + p.bk - 1) : 0),
         iq(p.c2p ? p.bq + p.bk - 1 : 0),
-        ik(p.p2c ? p.bq + p.bk - 1 : 0) {}
+        ik(p.p2c ? p.bq + p.bk - 1 : 0),
+        run(p.bq + p.bk - 1),
+        qband((p.bq + kChunk - 1) / kChunk),
+        kband((p.bk + kChunk - 1) / kChunk) {}
 };
 
 // qp = scale * Q_block . pos_key[lo_q .. hi_q]^T over the rows the block's queries read (every key).
@@ -110,8 +131,13 @@ void query_terms(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t row
   const auto [lo, hi] = p.table_range(i0, rows + p.Lk - 1);
   t.lo_q = lo;
   t.wq = hi - lo + 1;
-  mm_abt(p.blas, rows, t.wq, p.D, p.scale, p.q.at(b, h, i0), p.q.sl, p.pk.at(0, h, lo), p.pk.sl, 0.f, t.qp.data(),
-         t.wq);
+  for (int64_t r0 = 0, c = 0; r0 < rows; r0 += kChunk, ++c) {  // rows r0.. read table[i0 + r0, + n + Lk - 1)
+    const int64_t n = std::min(kChunk, rows - r0);
+    const auto [clo, chi] = p.table_range(i0 + r0, n + p.Lk - 1);
+    t.qband[c] = {clo, chi - clo + 1};
+    mm_abt(p.blas, n, chi - clo + 1, p.D, p.scale, p.q.at(b, h, i0 + r0), p.q.sl, p.pk.at(0, h, clo), p.pk.sl, 0.f,
+           t.qp.data() + r0 * t.wq + (clo - lo), t.wq);
+  }
 }
 
 // The tile (rows from i0, cols from j0) reads table[base + m], m in [0, rows + cols - 1), base =
@@ -125,58 +151,191 @@ void tile_terms(const Problem& p, int64_t h, int64_t i0, int64_t rows, int64_t j
   if (p.c2p) {
     for (int64_t m = 0; m < n; ++m) t.iq[n - 1 - m] = static_cast<int32_t>(tab[m] - t.lo_q);
   }
+  // x = n - 1 - m: i*[x + 1] == i*[x] - 1 exactly when tab[m - 1] == tab[m] - 1
+  t.run[n - 1] = 1;
+  for (int64_t x = n - 2; x >= 0; --x) {
+    const int64_t m = n - 1 - x;
+    t.run[x] = tab[m - 1] == tab[m] - 1 ? t.run[x + 1] + 1 : 1;
+  }
   if (p.p2c) {
     const auto [lo, hi] = p.table_range(base, n);
     t.lo_k = lo;
     t.wk = hi - lo + 1;
     for (int64_t m = 0; m < n; ++m) t.ik[n - 1 - m] = static_cast<int32_t>(tab[m] - lo);
-    mm_abt(p.blas, cols, t.wk, p.D, p.scale, kt, kld, p.pq.at(0, h, lo), p.pq.sl, 0.f, t.kp.data(), t.wk);
+    // columns c0.. (cc of them) read tab[cols - c0 - cc, + rows + cc - 1)
+    for (int64_t c0 = 0, c = 0; c0 < cols; c0 += kChunk, ++c) {
+      const int64_t cc = std::min(kChunk, cols - c0);
+      const auto [clo, chi] = p.table_range(base + cols - c0 - cc, rows + cc - 1);
+      t.kband[c] = {clo, chi - clo + 1};
+      mm_abt(p.blas, cc, chi - clo + 1, p.D, p.scale, kt + c0 * kld, kld, p.pq.at(0, h, clo), p.pq.sl, 0.f,
+             t.kp.data() + c0 * t.wk + (clo - lo), t.wk);
+    }
   }
 }
 
-// s[r, c] += qp[r, iq[rows - 1 - r + c]] + kp[c, ik[rows - 1 - r + c]]
-void add_terms(const Problem& p, float* s, int64_t rows, int64_t cols, const Terms& t) {
+// s[r, c] += qp[r, iq[rows - 1 - r + c]] + kp[c, ik[rows - 1 - r + c]] for row r, columns [ca, cb): gathers.
+void add_span(const Problem& p, float* s, int64_t rows, int64_t r, int64_t ca, int64_t cb, const Terms& t) {
   constexpr int64_t W = vec::kWidth;
   const IVec kstep = IVec::arange(0, static_cast<int32_t>(t.wk));  // column c's row of kp starts at c * wk
-  for (int64_t r = 0; r < rows; ++r) {
-    float* row = s + r * p.bk;
-    const float* qrow = p.c2p ? t.qp.data() + r * t.wq : nullptr;
-    const int32_t* iq = p.c2p ? t.iq.data() + (rows - 1 - r) : nullptr;
-    const int32_t* ik = p.p2c ? t.ik.data() + (rows - 1 - r) : nullptr;
-    int64_t c = 0;
-    for (; c + W <= cols; c += W) {
-      vec::Vec x = vec::Vec::loadu(row + c);
-      if (p.c2p) x = x + at::vec::gather<4>(qrow, IVec::loadu(iq + c));
-      if (p.p2c) {
-        const IVec idx = IVec::loadu(ik + c) + kstep + IVec(static_cast<int32_t>(c * t.wk));
-        x = x + at::vec::gather<4>(t.kp.data(), idx);
-      }
-      x.store(row + c);
+  float* row = s + r * p.bk;
+  const float* qrow = p.c2p ? t.qp.data() + r * t.wq : nullptr;
+  const int32_t* iq = p.c2p ? t.iq.data() + (rows - 1 - r) : nullptr;
+  const int32_t* ik = p.p2c ? t.ik.data() + (rows - 1 - r) : nullptr;
+  int64_t c = ca;
+  for (; c + W <= cb; c += W) {
+    vec::Vec x = vec::Vec::loadu(row + c);
+    if (p.c2p) x = x + at::vec::gather<4>(qrow, IVec::loadu(iq + c));
+    if (p.p2c) {
+      const IVec idx = IVec::loadu(ik + c) + kstep + IVec(static_cast<int32_t>(c * t.wk));
+      x = x + at::vec::gather<4>(t.kp.data(), idx);
     }
-    for (; c < cols; ++c) {
-      if (p.c2p) row[c] += qrow[iq[c]];
-      if (p.p2c) row[c] += t.kp[c * t.wk + ik[c]];
+    x.store(row + c);
+  }
+  for (; c < cb; ++c) {
+    if (p.c2p) row[c] += qrow[iq[c]];
+    if (p.p2c) row[c] += t.kp[c * t.wk + ik[c]];
+  }
+}
+
+// The backward of add_span: dqp[r, iq[..]] += ds[r, c], dkp[c, ik[..]] += ds[r, c].
+void scatter_span(const Problem& p, const float* ds, int64_t rows, int64_t r, int64_t ca, int64_t cb, const Terms& t,
+                  float* dqp, float* dkp) {
+  const float* row = ds + r * p.bk;
+  if (p.c2p) {
+    float* d = dqp + r * t.wq;
+    const int32_t* iq = t.iq.data() + (rows - 1 - r);
+    for (int64_t c = ca; c < cb; ++c) d[iq[c]] += row[c];
+  }
+  if (p.p2c) {
+    const int32_t* ik = t.ik.data() + (rows - 1 - r);
+    for (int64_t c = ca; c < cb; ++c) dkp[c * t.wk + ik[c]] += row[c];
+  }
+}
+
+#if defined(__AVX2__)
+// 8 x 8 blocks of the tile whose 15 diagonals lie on one run (every entry one position row further
+// than its right neighbour's, as where the buckets are the identity): along a row the c2p terms are a
+// reversed slice of that row of qp, and down a column the p2c terms are a slice of that column's row
+// of kp, so both are plain loads (the p2c block transposed in registers) instead of gathers.
+inline __m256 reversed(__m256 v) { return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0)); }
+
+inline void transpose8(__m256 v[8]) {
+  const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+  const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+  const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+  const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0)), u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0)), u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0)), u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+  const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0)), u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+  v[0] = _mm256_permute2f128_ps(u0, u4, 0x20);
+  v[1] = _mm256_permute2f128_ps(u1, u5, 0x20);
+  v[2] = _mm256_permute2f128_ps(u2, u6, 0x20);
+  v[3] = _mm256_permute2f128_ps(u3, u7, 0x20);
+  v[4] = _mm256_permute2f128_ps(u0, u4, 0x31);
+  v[5] = _mm256_permute2f128_ps(u1, u5, 0x31);
+  v[6] = _mm256_permute2f128_ps(u2, u6, 0x31);
+  v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
+}
+
+// Rows r0.. and columns c0.. of the tile: row r0 + u reads qp at iq[x0 - u + v] = iq[x0 - u] - v for
+// column c0 + v, and column c0 + v reads kp at ik[x0 + v - u] = ik[x0 + v] + u for row r0 + u
+// (x0 = rows - 1 - r0 + c0).
+void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0, const Terms& t) {
+  const int64_t x0 = rows - 1 - r0 + c0;
+  __m256 kv[8];
+  if (p.p2c) {
+    for (int64_t v = 0; v < 8; ++v) kv[v] = _mm256_loadu_ps(t.kp.data() + (c0 + v) * t.wk + t.ik[x0 + v]);
+    transpose8(kv);
+  }
+  for (int64_t u = 0; u < 8; ++u) {
+    float* row = s + (r0 + u) * p.bk + c0;
+    __m256 x = _mm256_loadu_ps(row);
+    if (p.c2p) x = _mm256_add_ps(x, reversed(_mm256_loadu_ps(t.qp.data() + (r0 + u) * t.wq + t.iq[x0 - u] - 7)));
+    if (p.p2c) x = _mm256_add_ps(x, kv[u]);
+    _mm256_storeu_ps(row, x);
+  }
+}
+
+void scatter_block8(const Problem& p, const float* ds, int64_t rows, int64_t r0, int64_t c0, const Terms& t,
+                    float* dqp, float* dkp) {
+  const int64_t x0 = rows - 1 - r0 + c0;
+  __m256 dv[8];
+  for (int64_t u = 0; u < 8; ++u) {
+    dv[u] = _mm256_loadu_ps(ds + (r0 + u) * p.bk + c0);
+    if (p.c2p) {
+      float* d = dqp + (r0 + u) * t.wq + t.iq[x0 - u] - 7;
+      _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), reversed(dv[u])));
     }
   }
+  if (p.p2c) {
+    transpose8(dv);
+    for (int64_t v = 0; v < 8; ++v) {
+      float* d = dkp + (c0 + v) * t.wk + t.ik[x0 + v];
+      _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), dv[v]));
+    }
+  }
+}
+#endif
+
+// Runs blk(r0, c0) on the 8 x 8 blocks of the tile that lie on one run (AVX2 builds) and span(r, ca, cb)
+// on the rest.
+template <class Block, class Span>
+void for_blocks(int64_t rows, int64_t cols, const Terms& t, const Block& blk, const Span& span) {
+  int64_t r0 = 0;
+#if defined(__AVX2__)
+  for (; r0 + 8 <= rows; r0 += 8) {
+    int64_t c0 = 0;
+    for (; c0 + 8 <= cols; c0 += 8) {
+      if (t.run[rows - 8 - r0 + c0] >= 15) {  // diagonals x0 - 7 .. x0 + 7
+        blk(r0, c0);
+      } else {
+        for (int64_t u = 0; u < 8; ++u) span(r0 + u, c0, c0 + 8);
+      }
+    }
+    if (c0 < cols) {
+      for (int64_t u = 0; u < 8; ++u) span(r0 + u, c0, cols);
+    }
+  }
+#else
+  (void)t;
+  (void)blk;
+#endif
+  for (; r0 < rows; ++r0) span(r0, 0, cols);
+}
+
+void add_terms(const Problem& p, float* s, int64_t rows, int64_t cols, const Terms& t) {
+  for_blocks(
+      rows, cols, t,
+      [&](int64_t r0, int64_t c0) {
+#if defined(__AVX2__)
+        add_block8(p, s, rows, r0, c0, t);
+#endif
+      },
+      [&](int64_t r, int64_t ca, int64_t cb) { add_span(p, s, rows, r, ca, cb, t); });
 }
 
 // The backward of add_terms: dqp[r, iq[..]] += ds[r, c] (dqp in t.qp's shape) and dkp[c, ik[..]] +=
-// ds[r, c] (dkp zeroed here, in t.kp's shape).
+// ds[r, c] (dkp in t.kp's shape, zeroed here over the bands its chunks read).
 void scatter_terms(const Problem& p, const float* ds, int64_t rows, int64_t cols, const Terms& t, float* dqp,
                    float* dkp) {
-  if (p.p2c) std::fill(dkp, dkp + cols * t.wk, 0.f);
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* row = ds + r * p.bk;
-    if (p.c2p) {
-      float* d = dqp + r * t.wq;
-      const int32_t* iq = t.iq.data() + (rows - 1 - r);
-      for (int64_t c = 0; c < cols; ++c) d[iq[c]] += row[c];
-    }
-    if (p.p2c) {
-      const int32_t* ik = t.ik.data() + (rows - 1 - r);
-      for (int64_t c = 0; c < cols; ++c) dkp[c * t.wk + ik[c]] += row[c];
+  if (p.p2c) {
+    for (int64_t c0 = 0, c = 0; c0 < cols; c0 += kChunk, ++c) {
+      const Band band = t.kband[c];
+      for (int64_t j = c0; j < std::min(cols, c0 + kChunk); ++j) {
+        float* d = dkp + j * t.wk + (band.lo - t.lo_k);
+        std::fill(d, d + band.w, 0.f);
+      }
     }
   }
+  for_blocks(
+      rows, cols, t,
+      [&](int64_t r0, int64_t c0) {
+#if defined(__AVX2__)
+        scatter_block8(p, ds, rows, r0, c0, t, dqp, dkp);
+#endif
+      },
+      [&](int64_t r, int64_t ca, int64_t cb) { scatter_span(p, ds, rows, r, ca, cb, t, dqp, dkp); });
 }
 
 // The key tiles query rows [i0, i0 + rows) of (b, h) see, skipped blocks left out: for each, the tile's
@@ -296,19 +455,29 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
     mm_atb(p.blas, cols, D, rows, scale, dp, p.bk, q, p.q.sl, 1.f, w.dk.data() + j0 * D, D);  // dK += s dS^T Q
     mm_ab(p.blas, rows, D, cols, scale, dp, p.bk, kt, kld, 1.f, w.dq.data(), D);              // dQ += s dS K
     if (p.c2p || p.p2c) scatter_terms(p, dp, rows, cols, w.t, w.dqp.data(), w.dkp.data());
-    if (p.p2c) {  // dK += s dKP . pos_query, dpos_query += s dKP^T K
+    if (p.p2c) {  // dK += s dKP . pos_query, dpos_query += s dKP^T K, per chunk of columns over its band
       const Terms& t = w.t;
-      mm_ab(p.blas, cols, D, t.wk, scale, w.dkp.data(), t.wk, p.pq.at(0, h, t.lo_k), p.pq.sl, 1.f,
-            w.dk.data() + j0 * D, D);
-      mm_atb(p.blas, t.wk, D, cols, scale, w.dkp.data(), t.wk, kt, kld, 1.f,
-             io.dpq + (h * io.pos_rows + t.lo_k) * D, D);
+      for (int64_t c0 = 0, c = 0; c0 < cols; c0 += kChunk, ++c) {
+        const int64_t cc = std::min(kChunk, cols - c0);
+        const Band band = t.kband[c];
+        const float* dkp = w.dkp.data() + c0 * t.wk + (band.lo - t.lo_k);
+        mm_ab(p.blas, cc, D, band.w, scale, dkp, t.wk, p.pq.at(0, h, band.lo), p.pq.sl, 1.f,
+              w.dk.data() + (j0 + c0) * D, D);
+        mm_atb(p.blas, band.w, D, cc, scale, dkp, t.wk, kt + c0 * kld, kld, 1.f,
+               io.dpq + (h * io.pos_rows + band.lo) * D, D);
+      }
     }
   });
-  if (p.c2p && w.t.have_qp) {  // dQ += s dQP . pos_key, dpos_key += s dQP^T Q
+  if (p.c2p && w.t.have_qp) {  // dQ += s dQP . pos_key, dpos_key += s dQP^T Q, per chunk of rows over its band
     const Terms& t = w.t;
-    mm_ab(p.blas, rows, D, t.wq, scale, w.dqp.data(), t.wq, p.pk.at(0, h, t.lo_q), p.pk.sl, 1.f, w.dq.data(), D);
-    mm_atb(p.blas, t.wq, D, rows, scale, w.dqp.data(), t.wq, q, p.q.sl, 1.f, io.dpk + (h * io.pos_rows + t.lo_q) * D,
-           D);
+    for (int64_t r0 = 0, c = 0; r0 < rows; r0 += kChunk, ++c) {
+      const int64_t n = std::min(kChunk, rows - r0);
+      const Band band = t.qband[c];
+      const float* dqp = w.dqp.data() + r0 * t.wq + (band.lo - t.lo_q);
+      mm_ab(p.blas, n, D, band.w, scale, dqp, t.wq, p.pk.at(0, h, band.lo), p.pk.sl, 1.f, w.dq.data() + r0 * D, D);
+      mm_atb(p.blas, band.w, D, n, scale, dqp, t.wq, q + r0 * p.q.sl, p.q.sl, 1.f,
+             io.dpk + (h * io.pos_rows + band.lo) * D, D);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) std::copy(w.dq.begin() + r * D, w.dq.begin() + (r + 1) * D, io.dq.at(b, h, i0 + r));
 }
