@@ -96,8 +96,14 @@ struct Problem {
 // The positional products are formed in chunks of kChunk query rows (qp) or key columns (kp): a
 // chunk reads only chunk + keys - 1 (or chunk + queries - 1) position rows, where the whole block
 // reads rows + keys - 1, so the products no row uses shrink from (rows - 1) / keys of the useful
-// ones to (kChunk - 1) / keys (at L128 with 128 x 128 tiles: from 0.99 to 0.24).
-constexpr int64_t kChunk = 32;
+// ones to (kChunk - 1) / keys (at L128 with 128 x 128 tiles: from 0.99 to 0.24; kp likewise per query).
+// FORKATTN_DEB_CHUNK=n (>= 8) overrides it, read once at load, to measure other chunk sizes: 32 and 64
+// measured alike (1 thread, B4 L128 and B1 L512); 32 wastes less at L128.
+int64_t chunk_size() {
+  const char* env = std::getenv("FORKATTN_DEB_CHUNK");
+  return env ? std::max(8, std::atoi(env)) : 32;
+}
+const int64_t kChunk = chunk_size();
 
 // Position rows [lo, lo + w) a chunk reads; its products sit in the block's buffer at column lo - block lo.
 struct Band {
@@ -238,61 +244,83 @@ inline void transpose8(__m256 v[8]) {
   v[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
-// Rows r0.. and columns c0.. of the tile: row r0 + u reads qp at iq[x0 - u + v] = iq[x0 - u] - v for
-// column c0 + v, and column c0 + v reads kp at ik[x0 + v - u] = ik[x0 + v] + u for row r0 + u
-// (x0 = rows - 1 - r0 + c0).
-void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0, const Terms& t) {
+// Rows r0.. and columns c0.. of the tile: row r0 + u reads qp at iq[x0 - u + v] for column c0 + v,
+// and column c0 + v reads kp at ik[x0 + v - u] for row r0 + u (x0 = rows - 1 - r0 + c0). On a run
+// (`run`) those are iq[x0 - u] - v and ik[x0 + v] + u: plain loads. Elsewhere (the log buckets) the
+// gathers go along a row of qp and down a column of the tile, i.e. along one row of kp (one or two
+// cache lines each, where a gather along a row of the tile reads 8 rows of kp), then transposed.
+inline __m256i reversed_idx(const int32_t* x) {
+  return _mm256_permutevar8x32_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)),
+                                     _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0));
+}
+
+void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0, const Terms& t, bool run) {
   const int64_t x0 = rows - 1 - r0 + c0;
   __m256 kv[8];
   if (p.p2c) {
-    for (int64_t v = 0; v < 8; ++v) kv[v] = _mm256_loadu_ps(t.kp.data() + (c0 + v) * t.wk + t.ik[x0 + v]);
+    for (int64_t v = 0; v < 8; ++v) {
+      const float* krow = t.kp.data() + (c0 + v) * t.wk;
+      kv[v] = run ? _mm256_loadu_ps(krow + t.ik[x0 + v])
+                  : _mm256_i32gather_ps(krow, reversed_idx(t.ik.data() + x0 + v - 7), 4);  // u: ik[x0 + v - u]
+    }
     transpose8(kv);
   }
   for (int64_t u = 0; u < 8; ++u) {
     float* row = s + (r0 + u) * p.bk + c0;
     __m256 x = _mm256_loadu_ps(row);
-    if (p.c2p) x = _mm256_add_ps(x, reversed(_mm256_loadu_ps(t.qp.data() + (r0 + u) * t.wq + t.iq[x0 - u] - 7)));
+    if (p.c2p) {
+      const float* qrow = t.qp.data() + (r0 + u) * t.wq;
+      const int32_t* iq = t.iq.data() + x0 - u;
+      x = _mm256_add_ps(x, run ? reversed(_mm256_loadu_ps(qrow + iq[0] - 7))
+                               : _mm256_i32gather_ps(qrow, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(iq)), 4));
+    }
     if (p.p2c) x = _mm256_add_ps(x, kv[u]);
     _mm256_storeu_ps(row, x);
   }
 }
 
 void scatter_block8(const Problem& p, const float* ds, int64_t rows, int64_t r0, int64_t c0, const Terms& t,
-                    float* dqp, float* dkp) {
+                    float* dqp, float* dkp, bool run) {
   const int64_t x0 = rows - 1 - r0 + c0;
   __m256 dv[8];
   for (int64_t u = 0; u < 8; ++u) {
-    dv[u] = _mm256_loadu_ps(ds + (r0 + u) * p.bk + c0);
-    if (p.c2p) {
-      float* d = dqp + (r0 + u) * t.wq + t.iq[x0 - u] - 7;
+    const float* row = ds + (r0 + u) * p.bk + c0;
+    dv[u] = _mm256_loadu_ps(row);
+    if (!p.c2p) continue;
+    const int32_t* iq = t.iq.data() + x0 - u;
+    float* d = dqp + (r0 + u) * t.wq;
+    if (run) {
+      d += iq[0] - 7;
       _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), reversed(dv[u])));
+    } else {
+      for (int64_t v = 0; v < 8; ++v) d[iq[v]] += row[v];
     }
   }
-  if (p.p2c) {
-    transpose8(dv);
-    for (int64_t v = 0; v < 8; ++v) {
-      float* d = dkp + (c0 + v) * t.wk + t.ik[x0 + v];
+  if (!p.p2c) return;
+  transpose8(dv);
+  for (int64_t v = 0; v < 8; ++v) {
+    float* d = dkp + (c0 + v) * t.wk;
+    if (run) {
+      d += t.ik[x0 + v];
       _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), dv[v]));
+    } else {
+      alignas(32) float col[8];
+      _mm256_store_ps(col, dv[v]);
+      for (int64_t u = 0; u < 8; ++u) d[t.ik[x0 + v - u]] += col[u];
     }
   }
 }
 #endif
 
-// Runs blk(r0, c0) on the 8 x 8 blocks of the tile that lie on one run (AVX2 builds) and span(r, ca, cb)
-// on the rest.
+// Runs blk(r0, c0, run) on the full 8 x 8 blocks of the tile (AVX2 builds; run: the block's 15
+// diagonals lie on one run of the table) and span(r, ca, cb) on the rest.
 template <class Block, class Span>
 void for_blocks(int64_t rows, int64_t cols, const Terms& t, const Block& blk, const Span& span) {
   int64_t r0 = 0;
 #if defined(__AVX2__)
   for (; r0 + 8 <= rows; r0 += 8) {
     int64_t c0 = 0;
-    for (; c0 + 8 <= cols; c0 += 8) {
-      if (t.run[rows - 8 - r0 + c0] >= 15) {  // diagonals x0 - 7 .. x0 + 7
-        blk(r0, c0);
-      } else {
-        for (int64_t u = 0; u < 8; ++u) span(r0 + u, c0, c0 + 8);
-      }
-    }
+    for (; c0 + 8 <= cols; c0 += 8) blk(r0, c0, t.run[rows - 8 - r0 + c0] >= 15);  // diagonals x0 - 7 .. x0 + 7
     if (c0 < cols) {
       for (int64_t u = 0; u < 8; ++u) span(r0 + u, c0, cols);
     }
@@ -307,9 +335,9 @@ void for_blocks(int64_t rows, int64_t cols, const Terms& t, const Block& blk, co
 void add_terms(const Problem& p, float* s, int64_t rows, int64_t cols, const Terms& t) {
   for_blocks(
       rows, cols, t,
-      [&](int64_t r0, int64_t c0) {
+      [&](int64_t r0, int64_t c0, bool run) {
 #if defined(__AVX2__)
-        add_block8(p, s, rows, r0, c0, t);
+        add_block8(p, s, rows, r0, c0, t, run);
 #endif
       },
       [&](int64_t r, int64_t ca, int64_t cb) { add_span(p, s, rows, r, ca, cb, t); });
@@ -330,9 +358,9 @@ void scatter_terms(const Problem& p, const float* ds, int64_t rows, int64_t cols
   }
   for_blocks(
       rows, cols, t,
-      [&](int64_t r0, int64_t c0) {
+      [&](int64_t r0, int64_t c0, bool run) {
 #if defined(__AVX2__)
-        scatter_block8(p, ds, rows, r0, c0, t, dqp, dkp);
+        scatter_block8(p, ds, rows, r0, c0, t, dqp, dkp, run);
 #endif
       },
       [&](int64_t r, int64_t ca, int64_t cb) { scatter_span(p, ds, rows, r, ca, cb, t, dqp, dkp); });
