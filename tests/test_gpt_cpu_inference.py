@@ -122,8 +122,8 @@ def test_cached_weights_follow_updates(B, update):
     _, ours = pair()
     ids, mask = left_padded(B, seed=5)
     ours.generate(ids, 4, do_sample=False, attention_mask=mask)  # builds the caches
-    layout = fast._layout(B)  # the decode steps' layout
-    assert f"_gpt_fast_{layout}" in ours.transformer.h[0].__dict__ and f"_gpt_fast_lm_head_{layout}" in ours.__dict__
+    kind = fast._kind(B)  # the decode steps' weights
+    assert f"_gpt_fast_{kind}" in ours.transformer.h[0].__dict__ and f"_gpt_fast_lm_head_{kind}" in ours.__dict__
     if update == "optimizer":
         ours.train()
         opt = torch.optim.SGD(ours.parameters(), lr=1.0)
