@@ -10,7 +10,7 @@ random tokens. Rows, interleaved and rotated every round (a 20 ms pause before e
   hf-sdpa       GPT2LMHeadModel.generate(do_sample=False), attn_implementation="sdpa"
 Each batch prints whether all rows produced the same tokens, the median and p10-p90 of every row,
 the ratios against hf-sdpa and the 1-minute load average before and after. --profile adds
-torch.profiler's per-op table of one call per row (9 new tokens). Figures feed docs/CPU_INFERENCE.md.
+torch.profiler's per-op table of one call per row (9 new tokens). Figures feed docs/CPU_INFERENCE_GPT.md.
 """
 from __future__ import annotations
 

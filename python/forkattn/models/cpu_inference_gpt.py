@@ -1,5 +1,5 @@
 """GPT-2's inference fast path on CPU (issue #18): what a Block and the LM head do when nothing
-needs gradients. The measurements behind it are in docs/CPU_INFERENCE.md ("GPT-2 generate").
+needs gradients. The measurements behind it are in docs/CPU_INFERENCE_GPT.md.
 
 A decode step at batch 1 is GEMVs over every weight (85M layer parameters + the 38.6M-entry LM
 head tied to wte): the time is streaming weights from memory, and how fast MKL streams them
