@@ -23,7 +23,7 @@ import forkattn.triton as ftriton
 from forkattn import philox, reference
 from forkattn._checks import check_dropout
 from forkattn.models import bert as fb
-from forkattn.models import cpu_inference
+from forkattn.models import cpu_inference, cpu_inference_gpt
 from forkattn.models.bert_graphs import BertGraphRunner
 from forkattn.models.dropout import AttentionDropout, set_attention_dropout_generator
 from forkattn.models.gpt import GPT, GPTConfig
@@ -281,8 +281,9 @@ def test_zero_rate_in_training_equals_eval(make, monkeypatch):
     """attention_probs_dropout_prob / attn_pdrop = 0 in train mode is exactly eval (no dropout code),
     and a model with p > 0 in eval is exactly the p = 0 model. BERT's CPU inference fast path (eval
     without autograd: packed GEMMs, fused epilogues, rounded differently) is off here; its own tests
-    hold it to transformers."""
+    hold it to transformers; so is GPT-2's (cpu_inference_gpt)."""
     monkeypatch.setattr(cpu_inference, "FUSED", False)
+    monkeypatch.setattr(cpu_inference_gpt, "FUSED", False)
     ids, mask = _batch()
     zero = make(0.0)
     with torch.no_grad():

@@ -38,6 +38,7 @@ import forkattn
 from .activations import activation, check_activation
 from .backend import FIELDS as BACKEND_FIELDS
 from .backend import SAME, attention_backend, check_backend, decode_backend, set_backends
+from . import cpu_inference_gpt as fast
 from .checkpoint import load_state, model_folder, read_state_dict, write_folder
 from .dropout import AttentionDropout
 from .generation import GenerationMixin, KVCacheBase
@@ -166,6 +167,8 @@ class Block(nn.Module):
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor, key_padding_mask: Optional[Tensor] = None, cache=None) -> Tensor:
+        if fast.enabled(self, x):  # eval, no autograd, fp32 CPU: models/cpu_inference_gpt.py
+            return fast.block_forward(self, x, key_padding_mask, cache)
         x = x + self.attn(self.ln_1(x), key_padding_mask, cache)
         return x + self.mlp(self.ln_2(x))
 
@@ -239,7 +242,7 @@ class GPT(GenerationMixin, nn.Module):
         `attention_mask.cumsum(-1) - 1` for left-padded rows, as generate does). `cache`: a
         KVCacheBase in its prefill phase, which keeps each layer's keys and values."""
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache)
-        logits = self.lm_head(h)
+        logits = self.head(h)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
@@ -265,6 +268,11 @@ class GPT(GenerationMixin, nn.Module):
             x = blk(x, kpm, cache)
         return self.transformer.ln_f(x)
 
+    def head(self, h: Tensor) -> Tensor:
+        """lm_head(h); in eval without autograd on fp32 CPU through a cached copy of the tied weight
+        in the GEMM's fastest layout (models/cpu_inference_gpt.py)."""
+        return fast.lm_head(self, h) if fast.enabled(self, h, any_layout=True) else self.lm_head(h)
+
     # --------------------------------------------------------------------------------------------
     # the two steps GenerationMixin.generate drives (models/generation.py)
 
@@ -276,7 +284,7 @@ class GPT(GenerationMixin, nn.Module):
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_(min=0)
         h = self.hidden_states(input_ids, attention_mask, position_ids, cache=cache)
         last = T - 1 - attention_mask.flip(1).long().argmax(1)  # each row's last real token
-        return self.lm_head(h[torch.arange(B, device=input_ids.device), last]).float()  # LM head on B rows only
+        return self.head(h[torch.arange(B, device=input_ids.device), last]).float()  # LM head on B rows only
 
     def decode_step(self, tokens: Tensor, cache: KVCacheBase) -> Tensor:
         """One new token per sequence, tokens [B] -> logits [B, V] (float32). Only device ops and
@@ -286,7 +294,7 @@ class GPT(GenerationMixin, nn.Module):
         for blk in self.transformer.h:
             x = blk(x, None, cache)
         cache.end_step()
-        return self.lm_head(self.transformer.ln_f(x[:, 0])).float()
+        return self.head(self.transformer.ln_f(x[:, 0])).float()
 
     # --------------------------------------------------------------------------------------------
     # checkpoints: transformers' GPT2LMHeadModel directories
