@@ -1,0 +1,14 @@
+// Picks the disentangled-attention instantiation for a call: dtype and head_dim here, the c2p /
+// p2c terms inside each instantiation.
+#include "disentangled/api.h"
+#include "common/static_switch.h"
+
+namespace forkattn::kernels::disentangled {
+
+cudaError_t disentangled_fwd(const DisentangledFwdParams& params, cudaStream_t stream) {
+  return FA_DTYPE_SWITCH(params.is_bf16, T, [&] {
+    return FA_HEADDIM_SWITCH(params.head_dim, kD, [&] { return run_disentangled_fwd<T, kD>(params, stream); });
+  });
+}
+
+}  // namespace forkattn::kernels::disentangled
