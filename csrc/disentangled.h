@@ -30,6 +30,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
     double scale, bool c2p, bool p2c);
 
+#ifdef FORKATTN_WITH_CUDA
+// CUDA version (kernels/disentangled): fp16/bf16, head_dim 32, 64 or 128, compute capability 8.0+.
+// The same contract as the CPU forward; rel_index on q's device (its range is checked with one
+// device reduction and a host synchronisation).
+std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pos_key,
+    const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c);
+
+namespace cuda {
+// csrc/cuda/disentangled_cuda.cpp: params from checked tensors (pos_key / pos_query [H, rows, D],
+// undefined for a term that is off; rel_index contiguous on the device), launch on the current stream.
+void disentangled_attention_fwd_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& pos_key, const at::Tensor& pos_query,
+                                       const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
+                                       double scale, at::Tensor& out, at::Tensor& lse);
+}  // namespace cuda
+#endif  // FORKATTN_WITH_CUDA
+
 namespace cpu {
 // Kernels (csrc/cpu/disentangled_cpu.cpp). Inputs are already checked (rel_index's values too);
 // pos_key / pos_query are defined tensors [H, 2 * span, D] for the terms that are on (undefined
