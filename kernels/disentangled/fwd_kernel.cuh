@@ -11,9 +11,9 @@
 // The tile loads, per diagonal, the position row it reads (G[u] = pos[rel_index[t0 + u]], an
 // indexed cp.async of 128 rows; zeros for u = BM + BN - 1 and for entries off the table, which
 // only rows >= Lq or columns >= Lk read), then with the tensor cores:
-//   p2c: P[u, j'] = G_q[u] . k_j' for all 128 x BN (warp w takes u tiles 2w, 2w+1) and stores
+//   p2c: P[u, j'] = G_q[u] . k_j' for all 128 x BN (warp w takes u tiles 2w, 2w+1, in pieces) and stores
 //        P[u, j'] at sB[i' = u + j' - BN + 1][j'] (each (i', j') has exactly one u: plain stores);
-//   c2p: C[i', u] = q_i' . G_k[u] for the warp's own 16 rows and the 80 diagonals they touch
+//   c2p: C[i', u] = q_i' . G_k[u] for the warp's own 16 rows and the 80 diagonals they touch (in pieces)
 //        (u in [16w, 16w + 80)), added at sB[i'][j' = i' - u + BN - 1] (only the warp's rows);
 // and every lane adds sB at its score fragment's positions. sB is an fp32 [BM, BN] tile in shared
 // memory: the skew (a gather across lanes) goes through it instead of registers. One shared
@@ -136,17 +136,18 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
     __syncthreads();
 
     if constexpr (P2C) {
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        const int u_base = (2 * warp + mt) * 16;
-        float c[BN / 8][4];
+      // pieces of 16 diagonals x 16 keys, one at a time (registers: acc is live; wider pieces spill at D = 128)
+#pragma unroll 1
+      for (int piece = 0; piece < 2 * BN / 16; ++piece) {
+        const int u_base = (2 * warp + piece / (BN / 16)) * 16, c_base = (piece % (BN / 16)) * 16;
+        float c[2][4];
         zero(c);
-        mma_tile_smem_a<T, ROW, D, BN, true>(c, sP, u_base, sKs, lane);
+        mma_tile_smem_a<T, ROW, D, 16, true>(c, sP, u_base, sKs + c_base * ROW, lane);
 #pragma unroll
-        for (int j = 0; j < BN / 8; ++j) {
+        for (int j = 0; j < 2; ++j) {
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
-            const int u = u_base + g + (e >> 1) * 8, col = j * 8 + 2 * t + (e & 1);
+            const int u = u_base + g + (e >> 1) * 8, col = c_base + j * 8 + 2 * t + (e & 1);
             const int row = u + col - (BN - 1);
             if (row >= 0 && row < BM) sB[row * BROW + col] = c[j][e];
           }
@@ -159,21 +160,25 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
-      const int u0 = warp * 16;  // the warp's rows touch diagonals u0 .. u0 + 16 + BN - 2
-      float c[C::kWarpDiag / 8][4];
-      zero(c);
-      mma_tile_smem_a<T, ROW, D, C::kWarpDiag, true>(c, sQ, warp * 16, sP + u0 * ROW, lane);
+      // the warp's rows touch diagonals warp * 16 .. warp * 16 + 16 + BN - 2: pieces of 16, one at a
+      // time (registers: acc is live)
+#pragma unroll 1
+      for (int u0 = warp * 16; u0 < warp * 16 + C::kWarpDiag; u0 += 16) {
+        float c[2][4];
+        zero(c);
+        mma_tile_smem_a<T, ROW, D, 16, true>(c, sQ, warp * 16, sP + u0 * ROW, lane);
 #pragma unroll
-      for (int j = 0; j < C::kWarpDiag / 8; ++j) {
+        for (int j = 0; j < 2; ++j) {
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int row = warp * 16 + g + (e >> 1) * 8, u = u0 + j * 8 + 2 * t + (e & 1);
-          const int col = row - u + (BN - 1);
-          if (col >= 0 && col < BN) {
-            if constexpr (P2C) {
-              sB[row * BROW + col] += c[j][e];
-            } else {
-              sB[row * BROW + col] = c[j][e];
+          for (int e = 0; e < 4; ++e) {
+            const int row = warp * 16 + g + (e >> 1) * 8, u = u0 + j * 8 + 2 * t + (e & 1);
+            const int col = row - u + (BN - 1);
+            if (col >= 0 && col < BN) {
+              if constexpr (P2C) {
+                sB[row * BROW + col] += c[j][e];
+              } else {
+                sB[row * BROW + col] = c[j][e];
+              }
             }
           }
         }
