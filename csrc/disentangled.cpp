@@ -151,6 +151,34 @@ std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cuda(
   }
   return {out, lse};
 }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
+    double scale, bool c2p, bool p2c) {
+  const DisentangledInputs in =
+      check_disentangled_inputs(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c, /*cuda=*/true);
+  const AttnSizes s = check_attention_bwd_inputs(dout, q, k, v, out, lse, key_padding_mask);
+  TORCH_CHECK_VALUE(s.head_dim == 32 || s.head_dim == 64, "head_dim must be 32 or 64 for the cuda backend's ",
+                    "disentangled backward (128 goes to the triton backward), got ", s.head_dim);
+  at::Tensor dq = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
+  at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
+  at::Tensor dv = empty_bhld(v, s.batch, s.kv_heads, s.len_k, s.head_dim);
+  // fp32 accumulators of the kernels' atomic adds, [H, rows, D] contiguous
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dpk = in.pos_key.defined() ? at::zeros(in.pos_key.sizes(), f32) : at::Tensor();
+  at::Tensor dpq = in.pos_query.defined() ? at::zeros(in.pos_query.sizes(), f32) : at::Tensor();
+  auto finish = [&](const at::Tensor& acc) {
+    return acc.defined() ? acc.mul_(scale).to(q.scalar_type()) : at::empty({0}, q.options());
+  };
+  if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv, finish(dpk), finish(dpq)};
+  // Delta = rowsum(dout * out) from the stored output (FlashAttention's choice): [B, H, Lq] fp32
+  const at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+  cuda::disentangled_attention_bwd_launch(dout, q, k, v, in.pos_key, in.pos_query, lse.contiguous(), delta,
+                                          rel_index.contiguous(), key_padding_mask, scale, dq, dk, dv, dpk, dpq);
+  return {dq, dk, dv, finish(dpk), finish(dpq)};
+}
 #endif  // FORKATTN_WITH_CUDA
 
 }  // namespace forkattn

@@ -1,4 +1,4 @@
-"""A small run of the CUDA disentangled-attention forward (kernels/disentangled/) for
+"""A small run of the CUDA disentangled-attention kernels (kernels/disentangled/: forward and backward) for
 compute-sanitizer (memcheck, racecheck) in scripts/gpu_check.sh: every term subset, plain and
 bucketed positions, Lq != Lk across the 64-row tiles, padding with an empty row and NaN keys, each
 head_dim. Outputs are compared with the eager backend (loose: fp16 vs fp32 eager), so a kernel
@@ -33,13 +33,21 @@ for D, (Lq, Lk), (c2p, p2c), (buckets, max_rel), dtype in [
     mask[0, 0] = True
     k = k.masked_fill(~mask[:, None, :, None], float("nan"))
     kw = dict(max_relative_positions=max_rel, position_buckets=buckets, key_padding_mask=mask, c2p=c2p, p2c=p2c)
-    got = forkattn.disentangled_attention(q, k, v, pk, pq, backend="cuda", **kw)
-    f = [None if t is None else t.float() for t in (q, k, v, pk, pq)]
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (q, k, v, pk, pq)]
+    got = forkattn.disentangled_attention(*leaves, backend="cuda", **kw)
+    f = [None if t is None else t.detach().float().requires_grad_() for t in (q, k, v, pk, pq)]
     want = forkattn.disentangled_attention(*f, backend="eager", **kw)
-    want[1] = 0  # forkattn's contract: an empty row gives zeros
+    want = want.masked_fill(~mask.any(1)[:, None, None, None], 0)  # forkattn's contract: empty rows give zeros
     err = (got.float() - want).abs().max().item()
-    ok = err < 5e-2 and not got.isnan().any()
-    print(f"{'ok  ' if ok else 'FAIL'} D{D} Lq{Lq} Lk{Lk} c2p={c2p} p2c={p2c} buckets={buckets} {dtype}: max err {err:.2e}")
+    dout = torch.randn_like(want)
+    used = [i for i, t in enumerate(leaves) if t is not None]
+    g_got = torch.autograd.grad(got, [leaves[i] for i in used], dout.to(dtype))
+    g_want = torch.autograd.grad(want, [f[i] for i in used], dout)
+    pad = ~mask[:, None, :, None]
+    g_want = [g.masked_fill(pad, 0) if i in (1, 2) else g for i, g in zip(used, g_want)]  # padded keys: 0 (eager: NaN)
+    gerr = max(((a.float() - b) / (1 + b.abs().max())).abs().max().item() for a, b in zip(g_got, g_want))
+    ok = err < 5e-2 and gerr < 5e-2 and not got.isnan().any()
+    print(f"{'ok  ' if ok else 'FAIL'} D{D} Lq{Lq} Lk{Lk} c2p={c2p} p2c={p2c} buckets={buckets} {dtype}: max err {err:.2e}, grads (relative) {gerr:.2e}")
     if not ok:
         failures.append(D)
 torch.cuda.synchronize()

@@ -11,15 +11,11 @@
 
 namespace forkattn::cuda {
 
-void disentangled_attention_fwd_launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                       const at::Tensor& pos_key_in, const at::Tensor& pos_query_in,
-                                       const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-                                       double scale, at::Tensor& out, at::Tensor& lse) {
-  const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
-  const at::Tensor pk = pos_key_in.defined() ? rows_aligned(pos_key_in) : at::Tensor();
-  const at::Tensor pq = pos_query_in.defined() ? rows_aligned(pos_query_in) : at::Tensor();
-  kernels::disentangled::DisentangledFwdParams p{};
+namespace {
+
+void fill_fwd(kernels::disentangled::DisentangledFwdParams& p, const at::Tensor& q, const at::Tensor& k,
+              const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pq, const at::Tensor& rel_index,
+              const std::optional<at::Tensor>& key_padding_mask, double scale) {
   p.q = q.data_ptr(), p.k = k.data_ptr(), p.v = v.data_ptr();
   p.q_batch_stride = q.stride(0), p.q_head_stride = q.stride(1), p.q_row_stride = q.stride(2);
   p.k_batch_stride = k.stride(0), p.k_head_stride = k.stride(1), p.k_row_stride = k.stride(2);
@@ -32,17 +28,62 @@ void disentangled_attention_fwd_launch(const at::Tensor& q_in, const at::Tensor&
     p.key_padding_mask = key_padding_mask->data_ptr<bool>();
     p.mask_batch_stride = key_padding_mask->stride(0);
   }
-  p.out = out.data_ptr();
-  p.out_batch_stride = out.stride(0), p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(2);
-  p.lse = lse.data_ptr<float>();
-  p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);  // lse [B, H, Lq], stride 1 in Lq
   p.batch = static_cast<int>(q.size(0)), p.heads = static_cast<int>(q.size(1));
   p.len_q = static_cast<int>(q.size(2)), p.len_k = static_cast<int>(k.size(2)), p.head_dim = static_cast<int>(q.size(3));
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   p.is_bf16 = q.scalar_type() == at::kBFloat16;
+}
+
+at::Tensor aligned_or_none(const at::Tensor& t) { return t.defined() ? rows_aligned(t) : at::Tensor(); }
+
+}  // namespace
+
+void disentangled_attention_fwd_launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                       const at::Tensor& pos_key_in, const at::Tensor& pos_query_in,
+                                       const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
+                                       double scale, at::Tensor& out, at::Tensor& lse) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
+  kernels::disentangled::DisentangledFwdParams p{};
+  fill_fwd(p, q, k, v, aligned_or_none(pos_key_in), aligned_or_none(pos_query_in), rel_index, key_padding_mask,
+           scale);
+  p.out = out.data_ptr();
+  p.out_batch_stride = out.stride(0), p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(2);
+  p.lse = lse.data_ptr<float>();
+  p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);  // lse [B, H, Lq], stride 1 in Lq
   const cudaError_t err = kernels::disentangled::disentangled_fwd(p, at::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "forkattn disentangled attention forward (cuda backend): ", cudaGetErrorString(err));
+}
+
+void disentangled_attention_bwd_launch(const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in,
+                                       const at::Tensor& v_in, const at::Tensor& pos_key_in,
+                                       const at::Tensor& pos_query_in, const at::Tensor& lse, const at::Tensor& delta,
+                                       const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
+                                       double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+                                       at::Tensor& dpos_key_acc, at::Tensor& dpos_query_acc) {
+  const c10::cuda::CUDAGuard guard(q_in.device());
+  const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
+  const at::Tensor dout = rows_aligned(dout_in);
+  kernels::disentangled::DisentangledBwdParams p{};
+  fill_fwd(p, q, k, v, aligned_or_none(pos_key_in), aligned_or_none(pos_query_in), rel_index, key_padding_mask,
+           scale);
+  p.lse = const_cast<float*>(lse.data_ptr<float>());  // read only in the backward
+  p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
+  p.delta = delta.data_ptr<float>();  // laid out like lse (both contiguous [B, H, Lq])
+  p.dout = dout.data_ptr();
+  p.dout_batch_stride = dout.stride(0), p.dout_head_stride = dout.stride(1), p.dout_row_stride = dout.stride(2);
+  p.dq = dq.data_ptr(), p.dk = dk.data_ptr(), p.dv = dv.data_ptr();
+  p.dq_batch_stride = dq.stride(0), p.dq_head_stride = dq.stride(1), p.dq_row_stride = dq.stride(2);
+  p.dk_batch_stride = dk.stride(0), p.dk_head_stride = dk.stride(1), p.dk_row_stride = dk.stride(2);
+  p.dv_batch_stride = dv.stride(0), p.dv_head_stride = dv.stride(1), p.dv_row_stride = dv.stride(2);
+  const at::Tensor& acc = dpos_key_acc.defined() ? dpos_key_acc : dpos_query_acc;
+  if (dpos_key_acc.defined()) p.dpos_key = dpos_key_acc.data_ptr<float>();
+  if (dpos_query_acc.defined()) p.dpos_query = dpos_query_acc.data_ptr<float>();
+  if (acc.defined()) p.dpos_head_stride = acc.stride(0), p.dpos_row_stride = acc.stride(1);
+  const cudaError_t err = kernels::disentangled::disentangled_bwd(p, at::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "forkattn disentangled attention backward (cuda backend): ",
+              cudaGetErrorString(err));
 }
 
 }  // namespace forkattn::cuda

@@ -75,6 +75,58 @@ __device__ __forceinline__ void load_pos_rows_async(T* tile, const T* pos, int64
   }
 }
 
+// p2c of a tile into sB: P[u, j'] = G_q[u] . k_j' (G_q in sP, the K tile in sKs) stored (or, with
+// ADD, added) at sB[u + j' - BN + 1][j'], every (i', j') of the tile once; warp w takes diagonals
+// 32w .. 32w + 31, in pieces of 16 diagonals x 16 keys, one at a time (registers: the caller's
+// accumulators are live; wider pieces spill at head_dim 128).
+template <typename T, int D, bool ADD>
+__device__ __forceinline__ void p2c_into(float* sB, const T* sP, const T* sKs, int warp, int lane) {
+  using C = FwdConfig<D>;
+  constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, BROW = C::kBRow;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll 1
+  for (int piece = 0; piece < 2 * BN / 16; ++piece) {
+    const int u_base = (2 * warp + piece / (BN / 16)) * 16, c_base = (piece % (BN / 16)) * 16;
+    float c[2][4];
+    zero(c);
+    mma_tile_smem_a<T, ROW, D, 16, true>(c, sP, u_base, sKs + c_base * ROW, lane);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int u = u_base + g + (e >> 1) * 8, col = c_base + j * 8 + 2 * t + (e & 1);
+        const int row = u + col - (BN - 1);
+        if (row >= 0 && row < BM) sB[row * BROW + col] = ADD ? sB[row * BROW + col] + c[j][e] : c[j][e];
+      }
+    }
+  }
+}
+
+// c2p of a tile into the warp's own 16 rows of sB: C[i', u] = q_i' . G_k[u] (G_k in sP) stored (or
+// added) at sB[i'][i' - u + BN - 1]; the rows touch diagonals 16w .. 16w + 16 + BN - 2, taken in
+// pieces of 16, one at a time.
+template <typename T, int D, bool ADD>
+__device__ __forceinline__ void c2p_into(float* sB, const T* sP, const T* sQ, int warp, int lane) {
+  using C = FwdConfig<D>;
+  constexpr int BN = C::kBlockN, ROW = C::kRow, BROW = C::kBRow;
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll 1
+  for (int u0 = warp * 16; u0 < warp * 16 + C::kWarpDiag; u0 += 16) {
+    float c[2][4];
+    zero(c);
+    mma_tile_smem_a<T, ROW, D, 16, true>(c, sQ, warp * 16, sP + u0 * ROW, lane);
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int row = warp * 16 + g + (e >> 1) * 8, u = u0 + j * 8 + 2 * t + (e & 1);
+        const int col = row - u + (BN - 1);
+        if (col >= 0 && col < BN) sB[row * BROW + col] = ADD ? sB[row * BROW + col] + c[j][e] : c[j][e];
+      }
+    }
+  }
+}
+
 template <typename T, int D, bool C2P, bool P2C>
 __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kernel(const DisentangledFwdParams p) {
   using C = FwdConfig<D>;
@@ -136,23 +188,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
     __syncthreads();
 
     if constexpr (P2C) {
-      // pieces of 16 diagonals x 16 keys, one at a time (registers: acc is live; wider pieces spill at D = 128)
-#pragma unroll 1
-      for (int piece = 0; piece < 2 * BN / 16; ++piece) {
-        const int u_base = (2 * warp + piece / (BN / 16)) * 16, c_base = (piece % (BN / 16)) * 16;
-        float c[2][4];
-        zero(c);
-        mma_tile_smem_a<T, ROW, D, 16, true>(c, sP, u_base, sKs + c_base * ROW, lane);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int u = u_base + g + (e >> 1) * 8, col = c_base + j * 8 + 2 * t + (e & 1);
-            const int row = u + col - (BN - 1);
-            if (row >= 0 && row < BM) sB[row * BROW + col] = c[j][e];
-          }
-        }
-      }
+      p2c_into<T, D, false>(sB, sP, sKs, warp, lane);
       __syncthreads();  // sB holds p2c everywhere; sP is free for G_k
     }
     if constexpr (C2P) {
@@ -160,29 +196,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
       cp_async_commit();
       cp_async_wait<0>();
       __syncthreads();
-      // the warp's rows touch diagonals warp * 16 .. warp * 16 + 16 + BN - 2: pieces of 16, one at a
-      // time (registers: acc is live)
-#pragma unroll 1
-      for (int u0 = warp * 16; u0 < warp * 16 + C::kWarpDiag; u0 += 16) {
-        float c[2][4];
-        zero(c);
-        mma_tile_smem_a<T, ROW, D, 16, true>(c, sQ, warp * 16, sP + u0 * ROW, lane);
-#pragma unroll
-        for (int j = 0; j < 2; ++j) {
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int row = warp * 16 + g + (e >> 1) * 8, u = u0 + j * 8 + 2 * t + (e & 1);
-            const int col = row - u + (BN - 1);
-            if (col >= 0 && col < BN) {
-              if constexpr (P2C) {
-                sB[row * BROW + col] += c[j][e];
-              } else {
-                sB[row * BROW + col] = c[j][e];
-              }
-            }
-          }
-        }
-      }
+      c2p_into<T, D, P2C>(sB, sP, sQ, warp, lane);
       __syncwarp();  // the warp's own rows of sB are complete
     }
 

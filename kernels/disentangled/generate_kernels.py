@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Writes one .cu per (dtype, head_dim) instantiation of the disentangled-attention forward into
+"""Writes one .cu per (dtype, head_dim) instantiation of the disentangled-attention forward and backward into
 kernels/disentangled/generated/, so a CUDA build compiles them in parallel. Checked in with its
 output; rerun after changing the lists in kernels/common/generate.py:
 python kernels/disentangled/generate_kernels.py
@@ -11,12 +11,19 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "common"))
 from generate import instantiations, write_or_check  # noqa: E402
 
-LAUNCHERS = {"disentangled_fwd": ("fwd_kernel.cuh", "FORKATTN_INSTANTIATE_DISENTANGLED_FWD")}
+LAUNCHERS = {
+    "disentangled_fwd": ("fwd_kernel.cuh", "FORKATTN_INSTANTIATE_DISENTANGLED_FWD"),
+    "disentangled_bwd": ("bwd_kernel.cuh", "FORKATTN_INSTANTIATE_DISENTANGLED_BWD"),
+}
+
+
+BWD_HEAD_DIMS = (32, 64)  # the dk/dv kernel holds dk and dv in registers: at 128 it spills (see launch.cu)
 
 
 def files() -> dict:
     """file name -> contents."""
-    return instantiations("disentangled", LAUNCHERS)
+    return {name: text for name, text in instantiations("disentangled", LAUNCHERS).items()
+            if not name.startswith("disentangled_bwd") or any(name.endswith(f"_hdim{d}.cu") for d in BWD_HEAD_DIMS)}
 
 
 if __name__ == "__main__":

@@ -11,4 +11,14 @@ cudaError_t disentangled_fwd(const DisentangledFwdParams& params, cudaStream_t s
   });
 }
 
+// head_dim 32 and 64 only (generate_kernels.py's BWD_HEAD_DIMS): at 128 the dk/dv kernel's two
+// [16, 128] fp32 accumulators per warp spill; the host routes that case elsewhere.
+cudaError_t disentangled_bwd(const DisentangledBwdParams& params, cudaStream_t stream) {
+  return FA_DTYPE_SWITCH(params.is_bf16, T, [&] {
+    if (params.head_dim == 32) return run_disentangled_bwd<T, 32>(params, stream);
+    if (params.head_dim == 64) return run_disentangled_bwd<T, 64>(params, stream);
+    return cudaErrorInvalidValue;
+  });
+}
+
 }  // namespace forkattn::kernels::disentangled

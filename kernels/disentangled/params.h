@@ -38,4 +38,24 @@ struct DisentangledFwdParams {
   bool is_bf16;  // element type: bf16 if true, else fp16
 };
 
+// The backward: dq (with the c2p term's dpos_key) per query block, dk and dv (with the p2c term's
+// dpos_query) per key block. delta = rowsum(dout * out) comes in (the host computes it); the
+// position gradients are fp32 accumulators [H, rows, D] with unit stride in D, zeroed by the host,
+// summed into with atomics and left unscaled (the host multiplies by scale).
+struct DisentangledBwdParams : DisentangledFwdParams {
+  const void* dout;  // [B, H, Lq, D]
+  void* dq;          // [B, H, Lq, D], written
+  void* dk;          // [B, H, Lk, D], written (zeros at padded keys)
+  void* dv;          // [B, H, Lk, D], written (zeros at padded keys)
+  const float* delta;  // laid out like lse
+  float* dpos_key;     // [H, rows, D] fp32, added to (c2p)
+  float* dpos_query;   // [H, rows, D] fp32, added to (p2c)
+
+  int64_t dout_batch_stride, dout_head_stride, dout_row_stride;
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+  int64_t dpos_head_stride, dpos_row_stride;  // of both accumulators
+};
+
 }  // namespace forkattn::kernels::disentangled

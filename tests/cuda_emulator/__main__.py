@@ -46,7 +46,9 @@ def decode_main(quick):
 
 
 def disentangled_main(quick):
-    disentangled_checks.run_all(disentangled_checks.QUICK if quick else disentangled_checks.FULL)
+    cases = disentangled_checks.QUICK if quick else disentangled_checks.FULL
+    disentangled_checks.run_all(cases)
+    disentangled_checks.run_all_bwd(cases)
 
 
 def main(argv=None):

@@ -1,6 +1,6 @@
 """The "cuda" backend: forkattn._C's hand-written CUDA kernels (kernels/), in CUDA builds.
 
-The attention kernels (and the disentangled-attention forward) are opt-in until verified on a GPU: backend="cuda" names them, and
+The attention kernels (and the disentangled-attention kernels) are opt-in until verified on a GPU: backend="cuda" names them, and
 backend=None prefers them over Triton on CUDA tensors only when prefer_cuda_attention(True) was
 called or, while it was not, FORKATTN_PREFER_CUDA_ATTENTION=1 is set (read at call time).
 """
@@ -108,33 +108,21 @@ class CudaMLM(_Cuda, MLMBackend):
         return _native._C.mlm_mask_cuda
 
 
-def _disentangled_bwd(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, scale, c2p, p2c):
-    """The backward of CudaDisentangledAttention until kernels/disentangled has its own: Triton's
-    (it reads the lse of the CUDA forward: the same convention, natural log, +inf on empty rows), or
-    where Triton cannot run, autograd through the eager reference (materialises the scores)."""
-    from .. import triton as _triton
+def _disentangled_bwd(dout, q, *args):
+    """kernels/disentangled's backward for head_dim 32 and 64; at 128 (its dk/dv kernel would spill)
+    Triton's backward, which reads the CUDA forward's lse alike (natural log, +inf on empty rows)."""
+    if q.shape[-1] in (32, 64):
+        return _native._C.disentangled_attention_bwd_cuda(dout, q, *args)
+    from ..triton import disentangled as kernels
 
-    if _triton.unavailable_reason() is None:
-        from ..triton import disentangled as kernels
-
-        return kernels.disentangled_bwd(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask,
-                                        scale, c2p, p2c)
-    from .. import reference
-
-    with torch.enable_grad():
-        ins = [t.detach().requires_grad_() if t is not None else None for t in (q, k, v, pos_key, pos_query)]
-        o = reference.disentangled_attention_indexed(*ins, rel_index, key_padding_mask, scale, c2p, p2c)
-        used = [t for t in ins if t is not None]
-        grads = dict(zip(map(id, used), torch.autograd.grad(o, used, dout)))
-    dq, dk, dv, dpk, dpq = (None if t is None else grads[id(t)] for t in ins)
-    dpk, dpq = (q.new_empty(0) if g is None else g.contiguous() for g in (dpk, dpq))
-    return dq, dk, dv, dpk, dpq
+    return kernels.disentangled_bwd(dout, q, *args)
 
 
 @register
 class CudaDisentangledAttention(_OptIn, _CudaKernels, DisentangledAttentionBackend):
-    """kernels/disentangled: the forward (tensor-core tiles with the c2p / p2c terms gathered per
-    tile, no [Lq, Lk] matrix); the backward is _disentangled_bwd's (Triton) for now."""
+    """kernels/disentangled: tensor-core tiles with the c2p / p2c terms gathered per tile, no
+    [Lq, Lk] matrix; the backward's position gradients are fp32 atomics (last bits may vary).
+    head_dim 128's backward is Triton's (_disentangled_bwd)."""
 
     def make_impl(self):
         return FwdBwd(_native._C.disentangled_attention_fwd_cuda, _disentangled_bwd)
