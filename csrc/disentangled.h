@@ -39,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cuda(
     const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c);
 
-// Backward: the CPU contract, head_dim 32 or 64 (the Python backend sends 128 to Triton's backward); dpos_key / dpos_query are summed with fp32 atomics (their last bits
+// Backward: the CPU contract, head_dim 64 (the Python backend sends 32 and 128 to Triton's backward); dpos_key / dpos_query are summed with fp32 atomics (their last bits
 // may differ from run to run), Delta = rowsum(dout * out) from the stored output.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

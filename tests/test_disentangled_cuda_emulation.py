@@ -11,7 +11,7 @@ from cuda_emulator.core import EmulationError
 from cuda_emulator.disentangled_checks import QUICK, run_bwd_case, run_case
 
 SMALL = QUICK[2]  # one query row against two key tiles, p2c only: the cheapest case
-BOTH = (1, 1, 5, 9, 32, True, True, 4, 6, True, False)  # both terms, buckets, padding
+BOTH = (1, 1, 5, 9, 64, True, True, 4, 6, True, False)  # both terms, buckets, padding
 
 
 @pytest.mark.parametrize("case", QUICK, ids=lambda c: f"B{c[0]}H{c[1]}q{c[2]}k{c[3]}D{c[4]}c2p{int(c[5])}p2c{int(c[6])}")

@@ -325,8 +325,8 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dkdv_
     }
     position_tile<T, D, C2P, P2C, false>(sB, sP, sQ, sK, pk, pq, p.pk_row_stride, p.pq_row_stride, p.rel_index, t0,
                                          n_rel, tid);
-    // the tile's queries in two halves of 32, one at a time (registers: dk and dv are live)
-#pragma unroll 1
+    // the tile's queries in two halves of 32 (registers: dk and dv are live)
+#pragma unroll
     for (int half = 0; half < 2; ++half) {
       constexpr int HM = BM / 2;
       const int c0 = half * HM;

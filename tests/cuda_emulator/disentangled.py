@@ -568,7 +568,7 @@ def disentangled_attention_bwd_cuda(dout, q, k, v, pos_key, pos_query, out, lse,
     zeroed, the two kernels, then dpos * scale in q's dtype. -> (dq, dk, dv, dpos_key, dpos_query)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    assert D in (32, 64)  # the host's head_dim check: 128 goes to Triton's backward
+    assert D == 64  # the host's head_dim check: 32 and 128 go to Triton's backward
     dq = at._h("dq", at.empty_bhld(q, B, H, Lq, D), poison=True, write_once=True)
     dk = at._h("dk", at.empty_bhld(k, B, H, Lk, D), poison=True, write_once=True)
     dv = at._h("dv", at.empty_bhld(v, B, H, Lk, D), poison=True, write_once=True)

@@ -109,9 +109,10 @@ class CudaMLM(_Cuda, MLMBackend):
 
 
 def _disentangled_bwd(dout, q, *args):
-    """kernels/disentangled's backward for head_dim 32 and 64; at 128 (its dk/dv kernel would spill)
-    Triton's backward, which reads the CUDA forward's lse alike (natural log, +inf on empty rows)."""
-    if q.shape[-1] in (32, 64):
+    """kernels/disentangled's backward for head_dim 64 (DeBERTa's); at 32 and 128 (its dk/dv kernel
+    would spill) Triton's backward, which reads the CUDA forward's lse alike (natural log, +inf on
+    empty rows)."""
+    if q.shape[-1] == 64:
         return _native._C.disentangled_attention_bwd_cuda(dout, q, *args)
     from ..triton import disentangled as kernels
 
@@ -122,7 +123,7 @@ def _disentangled_bwd(dout, q, *args):
 class CudaDisentangledAttention(_OptIn, _CudaKernels, DisentangledAttentionBackend):
     """kernels/disentangled: tensor-core tiles with the c2p / p2c terms gathered per tile, no
     [Lq, Lk] matrix; the backward's position gradients are fp32 atomics (last bits may vary).
-    head_dim 128's backward is Triton's (_disentangled_bwd)."""
+    The backward at head_dim 32 and 128 is Triton's (_disentangled_bwd)."""
 
     def make_impl(self):
         return FwdBwd(_native._C.disentangled_attention_fwd_cuda, _disentangled_bwd)
