@@ -5,6 +5,9 @@
 
 #include "attention.h"
 #include "checks.h"
+#ifdef FORKATTN_WITH_CUDA
+#include "cuda/cuda_checks.h"
+#endif
 
 namespace forkattn {
 namespace {
@@ -36,17 +39,24 @@ struct DisentangledInputs {
   at::Tensor pos_key, pos_query;  // [H, rows, D], undefined for a term that is off
 };
 
-// rel_index: int64 [Lq + Lk - 1] on the CPU, every entry a row of the position embeddings (the
+// rel_index: int64 [Lq + Lk - 1] on q's device, every entry a row of the position embeddings (the
 // kernel reads pos rows through it: checked, never trusted).
-void check_rel_index(const at::Tensor& rel_index, const AttnSizes& s, int64_t pos_rows) {
+void check_rel_index(const at::Tensor& rel_index, const AttnSizes& s, int64_t pos_rows, const at::Tensor& q) {
   FA_CHECK_DTYPE(rel_index, at::kLong);
   FA_CHECK_DIM(rel_index, 1);
-  TORCH_CHECK_VALUE(rel_index.device().is_cpu(), "rel_index must be a CPU tensor for the cpu backend, got ",
-                    rel_index.device());
+  TORCH_CHECK_VALUE(rel_index.device() == q.device(), "rel_index must be on q's device ", q.device(), " (the ",
+                    q.is_cuda() ? "cuda" : "cpu", " backend), got ", rel_index.device());
   const int64_t n = std::max<int64_t>(s.len_q + s.len_k - 1, 0);
   TORCH_CHECK_VALUE(rel_index.numel() == n, "rel_index must have len_q + len_k - 1 = ", n, " entries, got ",
                     rel_index.numel());
-  if (pos_rows < 0) return;  // no relative term: the table is not read
+  if (pos_rows < 0 || n == 0) return;  // no relative term: the table is not read
+  if (!rel_index.device().is_cpu()) {  // one device reduction and a synchronisation
+    const auto [lo, hi] = at::aminmax(rel_index);
+    const int64_t lo_v = lo.item<int64_t>(), hi_v = hi.item<int64_t>();
+    TORCH_CHECK_VALUE(lo_v >= 0 && hi_v < pos_rows, "rel_index's entries must name rows of pos_key / pos_query, ",
+                      "which have 2 * span = ", pos_rows, " rows; got entries from ", lo_v, " to ", hi_v);
+    return;
+  }
   const at::Tensor t = rel_index.contiguous();
   const int64_t* v = t.data_ptr<int64_t>();
   for (int64_t i = 0; i < n; ++i) {
@@ -59,9 +69,15 @@ DisentangledInputs check_disentangled_inputs(const at::Tensor& q, const at::Tens
                                              const std::optional<at::Tensor>& pos_key,
                                              const std::optional<at::Tensor>& pos_query,
                                              const at::Tensor& rel_index,
-                                             const std::optional<at::Tensor>& key_padding_mask, bool c2p, bool p2c) {
+                                             const std::optional<at::Tensor>& key_padding_mask, bool c2p, bool p2c,
+                                             bool cuda = false) {
   DisentangledInputs in{check_attention_inputs(q, k, v, key_padding_mask)};
-  TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the cpu backend, got ", q.device());
+  if (!cuda) {
+    TORCH_CHECK_VALUE(q.device().is_cpu(), "q must be a CPU tensor for the cpu backend, got ", q.device());
+  }
+#ifdef FORKATTN_WITH_CUDA
+  if (cuda) check_cuda_limits(q, in.s);
+#endif
   TORCH_CHECK_VALUE(in.s.kv_heads == in.s.heads, "k and v must have q's ", in.s.heads,
                     " heads (disentangled attention has no grouped keys), got ", in.s.kv_heads);
   in.pos_key = check_pos(pos_key, "pos_key", c2p, "c2p", q, in.s);
@@ -71,7 +87,7 @@ DisentangledInputs check_disentangled_inputs(const at::Tensor& q, const at::Tens
                       "number of rows (2 * span), got ", in.pos_key.size(1), " and ", in.pos_query.size(1));
   }
   const int64_t pos_rows = c2p ? in.pos_key.size(1) : p2c ? in.pos_query.size(1) : -1;
-  check_rel_index(rel_index, in.s, pos_rows);
+  check_rel_index(rel_index, in.s, pos_rows, q);
   return in;
 }
 
@@ -118,5 +134,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
                                          key_padding_mask, static_cast<float>(scale), dq, dk, dv, dpk, dpq);
   return {dq, dk, dv, dpk, dpq};
 }
+
+#ifdef FORKATTN_WITH_CUDA
+std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cuda(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pos_key,
+    const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c) {
+  const DisentangledInputs in =
+      check_disentangled_inputs(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c, /*cuda=*/true);
+  const AttnSizes& s = in.s;
+  at::Tensor out = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
+  at::Tensor lse = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));
+  if (out.numel() > 0) {
+    cuda::disentangled_attention_fwd_launch(q, k, v, in.pos_key, in.pos_query, rel_index.contiguous(),
+                                            key_padding_mask, scale, out, lse);
+  }
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd_cuda(
+    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+    const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
+    const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
+    double scale, bool c2p, bool p2c) {
+  const DisentangledInputs in =
+      check_disentangled_inputs(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c, /*cuda=*/true);
+  const AttnSizes s = check_attention_bwd_inputs(dout, q, k, v, out, lse, key_padding_mask);
+  TORCH_CHECK_VALUE(s.head_dim == 64, "head_dim must be 64 for the cuda backend's disentangled backward ",
+                    "(32 and 128 go to the triton backward), got ", s.head_dim);
+  at::Tensor dq = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
+  at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
+  at::Tensor dv = empty_bhld(v, s.batch, s.kv_heads, s.len_k, s.head_dim);
+  // fp32 accumulators of the kernels' atomic adds, [H, rows, D] contiguous
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dpk = in.pos_key.defined() ? at::zeros(in.pos_key.sizes(), f32) : at::Tensor();
+  at::Tensor dpq = in.pos_query.defined() ? at::zeros(in.pos_query.sizes(), f32) : at::Tensor();
+  auto finish = [&](const at::Tensor& acc) {
+    return acc.defined() ? acc.mul_(scale).to(q.scalar_type()) : at::empty({0}, q.options());
+  };
+  if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv, finish(dpk), finish(dpq)};
+  // Delta = rowsum(dout * out) from the stored output (FlashAttention's choice): [B, H, Lq] fp32
+  const at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
+  cuda::disentangled_attention_bwd_launch(dout, q, k, v, in.pos_key, in.pos_query, lse.contiguous(), delta,
+                                          rel_index.contiguous(), key_padding_mask, scale, dq, dk, dv, dpk, dpq);
+  return {dq, dk, dv, finish(dpk), finish(dpq)};
+}
+#endif  // FORKATTN_WITH_CUDA
 
 }  // namespace forkattn

@@ -3,7 +3,7 @@
 # --check; needs only python3). Then compile-check every CUDA file in kernels/ with plain nvcc
 # (no torch, no GPU needed) for sm_80 and sm_90a, print ptxas' register/stack/spill report per
 # kernel, and fail on any error or local-memory spill. Files compile in parallel (MAX_JOBS,
-# default nproc).
+# default nproc). KERNELS_UNDER=kernels/disentangled (say) compiles only that folder's files.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 for gen in kernels/*/generate_kernels.py; do
@@ -18,7 +18,7 @@ if [ ! -x "$NVCC" ]; then
   echo "check_kernels: nvcc not found, skipping the CUDA compile check"
   exit 0
 fi
-mapfile -t files < <(find kernels -name '*.cu' | sort)
+mapfile -t files < <(find "${KERNELS_UNDER:-kernels}" -name '*.cu' | sort)
 if [ ${#files[@]} -eq 0 ]; then
   echo "check_kernels: no .cu files under kernels/" >&2
   exit 1

@@ -11,6 +11,7 @@
 #include "attention.h"
 #include "attention/api.h"
 #include "checks.h"
+#include "cuda/cuda_checks.h"
 #include "common/philox.h"
 
 namespace forkattn {
@@ -18,31 +19,6 @@ namespace {
 
 using kernels::attention::AttentionBwdParams;
 using kernels::attention::AttentionFwdParams;
-
-void check_cuda_limits(const at::Tensor& q, const AttnSizes& s) {
-  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor for the cuda backend, got ", q.device());
-  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
-                   "q must be float16 or bfloat16 for the cuda backend, got ", q.scalar_type());
-  TORCH_CHECK_VALUE(s.head_dim == 32 || s.head_dim == 64 || s.head_dim == 128,
-                    "head_dim must be 32, 64 or 128 for the cuda backend, got ", s.head_dim);
-  TORCH_CHECK_VALUE(s.batch <= 65535 && s.heads <= 65535,
-                    "the cuda backend takes at most 65535 batches and heads (grid limit), got batch ", s.batch,
-                    ", heads ", s.heads);
-  TORCH_CHECK_VALUE(s.len_q <= INT_MAX - 256 && s.len_k <= INT_MAX - 256,
-                    "sequence lengths must fit in int32 for the cuda backend, got len_q ", s.len_q, ", len_k ",
-                    s.len_k);
-  const auto* prop = at::cuda::getDeviceProperties(q.device().index());
-  TORCH_CHECK_VALUE(prop->major >= 8, "the cuda backend needs compute capability 8.0 or newer (mma.sync bf16, ",
-                    "cp.async), got ", prop->major, ".", prop->minor, " on ", q.device());
-}
-
-// The kernels move rows with 16-byte copies: a 16-byte aligned base and strides that are
-// multiples of 8 elements. Anything else (an odd slice) is copied once into a fresh tensor.
-at::Tensor rows_aligned(const at::Tensor& t) {
-  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
-  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
-}
 
 // Varlen operands: the packed-sequence view of rows_aligned(t).
 at::Tensor packed_aligned(const at::Tensor& t) { return packed_as_bhld(rows_aligned(t)); }
@@ -118,6 +94,31 @@ void check_launch(cudaError_t err, const char* what) {
 }
 
 }  // namespace
+
+void check_cuda_limits(const at::Tensor& q, const AttnSizes& s) {
+  TORCH_CHECK_VALUE(q.is_cuda(), "q must be a CUDA tensor for the cuda backend, got ", q.device());
+  TORCH_CHECK_TYPE(q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16,
+                   "q must be float16 or bfloat16 for the cuda backend, got ", q.scalar_type());
+  TORCH_CHECK_VALUE(s.head_dim == 32 || s.head_dim == 64 || s.head_dim == 128,
+                    "head_dim must be 32, 64 or 128 for the cuda backend, got ", s.head_dim);
+  TORCH_CHECK_VALUE(s.batch <= 65535 && s.heads <= 65535,
+                    "the cuda backend takes at most 65535 batches and heads (grid limit), got batch ", s.batch,
+                    ", heads ", s.heads);
+  TORCH_CHECK_VALUE(s.len_q <= INT_MAX - 256 && s.len_k <= INT_MAX - 256,
+                    "sequence lengths must fit in int32 for the cuda backend, got len_q ", s.len_q, ", len_k ",
+                    s.len_k);
+  const auto* prop = at::cuda::getDeviceProperties(q.device().index());
+  TORCH_CHECK_VALUE(prop->major >= 8, "the cuda backend needs compute capability 8.0 or newer (mma.sync bf16, ",
+                    "cp.async), got ", prop->major, ".", prop->minor, " on ", q.device());
+}
+
+// The kernels move rows with 16-byte copies: a 16-byte aligned base and strides that are
+// multiples of 8 elements. Anything else (an odd slice) is copied once into a fresh tensor.
+at::Tensor rows_aligned(const at::Tensor& t) {
+  bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) ok = ok && (t.size(d) <= 1 || t.stride(d) % 8 == 0);
+  return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in,

@@ -6,7 +6,9 @@ attention.py         transcription of kernels/attention/ and its host glue
 attention_checks.py  attention cases against the fp64 reference (2x rule, same-rounding model)
 decode.py            transcription of kernels/decode/ (split, merge, kv_append) and its host glue
 decode_checks.py     decode and append cases against forkattn.reference
-__main__.py          the full matrix: python tests/cuda_emulator [--quick] [--only attention|decode]
+disentangled.py      transcription of kernels/disentangled/ (DeBERTa forward) and its host glue
+disentangled_checks.py  disentangled cases against the fp64 reference (2x rule)
+__main__.py          the full matrix: python tests/cuda_emulator [--quick] [--only attention|decode|disentangled]
 
 Retires once scripts/gpu_check.sh has passed on hardware: docs/EMULATION.md.
 """

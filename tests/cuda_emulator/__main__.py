@@ -1,8 +1,9 @@
-"""The full emulation matrix: python tests/cuda_emulator [--quick] [--only attention|decode]
+"""The full emulation matrix: python tests/cuda_emulator [--quick] [--only attention|decode|disentangled]
 (or, with tests/ on PYTHONPATH, python -m cuda_emulator). Attention: head_dim 32/64/128 x Lq, Lk in
 {1, 7, 65, 97, 129} x causal, padding incl. a fully padded sequence, GQA 4/2 and 4/1, strided
 inputs, varlen with an empty sequence and an oversized grid, and 19 of them with dropout (217 cases,
-about 6 minutes on a 2-core machine). Decode: decode_checks.full_decode_matrix(). --quick: a handful of cases each."""
+about 6 minutes on a 2-core machine). Decode: decode_checks.full_decode_matrix(). Disentangled (DeBERTa) forward:
+disentangled_checks.FULL. --quick: a handful of cases each."""
 import argparse
 import sys
 import time
@@ -12,7 +13,7 @@ if __package__ in (None, ""):  # run as a folder: put tests/ (this package, attn
     _TESTS = Path(__file__).resolve().parents[1]
     sys.path[:0] = [str(_TESTS), str(_TESTS.parent / "python")]
 
-from cuda_emulator import attention_checks, decode_checks  # noqa: E402
+from cuda_emulator import attention_checks, decode_checks, disentangled_checks  # noqa: E402
 
 
 def attention_main(quick):
@@ -44,12 +45,19 @@ def decode_main(quick):
     print(f"{len(dec)} decode and {len(app)} append cases ok; largest decode error {worst:.2e} (bound 1e-4)")
 
 
+def disentangled_main(quick):
+    cases = disentangled_checks.QUICK if quick else disentangled_checks.FULL
+    disentangled_checks.run_all(cases)
+    disentangled_checks.run_all_bwd(cases)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a handful of cases only")
-    ap.add_argument("--only", choices=("attention", "decode"), help="one kernel family")
+    ap.add_argument("--only", choices=("attention", "decode", "disentangled"), help="one kernel family")
     args = ap.parse_args(argv)
-    for name, fn in (("attention", attention_main), ("decode", decode_main)):
+    for name, fn in (("attention", attention_main), ("decode", decode_main),
+                     ("disentangled", disentangled_main)):
         if args.only in (None, name):
             t0 = time.time()
             fn(args.quick)

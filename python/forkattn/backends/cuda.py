@@ -1,6 +1,6 @@
 """The "cuda" backend: forkattn._C's hand-written CUDA kernels (kernels/), in CUDA builds.
 
-The attention kernels are opt-in until verified on a GPU: backend="cuda" names them, and
+The attention kernels (and the disentangled-attention kernels) are opt-in until verified on a GPU: backend="cuda" names them, and
 backend=None prefers them over Triton on CUDA tensors only when prefer_cuda_attention(True) was
 called or, while it was not, FORKATTN_PREFER_CUDA_ATTENTION=1 is set (read at call time).
 """
@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from .. import _native
-from .families import (AttentionBackend, AttentionVarlenBackend, DecodeBackend, KVAppendBackend,
-                       MLMBackend)
+from .families import (AttentionBackend, AttentionVarlenBackend, DecodeBackend, DisentangledAttentionBackend,
+                       KVAppendBackend, MLMBackend)
 from .registry import FwdBwd, clear_caches, register
 
 HEAD_DIMS = (32, 64, 128)  # what kernels/attention and kernels/decode are instantiated for
@@ -106,3 +106,24 @@ class CudaKVAppend(_Cuda, KVAppendBackend):
 class CudaMLM(_Cuda, MLMBackend):
     def make_impl(self):
         return _native._C.mlm_mask_cuda
+
+
+def _disentangled_bwd(dout, q, *args):
+    """kernels/disentangled's backward for head_dim 64 (DeBERTa's); at 32 and 128 (its dk/dv kernel
+    would spill) Triton's backward, which reads the CUDA forward's lse alike (natural log, +inf on
+    empty rows)."""
+    if q.shape[-1] == 64:
+        return _native._C.disentangled_attention_bwd_cuda(dout, q, *args)
+    from ..triton import disentangled as kernels
+
+    return kernels.disentangled_bwd(dout, q, *args)
+
+
+@register
+class CudaDisentangledAttention(_OptIn, _CudaKernels, DisentangledAttentionBackend):
+    """kernels/disentangled: tensor-core tiles with the c2p / p2c terms gathered per tile, no
+    [Lq, Lk] matrix; the backward's position gradients are fp32 atomics (last bits may vary).
+    The backward at head_dim 32 and 128 is Triton's (_disentangled_bwd)."""
+
+    def make_impl(self):
+        return FwdBwd(_native._C.disentangled_attention_fwd_cuda, _disentangled_bwd)

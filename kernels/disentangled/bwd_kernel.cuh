@@ -1,0 +1,427 @@
+// Backward of DeBERTa's disentangled attention (forkattn/triton/disentangled_kernels.py's method
+// with fwd_kernel.cuh's tiles): two kernels of 4 warps, no atomics except into the fp32 position
+// gradient accumulators.
+//   dq kernel, per 64-query block (each warp 16 query rows), over the visible 64-key tiles: the
+//     scores recomputed with the position tile sB, P = exp2(s log2e scale - lse log2e),
+//     dP = dO V^T, dS = P (dP - delta); dq += dS K; with c2p also dq += Z G_k and
+//     dpos_key[rel[t0 + u]] += Z^T Q (Z split into T hi + lo: see a_fragment_split), where Z[i', u] = dS[i', i' - u + BN - 1] (the tile's dS by
+//     diagonal, built from the warp's own rows of dS in shared memory sDS).
+//   dk/dv kernel, per 64-key block (each warp 16 keys), over all 64-query tiles: the transposed
+//     scores s^T = K Q^T plus sB^T, P^T, dv += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
+//     dk += dS^T Q; with p2c also dk += Y^T G_q and dpos_query[rel[t0 + u]] += Y K, where
+//     Y[u, j'] = dS[u + j' - BN + 1, j'].
+// dq and dk carry the softmax scale at the end; the position gradients are left unscaled (the host
+// scales them). Rows that see no key (lse = +inf) and padded keys get exactly zero gradients.
+#pragma once
+#include <type_traits>
+
+#include "disentangled/fwd_kernel.cuh"
+
+namespace forkattn::kernels::disentangled {
+
+using attention::load_b_kn;
+using attention::mma16816;
+using attention::pack2;
+
+template <int D>
+struct BwdConfig {
+  using F = FwdConfig<D>;
+  static constexpr int kBlockM = F::kBlockM, kBlockN = F::kBlockN, kThreads = F::kThreads, kRow = F::kRow;
+  static constexpr int kBRow = F::kBRow;
+  // Q, dO, K, V (one stage each), the position rows, sB and sDS, per-key bias, per-row lse and delta
+  static constexpr size_t kSmem = (2 * kBlockM + 2 * kBlockN + F::kPosRows) * kRow * 2 +
+                                  (2 * kBlockM * kBRow + kBlockN + 2 * kBlockM) * sizeof(float);
+  static_assert(kBlockM == kBlockN, "the dk/dv kernel stages its 64 key rows in the Q tile");
+};
+
+// The unscaled position terms of a tile into sB [BM][BROW] (every entry), from the position rows
+// loaded into sP one term after the other; sP keeps the rows of the term loaded last: G_k when
+// C2P_LAST (the dq kernel), else G_q (the dk/dv kernel). Waits for every cp.async group (the
+// caller's K/V or Q/dO tile included) and ends with a block barrier. Block-uniform.
+template <typename T, int D, bool C2P, bool P2C, bool C2P_LAST>
+__device__ __forceinline__ void position_tile(float* sB, T* sP, const T* sQ, const T* sKs, const T* pk,
+                                              const T* pq, int64_t pk_row_stride, int64_t pq_row_stride,
+                                              const int64_t* rel, int t0, int n_rel, int tid) {
+  using C = FwdConfig<D>;
+  const int warp = tid / 32, lane = tid % 32;
+  auto load = [&](const T* pos, int64_t row_stride) {
+    load_pos_rows_async<C::kPosRows, D, C::kThreads>(sP, pos, row_stride, rel, t0, C::kDiag, n_rel, tid);
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+  };
+  if constexpr (C2P_LAST) {
+    if constexpr (P2C) {
+      load(pq, pq_row_stride);
+      p2c_into<T, D, false>(sB, sP, sKs, warp, lane);
+      __syncthreads();
+    }
+    if constexpr (C2P) {
+      load(pk, pk_row_stride);
+      c2p_into<T, D, P2C>(sB, sP, sQ, warp, lane);
+      __syncthreads();
+    }
+  } else {
+    if constexpr (C2P) {
+      load(pk, pk_row_stride);
+      c2p_into<T, D, false>(sB, sP, sQ, warp, lane);
+      __syncthreads();
+    }
+    if constexpr (P2C) {
+      load(pq, pq_row_stride);
+      p2c_into<T, D, C2P>(sB, sP, sKs, warp, lane);
+      __syncthreads();
+    }
+  }
+  if constexpr (!C2P && !P2C) {
+    cp_async_wait<0>();
+    __syncthreads();
+  }
+}
+
+// An A fragment (16 x 16) whose element (row, col) is at(row, col), rounded to T.
+template <typename T, typename At>
+__device__ __forceinline__ void a_fragment(uint32_t (&a)[4], int lane, At&& at) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+    a[r] = pack2<T>(at(row, col), at(row, col + 1));
+  }
+}
+
+// float(T(x)): x rounded to the element type.
+template <typename T>
+__device__ __forceinline__ float rounded(float x) {
+  if constexpr (std::is_same_v<T, __half>) {
+    return __half2float(__float2half_rn(x));
+  } else {
+    return __bfloat162float(__float2bfloat16_rn(x));
+  }
+}
+
+// The same fragment split in two, hi = T(x) and lo = T(x - hi): hi + lo carries x to about twice
+// T's precision. The position gradients sum many dS of one embedding row (every diagonal that
+// clamps or buckets onto it): one rounding of each dS to T would add up past the 2x rule.
+template <typename T, typename At>
+__device__ __forceinline__ void a_fragment_split(uint32_t (&hi)[4], uint32_t (&lo)[4], int lane, At&& at) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int row = g + 8 * (r & 1), col = 2 * t + 8 * (r >> 1);
+    const float x0 = at(row, col), x1 = at(row, col + 1);
+    hi[r] = pack2<T>(x0, x1);
+    lo[r] = pack2<T>(x0 - rounded<T>(x0), x1 - rounded<T>(x1));
+  }
+}
+
+// acc [16 x D] += A (16 x 16) * B, B the rows k0..k0+15 of a [k][n] tile (row length ROW).
+template <typename T, int ROW, int D>
+__device__ __forceinline__ void mma_a_kn(float (&acc)[D / 8][4], const uint32_t (&a)[4], const T* b_tile, int k0,
+                                         int lane) {
+#pragma unroll
+  for (int j = 0; j < D / 16; ++j) {
+    uint32_t b[4];
+    load_b_kn<ROW>(b, b_tile, j * 16, k0, lane);
+    mma16816<T>(acc[2 * j], a, b[0], b[1]);
+    mma16816<T>(acc[2 * j + 1], a, b[2], b[3]);
+  }
+}
+
+// dpos[rel[t0 + u0 + r]] += (A B)[r] for r < 16 (A = hi + lo: 16 diagonals x 16, B: 16 rows of a
+// [k][n] tile), 16 columns at a time; diagonals off the tile or the table are skipped (their A rows
+// are zero).
+template <typename T, int ROW, int D>
+__device__ __forceinline__ void add_dpos(float* dpos, int64_t row_stride, const int64_t* rel, int t0, int u0,
+                                         int n_rel, const uint32_t (&a)[4], const uint32_t (&a_lo)[4],
+                                         const T* b_tile, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  int64_t rows[2];
+  bool ok[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int u = u0 + g + 8 * h, tt = t0 + u;
+    ok[h] = u < FwdConfig<D>::kDiag && tt >= 0 && tt < n_rel;
+    rows[h] = ok[h] ? rel[tt] : 0;
+  }
+#pragma unroll 1
+  for (int j = 0; j < D / 16; ++j) {
+    uint32_t b[4];
+    load_b_kn<ROW>(b, b_tile, j * 16, 0, lane);
+    float c[2][4];
+    zero(c);
+    mma16816<T>(c[0], a, b[0], b[1]);
+    mma16816<T>(c[1], a, b[2], b[3]);
+    mma16816<T>(c[0], a_lo, b[0], b[1]);
+    mma16816<T>(c[1], a_lo, b[2], b[3]);
+#pragma unroll
+    for (int x = 0; x < 2; ++x) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1, col = j * 16 + 8 * x + 2 * t + (e & 1);
+        if (ok[h]) atomicAdd(dpos + rows[h] * row_stride + col, c[x][e]);
+      }
+    }
+  }
+}
+
+template <typename T, int D, bool C2P, bool P2C>
+__global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dq_kernel(const DisentangledBwdParams p) {
+  using C = BwdConfig<D>;
+  constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads, BROW = C::kBRow;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + BM * ROW;
+  T* sK = sdO + BM * ROW;
+  T* sV = sK + BN * ROW;
+  T* sP = sV + BN * ROW;
+  float* sB = reinterpret_cast<float*>(sP + FwdConfig<D>::kPosRows * ROW);
+  float* sDS = sB + BM * BROW;
+  float* sBias = sDS + BM * BROW;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
+  const int len_q = p.len_q, len_k = p.len_k, n_rel = len_q + len_k - 1;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const T* pk = C2P ? static_cast<const T*>(p.pos_key) + h * p.pk_head_stride : nullptr;
+  const T* pq = P2C ? static_cast<const T*>(p.pos_query) + h * p.pq_head_stride : nullptr;
+  float* dpk = C2P ? p.dpos_key + h * p.dpos_head_stride : nullptr;
+  const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr;
+  const int n_tiles = cdiv(len_k, BN);
+
+  load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
+  load_tile_async<BM, D, NT>(sdO, dout, p.dout_row_stride, m0, len_q, tid);
+  cp_async_commit();
+  float lse2[2], delta[2];  // rows row_base and row_base + 8; rows past len_q: P = 0
+  const int row_base = m0 + warp * 16 + g;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row_base + 8 * r;
+    const int64_t at = b * p.lse_batch_stride + h * p.lse_head_stride + row;
+    lse2[r] = row < len_q ? p.lse[at] * attention::kLog2e : INFINITY;
+    delta[r] = row < len_q ? p.delta[at] : 0.f;
+  }
+  float dq[D / 8][4];
+  zero(dq);
+
+  int n = next_key_tile<BN, NT>(0, n_tiles, mask, len_k, sBias, tid);
+  while (n < n_tiles) {
+    const int n0 = n * BN;
+    const int t0 = m0 - n0 + len_k - BN;
+    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n0, len_k, tid, mask);
+    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n0, len_k, tid, mask);
+    cp_async_commit();
+    position_tile<T, D, C2P, P2C, true>(sB, sP, sQ, sK, pk, pq, p.pk_row_stride, p.pq_row_stride, p.rel_index, t0,
+                                        n_rel, tid);
+    float s[BN / 8][4];
+    zero(s);
+    mma_tile_smem_a<T, ROW, D, BN, true>(s, sQ, warp * 16, sK, lane);
+    float dp[BN / 8][4];
+    zero(dp);
+    mma_tile_smem_a<T, ROW, D, BN, true>(dp, sdO, warp * 16, sV, lane);
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = j * 8 + 2 * t + (e & 1), r = e >> 1;
+        float x = s[j][e];
+        if constexpr (C2P || P2C) x += sB[(warp * 16 + g + 8 * r) * BROW + col];
+        const float pr = sBias[col] == 0.f ? exp2f(x * p.scale_log2 - lse2[r]) : 0.f;
+        s[j][e] = pr * (dp[j][e] - delta[r]);  // dS (unscaled)
+      }
+    }
+    mma_tile_reg_a<T, ROW, BN, D>(dq, s, sK, lane);
+    if constexpr (C2P) {
+      // the warp's rows of dS, then Z by diagonal from them
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sDS[(warp * 16 + g + 8 * (e >> 1)) * BROW + j * 8 + 2 * t + (e & 1)] = s[j][e];
+      }
+      __syncwarp();
+      const float* ds = sDS + warp * 16 * BROW;
+#pragma unroll 1
+      for (int u0 = warp * 16; u0 < warp * 16 + FwdConfig<D>::kWarpDiag; u0 += 16) {
+        uint32_t a[4];
+        a_fragment<T>(a, lane, [&](int i, int uu) {  // Z[warp * 16 + i, u0 + uu]
+          const int col = warp * 16 + i - (u0 + uu) + (BN - 1);
+          return col >= 0 && col < BN ? ds[i * BROW + col] : 0.f;
+        });
+        mma_a_kn<T, ROW, D>(dq, a, sP, u0, lane);
+        uint32_t a_lo[4];
+        a_fragment_split<T>(a, a_lo, lane, [&](int uu, int i) {  // Z^T[u0 + uu, warp * 16 + i]
+          const int col = warp * 16 + i - (u0 + uu) + (BN - 1);
+          return col >= 0 && col < BN ? ds[i * BROW + col] : 0.f;
+        });
+        add_dpos<T, ROW, D>(dpk, p.dpos_row_stride, p.rel_index, t0, u0, n_rel, a, a_lo, sQ + warp * 16 * ROW,
+                            lane);
+      }
+    }
+    __syncthreads();  // sK, sV, sP, sB, sDS are refilled by the next tile
+    n = next_key_tile<BN, NT>(n + 1, n_tiles, mask, len_k, sBias, tid);
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  stage_rows<T, D>(sQ, warp * 16, dq, p.scale, p.scale, lane);  // each warp reuses its own Q rows
+  __syncthreads();
+  T* dq_out = static_cast<T*>(p.dq) + b * p.dq_batch_stride + h * p.dq_head_stride;
+  store_tile<BM, D, NT>(dq_out, p.dq_row_stride, m0, len_q, sQ, tid);
+}
+
+template <typename T, int D, bool C2P, bool P2C>
+__global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dkdv_kernel(const DisentangledBwdParams p) {
+  using C = BwdConfig<D>;
+  constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads, BROW = C::kBRow;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + BM * ROW;
+  T* sK = sdO + BM * ROW;
+  T* sV = sK + BN * ROW;
+  T* sP = sV + BN * ROW;
+  float* sB = reinterpret_cast<float*>(sP + FwdConfig<D>::kPosRows * ROW);
+  float* sDS = sB + BM * BROW;  // [BN][BROW]: the warp's key rows of dS^T
+  float* sBias = sDS + BM * BROW;
+  float* sL = sBias + BN;  // [BM] lse * log2e of the query tile
+  float* sDelta = sL + BM;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * BN, h = blockIdx.y, b = blockIdx.z;
+  const int len_q = p.len_q, len_k = p.len_k, n_rel = len_q + len_k - 1;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
+  const T* pk = C2P ? static_cast<const T*>(p.pos_key) + h * p.pk_head_stride : nullptr;
+  const T* pq = P2C ? static_cast<const T*>(p.pos_query) + h * p.pq_head_stride : nullptr;
+  float* dpq = P2C ? p.dpos_query + h * p.dpos_head_stride : nullptr;
+  const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr;
+
+  // this block's keys: visible or not (one thread per key), and whether any is
+  const int key = n0 + tid;
+  const bool visible = tid < BN && key < len_k && (mask == nullptr || mask[key]);
+  if (tid < BN) sBias[tid] = visible ? 0.f : -INFINITY;
+  const bool live = __syncthreads_or(visible);
+  load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n0, len_k, tid, mask);
+  load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n0, len_k, tid, mask);
+  cp_async_commit();
+
+  float dk[D / 8][4], dv[D / 8][4];
+  zero(dk);
+  zero(dv);
+  const int key_row = warp * 16 + g;  // this lane's keys: key_row and key_row + 8 of the block
+  for (int m0 = 0; live && m0 < len_q; m0 += BM) {
+    const int t0 = m0 - n0 + len_k - BN;
+    load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
+    load_tile_async<BM, D, NT>(sdO, dout, p.dout_row_stride, m0, len_q, tid);
+    cp_async_commit();
+    if (tid < BM) {
+      const int row = m0 + tid;
+      const int64_t at = b * p.lse_batch_stride + h * p.lse_head_stride + row;
+      sL[tid] = row < len_q ? p.lse[at] * attention::kLog2e : INFINITY;
+      sDelta[tid] = row < len_q ? p.delta[at] : 0.f;
+    }
+    position_tile<T, D, C2P, P2C, false>(sB, sP, sQ, sK, pk, pq, p.pk_row_stride, p.pq_row_stride, p.rel_index, t0,
+                                         n_rel, tid);
+    // the tile's queries in two halves of 32 (registers: dk and dv are live)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      constexpr int HM = BM / 2;
+      const int c0 = half * HM;
+      float s[HM / 8][4];  // s^T: rows = this warp's keys, columns = queries c0 ..
+      zero(s);
+      mma_tile_smem_a<T, ROW, D, HM, true>(s, sK, warp * 16, sQ + c0 * ROW, lane);
+      float dp[HM / 8][4];
+      zero(dp);
+      mma_tile_smem_a<T, ROW, D, HM, true>(dp, sV, warp * 16, sdO + c0 * ROW, lane);
+#pragma unroll
+      for (int j = 0; j < HM / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = c0 + j * 8 + 2 * t + (e & 1), kr = key_row + 8 * (e >> 1);
+          float x = s[j][e];
+          if constexpr (C2P || P2C) x += sB[col * BROW + kr];
+          const float pr = sBias[kr] == 0.f ? exp2f(x * p.scale_log2 - sL[col]) : 0.f;
+          s[j][e] = pr;                              // P^T
+          dp[j][e] = pr * (dp[j][e] - sDelta[col]);  // dS^T (unscaled)
+        }
+      }
+      mma_tile_reg_a<T, ROW, HM, D>(dv, s, sdO + c0 * ROW, lane);
+      mma_tile_reg_a<T, ROW, HM, D>(dk, dp, sQ + c0 * ROW, lane);
+      if constexpr (P2C) {
+#pragma unroll
+        for (int j = 0; j < HM / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) sDS[(key_row + 8 * (e >> 1)) * BROW + c0 + j * 8 + 2 * t + (e & 1)] = dp[j][e];
+        }
+      }
+    }
+    if constexpr (P2C) {
+      __syncwarp();
+      const float* ds = sDS + warp * 16 * BROW;  // ds[j * BROW + i] = dS[i, warp * 16 + j]
+      // the warp's keys touch diagonals BM - 16 (warp + 1) .. BM - 16 warp + 14 (+ BN - 64 = 0)
+      const int u_first = BM - 16 * (warp + 1);
+#pragma unroll 1
+      for (int u0 = u_first; u0 < u_first + FwdConfig<D>::kWarpDiag; u0 += 16) {
+        uint32_t a[4];
+        a_fragment<T>(a, lane, [&](int j, int uu) {  // Y^T[warp * 16 + j, u0 + uu]
+          const int i = u0 + uu + warp * 16 + j - (BN - 1);
+          return i >= 0 && i < BM ? ds[j * BROW + i] : 0.f;
+        });
+        mma_a_kn<T, ROW, D>(dk, a, sP, u0, lane);
+        uint32_t a_lo[4];
+        a_fragment_split<T>(a, a_lo, lane, [&](int uu, int j) {  // Y[u0 + uu, warp * 16 + j]
+          const int i = u0 + uu + warp * 16 + j - (BN - 1);
+          return i >= 0 && i < BM ? ds[j * BROW + i] : 0.f;
+        });
+        add_dpos<T, ROW, D>(dpq, p.dpos_row_stride, p.rel_index, t0, u0, n_rel, a, a_lo, sK + warp * 16 * ROW,
+                            lane);
+      }
+    }
+    __syncthreads();  // sQ, sdO, sP, sB, sDS, sL, sDelta are refilled by the next tile
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+  // a padded key's gradients are exactly zero
+  const float keep0 = sBias[key_row] == 0.f ? 1.f : 0.f, keep1 = sBias[key_row + 8] == 0.f ? 1.f : 0.f;
+  stage_rows<T, D>(sQ, warp * 16, dk, p.scale * keep0, p.scale * keep1, lane);
+  stage_rows<T, D>(sdO, warp * 16, dv, keep0, keep1, lane);
+  __syncthreads();
+  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride;
+  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride;
+  store_tile<BN, D, NT>(dk_out, p.dk_row_stride, n0, len_k, sQ, tid);
+  store_tile<BN, D, NT>(dv_out, p.dv_row_stride, n0, len_k, sdO, tid);
+}
+
+template <typename T, int D>
+cudaError_t run_disentangled_bwd(const DisentangledBwdParams& p, cudaStream_t stream) {
+  using C = BwdConfig<D>;
+  if (p.batch == 0 || p.heads == 0 || (p.len_q == 0 && p.len_k == 0)) return cudaSuccess;
+  return FA_BOOL_SWITCH(p.c2p, kC2P, [&] {
+    return FA_BOOL_SWITCH(p.p2c, kP2C, [&] {
+      if (p.len_q > 0) {
+        auto kernel = disentangled_bwd_dq_kernel<T, D, kC2P, kP2C>;
+        cudaError_t err = set_smem(kernel, C::kSmem);
+        if (err != cudaSuccess) return err;
+        kernel<<<dim3(cdiv(p.len_q, C::kBlockM), p.heads, p.batch), C::kThreads, C::kSmem, stream>>>(p);
+        if ((err = cudaGetLastError()) != cudaSuccess) return err;
+      }
+      if (p.len_k > 0) {
+        auto kernel = disentangled_bwd_dkdv_kernel<T, D, kC2P, kP2C>;
+        cudaError_t err = set_smem(kernel, C::kSmem);
+        if (err != cudaSuccess) return err;
+        kernel<<<dim3(cdiv(p.len_k, C::kBlockN), p.heads, p.batch), C::kThreads, C::kSmem, stream>>>(p);
+        return cudaGetLastError();
+      }
+      return cudaSuccess;
+    });
+  });
+}
+
+}  // namespace forkattn::kernels::disentangled
+
+#define FORKATTN_INSTANTIATE_DISENTANGLED_BWD(T, D)                                       \
+  template cudaError_t forkattn::kernels::disentangled::run_disentangled_bwd<T, D>( \
+      const forkattn::kernels::disentangled::DisentangledBwdParams&, cudaStream_t);

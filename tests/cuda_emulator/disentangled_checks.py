@@ -1,0 +1,163 @@
+"""Checks of the emulated disentangled-attention forward (disentangled.py) against the fp64
+reference (forkattn.reference.disentangled_attention_indexed) with the project's 2x rule
+(attention_checks.within_budget: max error <= 2 x eager-fp16's + 1e-5, or + half an fp16 ulp where
+only the final rounding breaks it), lse against fp64 (1e-4 relative, +inf exactly on rows that see
+no key), exact zeros on such rows; and the case matrix __main__ runs."""
+import torch
+
+from forkattn import reference
+
+from .attention_checks import within_budget
+from .disentangled import disentangled_attention_fwd_cuda
+
+# (B, H, Lq, Lk, D, c2p, p2c, position_buckets, max_relative_positions, padded, shared_pos)
+QUICK = [
+    (2, 1, 7, 97, 32, True, True, 8, 20, True, False),     # buckets, padding with an empty row, NaN keys
+    (1, 2, 97, 7, 64, True, False, -1, 5, False, True),    # plain positions clamped at +-5, shared pos rows
+    (1, 1, 1, 70, 32, False, True, -1, 64, True, False),   # one query, p2c only, two key tiles
+]
+FULL = QUICK + [
+    (1, 1, 129, 65, 32, True, True, 16, 64, True, False),
+    (2, 2, 65, 130, 64, True, True, 256, 512, True, False),  # DeBERTa-v3's buckets
+    (1, 1, 33, 33, 128, True, True, -1, 8, False, False),
+    (1, 1, 33, 40, 32, False, False, -1, 8, True, False),  # plain attention through this kernel
+]
+
+
+def make_case(B, H, Lq, Lk, D, c2p, p2c, buckets, max_rel, padded, shared_pos, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    span = reference.relative_span(buckets, max_rel)
+    q, k, v = (torch.randn(B, H, L, D, generator=g).half() for L in (Lq, Lk, Lk))
+    npos = 1 if shared_pos else H
+    pk = torch.randn(npos, 2 * span, D, generator=g).half() if c2p else None
+    pq = torch.randn(npos, 2 * span, D, generator=g).half() if p2c else None
+    table = reference.relative_position_index(Lq, Lk, max_relative_positions=max_rel, position_buckets=buckets)
+    mask = None
+    if padded:
+        mask = torch.rand(B, Lk, generator=g) > 0.3
+        mask[-1] = False  # an empty row: the last batch entry sees no key
+        if B == 1:
+            mask[0, :2] = True
+        k[~mask[:, None, :, None].expand_as(k)] = float("nan")  # garbage in padded keys
+        v[~mask[:, None, :, None].expand_as(v)] = float("nan")
+    scale = (D * (1 + int(c2p) + int(p2c))) ** -0.5
+    return q, k, v, pk, pq, table, mask, scale
+
+
+def run_case(case, seed=0):
+    B, H, Lq, Lk, D, c2p, p2c, buckets, max_rel, padded, shared_pos = case
+    q, k, v, pk, pq, table, mask, scale = make_case(*case, seed=seed)
+    out, lse = disentangled_attention_fwd_cuda(q, k, v, pk, pq, table, mask, scale, c2p, p2c)
+    eager = reference.disentangled_attention_indexed(q, k, v, pk, pq, table, mask, scale, c2p, p2c)
+    d = [None if t is None else t.double() for t in (q, k, v, pk, pq)]
+    ref = reference.disentangled_attention_indexed(*d, table, mask, scale, c2p, p2c)
+    empty = torch.zeros(B, Lq, dtype=torch.bool) if mask is None else ~mask.any(1)[:, None].expand(B, Lq)
+    empty = empty[:, None, :].expand(B, H, Lq)
+    assert (out[empty] == 0).all(), "a row that sees no key must give zeros"
+    assert torch.isinf(lse[empty]).all() and (lse[empty] > 0).all(), "lse must be +inf on empty rows"
+    live = ~empty
+    ref_e, eager_e = ref.clone(), eager.clone()  # the eager path gives empty rows the mean of v (NaN here)
+    ref_e[empty], eager_e[empty] = 0, 0
+    err, bound = within_budget(f"out {case}", out, eager_e, ref_e)
+    # lse from fp64 scores
+    s = _scores64(d, table, mask, scale, c2p, p2c)
+    lse64 = torch.logsumexp(s, -1)
+    assert torch.allclose(lse[live].double(), lse64[live], rtol=1e-4, atol=1e-4), "lse off"
+    return err, bound
+
+
+def _scores64(d, table, mask, scale, c2p, p2c):
+    q, k, v, pk, pq = d
+    Lq, Lk = q.shape[2], k.shape[2]
+    i, j = torch.arange(Lq)[:, None], torch.arange(Lk)[None, :]
+    delta = table[i - j + Lk - 1]
+    kz = torch.nan_to_num(k, nan=0.0)
+    s = q @ kz.transpose(-1, -2)
+    if c2p:
+        s = s + (q[..., None, :] * pk.expand(q.shape[1], -1, -1)[None, :, delta]).sum(-1)
+    if p2c:
+        s = s + (kz[:, :, None, :, :] * pq.expand(q.shape[1], -1, -1)[None, :, delta]).sum(-1)
+    s = s * scale
+    if mask is not None:
+        s = s.masked_fill(~mask[:, None, None, :], float("-inf"))
+    return s
+
+
+def run_all(cases):
+    for case in cases:
+        err, bound = run_case(case)
+        print(f"ok  disentangled fwd {case}: max err {err:.2e} <= {bound:.2e}")
+
+
+def run_bwd_case(case, seed=0):
+    """The emulated backward: dq, dk, dv and the position gradients against fp64 autograd (2x rule
+    against eager fp16's autograd); zeros for rows that see no key and for padded keys."""
+    from .disentangled import disentangled_attention_bwd_cuda
+
+    B, H, Lq, Lk, D, c2p, p2c, buckets, max_rel, padded, shared_pos = case
+    q, k, v, pk, pq, table, mask, scale = make_case(*case, seed=seed)
+    if mask is not None:  # NaN-free padded keys for the autograd references (their gradients are 0 anyway)
+        pad = ~mask[:, None, :, None]
+        k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
+    if shared_pos:
+        pk, pq = (None if t is None else t.expand(H, -1, -1).contiguous() for t in (pk, pq))
+    out, lse = disentangled_attention_fwd_cuda(q, k, v, pk, pq, table, mask, scale, c2p, p2c)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1)).half()
+    got = disentangled_attention_bwd_cuda(dout, q, k, v, pk, pq, out, lse, table, mask, scale, c2p, p2c)
+    empty = torch.zeros(B, dtype=torch.bool) if mask is None else ~mask.any(1)
+    ins = [q, k, v, pk, pq]
+    names = ["dq", "dk", "dv", "dpos_key", "dpos_query"]
+
+    def grads(dtype):
+        leaves = [None if t is None else t.to(dtype).requires_grad_() for t in ins]
+        o = reference.disentangled_attention_indexed(*leaves, table, mask, scale, c2p, p2c)
+        o = o.masked_fill(empty[:, None, None, None], 0)  # forkattn's contract: empty rows give zeros
+        used = [t for t in leaves if t is not None]
+        gs = iter(torch.autograd.grad(o, used, dout.to(dtype)))
+        return [None if t is None else next(gs) for t in leaves]
+
+    eager, ref = grads(torch.float16), grads(torch.float64)
+    allow = _dpos_delta_allowance(ins, table, mask, scale, c2p, p2c, dout, out)
+    worst = {}
+    for name, ours, e, r in zip(names, got, eager, ref):
+        if r is None:
+            continue
+        worst[name] = within_budget(f"{name} {case}", ours, e, r, extra=1e-5 + allow.get(name, 0.0))
+    if mask is not None:
+        assert not got[0][empty].any(), "a row that sees no key must get zero dq"
+        pad = ~mask[:, None, :, None].expand_as(got[1])
+        assert not got[1][pad].any() and not got[2][pad].any(), "padded keys get exactly zero gradients"
+    return worst
+
+
+def _dpos_delta_allowance(ins, table, mask, scale, c2p, p2c, dout, out):
+    """{"dpos_key": a, "dpos_query": b}: 2x what Delta = rowsum(dO * O) computed from the float16
+    output `out` (FlashAttention's choice, as kernels/attention and the Triton backward make it)
+    moves the position gradients, evaluated exactly in float64 (not bounded): the kernel's dS_ij is
+    P_ij (dP_ij - Delta_i), so Delta's error e_i moves row r of dpos_key by scale * sum over the
+    (i, j) reading r of P_ij e_i q_i (k_j for dpos_query). A table that clamps or buckets many
+    diagonals onto one row adds up many such terms; dq, dk and dv stay under the plain 2x rule."""
+    q, k, v, pk, pq = (None if t is None else t.double() for t in ins)
+    s = _scores64([q, k, v, pk, pq], table, mask, scale, c2p, p2c)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    vz, kz = torch.nan_to_num(v, nan=0.0), torch.nan_to_num(k, nan=0.0)
+    e = (dout.double() * (p @ vz)).sum(-1) - (dout.double() * out.double()).sum(-1)  # exact - rounded Delta
+    w = p * e[..., None]  # [B, H, Lq, Lk]
+    Lq, Lk = q.shape[2], k.shape[2]
+    delta = table[torch.arange(Lq)[:, None] - torch.arange(Lk)[None, :] + Lk - 1]
+    onehot = torch.nn.functional.one_hot(delta, int(table.max()) + 1).double()  # [Lq, Lk, rows]
+    res = {}
+    if c2p:
+        res["dpos_key"] = 2 * scale * torch.einsum("bhij,ijr,bhid->hrd", w, onehot, q).abs().max().item()
+    if p2c:
+        res["dpos_query"] = 2 * scale * torch.einsum("bhij,ijr,bhjd->hrd", w, onehot, kz).abs().max().item()
+    return res
+
+
+def run_all_bwd(cases):
+    for case in cases:
+        if case[4] != 64:
+            print(f"--  disentangled bwd {case}: head_dim {case[4]} has no CUDA backward (Triton's runs)")
+            continue
+        w = run_bwd_case(case)
+        print(f"ok  disentangled bwd {case}: " + " ".join(f"{n} {e:.2e} ({b:.2e})" for n, (e, b) in w.items()))
