@@ -253,7 +253,9 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
 
 // ---------------------------------------------------------------------------------------------
 // Backward: one task per (batch, kv head) owns dK/dV of those keys and dQ of the query heads
-// that share them (GQA), so no two threads write the same rows. Per tile, P is recomputed from
+// that share them (GQA), so no two threads write the same rows. With fewer kv heads than about
+// 2 x threads (B = 1), the query blocks of each kv head are split across tasks with per-task dK/dV
+// partials (run_bwd). Per tile, P is recomputed from
 // lse and dS = P * (dP - Delta) with Delta = rowsum(dO * O).
 //
 // Delta must agree with the P and dP it is subtracted from: in exact arithmetic it equals
@@ -268,9 +270,12 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
 struct BwdScratch {
   std::vector<float> s, dp, dq, delta, lse, dk, dv, kt, vt;
   std::vector<uint16_t> u;  // dropout
-  BwdScratch(const Tiles& t, int64_t Lk, int64_t D)
+  float* dk_acc = nullptr;  // where the task sums dK and dV ([Lk, D]): dk / dv, or a split's partial
+  float* dv_acc = nullptr;
+  // own_kv: the task owns all of a kv head's keys (dk/dv [Lk, D] here); else it sums into partials.
+  BwdScratch(const Tiles& t, int64_t Lk, int64_t D, bool own_kv = true)
       : s(t.bq * t.bk), dp(t.bq * t.bk), dq(t.bq * D), delta(t.bq), lse(t.bq),
-        dk(Lk * D), dv(Lk * D), kt(t.bk * D), vt(t.bk * D), u(drop_u16_size(t)) {}
+        dk(own_kv ? Lk * D : 0), dv(own_kv ? Lk * D : 0), kt(t.bk * D), vt(t.bk * D), u(drop_u16_size(t)) {}
 };
 
 struct BwdIO {
@@ -326,33 +331,42 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
       }
     }
     // dV += P^T dO (the dropped P with dropout)
-    gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, s, p.bk, 1.f, w.dv.data() + j0 * D, D);
+    gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, s, p.bk, 1.f, w.dv_acc + j0 * D, D);
     p.mask(dp, b, i0, rows, j0, cols, 0.f);
     // dK += scale * dS^T Q ; dQ += scale * dS K
-    gemm(p.blas, false, true, D, cols, rows, p.scale, q, p.q.sl, dp, p.bk, 1.f, w.dk.data() + j0 * D, D);
+    gemm(p.blas, false, true, D, cols, rows, p.scale, q, p.q.sl, dp, p.bk, 1.f, w.dk_acc + j0 * D, D);
     gemm(p.blas, false, false, D, rows, cols, p.scale, kt, kld, dp, p.bk, 1.f, w.dq.data(), D);
   });
   for (int64_t r = 0; r < rows; ++r) std::copy(w.dq.begin() + r * D, w.dq.begin() + (r + 1) * D, io.dq.at(b, h, i0 + r));
 }
 
+// Writes key j of (b, hk): dk/dv rows from the sum of the n [Lk, D] buffers at dk_parts / dv_parts
+// (stride Lk * D), in a fixed order. A padded key's gradients are exactly zero (a NaN query row
+// would give it 0 * NaN).
+void store_kv_row(const Problem& p, const BwdIO& io, int64_t b, int64_t hk, int64_t j, const float* dk_parts,
+                  const float* dv_parts, int64_t n) {
+  const uint8_t* keep = p.plan->keep.empty() ? nullptr : p.plan->keep.data() + b * p.Lk;
+  float* dk = io.dk.at(b, hk, j);
+  float* dv = io.dv.at(b, hk, j);
+  std::fill(dk, dk + p.D, 0.f);
+  std::fill(dv, dv + p.D, 0.f);
+  if (keep && !keep[j]) return;
+  for (int64_t c = 0; c < n; ++c) {
+    vec::axpy(dk, 1.f, dk_parts + c * p.Lk * p.D + j * p.D, p.D);
+    vec::axpy(dv, 1.f, dv_parts + c * p.Lk * p.D + j * p.D, p.D);
+  }
+}
+
 void bwd_kv_head(const Problem& p, const BwdIO& io, int64_t b, int64_t hk, BwdScratch& w) {
   std::fill(w.dk.begin(), w.dk.end(), 0.f);
   std::fill(w.dv.begin(), w.dv.end(), 0.f);
+  w.dk_acc = w.dk.data();
+  w.dv_acc = w.dv.data();
   const int64_t group = p.H / p.Hkv;
   for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
     for (int64_t qb = 0; qb < p.nqb(b); ++qb) bwd_query_block(p, io, b, h, qb, w);
   }
-  // A padded key's gradients are exactly zero (a NaN query row would give it 0 * NaN).
-  const uint8_t* keep = p.plan->keep.empty() ? nullptr : p.plan->keep.data() + b * p.Lk;
-  for (int64_t j = 0; j < p.lk(b); ++j) {
-    if (keep && !keep[j]) {
-      std::fill(io.dk.at(b, hk, j), io.dk.at(b, hk, j) + p.D, 0.f);
-      std::fill(io.dv.at(b, hk, j), io.dv.at(b, hk, j) + p.D, 0.f);
-      continue;
-    }
-    std::copy(w.dk.begin() + j * p.D, w.dk.begin() + (j + 1) * p.D, io.dk.at(b, hk, j));
-    std::copy(w.dv.begin() + j * p.D, w.dv.begin() + (j + 1) * p.D, io.dv.at(b, hk, j));
-  }
+  for (int64_t j = 0; j < p.lk(b); ++j) store_kv_row(p, io, b, hk, j, w.dk.data(), w.dv.data(), 1);
 }
 
 Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& vf, const KeyPlan& plan,
@@ -438,14 +452,51 @@ void run_fwd(const Problem& p, const Tiles& tiles, at::Tensor& out, const at::Te
   finish_output(out, out_f);
 }
 
+// Query-block splits of each kv head in the backward: 1 (one task per kv head) when B x Hkv
+// tasks keep every thread busy, else enough for about two tasks per thread.
+int64_t bwd_splits(const Problem& p, int64_t base) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1 || base >= 2 * threads) return 1;
+  return std::max<int64_t>(1, std::min((2 * threads + base - 1) / base, p.nqb()));
+}
+
 void run_bwd(const Problem& p, const Tiles& tiles, const at::Tensor& of, const at::Tensor& dof, const at::Tensor& lse,
              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   at::Tensor dq_f = f32_output(dq), dk_f = f32_output(dk), dv_f = f32_output(dv);
   BwdIO io{io_rows(of, p, true), io_rows(dof, p, true), io_rows(dq_f, p, true), io_rows(dk_f, p, false),
            io_rows(dv_f, p, false), lse_rows(lse, p)};
-  run_tasks(
-      p.B * p.Hkv, [&] { return BwdScratch(tiles, p.Lk, p.D); },
-      [&](int64_t t, BwdScratch& w) { bwd_kv_head(p, io, t / p.Hkv, t % p.Hkv, w); });
+  const int64_t base = p.B * p.Hkv, splits = bwd_splits(p, base);
+  if (splits == 1) {
+    run_tasks(
+        base, [&] { return BwdScratch(tiles, p.Lk, p.D); },
+        [&](int64_t t, BwdScratch& w) { bwd_kv_head(p, io, t / p.Hkv, t % p.Hkv, w); });
+  } else {
+    // Too few kv heads for the threads (B = 1): task (b, hk, c) takes query blocks c, c + splits, ...
+    // (interleaved, so causal work is balanced) of every head of the group. It owns the dQ rows of
+    // its blocks and sums dK/dV into its own [Lk, D] partial; the partials are summed afterwards in
+    // a fixed order (no atomics, results independent of scheduling; memory splits x Lk x D per kv
+    // head, splits <= 2 x threads).
+    const int64_t part = p.Lk * p.D, group = p.H / p.Hkv;
+    std::vector<float> dk_parts(base * splits * part, 0.f), dv_parts(base * splits * part, 0.f);
+    run_tasks(
+        base * splits, [&] { return BwdScratch(tiles, p.Lk, p.D, false); },
+        [&](int64_t t, BwdScratch& w) {
+          const int64_t bh = t / splits, c = t % splits, b = bh / p.Hkv, hk = bh % p.Hkv;
+          w.dk_acc = dk_parts.data() + t * part;
+          w.dv_acc = dv_parts.data() + t * part;
+          for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            for (int64_t qb = c; qb < p.nqb(b); qb += splits) bwd_query_block(p, io, b, h, qb, w);
+          }
+        });
+    at::parallel_for(0, base * p.Lk, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const int64_t bh = i / p.Lk, j = i % p.Lk, b = bh / p.Hkv;
+        if (j >= p.lk(b)) continue;
+        store_kv_row(p, io, b, bh % p.Hkv, j, dk_parts.data() + bh * splits * part,
+                     dv_parts.data() + bh * splits * part, splits);
+      }
+    });
+  }
   finish_output(dq, dq_f);
   finish_output(dk, dk_f);
   finish_output(dv, dv_f);
