@@ -56,7 +56,11 @@ struct Round {
     c10::InferenceMode inference(inference_mode);
     c10::AutoGradMode no_grad(false);
 #ifdef _OPENMP
-    at::internal::lazy_init_num_threads();  // first, or it would reset the count below on first use
+    // Each shared library has its own copy of ATen's per-thread lazy init (an inline function with a
+    // thread_local flag), which sets OpenMP's count to torch's on a thread's first parallel op: run
+    // this extension's and libtorch's (inside at::get_num_threads) first, or they would undo the 1.
+    at::internal::lazy_init_num_threads();
+    (void)at::get_num_threads();
     const int before = omp_get_max_threads();
     omp_set_num_threads(1);
 #endif
