@@ -79,7 +79,10 @@ struct Round {
   }
 };
 
-// A helper thread: idle, queued (a round posted, not yet picked up: revocable) or running.
+// A helper thread: idle, queued (a round posted, not yet picked up: revocable) or running. The
+// caller never sleeps waiting for a helper: it spins, then yields, until the helper leaves the
+// round, because on a loaded machine a sleeping caller waits a scheduler turn to run again after
+// the helper wakes it (2 rounds per layer, each a possible scheduler wait).
 class Helper {
  public:
   Helper() : thread_([this] { loop(); }) {}
@@ -95,19 +98,17 @@ class Helper {
     {
       std::lock_guard<std::mutex> lock(m_);
       round_ = r;
-      state_ = kQueued;
+      state_.store(kQueued);
     }
     cv_.notify_all();
   }
   // Revoke the round if the helper has not picked it up, else wait until it has left it.
   void finish() {
-    std::unique_lock<std::mutex> lock(m_);
-    if (state_ == kQueued) {
-      state_ = kIdle;
-      round_ = nullptr;
-      return;
+    int expected = kQueued;
+    if (state_.compare_exchange_strong(expected, kIdle)) return;
+    for (int spin = 0; state_.load(std::memory_order_acquire) != kIdle; ++spin) {
+      if (spin > 2000) std::this_thread::yield();
     }
-    cv_.wait(lock, [&] { return state_ == kIdle; });
   }
 
  private:
@@ -115,21 +116,20 @@ class Helper {
   void loop() {
     std::unique_lock<std::mutex> lock(m_);
     for (;;) {
-      cv_.wait(lock, [&] { return stop_ || state_ == kQueued; });
+      cv_.wait(lock, [&] { return stop_ || state_.load() == kQueued; });
       if (stop_) return;
-      state_ = kRunning;
+      int expected = kQueued;
+      if (!state_.compare_exchange_strong(expected, kRunning)) continue;  // revoked meanwhile
       Round* r = round_;
       lock.unlock();
       r->work();
+      state_.store(kIdle, std::memory_order_release);
       lock.lock();
-      state_ = kIdle;
-      round_ = nullptr;
-      cv_.notify_all();
     }
   }
   std::mutex m_;
   std::condition_variable cv_;
-  State state_ = kIdle;
+  std::atomic<int> state_{kIdle};
   Round* round_ = nullptr;
   bool stop_ = false;
   std::thread thread_;  // last: starts after the fields above exist

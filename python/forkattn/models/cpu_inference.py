@@ -39,7 +39,7 @@ FUSED = True  # the fast path at all (cached packed weights, fused C++ epilogues
 PACKED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 PACK_ROWS_HINT = 128  # the token count oneDNN picks the packed weight layout for (any count runs)
 NATIVE_LAYER = True  # batch 1 without a mask: one native call per layer (native_layer)
-CHUNKS_PER_THREAD = 2  # row blocks per sequence and thread in the native layer (1 on one thread)
+CHUNKS_PER_THREAD = 1  # row blocks per sequence and thread in the native layer (2, 8: slower, see docs)
 
 
 def cached(owner: nn.Module, slot: str, params: Sequence[Tensor], build: Callable[[Sequence[Tensor]], object]):
