@@ -20,6 +20,18 @@ void bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias);
 void bias_residual_layernorm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& bias,
                                  const at::Tensor& weight, const at::Tensor& ln_bias, double eps);
 
+// One BERT encoder layer (post-LN, exact GELU, no mask, eval) in one call, on `threads` threads that
+// take row blocks (`chunks` per sequence) and never wait for a helper that has not started
+// (csrc/encoder_layer.cpp). x [B, L, H] contiguous float32; qkv_w the concatenated [3H, H] weight
+// (and the others) packed for oneDNN by torch.ops.mkldnn._reorder_linear_weight when `packed`, else
+// plain [out, in]; biases and LayerNorm parameters float32 [features]. Returns a new [B, L, H].
+at::Tensor encoder_layer_cpu(const at::Tensor& x, const at::Tensor& qkv_w, const at::Tensor& qkv_b,
+                             const at::Tensor& attn_out_w, const at::Tensor& attn_out_b, const at::Tensor& ln1_w,
+                             const at::Tensor& ln1_b, double ln1_eps, const at::Tensor& inter_w,
+                             const at::Tensor& inter_b, const at::Tensor& out_w, const at::Tensor& out_b,
+                             const at::Tensor& ln2_w, const at::Tensor& ln2_b, double ln2_eps, int64_t heads,
+                             bool packed, int64_t chunks, int64_t threads);
+
 namespace cpu {
 // csrc/cpu/encoder_cpu.cpp: x holds rows x cols floats, rows in parallel (small problems on one thread).
 void bias_gelu_kernel(float* x, const float* bias, int64_t rows, int64_t cols);

@@ -9,7 +9,10 @@ and interleaved timing (core.time_interleaved, a pause before every call for ORT
 prints per case the median [q1, q3] of every row and the ratios the issue asks for: forkattn's best
 row vs the best ORT row, and vs hf-sdpa. `python -m forkattn.bench --only bert --full` times the
 same cases among many others (training steps, eager rows); this is the short way to the table.
-The machine's 1-minute load average is printed before and after each case.
+The machine's 1-minute load average is printed before and after each case. At batch 1 the row
+`forkattn-cpu-ops` is forkattn-cpu with the one-native-call-per-layer path off
+(models/cpu_inference.NATIVE_LAYER): the per-op fast path, timed in the same rounds (not counted
+as forkattn's best).
 """
 from __future__ import annotations
 
@@ -19,8 +22,21 @@ import torch
 
 from . import bert, core
 from . import ort as peers
+from ..models import cpu_inference
 
 DROP = ("hf-eager", "forkattn-eager")  # used by the peer checks, not timed here
+OPS_ROW = "forkattn-cpu-ops"
+
+
+def _ops_path(fn):
+    """fn with the native layer off: the per-op fast path (the state before the native layer)."""
+    def run():
+        cpu_inference.NATIVE_LAYER = False
+        try:
+            return fn()
+        finally:
+            cpu_inference.NATIVE_LAYER = True
+    return run
 
 
 def _load() -> str:
@@ -54,6 +70,8 @@ def main(argv=None):
         if case.params["mode"] != "inference" or (model, B, L) not in bert.PEER_SHAPES["full"] or model not in models:
             continue
         fns = {k: f for k, f in case.callables().items() if k not in DROP}
+        if B == 1 and "forkattn-cpu" in fns:
+            fns[OPS_ROW] = _ops_path(fns["forkattn-cpu"])
         load0 = _load()
         res = core.time_interleaved(fns, budget_s=args.budget * len(fns), min_rounds=args.rounds, max_rounds=300,
                                     pause_s=peers.PAUSE_S)
@@ -64,12 +82,13 @@ def main(argv=None):
         for k, v in res.items():
             print(f"  {k:24s} " + (f"{v.median * 1e3:9.1f} ms [{v.q1 * 1e3:.1f}, {v.q3 * 1e3:.1f}] n={v.samples}"
                                    if isinstance(v, core.Timing) else f"failed: {v!r}"))
-        ours = min((k for k in t if k.startswith("forkattn")), key=lambda k: t[k].median, default=None)
+        ours = min((k for k in t if k.startswith("forkattn") and k != OPS_ROW), key=lambda k: t[k].median, default=None)
         ort = min((k for k in t if k.startswith("ort")), key=lambda k: t[k].median, default=None)
         if ours and "hf-sdpa" in t:
             line = (f"{model} B{B} L{L}: {ours} {t['hf-sdpa'].median / t[ours].median:.2f}x hf-sdpa"
                     + (f", {t[ort].median / t[ours].median:.2f}x {ort} (best ORT)" if ort else ", no ORT row")
                     + f"; spreads {ours} {t[ours].spread:.0%}" + (f", {ort} {t[ort].spread:.0%}" if ort else "")
+                    + (f"; {t[OPS_ROW].median / t[ours].median:.2f}x {OPS_ROW}" if OPS_ROW in t else "")
                     + f"; load {load0} -> {load1}")
             summary.append(line)
             print("  " + line)

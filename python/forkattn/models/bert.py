@@ -52,7 +52,7 @@ from .activations import activation, check_activation
 from .backend import attention_backend, check_backend
 from .bert_names import hf_key, key_map_from_hf
 from .checkpoint import load_state
-from .cpu_inference import fast_path, fused_epilogues, qkv_projection
+from .cpu_inference import fast_path, fused_epilogues, native_layer, qkv_projection
 from .dropout import AttentionDropout
 from .outputs import (AlbertForPreTrainingOutput, BaseModelOutputWithPooling, BertForPreTrainingOutput,
                       MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
@@ -212,6 +212,8 @@ class BertLayer(nn.Module):
         att, backend = self.attention, attention_backend(self.config)
         drop = att.self.dropout.kwargs()  # dropout_p (and generator) in training, {} in eval
         fast = fast_path(self, x)  # eval, no autograd, fp32 CPU: packed GEMMs + fused C++ epilogues
+        if packing is None and (y := native_layer(self, x, key_padding_mask, fast, backend)) is not None:
+            return y  # batch 1 without a mask: the whole layer in one native call
         if packing is None:
             B, L, H = x.shape
             # [B, L, heads, head_dim] -> [B, heads, L, head_dim] views; forkattn reads the strides in place

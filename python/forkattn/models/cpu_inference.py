@@ -12,6 +12,11 @@ needs gradients. docs/CPU_INFERENCE.md has the measurements behind each step.
   addmm's bias copy and separate add and LayerNorm ops; `gelu(W_1 x + b_1)` is oneDNN's GEMM with
   its bias + erf-GELU post-op, or (unpacked) a bias-less GEMM and the C++ bias + GELU pass.
   Dropout is the identity in eval mode; training, autograd and other dtypes take the module path.
+- With no mask at batch 1 (`native_layer`), the whole layer is one C++ call
+  (csrc/encoder_layer.cpp: `_C.encoder_layer_cpu`) that runs the same packed GEMMs, attention
+  kernel and fused epilogues over row blocks on threads that take blocks one at a time and never
+  wait for a thread that has not started: torch's OpenMP regions wait for every thread at their
+  barrier, which on a loaded machine is most of a batch-1 forward's time.
 
 Cache validity: every in-place update bumps a tensor's version counter (optimizer steps,
 load_state_dict, `with torch.no_grad(): p.mul_(...)`), and `.to()`, `p.data = ...` or a replaced
@@ -33,6 +38,8 @@ from .. import _native
 FUSED = True  # the fast path at all (cached packed weights, fused C++ epilogues)
 PACKED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 PACK_ROWS_HINT = 128  # the token count oneDNN picks the packed weight layout for (any count runs)
+NATIVE_LAYER = True  # batch 1 without a mask: one native call per layer (native_layer)
+CHUNKS_PER_THREAD = 1  # row blocks per sequence and thread in the native layer (2, 8: slower, see docs)
 
 
 def cached(owner: nn.Module, slot: str, params: Sequence[Tensor], build: Callable[[Sequence[Tensor]], object]):
@@ -128,3 +135,21 @@ def fused_epilogues(layer: nn.Module, x: Tensor, y: Tensor, fast: Weights) -> Te
     ln = out.LayerNorm
     C.bias_residual_layernorm_cpu(o, h, out.dense.bias, ln.weight, ln.bias, ln.eps)
     return o
+
+
+def native_layer(layer: nn.Module, x: Tensor, key_padding_mask: Optional[Tensor], fast: Optional[Weights],
+                 backend: Optional[str]) -> Optional[Tensor]:
+    """The whole layer in one native call (csrc/encoder_layer.cpp) when it applies: the fast path
+    (fast = fast_path(layer, x)), one unmasked sequence x [1, L, hidden], exact GELU, the cpu
+    attention backend (or none pinned). None when it does not apply (the caller runs the ops)."""
+    C = _native._C
+    if not (NATIVE_LAYER and fast is not None and key_padding_mask is None and x.dim() == 3 and x.shape[0] == 1
+            and layer.config.hidden_act == "gelu" and backend in (None, "cpu") and hasattr(C, "encoder_layer_cpu")):
+        return None
+    threads = torch.get_num_threads()
+    att, out = layer.attention.output, layer.output
+    return C.encoder_layer_cpu(
+        x, fast.qkv, fast.qkv_bias, fast.attn_out, att.dense.bias, att.LayerNorm.weight, att.LayerNorm.bias,
+        att.LayerNorm.eps, fast.inter, layer.intermediate.dense.bias, fast.out, out.dense.bias, out.LayerNorm.weight,
+        out.LayerNorm.bias, out.LayerNorm.eps, layer.num_heads, fast.packed,
+        1 if threads == 1 else CHUNKS_PER_THREAD * threads, threads)
