@@ -14,6 +14,7 @@
 #include "cpu/isa.h"
 
 #include <ATen/cpu/vec/vec.h>  // its `#pragma unroll` needs -Wno-unknown-pragmas under GCC < 13
+#include <ATen/cpu/vec/functional_base.h>  // vec_reduce_all (vec512.h, unlike vec256.h, does not include it)
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
