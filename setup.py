@@ -5,7 +5,9 @@ Environment:
   FORKATTN_NO_CUDA=1      never build the CUDA kernels
   TORCH_CUDA_ARCH_LIST    CUDA archs, default "9.0"
   MAX_JOBS                parallel compile jobs (ninja), honoured by torch's BuildExtension
-  FORKATTN_CPU_ISA        "avx2" (default when the build machine has AVX2+FMA) or "generic"
+  FORKATTN_CPU_ISAS       the per-ISA variants of the CPU kernels to compile, comma-separated from
+                          default, avx2, avx512 (default: all three on x86-64, "default" elsewhere);
+                          the extension picks one at run time (csrc/cpu_dispatch.h)
   FORKATTN_BUILD_DIR      where ninja keeps objects between builds (default build/, one folder per
                           torch version and CUDA/CPU flavour): a rebuild compiles only what changed
   CUDA_HOME               the CUDA toolkit; found on its own when unset (cuda_toolkit.py)
@@ -60,25 +62,36 @@ def _want_cuda() -> bool:
     return toolkit is not None and torch.cuda.is_available()
 
 
-def _cpu_isa() -> str:
-    isa = os.environ.get("FORKATTN_CPU_ISA")
-    if isa:
-        return isa
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return "generic"
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "generic"
-    return "avx2" if (" avx2" in flags and " fma" in flags and " f16c" in flags) else "generic"
+# The CPU kernels (csrc/cpu/*.cpp) are compiled once per ISA, as ATen compiles its native/cpu
+# kernels: each variant's flags and CPU_CAPABILITY macros (csrc/cpu/isa.h). Everything else is
+# compiled once for the baseline, and the extension calls the variant chosen at run time.
+CPU_ISA_FLAGS = {
+    "default": [],
+    "avx2": ["-mavx2", "-mfma", "-mf16c"],
+    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"],
+}
+
+
+def _cpu_isas() -> list:
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    want = os.environ.get("FORKATTN_CPU_ISAS", "default,avx2,avx512" if x86 else "default")
+    isas = [i.strip().lower() for i in want.split(",") if i.strip()]
+    bad = [i for i in isas if i not in CPU_ISA_FLAGS]
+    if bad:
+        raise SystemExit(f"FORKATTN_CPU_ISAS={want!r}: unknown {bad}; expected a list from {list(CPU_ISA_FLAGS)}")
+    if not x86 and isas != ["default"]:
+        raise SystemExit(f"FORKATTN_CPU_ISAS={want!r}: only 'default' exists on {platform.machine()}")
+    # "default" is always compiled (the fallback), and first: the link order matters (PersistentBuildExt).
+    return [i for i in CPU_ISA_FLAGS if i in isas or i == "default"]
 
 
 with_cuda = _want_cuda()
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
 archs = os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None
-isa = _cpu_isa()
+cpu_isas = _cpu_isas()
 
-sources = _rel(ROOT.glob("csrc/*.cpp")) + _rel(ROOT.glob("csrc/cpu/*.cpp")) + _rel(ROOT.glob("pyext/*.cpp"))
+sources = _rel(ROOT.glob("csrc/*.cpp")) + _rel(ROOT.glob("pyext/*.cpp"))
+cpu_kernel_sources = _rel(ROOT.glob("csrc/cpu/*.cpp"))  # compiled once per ISA: PersistentBuildExt
 # -Wno-unknown-pragmas: torch's at::vec headers use `#pragma unroll`, unknown to GCC (and a
 # diagnostic pragma cannot silence it before GCC 13).
 cxx_flags = ["-O3", "-std=c++20", "-fvisibility=hidden", "-Wno-unknown-pragmas"]
@@ -88,15 +101,13 @@ link_flags = []
 if platform.system() == "Linux":
     cxx_flags.append("-fopenmp")
     link_flags.append("-fopenmp")
-if isa == "avx2":
-    cxx_flags += ["-mavx2", "-mfma", "-mf16c", "-DFORKATTN_CPU_AVX2"]
-define_macros = []
+define_macros = [(f"FORKATTN_CPU_HAVE_{i.upper()}", None) for i in cpu_isas if i != "default"]
 include_dirs = [str(ROOT / "csrc"), str(ROOT / "kernels")]
 
 # One persistent ninja folder per (torch, flavour): `pip install -e .` and `setup.py build_ext`
 # reuse the objects of the last build and recompile only what changed (ninja tracks headers too).
 flavour = f"cuda{torch.version.cuda}-sm{archs.replace(' ', '_').replace(';', '_')}" if with_cuda else "cpu"
-build_temp = Path(os.environ.get("FORKATTN_BUILD_DIR", ROOT / "build")) / f"temp-torch{torch.__version__}-{flavour}-{isa}"
+build_temp = Path(os.environ.get("FORKATTN_BUILD_DIR", ROOT / "build")) / f"temp-torch{torch.__version__}-{flavour}"
 # Every header, so that setuptools does not skip the build when only a header changed.
 depends = _rel(p for pattern in ("csrc/**/*.h", "kernels/**/*.h", "kernels/**/*.cuh") for p in ROOT.glob(pattern))
 
@@ -138,7 +149,7 @@ else:
     f"TORCH_VERSION = {torch.__version__!r}\n"
     f"CUDA_VERSION = {(torch.version.cuda if with_cuda else None)!r}\n"
     f"CUDA_ARCHS = {archs!r}\n"
-    f"CPU_ISA = {isa!r}\n"
+    f"CPU_ISAS = {cpu_isas!r}\n"
 )
 
 
@@ -153,6 +164,23 @@ class PersistentBuildExt(BuildExtension):
         # check would keep a CPU-only _C after switching to FORCE_CUDA=1 with unchanged sources.
         self.force = True
         os.environ.setdefault("NINJA_STATUS", "[%f/%t %es] ")
+
+    def build_extension(self, ext):
+        """Compile csrc/cpu/*.cpp once per ISA variant (own flags, own ninja folder, so each stays
+        incremental) and link those objects after the others, in the order default, avx2, avx512.
+        The order matters: an inline function (a torch or std template) that several objects
+        emit is taken by the linker from the first object that has it, so a baseline or AVX2 caller
+        never ends up in a copy compiled for a wider ISA than its own."""
+        objects = []
+        for cpu_isa in cpu_isas:
+            args = {key: list(flags) for key, flags in ext.extra_compile_args.items()}
+            args["cxx"] += CPU_ISA_FLAGS[cpu_isa] + [f"-DCPU_CAPABILITY={cpu_isa.upper()}", f"-DCPU_CAPABILITY_{cpu_isa.upper()}"]
+            print(f"forkattn: CPU kernels, {cpu_isa} variant", flush=True)
+            objects += self.compiler.compile(
+                cpu_kernel_sources, output_dir=str(build_temp / f"cpu-{cpu_isa}"), macros=ext.define_macros,
+                include_dirs=ext.include_dirs, debug=self.debug, extra_postargs=args, depends=ext.depends)
+        ext.extra_objects = objects
+        super().build_extension(ext)
 
 
 setup(

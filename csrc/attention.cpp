@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   at::Tensor out = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor lse = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));
   if (out.numel() > 0) {
-    cpu::attention_fwd_kernel(q, k, v, key_padding_mask, causal, static_cast<float>(scale), dropout_p, seed, out, lse);
+    FORKATTN_CPU_DISPATCH(attention_fwd_kernel)(q, k, v, key_padding_mask, causal, static_cast<float>(scale), dropout_p, seed, out, lse);
   }
   return {out, lse};
 }
@@ -102,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
   at::Tensor dv = empty_bhld(v, s.batch, s.kv_heads, s.len_k, s.head_dim);
   if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv};
-  cpu::attention_bwd_kernel(dout, q, k, v, out, lse, key_padding_mask, causal, static_cast<float>(scale), dropout_p,
+  FORKATTN_CPU_DISPATCH(attention_bwd_kernel)(dout, q, k, v, out, lse, key_padding_mask, causal, static_cast<float>(scale), dropout_p,
                             seed, dq, dk, dv);
   return {dq, dk, dv};
 }
@@ -178,7 +178,7 @@ std::tuple<at::Tensor, at::Tensor> attention_varlen_fwd_cpu(const at::Tensor& q,
   at::Tensor out = at::empty_like(q, at::MemoryFormat::Contiguous);
   at::Tensor lse = at::empty({s.heads, s.len_q}, q.options().dtype(at::kFloat));
   if (out.numel() > 0) {
-    cpu::attention_varlen_fwd_kernel(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+    FORKATTN_CPU_DISPATCH(attention_varlen_fwd_kernel)(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
                                      static_cast<float>(scale), dropout_p, seed, out, lse);
   }
   return {out, lse};
@@ -200,7 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
   at::Tensor dk = at::empty_like(k, at::MemoryFormat::Contiguous);
   at::Tensor dv = at::empty_like(v, at::MemoryFormat::Contiguous);
   if (zero_grads_if_empty(s, dq, dk, dv)) return {dq, dk, dv};
-  cpu::attention_varlen_bwd_kernel(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+  FORKATTN_CPU_DISPATCH(attention_varlen_bwd_kernel)(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    causal, static_cast<float>(scale), dropout_p, seed, dq, dk, dv);
   return {dq, dk, dv};
 }

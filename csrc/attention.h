@@ -7,6 +7,7 @@
 #include <ATen/core/Tensor.h>
 #include <optional>
 #include <tuple>
+#include "cpu_dispatch.h"
 
 namespace forkattn {
 
@@ -125,3 +126,9 @@ void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, co
 }  // namespace cpu
 
 }  // namespace forkattn
+
+// The per-ISA variants of the CPU kernels above (csrc/cpu_dispatch.h).
+FORKATTN_CPU_VARIANTS(attention_fwd_kernel)
+FORKATTN_CPU_VARIANTS(attention_bwd_kernel)
+FORKATTN_CPU_VARIANTS(attention_varlen_fwd_kernel)
+FORKATTN_CPU_VARIANTS(attention_varlen_bwd_kernel)

@@ -132,7 +132,7 @@ void kv_append_cpu(at::Tensor k_cache, at::Tensor v_cache, at::Tensor seqlens,
   check_append_inputs(s, k_cache, k, v);
   check_cache_state_cpu(seqlens, block_table, s, max_seqlen, "; nothing was written");
   const int32_t* bt = block_table ? block_table->data_ptr<int32_t>() : nullptr;
-  cpu::kv_append_kernel(k_cache, v_cache, seqlens, bt, block_table ? block_table->stride(0) : 0, k, v,
+  FORKATTN_CPU_DISPATCH(kv_append_kernel)(k_cache, v_cache, seqlens, bt, block_table ? block_table->stride(0) : 0, k, v,
                         max_seqlen);
 }
 
@@ -146,7 +146,7 @@ at::Tensor decode_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, 
   check_cache_state_cpu(seqlens, block_table, s, max_seqlen, "");
   at::Tensor out = empty_bhld(q, s.batch, H, q.size(2), s.head_dim);
   const int32_t* bt = block_table ? block_table->data_ptr<int32_t>() : nullptr;
-  cpu::decode_kernel(q, k_cache, v_cache, seqlens, bt, block_table ? block_table->stride(0) : 0, max_seqlen,
+  FORKATTN_CPU_DISPATCH(decode_kernel)(q, k_cache, v_cache, seqlens, bt, block_table ? block_table->stride(0) : 0, max_seqlen,
                      static_cast<float>(scale), out);
   return out;
 }

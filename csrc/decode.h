@@ -7,6 +7,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <optional>
+#include "cpu_dispatch.h"
 
 namespace forkattn {
 
@@ -53,3 +54,7 @@ void decode_kernel(const at::Tensor& q, const at::Tensor& k_cache, const at::Ten
 }  // namespace cpu
 
 }  // namespace forkattn
+
+// The per-ISA variants of the CPU kernels above (csrc/cpu_dispatch.h).
+FORKATTN_CPU_VARIANTS(kv_append_kernel)
+FORKATTN_CPU_VARIANTS(decode_kernel)

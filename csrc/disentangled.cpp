@@ -107,7 +107,7 @@ std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cpu(
   at::Tensor out = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor lse = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));
   if (out.numel() > 0) {
-    cpu::disentangled_attention_fwd_kernel(q, k, v, in.pos_key, in.pos_query, rel_index, key_padding_mask,
+    FORKATTN_CPU_DISPATCH(disentangled_attention_fwd_kernel)(q, k, v, in.pos_key, in.pos_query, rel_index, key_padding_mask,
                                            static_cast<float>(scale), out, lse);
   }
   return {out, lse};
@@ -130,7 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     dpq.zero_();
     return {dq, dk, dv, dpk, dpq};
   }
-  cpu::disentangled_attention_bwd_kernel(dout, q, k, v, in.pos_key, in.pos_query, out, lse, rel_index,
+  FORKATTN_CPU_DISPATCH(disentangled_attention_bwd_kernel)(dout, q, k, v, in.pos_key, in.pos_query, out, lse, rel_index,
                                          key_padding_mask, static_cast<float>(scale), dq, dk, dv, dpk, dpq);
   return {dq, dk, dv, dpk, dpq};
 }

@@ -12,6 +12,7 @@
 #include <ATen/core/Tensor.h>
 #include <optional>
 #include <tuple>
+#include "cpu_dispatch.h"
 
 namespace forkattn {
 
@@ -82,3 +83,7 @@ void disentangled_attention_bwd_kernel(const at::Tensor& dout, const at::Tensor&
 }  // namespace cpu
 
 }  // namespace forkattn
+
+// The per-ISA variants of the CPU kernels above (csrc/cpu_dispatch.h).
+FORKATTN_CPU_VARIANTS(disentangled_attention_fwd_kernel)
+FORKATTN_CPU_VARIANTS(disentangled_attention_bwd_kernel)

@@ -35,7 +35,7 @@ void bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias) {
   const int64_t C = check_rows(x);
   check_vector(bias, "bias", C);
   if (x.numel() == 0) return;
-  cpu::bias_gelu_kernel(x.data_ptr<float>(), bias.data_ptr<float>(), x.numel() / C, C);
+  FORKATTN_CPU_DISPATCH(bias_gelu_kernel)(x.data_ptr<float>(), bias.data_ptr<float>(), x.numel() / C, C);
 }
 
 void bias_residual_layernorm_cpu(const at::Tensor& x, const at::Tensor& residual, const at::Tensor& bias,
@@ -52,7 +52,7 @@ void bias_residual_layernorm_cpu(const at::Tensor& x, const at::Tensor& residual
   check_vector(ln_bias, "ln_bias", C);
   TORCH_CHECK_VALUE(std::isfinite(eps) && eps >= 0, "eps must be a finite number >= 0, got ", eps);
   if (x.numel() == 0) return;
-  cpu::bias_residual_layernorm_kernel(x.data_ptr<float>(), residual.data_ptr<float>(), bias.data_ptr<float>(),
+  FORKATTN_CPU_DISPATCH(bias_residual_layernorm_kernel)(x.data_ptr<float>(), residual.data_ptr<float>(), bias.data_ptr<float>(),
                                       weight.data_ptr<float>(), ln_bias.data_ptr<float>(), static_cast<float>(eps),
                                       x.numel() / C, C);
 }

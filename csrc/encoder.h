@@ -8,6 +8,7 @@
 // contiguous float32 [C]; residual has x's shape and is contiguous (it may not alias x).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include "cpu_dispatch.h"
 
 namespace forkattn {
 
@@ -40,3 +41,7 @@ void bias_residual_layernorm_kernel(float* x, const float* residual, const float
 }  // namespace cpu
 
 }  // namespace forkattn
+
+// The per-ISA variants of the CPU kernels above (csrc/cpu_dispatch.h).
+FORKATTN_CPU_VARIANTS(bias_gelu_kernel)
+FORKATTN_CPU_VARIANTS(bias_residual_layernorm_kernel)

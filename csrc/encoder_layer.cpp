@@ -229,7 +229,7 @@ at::Tensor encoder_layer_cpu(const at::Tensor& x, const at::Tensor& qkv_w, const
     const at::Tensor qb = q.narrow(0, b, 1).narrow(2, r0, n);
     at::Tensor y = empty_bhld(qb, 1, heads, n, D);  // memory [1, n, heads, D]: rows of H
     at::Tensor lse = at::empty({1, heads, n}, x.options());
-    cpu::attention_fwd_kernel(qb, k.narrow(0, b, 1), v.narrow(0, b, 1), std::nullopt, false, scale, 0.0, 0, y, lse);
+    FORKATTN_CPU_DISPATCH(attention_fwd_kernel)(qb, k.narrow(0, b, 1), v.narrow(0, b, 1), std::nullopt, false, scale, 0.0, 0, y, lse);
     const at::Tensor xb = x[b].narrow(0, r0, n);
     at::Tensor h = linear(y.transpose(1, 2).reshape({n, H}), attn_out_w, std::nullopt, packed, false);
     bias_residual_layernorm_cpu(h, xb, attn_out_b, ln1_w, ln1_b, ln1_eps);

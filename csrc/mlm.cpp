@@ -110,7 +110,7 @@ void mlm_mask_cpu(const at::Tensor& input_ids, const at::Tensor& out_ids, const 
                     input_ids.device());
   if (input_ids.numel() == 0) return;
   int64_t bad = 0;
-  const bool found_bad = cpu::mlm_mask_kernel(p, vocab_size, &bad);
+  const bool found_bad = FORKATTN_CPU_DISPATCH(mlm_mask_kernel)(p, vocab_size, &bad);
   TORCH_CHECK_VALUE(!found_bad, "input_ids holds id ", bad, " at a non-padding position, outside [0, vocab_size=",
                     vocab_size, ")");
 }

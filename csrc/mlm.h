@@ -11,6 +11,7 @@
 
 #include <optional>
 #include <vector>
+#include "cpu_dispatch.h"
 
 namespace forkattn {
 namespace kernels::mlm {
@@ -52,3 +53,6 @@ bool mlm_mask_kernel(const kernels::mlm::MlmMaskParams& p, int64_t vocab_size, i
 }  // namespace cpu
 
 }  // namespace forkattn
+
+// The per-ISA variants of the CPU kernels above (csrc/cpu_dispatch.h).
+FORKATTN_CPU_VARIANTS(mlm_mask_kernel)

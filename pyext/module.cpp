@@ -3,6 +3,7 @@
 
 #include "attention.h"
 #include "build.h"
+#include "cpu_dispatch.h"
 #include "mlm.h"
 #include "decode.h"
 #include "disentangled.h"
@@ -11,6 +12,12 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "forkattn native kernels (use the forkattn package, not this module)";
   m.def("compiled_with_cuda", &forkattn::compiled_with_cuda);
+  m.def("cpu_isas_compiled", &forkattn::cpu::compiled_isas, "the per-ISA variants of the CPU kernels compiled in");
+  m.def("cpu_isa", [] { return std::string(forkattn::cpu::isa_name(forkattn::cpu::chosen_isa())); },
+        "the CPU kernel variant in use (chosen at the first call: csrc/cpu_dispatch.h)");
+  m.def("_choose_cpu_isa", &forkattn::cpu::choose_isa,
+        "re-choose the CPU kernel variant as if FORKATTN_CPU_CAPABILITY=request ('' = unset); tests and benchmarks",
+        py::arg("request"));
   m.def("attention_fwd_cpu", &forkattn::attention_fwd_cpu, "fused attention forward (CPU): (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
         py::arg("scale"),

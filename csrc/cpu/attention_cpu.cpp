@@ -33,7 +33,7 @@
 #include "cpu/tiles.h"  // gemm, rows, key plan, online softmax, scheduler (shared with disentangled_cpu.cpp)
 
 namespace forkattn {
-namespace cpu {
+namespace cpu::CPU_CAPABILITY {  // one copy per ISA variant: cpu/isa.h
 namespace {
 
 using vec::kInf;

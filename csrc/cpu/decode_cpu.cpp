@@ -23,7 +23,7 @@
 #include "decode.h"
 
 namespace forkattn {
-namespace cpu {
+namespace cpu::CPU_CAPABILITY {  // one copy per ISA variant: cpu/isa.h
 namespace {
 
 constexpr int64_t kBlock = 64;  // keys per block

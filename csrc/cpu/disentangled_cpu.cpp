@@ -39,7 +39,7 @@
 #include "disentangled.h"
 
 namespace forkattn {
-namespace cpu {
+namespace cpu::CPU_CAPABILITY {  // one copy per ISA variant: cpu/isa.h
 namespace {
 
 using IVec = at::vec::Vectorized<int32_t>;

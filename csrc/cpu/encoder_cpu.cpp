@@ -10,7 +10,7 @@
 #include "encoder.h"
 
 namespace forkattn {
-namespace cpu {
+namespace cpu::CPU_CAPABILITY {  // one copy per ISA variant: cpu/isa.h
 namespace {
 
 using vec::kWidth;

@@ -1,5 +1,7 @@
 // CPU MLM masking: sequences in parallel (at::parallel_for); every rule comes from kernels/mlm/rules.h,
 // shared with the CUDA kernels, so CPU and GPU outputs are bit-identical.
+#include "cpu/isa.h"  // first: this file is compiled once per ISA variant
+
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -10,7 +12,7 @@
 #include "mlm/rules.h"
 
 namespace forkattn {
-namespace cpu {
+namespace cpu::CPU_CAPABILITY {  // one copy per ISA variant: cpu/isa.h
 namespace {
 
 namespace mlm = kernels::mlm;

@@ -12,12 +12,13 @@
 #include <stdint.h>
 
 #include "common/philox.h"
+#include "cpu/isa.h"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
-namespace forkattn::cpu {
+namespace forkattn::cpu::CPU_CAPABILITY {  // one copy per ISA variant: cpu/isa.h
 
 // Blocks with counters (c0 + t, c1, c2, c3) for t < 8 * N: out[n][i][j] = r[i] of block 8 * n + j.
 template <int N>
@@ -67,4 +68,4 @@ inline void philox4x32_10_groups(uint64_t seed, uint32_t c0, uint32_t c1, uint32
 #endif
 }
 
-}  // namespace forkattn::cpu
+}  // namespace forkattn::cpu::CPU_CAPABILITY

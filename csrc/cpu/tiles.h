@@ -29,7 +29,7 @@ extern "C" void sgemm_(const char* transa, const char* transb, const int* m, con
 extern "C" int MKL_Set_Num_Threads_Local(int nthreads) __attribute__((weak));
 
 namespace forkattn {
-namespace cpu {
+namespace cpu::CPU_CAPABILITY {  // one copy per ISA variant: cpu/isa.h
 namespace {
 
 using vec::kInf;

@@ -1,23 +1,20 @@
 // Row primitives of the CPU kernels on ATen's at::vec (Vectorized<float>), with scalar tails.
-// Include this header FIRST in a CPU kernel file (before any ATen header): at::vec only uses 8-wide
-// AVX2 vectors when CPU_CAPABILITY_AVX2 is set before its headers are read (torch's own kernels
-// get it from per-ISA compilation). setup.py builds with -mavx2 -mfma -mf16c and
-// FORKATTN_CPU_AVX2 when the machine has them; CPU_CAPABILITY also renames at::vec's inline
-// namespace, so these AVX2 types cannot collide with a default-ISA instantiation elsewhere. Only
-// Sleef-free functions are used (exp_u20, maximum, fmadd, conversions): libtorch does not export
-// Sleef.
+// Include this header FIRST in a CPU kernel file (before any ATen header). Each kernel file is
+// compiled once per ISA (cpu/isa.h): kWidth is 1 x 8 floats for DEFAULT (a plain array the
+// compiler vectorizes for SSE2), 8 for AVX2 and 16 for AVX512; everything here is written for any
+// kWidth, with hand intrinsics only where at::vec has no primitive (mask_ge_u16) and a portable
+// version beside them. Only Sleef-free functions are used (exp_u20, erf, maximum, fmadd,
+// conversions): libtorch does not export Sleef.
 //
 // NaN: row_max and max_nan propagate NaN (std::max drops it); exp_sub_sum gives std::exp's result
 // (NaN for a NaN input or a NaN/inf `sub`), never a finite value for a NaN, so a NaN score makes
 // its row NaN as in eager PyTorch.
 #pragma once
 
-#if defined(FORKATTN_CPU_AVX2) && !defined(CPU_CAPABILITY)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
+#include "cpu/isa.h"
 
 #include <ATen/cpu/vec/vec.h>  // its `#pragma unroll` needs -Wno-unknown-pragmas under GCC < 13
+#include <ATen/cpu/vec/functional_base.h>  // vec_reduce_all (vec512.h, unlike vec256.h, does not include it)
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -27,7 +24,7 @@
 #include <limits>
 #include <type_traits>
 
-namespace forkattn::cpu::vec {
+namespace forkattn::cpu::CPU_CAPABILITY::vec {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kWidth = Vec::size();
@@ -121,7 +118,12 @@ inline float exp_sub_sum(float* x, int64_t n, float sub) {
 // 16-bit values; threshold <= 65536. `(x * s) & mask_ge_u16(u, t)` is exactly
 // `u[i] >= t ? x[i] * s : 0.f`, also for a NaN x[i].
 inline Vec mask_ge_u16(const uint16_t* u, uint32_t threshold) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  static_assert(kWidth == 16);
+  const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u)));
+  const __mmask16 ge = _mm512_cmpgt_epi32_mask(x, _mm512_set1_epi32(static_cast<int>(threshold) - 1));
+  return Vec(_mm512_castsi512_ps(_mm512_maskz_set1_epi32(ge, -1)));
+#elif defined(CPU_CAPABILITY_AVX2)
   static_assert(kWidth == 8);
   const __m256i x = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(u)));
   return Vec(_mm256_castsi256_ps(_mm256_cmpgt_epi32(x, _mm256_set1_epi32(static_cast<int>(threshold) - 1))));
@@ -158,4 +160,4 @@ inline void scale_axpy(float* y, float c, float a, const float* x, int64_t n) {
   for (; i < n; ++i) y[i] = y[i] * c + a * x[i];
 }
 
-}  // namespace forkattn::cpu::vec
+}  // namespace forkattn::cpu::CPU_CAPABILITY::vec

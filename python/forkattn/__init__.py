@@ -18,7 +18,10 @@ def build_info() -> dict:
     """How this forkattn was built, and which backends are usable now.
 
     keys: version, torch (the torch it was built against), cuda (CUDA version, None for a CPU
-    build), archs (CUDA archs compiled, None for a CPU build), cpu_isa, compiled (the native
+    build), archs (CUDA archs compiled, None for a CPU build), cpu_isa (the CPU kernel variant in
+    use: "default", "avx2" or "avx512", chosen at the first call from torch's CPU capability or
+    FORKATTN_CPU_CAPABILITY; raises ValueError for an unknown FORKATTN_CPU_CAPABILITY), cpu_isas (the
+    variants compiled in), compiled (the native
     backends compiled into forkattn._C: "cpu", plus "cuda" for a CUDA build; none when _C is not
     built or failed to load, and forkattn._native.ERROR says why), backends (backend
     names usable now for any op: a CUDA build on a machine without a GPU lists no "cuda"), ops
@@ -31,7 +34,8 @@ def build_info() -> dict:
         "torch": _config.TORCH_VERSION,
         "cuda": _config.CUDA_VERSION,
         "archs": _config.CUDA_ARCHS,
-        "cpu_isa": _config.CPU_ISA,
+        "cpu_isa": None if _native._C is None else _native._C.cpu_isa(),
+        "cpu_isas": [] if _native._C is None else _native._C.cpu_isas_compiled(),
         "compiled": [] if _native._C is None else ["cpu", "cuda"] if _native.WITH_CUDA else ["cpu"],
         "backends": names,
         "ops": ops,

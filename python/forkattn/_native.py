@@ -19,7 +19,7 @@ ERROR: Optional[str] = None  # why _C is None
 try:
     from . import _build_config as config
 except ImportError:  # never built
-    config = SimpleNamespace(VERSION=None, TORCH_VERSION=None, CUDA_VERSION=None, CUDA_ARCHS=None, CPU_ISA=None)
+    config = SimpleNamespace(VERSION=None, TORCH_VERSION=None, CUDA_VERSION=None, CUDA_ARCHS=None, CPU_ISAS=None)
     ERROR = f"forkattn's native extension is not built: {_REBUILD}"
 
 if ERROR is None:
