@@ -256,7 +256,7 @@ inline __m256i reversed_idx(const int32_t* x) {
 
 void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0, const Terms& t, bool run) {
   const int64_t x0 = rows - 1 - r0 + c0;
-  __m256 kv[8];
+  __m256 kv[8] = {};  // read only when p.p2c (initialised: GCC cannot see that)
   if (p.p2c) {
     for (int64_t v = 0; v < 8; ++v) {
       const float* krow = t.kp.data() + (c0 + v) * t.wk;
