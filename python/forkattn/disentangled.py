@@ -18,13 +18,13 @@ import torch
 from torch import Tensor
 
 from . import backends, reference
-from ._checks import key_padding_mask_as_bool, resolve_scale
+from ._checks import check_dropout, key_padding_mask_as_bool, resolve_scale
 from ._custom_op import assume_constant_result
 from ._layout import empty_bhld, stride1
 from .attention import _check_qkv
 
 BACKENDS = backends.get("disentangled_attention")
-_FEATURES = backends.registry.feature_table("key_padding", "c2p", "p2c")
+_FEATURES = backends.registry.feature_table("key_padding", "c2p", "p2c", "dropout")
 
 
 # --- argument checks --------------------------------------------------------------------------------
@@ -123,14 +123,19 @@ def relative_position_index(len_q: int, len_k: int, *, max_relative_positions: i
 @torch.library.custom_op("forkattn::disentangled_attention_fwd", mutates_args=())
 def disentangled_attention_fwd(
     q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor], rel_index: Tensor,
-    key_padding_mask: Optional[Tensor], scale: float, c2p: bool, p2c: bool, backend: str
+    key_padding_mask: Optional[Tensor], scale: float, c2p: bool, p2c: bool, backend: str, dropout_p: float = 0.0,
+    seed: int = 0
 ) -> Tuple[Tensor, Tensor]:
-    """(out in the layout of empty_bhld, lse float32 [B, H, Lq], +inf on empty rows)."""
-    return BACKENDS.impl(backend).fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c)
+    """(out in the layout of empty_bhld, lse float32 [B, H, Lq], +inf on empty rows; the undropped
+    softmax's). dropout_p > 0: the probabilities are dropped with the Philox mask of `seed` (as
+    forkattn::attention_fwd's), and only then are dropout_p and seed passed on to the backend."""
+    drop = (dropout_p, seed) if dropout_p else ()
+    return BACKENDS.impl(backend).fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c,
+                                      *drop)
 
 
 @disentangled_attention_fwd.register_fake
-def _(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, backend):
+def _(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, backend, dropout_p=0.0, seed=0):
     B, H, Lq, D = q.shape
     return empty_bhld(q, B, H, Lq, D), q.new_empty((B, H, Lq), dtype=torch.float32)
 
@@ -139,16 +144,19 @@ def _(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c,
 def disentangled_attention_bwd(
     dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
     out: Tensor, lse: Tensor, rel_index: Tensor, key_padding_mask: Optional[Tensor], scale: float, c2p: bool,
-    p2c: bool, backend: str
+    p2c: bool, backend: str, dropout_p: float = 0.0, seed: int = 0
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dq, dk, dv in the layout of empty_bhld, dpos_key, dpos_query contiguous, shaped like pos_key /
-    pos_query; an empty tensor for a term that is off: a custom op returns no None)."""
+    pos_query; an empty tensor for a term that is off: a custom op returns no None). With dropout,
+    of the forward's mask (regenerated from seed)."""
+    drop = (dropout_p, seed) if dropout_p else ()
     return BACKENDS.impl(backend).bwd(stride1(dout), q, k, v, pos_key, pos_query, out, lse, rel_index,
-                                      key_padding_mask, scale, c2p, p2c)
+                                      key_padding_mask, scale, c2p, p2c, *drop)
 
 
 @disentangled_attention_bwd.register_fake
-def _(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, scale, c2p, p2c, backend):
+def _(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, scale, c2p, p2c, backend,
+      dropout_p=0.0, seed=0):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dpk, dpq = (q.new_empty(0) if p is None else torch.empty_like(p, memory_format=torch.contiguous_format)
@@ -157,10 +165,10 @@ def _(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, 
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, backend = inputs
+    q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, backend, *dropout = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask)
-    ctx.args = (scale, c2p, p2c, backend)
+    ctx.args = (scale, c2p, p2c, backend, *dropout)  # (dropout_p, seed) when given: the backward redraws the mask
     ctx.mark_non_differentiable(lse)
 
 
@@ -169,7 +177,7 @@ def _backward(ctx, dout, _dlse):
     dq, dk, dv, dpk, dpq = disentangled_attention_bwd(dout, q, k, v, pos_key, pos_query, out, lse, rel_index,
                                                       key_padding_mask, *ctx.args)
     dpk, dpq = (None if p is None else g for p, g in ((pos_key, dpk), (pos_query, dpq)))
-    return dq, dk, dv, dpk, dpq, None, None, None, None, None, None
+    return (dq, dk, dv, dpk, dpq) + (None,) * (len(ctx.args) + 2)
 
 
 disentangled_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -190,9 +198,12 @@ def disentangled_attention(
     scale: Optional[float] = None,
     c2p: bool = True,
     p2c: bool = True,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    generator: Optional[torch.Generator] = None,
     backend: Optional[str] = None,
 ) -> Tensor:
-    """DeBERTa's disentangled attention (transformers' DisentangledSelfAttention, without dropout).
+    """DeBERTa's disentangled attention (transformers' DisentangledSelfAttention).
 
     q [B, H, Lq, D], k and v [B, H, Lk, D] (forkattn.attention's SDPA layout, any strides; no GQA).
     pos_key, pos_query: the relative embeddings projected per head, [H or 1, 2 * span, D] in q's
@@ -226,12 +237,22 @@ def disentangled_attention(
     max_relative_positions >= 1 (a config's -1, "use max_position_embeddings", is the caller's to
     resolve); position_buckets <= 0 turns bucketing off, else it needs position_buckets >= 2 and
     max_relative_positions > position_buckets // 2 + 1.
+    dropout_p, seed, generator: attention dropout exactly as forkattn.attention's (transformers'
+    attention_probs_dropout_prob): each probability is zeroed with probability dropout_p and the
+    survivors scaled by 1 / (1 - dropout_p), after the softmax, before P @ V; the mask element of
+    (b, h, i, j) is kernels/common/philox.h's, the one forkattn.attention draws for that seed and
+    shape; seed None draws a fresh one per call from `generator` (default: torch's default CPU
+    generator). dropout_p = 0 (the default) runs no dropout code. backend=None picks only backends
+    that have dropout (the "dropout" feature); a named one without it raises.
     backend: None picks the fastest backend that can run the call; "eager" (plain PyTorch,
     materialising the [B, H, Lq, Lk] scores) runs everywhere. Returns [B, H, Lq, D].
     """
     mask, scale, max_rel, buckets = check_inputs(q, k, v, pos_key, pos_query, max_relative_positions,
                                                  position_buckets, key_padding_mask, scale, c2p, p2c)
-    b = BACKENDS.resolve(backend, q.device.type, q.dtype, q.shape[-1], _FEATURES[mask is not None, c2p, p2c])
+    dropout_p, seed = check_dropout(dropout_p, seed, generator)
+    b = BACKENDS.resolve(backend, q.device.type, q.dtype, q.shape[-1],
+                         _FEATURES[mask is not None, c2p, p2c, dropout_p > 0])
+    drop = (dropout_p, seed) if dropout_p else ()  # a backend without dropout is never called with them
     if torch.compiler.is_compiling():
         table = torch.tensor(_index_values(q.shape[2], k.shape[2], max_rel, buckets), dtype=torch.int64,
                              device=q.device)
@@ -240,12 +261,12 @@ def disentangled_attention(
     if not b.CUSTOM_OP:  # plain PyTorch: traced as it is under torch.compile, where the cached impl's
         # lock (functools.cached_property on Python 3.11) cannot be entered; building it is cheap
         impl = b.make_impl() if torch.compiler.is_compiling() else b.impl
-        return impl(q, k, v, pos_key, pos_query, table, mask, scale, c2p, p2c)
+        return impl(q, k, v, pos_key, pos_query, table, mask, scale, c2p, p2c, *drop)
     H = q.shape[1]
     pos_key = None if pos_key is None else stride1(pos_key.expand(H, -1, -1))
     pos_query = None if pos_query is None else stride1(pos_query.expand(H, -1, -1))
     if mask is not None:
         mask = stride1(mask)
     out, _ = disentangled_attention_fwd(stride1(q), stride1(k), stride1(v), pos_key, pos_query, table, mask, scale,
-                                        c2p, p2c, b.NAME)
+                                        c2p, p2c, b.NAME, *drop)
     return out

@@ -343,21 +343,29 @@ def disentangled_attention(
     scale: Optional[float] = None,
     c2p: bool = True,
     p2c: bool = True,
+    dropout_p: float = 0.0,
+    seed: Optional[int] = None,
+    dropout_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """forkattn.disentangled_attention in plain PyTorch, materialising the [B, H, Lq, Lk] scores and
     the c2p / p2c products against every relative embedding (the definition is in
-    forkattn.disentangled_attention's docstring). Differentiable by autograd in all five inputs."""
+    forkattn.disentangled_attention's docstring). Differentiable by autograd in all five inputs.
+    dropout_p > 0: the probabilities are multiplied by keep / (1 - dropout_p), keep = dropout_mask
+    (bool, broadcast to [B, H, Lq, Lk]) when given, else philox.dropout_keep(seed, ...), the mask
+    every backend draws for this seed (seed None: one drawn from torch's default generator)."""
     table = relative_position_index(q.shape[2], k.shape[2], max_relative_positions=max_relative_positions,
                                     position_buckets=position_buckets, device=q.device)
     if scale is None:
         scale = (q.shape[-1] * (1 + int(c2p) + int(p2c))) ** -0.5
-    return disentangled_attention_indexed(q, k, v, pos_key, pos_query, table, key_padding_mask, scale, c2p, p2c)
+    return disentangled_attention_indexed(q, k, v, pos_key, pos_query, table, key_padding_mask, scale, c2p, p2c,
+                                          dropout_p, seed, dropout_mask)
 
 
 def disentangled_attention_indexed(q, k, v, pos_key, pos_query, rel_index: Tensor, key_padding_mask, scale: float,
-                                   c2p: bool, p2c: bool) -> Tensor:
+                                   c2p: bool, p2c: bool, dropout_p: float = 0.0, seed: Optional[int] = None,
+                                   dropout_mask: Optional[Tensor] = None) -> Tensor:
     """The eager backend's body: rel_index from relative_position_index; pos_key / pos_query
-    [H or 1, 2 * span, D] (None when their term is off)."""
+    [H or 1, 2 * span, D] (None when their term is off); dropout as disentangled_attention's."""
     Lq, Lk = q.shape[2], k.shape[2]
     i = torch.arange(Lq, device=q.device)[:, None]
     j = torch.arange(Lk, device=q.device)[None, :]
@@ -374,4 +382,11 @@ def disentangled_attention_indexed(q, k, v, pos_key, pos_query, rel_index: Tenso
         return s
 
     allowed = None if key_padding_mask is None else key_padding_mask[:, None, None, :].to(torch.bool)
-    return _attend(q, k, v, allowed, scale, bias=bias if (c2p or p2c) else None)
+    keep = None
+    if dropout_p:
+        keep = dropout_mask
+        if keep is None:
+            if seed is None:
+                seed = int(torch.randint(-(1 << 63), (1 << 63) - 1, (), dtype=torch.int64))
+            keep = philox.dropout_keep(seed, dropout_p, q.shape[0], q.shape[1], Lq, Lk, device=q.device)
+    return _attend(q, k, v, allowed, scale, bias=bias if (c2p or p2c) else None, keep=keep, dropout_p=dropout_p)

@@ -78,9 +78,11 @@ class EagerMLM(_Eager, MLMBackend):
 
 @register
 class EagerDisentangledAttention(_Eager, DisentangledAttentionBackend):
-    """reference.disentangled_attention_indexed: materialises the scores (the kernels' baseline)."""
+    """reference.disentangled_attention_indexed: materialises the scores (the kernels' baseline);
+    dropout from philox.dropout_keep, the kernels' mask."""
 
     CUSTOM_OP = False
+    FEATURES = DisentangledAttentionBackend.FEATURES | {"dropout"}
 
     def make_impl(self):
         return reference.disentangled_attention_indexed

@@ -82,7 +82,17 @@ class DisentangledAttentionBackend(Backend):
     _layout.empty_bhld, lse float32 [B, H, Lq] (+inf on empty rows), dpos_* contiguous
     [H, 2 * span, D] (empty, numel 0, for a term that is off). With CUSTOM_OP False,
     impl(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c) -> out,
-    differentiable as it is (pos_key / pos_query may then have 1 head)."""
+    differentiable as it is (pos_key / pos_query may then have 1 head).
+    "dropout" (a call with dropout_p > 0), AttentionBackend's convention: fwd and bwd (and a
+    CUSTOM_OP False impl) get two more arguments last, dropout_p (float in (0, 1)) and seed (signed
+    int64), and drop the probabilities with kernels/common/philox.h's mask of (b, h, i, j), the
+    one forkattn.attention draws for that seed and shape (kept iff u16 >= dropout_threshold16(p),
+    survivors scaled by 1 / (1 - p)); lse stays the undropped softmax's, and the backward redraws
+    the mask from the seed. Without dropout they are called with the arguments above, so a
+    backend without it needs no change. Unlike the other families, "dropout" is not in FEATURES
+    here: a backend that has it adds it, and the registry never gives a dropout call to one that
+    has not (backend=None skips it, a named one raises)."""
 
     OP = "disentangled_attention"
     FEATURES = frozenset({"key_padding", "c2p", "p2c"})
+    FEATURE_TEXT = {"dropout": "dropout (dropout_p > 0)"}

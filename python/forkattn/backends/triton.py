@@ -89,6 +89,7 @@ class TritonMLM(_Triton, MLMBackend):
 class TritonDisentangledAttention(_Triton, DisentangledAttentionBackend):
     SUPPORTED_DTYPES = FLOAT_DTYPES
     MAX_HEAD_DIM = 128  # forkattn/triton/disentangled.py's MAX_HEAD_DIM (not imported: no Triton at import)
+    FEATURES = DisentangledAttentionBackend.FEATURES | {"dropout"}  # the plain attention's Philox mask
 
     def make_impl(self):
         from ..triton import disentangled as kernels
