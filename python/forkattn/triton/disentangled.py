@@ -21,6 +21,10 @@ second pass. Cost: the c2p and p2c dots are U = BLOCK_M + BLOCK_N - 1 wide, so w
 the forward does about 3x the tensor-core work of plain attention (q k^T, p v, and 2x2 for the
 position terms), still far less memory traffic than the eager path's L x L matrices.
 
+Dropout (dropout_p > 0; a constexpr, so p = 0 compiles without it): forkattn/triton/attention.py's
+Philox mask of (b, h, i, j), the one forkattn.attention draws for the seed, on P after the row's
+normalizer is summed (lse undropped), redrawn by both backward kernels (disentangled_kernels.py).
+
 Backward: Delta = rowsum(dO * O) from the stored output (forkattn/triton/attention_bwd.py's kernel;
 like FlashAttention, so for fp16/bf16 Delta carries the output's rounding), then
   * per query block (_dis_bwd_dq_kernel): dQ = scale (dS k + Z G), where Z[i', u] = dS on row i'
@@ -43,6 +47,7 @@ import torch
 import triton
 
 from .._layout import empty_bhld
+from ..philox import dropout_threshold
 from . import interpreting
 from .attention import LOG2E, _block_d, _dot_prec, _mask_args, _smem_limit
 from .attention_bwd import _attn_bwd_delta_kernel
@@ -102,7 +107,7 @@ def _prune(configs, named_args, **kwargs):
     return kept or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"], c.num_stages))]
 
 
-_KEYS = ["SEQ_Q_KEY", "SEQ_K_KEY", "C2P", "P2C", "HAS_MASK", "D"]
+_KEYS = ["SEQ_Q_KEY", "SEQ_K_KEY", "C2P", "P2C", "HAS_MASK", "D", "HAS_DROPOUT"]
 _PLAIN = {"fwd": _dis_fwd_kernel, "dq": _dis_bwd_dq_kernel, "dkdv": _dis_bwd_dkdv_kernel}
 _TUNED = {kind: triton.autotune(_CONFIGS[kind], key=_KEYS, prune_configs_by={"early_config_prune": _prune},
                                 reset_to_zero=reset)(
@@ -131,7 +136,7 @@ def _bhl(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _common(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c):
+def _common(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, dropout_p, seed):
     """The arguments every kernel takes: inputs, strides, masks and compile-time switches."""
     B, H, Lq, D = q.shape
     kpm, klo, khi, smb, smn = _mask_args(q, key_padding_mask)
@@ -147,6 +152,9 @@ def _common(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p
         stride_pqh=pq.stride(0) if p2c else 0, stride_pqr=pq.stride(1) if p2c else 0,
         stride_mb=smb, stride_mn=smn,
         Lq=Lq, Lk=k.shape[2], qk_scale=scale * LOG2E,
+        # dropout (as forkattn/triton/attention.py's): the seed's 64-bit pattern as a non-negative int
+        seed=int(seed) & 0xFFFFFFFFFFFFFFFF, H_Q=H, drop_thresh=dropout_threshold(dropout_p) if dropout_p else 0,
+        drop_scale=1.0 / (1.0 - dropout_p), HAS_DROPOUT=dropout_p > 0,
         SEQ_Q_KEY=triton.next_power_of_2(max(Lq, 16)), SEQ_K_KEY=triton.next_power_of_2(max(k.shape[2], 16)),
         C2P=bool(c2p), P2C=bool(p2c), HAS_MASK=key_padding_mask is not None,
         D=D, BLOCK_D=_block_d(D),
@@ -170,8 +178,10 @@ def _staged(t, upcast: bool):
     return torch.empty_strided(t.shape, t.stride(), dtype=torch.float32, device=t.device) if upcast else t
 
 
-def disentangled_fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale: float, c2p: bool, p2c: bool):
-    """The contract of DisentangledAttentionBackend.fwd -> (out in empty_bhld layout, lse f32 [B, H, Lq])."""
+def disentangled_fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale: float, c2p: bool, p2c: bool,
+                     dropout_p: float = 0.0, seed: int = 0):
+    """The contract of DisentangledAttentionBackend.fwd -> (out in empty_bhld layout, lse f32 [B, H, Lq]),
+    dropout included (lse undropped)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     out = empty_bhld(q, B, H, Lq, D)
@@ -181,7 +191,7 @@ def disentangled_fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, s
     if Lk == 0:  # no key at all: every row is empty
         return out.zero_(), lse.fill_(float("inf"))
     rel_index = _check_rel_index(rel_index, q, k)
-    args = _common(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c)
+    args = _common(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, dropout_p, seed)
     o = _staged(out, args["UPCAST"])
     so, sl = _bhl(o), _bhl(lse)
     args.update(Out=o, Lse=lse, stride_ob=so[0], stride_oh=so[1], stride_om=so[2],
@@ -193,8 +203,9 @@ def disentangled_fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, s
 
 
 def disentangled_bwd(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, scale: float,
-                     c2p: bool, p2c: bool):
-    """The contract of DisentangledAttentionBackend.bwd -> (dq, dk, dv, dpos_key, dpos_query)."""
+                     c2p: bool, p2c: bool, dropout_p: float = 0.0, seed: int = 0):
+    """The contract of DisentangledAttentionBackend.bwd -> (dq, dk, dv, dpos_key, dpos_query); with
+    dropout, of the forward's mask (redrawn from seed; out is the dropped output)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dq, dk, dv = empty_bhld(q, B, H, Lq, D), empty_bhld(k, B, H, Lk, D), empty_bhld(v, B, H, Lk, D)
@@ -208,7 +219,7 @@ def disentangled_bwd(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key
     if B * H * Lq == 0 or Lk == 0:
         return dq.zero_(), dk.zero_(), dv.zero_(), finish(dpk), finish(dpq)
     rel_index = _check_rel_index(rel_index, q, k)
-    args = _common(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c)
+    args = _common(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, dropout_p, seed)
     delta = torch.empty_like(lse)
     so, sdo, sl = _bhl(out), _bhl(dout), _bhl(lse)
     block_d = args["BLOCK_D"]

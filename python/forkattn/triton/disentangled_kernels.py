@@ -6,6 +6,12 @@ Notation inside a tile: a query block of BLOCK_M rows starting at start_m, a key
 columns starting at start_n; i' and j' count rows and columns inside the tile. The tile's relative
 positions i - j cover BLOCK_M + BLOCK_N - 1 consecutive entries of rel_index, numbered by the
 diagonal u = i' - j' + BLOCK_N - 1 (0 <= u < U); entry t0 + u with t0 = start_m - start_n + Lk - BLOCK_N.
+
+Dropout (HAS_DROPOUT, a constexpr: dropout_p = 0 compiles it out): the plain attention's Philox mask
+of (b, h, i, j) (attention_fwd._dropout_keep, kernels/common/philox.h's layout), applied to P after
+the softmax's normalizer is summed (lse stays the undropped softmax's); the backward redraws it:
+dV = (P o M)^T dO / (1 - p), dP = (dO V^T) o M / (1 - p), and Delta = rowsum(dO O) already holds
+the dropout, so dS = P (dP - Delta) feeds dQ, dK and both position gradients unchanged.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import triton
 import triton.language as tl
 
 from . import interpreter_compat
-from .attention_fwd import _key_range
+from .attention_fwd import _dropout_keep, _key_range
 
 interpreter_compat()
 
@@ -90,7 +96,7 @@ def _key_block(K, V, KPM, stride_kn, stride_vn, stride_mn, cols, k_end, offs_d, 
     return k, v, ok
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
 def _dis_fwd_kernel(
     Q, K, V, PK, PQ, REL, Out, Lse, KPM, KLO, KHI,
     stride_qb, stride_qh, stride_qm,
@@ -101,10 +107,11 @@ def _dis_fwd_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_mb, stride_mn,
     Lq, Lk, qk_scale,
+    seed, H_Q, drop_thresh, drop_scale,  # dropout: Philox seed, heads, u16 threshold, 1 / (1 - p)
     SEQ_Q_KEY, SEQ_K_KEY,  # length buckets: autotune keys only
     C2P: tl.constexpr, P2C: tl.constexpr, HAS_MASK: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UP: tl.constexpr,
 ):
     start_m = tl.program_id(0) * BLOCK_M
     h = tl.program_id(1).to(tl.int64)
@@ -146,7 +153,10 @@ def _dis_fwd_kernel(
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # no visible key yet: no NaN
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normalizer (and lse) before dropout
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, b * H_Q + h, offs_m[:, None], (start_n + offs_j)[None, :], drop_thresh)
+            p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
@@ -161,13 +171,19 @@ def _dis_fwd_kernel(
 
 
 @triton.jit
-def _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, valid, qk_scale,
-             C2P: tl.constexpr, P2C: tl.constexpr, DOT_PREC: tl.constexpr):
-    """(P, dS / scale) of a tile, recomputed from the stored lse (base 2) and Delta = rowsum(dO O)."""
+def _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, valid, qk_scale, seed, bh, rows, cols, drop_thresh, drop_scale,
+             C2P: tl.constexpr, P2C: tl.constexpr, DOT_PREC: tl.constexpr, HAS_DROPOUT: tl.constexpr):
+    """(P as P V used it: dropped and scaled with dropout, dS / scale) of a tile, recomputed from the
+    stored lse (base 2) and Delta = rowsum(dO O); rows (i) and cols (j) of the tile for the mask."""
     s = _tile_scores(q, k, gk, gq, skew, C2P, P2C, DOT_PREC) * qk_scale
     p = tl.where(valid, tl.math.exp2(s - lse2[:, None]), 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-    return p, tl.where(valid, p * (dp - delta[:, None]), 0.0)
+    p_used = p
+    if HAS_DROPOUT:  # the forward's mask, redrawn
+        keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], drop_thresh)
+        dp = tl.where(keep, dp * drop_scale, 0.0)
+        p_used = tl.where(keep, p * drop_scale, 0.0)
+    return p_used, tl.where(valid, p * (dp - delta[:, None]), 0.0)
 
 
 @triton.jit
@@ -187,7 +203,7 @@ def _query_block(Q, DO, Lse, Delta, stride_qm, stride_dom, stride_lm, offs_m, Lq
     return q, do, lse2, delta, m_ok
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
 def _dis_bwd_dq_kernel(
     Q, K, V, PK, PQ, REL, DO, Lse, Delta, DQ, DPK, KPM, KLO, KHI,
     stride_qb, stride_qh, stride_qm,
@@ -200,10 +216,11 @@ def _dis_bwd_dq_kernel(
     stride_gh, stride_gr,  # of the float32 dpos accumulators
     stride_mb, stride_mn,
     Lq, Lk, qk_scale, sm_scale,
+    seed, H_Q, drop_thresh, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     C2P: tl.constexpr, P2C: tl.constexpr, HAS_MASK: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UP: tl.constexpr,
 ):
     """Per query block: dQ (q k^T and c2p terms), and the c2p term's dpos_key[r] += Σ dS_ij q_i
     (atomics into the float32 accumulator)."""
@@ -242,7 +259,8 @@ def _dis_bwd_dq_kernel(
         t0 = start_m - start_n + Lk - BLOCK_N
         gk, gq, rows, u_ok = _tile_rows(REL, PK, PQ, stride_pkr, stride_pqr, t0, n_rel, q, offs_u, offs_d, d_ok,
                                         BLOCK_M + BLOCK_N - 1, C2P, P2C, UPCAST)
-        _p, ds = _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, col_ok[None, :], qk_scale, C2P, P2C, DOT_PREC)
+        _p, ds = _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, col_ok[None, :], qk_scale, seed, b * H_Q + h, offs_m,
+                          start_n + offs_j, drop_thresh, drop_scale, C2P, P2C, DOT_PREC, HAS_DROPOUT)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         if C2P:
             z = _by_diagonal_rows(ds, offs_i, offs_u, BLOCK_N)  # [BM, UP]
@@ -254,7 +272,7 @@ def _dis_bwd_dq_kernel(
     tl.store(DQ + offs_m[:, None] * stride_dqm + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty), mask=md)
 
 
-@triton.jit(do_not_specialize=["Lq", "Lk"])
+@triton.jit(do_not_specialize=["Lq", "Lk", "seed"])
 def _dis_bwd_dkdv_kernel(
     Q, K, V, PK, PQ, REL, DO, Lse, Delta, DK, DV, DPQ, KPM, KLO, KHI,
     stride_qb, stride_qh, stride_qm,
@@ -268,10 +286,11 @@ def _dis_bwd_dkdv_kernel(
     stride_gh, stride_gr,
     stride_mb, stride_mn,
     Lq, Lk, qk_scale, sm_scale,
+    seed, H_Q, drop_thresh, drop_scale,
     SEQ_Q_KEY, SEQ_K_KEY,
     C2P: tl.constexpr, P2C: tl.constexpr, HAS_MASK: tl.constexpr,
     D: tl.constexpr, BLOCK_D: tl.constexpr, UPCAST: tl.constexpr, DOT_PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UP: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UP: tl.constexpr,
 ):
     """Per key block: dK (q k^T and p2c terms), dV, and the p2c term's dpos_query[r] += Σ dS_ij k_j
     (atomics into the float32 accumulator)."""
@@ -312,7 +331,8 @@ def _dis_bwd_dkdv_kernel(
         gk, gq, rows, u_ok = _tile_rows(REL, PK, PQ, stride_pkr, stride_pqr, t0, n_rel, k, offs_u, offs_d, d_ok,
                                         BLOCK_M + BLOCK_N - 1, C2P, P2C, UPCAST)
         p, ds = _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, col_ok[None, :] & m_ok[:, None], qk_scale,
-                         C2P, P2C, DOT_PREC)
+                         seed, b * H_Q + h, start_m + offs_i, cols, drop_thresh, drop_scale, C2P, P2C, DOT_PREC,
+                         HAS_DROPOUT)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
         if P2C:
