@@ -113,8 +113,9 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: O
             bias=None, keep: Optional[Tensor] = None, dropout_p: float = 0.0) -> Tensor:
     """The eager computation shared by attention, decode_attention and disentangled_attention: GQA
     heads expanded, scores in fp32, keys not `allowed` (bool, broadcast to [B, H, Lq, Lk]; None =
-    all) masked, rows with no allowed key zero. bias(q, k), when given, returns the fp32 scores
-    added to q·kᵀ before scaling, from the k whose unseen keys are already zeroed. Then dropout:
+    all) masked, rows with no allowed key zero. bias(q, k), when given, returns the scores (float32,
+    float64 for float64 inputs) added to q·kᵀ before scaling, from the k whose unseen keys are
+    already zeroed. Then dropout:
     P * keep / (1 - dropout_p) when keep (bool [B, H, Lq, Lk]) is given."""
     H, D, Hkv = q.shape[1], q.shape[-1], k.shape[1]
     if Hkv != H:
@@ -129,8 +130,8 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: O
         k = k.masked_fill(unseen, 0)
         v = v.masked_fill(unseen, 0)
     s = torch.matmul(q, k.transpose(-2, -1))
-    if bias is not None:
-        s = (s.float() + bias(q, k)) * scale
+    if bias is not None:  # float32, or float64 for a float64 reference (never rounded to float32)
+        s = (s.to(_score_dtype(s.dtype)) + bias(q, k)) * scale
     else:
         s = s * scale
     if s.dtype in (torch.float16, torch.bfloat16):
@@ -145,6 +146,11 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, allowed: Optional[Tensor], scale: O
     if keep is not None:
         p = p * keep / (1.0 - dropout_p)
     return torch.matmul(p.to(v.dtype), v)
+
+
+def _score_dtype(dtype):
+    """What scores are summed in: float32, float64 for float64 inputs."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def mlm_mask(
@@ -370,14 +376,15 @@ def disentangled_attention_indexed(q, k, v, pos_key, pos_query, rel_index: Tenso
     i = torch.arange(Lq, device=q.device)[:, None]
     j = torch.arange(Lk, device=q.device)[None, :]
     delta = rel_index[i - j + (Lk - 1)]  # [Lq, Lk]
+    acc = _score_dtype(q.dtype)
 
     def bias(q, k):
         s = 0.0
         if c2p:  # q_i · pos_key[δ(i, j)]: every product q_i · pos_key[r], then the gather
-            c = torch.matmul(q, pos_key.unsqueeze(0).transpose(-2, -1)).float()  # [B, H, Lq, 2 span]
+            c = torch.matmul(q, pos_key.unsqueeze(0).transpose(-2, -1)).to(acc)  # [B, H, Lq, 2 span]
             s = s + c.gather(-1, delta.expand(*c.shape[:2], Lq, Lk))
         if p2c:  # k_j · pos_query[δ(i, j)]: every product k_j · pos_query[r], gathered per (j, i)
-            p = torch.matmul(k, pos_query.unsqueeze(0).transpose(-2, -1)).float()  # [B, H, Lk, 2 span]
+            p = torch.matmul(k, pos_query.unsqueeze(0).transpose(-2, -1)).to(acc)  # [B, H, Lk, 2 span]
             s = s + p.gather(-1, delta.t().expand(*p.shape[:2], Lk, Lq)).transpose(-2, -1)
         return s
 

@@ -18,9 +18,15 @@ so loading a transformers checkpoint is a key-for-key copy (models/checkpoint.py
 writes a folder transformers' DebertaV2* classes load. `config.attention_backend` picks the
 backend of disentangled_attention (models/backend.py). Outputs are models/outputs.py's.
 
-Differences from transformers: attention_probs_dropout_prob is not applied (the fused kernels have
-no dropout on the probabilities; a warning says so when training with it set). Padded query rows
-attend to the real keys (transformers spreads them over every key): outputs agree at real tokens,
+Dropout as transformers': hidden_dropout_prob on the embeddings, the relative embeddings and both
+residual branches, and attention_probs_dropout_prob on the attention probabilities in training
+mode, through disentangled_attention's dropout_p (the kernels' Philox mask, regenerated in the
+backward; backend=None picks a backend that has dropout). Each layer's AttentionDropout
+(models/dropout.py, at attention.self.dropout as in transformers) draws a fresh seed per call from
+torch's default generator (or set_attention_dropout_generator's), so torch.manual_seed reproduces
+a run; the masks differ from transformers' (Philox, not torch's bernoulli), their statistics do not.
+
+Differences from transformers: padded query rows attend to the real keys (transformers spreads them over every key): outputs agree at real tokens,
 and a loss that reads padded positions (question answering's softmax over all positions) differs.
 transformers' DebertaV2Model keeps a z_steps hook (always 0) for the enhanced mask decoder; it has
 no effect there and is left out here. The checkpoint's mask_predictions.* (replaced-token
@@ -40,6 +46,7 @@ import forkattn
 from .activations import activation, check_activation
 from .backend import attention_backend, check_backend
 from .checkpoint import load_state
+from .dropout import AttentionDropout
 from .outputs import (BaseModelOutput, MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput,
                       TokenClassifierOutput)
 from .pretrained import (JsonConfig, PreTrainedModel, build_config, config_json, merge_overrides, normalize_labels,
@@ -58,7 +65,7 @@ class DebertaV2Config(JsonConfig):
     intermediate_size: int = 6144
     hidden_act: str = "gelu"
     hidden_dropout_prob: float = 0.1
-    attention_probs_dropout_prob: float = 0.1  # not applied: see the module docstring
+    attention_probs_dropout_prob: float = 0.1  # on the attention probabilities, in training
     max_position_embeddings: int = 512
     type_vocab_size: int = 0
     initializer_range: float = 0.02
@@ -180,6 +187,7 @@ class DisentangledSelfAttention(nn.Module):
         self.c2p = config.relative_attention and "c2p" in types
         self.p2c = config.relative_attention and "p2c" in types
         self.scale = (config.head_dim * (1 + ("c2p" in types) + ("p2c" in types))) ** -0.5
+        self.dropout = AttentionDropout(config.attention_probs_dropout_prob, "attention_probs_dropout_prob")
         if config.relative_attention:
             self.pos_dropout = nn.Dropout(config.hidden_dropout_prob)
             if not config.share_att_key:
@@ -207,7 +215,7 @@ class DisentangledSelfAttention(nn.Module):
         out = forkattn.disentangled_attention(
             q, k, v, pos_key, pos_query, max_relative_positions=cfg.max_relative, position_buckets=cfg.position_buckets,
             key_padding_mask=key_padding_mask, scale=self.scale, c2p=self.c2p, p2c=self.p2c,
-            backend=attention_backend(cfg))
+            backend=attention_backend(cfg), **self.dropout.kwargs())  # dropout_p in training, {} in eval
         return out.transpose(1, 2).reshape(B, L, -1)
 
 
@@ -307,6 +315,7 @@ class DebertaV2PreTrainedModel(PreTrainedModel):
     """DeBERTa's checkpoint keys; init, from_pretrained / save_pretrained are models/pretrained.py's."""
 
     config_class = DebertaV2Config
+    applies_attention_dropout = True  # attention.self.dropout (models/dropout.py): no warning on train()
 
     def load_hf_state_dict(self, state: Dict[str, Tensor], *, ignore_mismatched_sizes: bool = False,
                            strict: bool = False, log: bool = False) -> dict:
