@@ -10,6 +10,7 @@ tl.dot is wrong) against the float64 reference fed the same mask, output and all
 under the 2x rule, the mask bit for bit, keep-rate statistics, seeds; and models/deberta.py in
 training against transformers' DebertaV2 with its attention dropout replaced by the same masks.
 """
+import copy
 import os
 import warnings
 
@@ -21,6 +22,7 @@ import forkattn.triton as ftriton
 from forkattn import philox, reference
 from forkattn._checks import check_dropout
 from forkattn.backends import BackendUnavailableError, family
+from forkattn.models import deberta as fd
 from forkattn.models.dropout import set_attention_dropout_generator
 from attn_utils import make_padding
 from test_disentangled import _check, _inputs, _ReferenceKernel
@@ -281,3 +283,166 @@ def test_triton_custom_op_opcheck_with_dropout():
     args = (q.requires_grad_(), k.requires_grad_(), v.requires_grad_(), pk.requires_grad_(), pq.requires_grad_(),
             table, mask, 0.2, True, True, "triton", 0.2, -5)
     torch.library.opcheck(torch.ops.forkattn.disentangled_attention_fwd.default, args)
+
+
+# --- models/deberta.py ---------------------------------------------------------------------------------
+
+try:
+    import transformers
+except ImportError:  # optional: the model tests compare with it
+    transformers = None
+needs_transformers = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
+
+MODEL = dict(vocab_size=53, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+             max_position_embeddings=24, hidden_dropout_prob=0.0, pooler_dropout=0.0, num_labels=3)
+MODEL_CONFIGS = {
+    "v3": dict(relative_attention=True, position_buckets=8, max_relative_positions=24, share_att_key=True,
+               pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm", position_biased_input=False, legacy=False),
+    "v2-conv-c2p": dict(relative_attention=True, max_relative_positions=-1, pos_att_type=["c2p"],
+                        conv_kernel_size=3, hidden_act="gelu_new"),
+}
+
+
+class _PhiloxDropout(torch.nn.Module):
+    """transformers' attention.self.dropout replaced: probabilities [B, H, L, L] times the Philox mask
+    of the next recorded seed (layers run in order) over 1 - p."""
+
+    def __init__(self, seeds, p):
+        super().__init__()
+        self.seeds, self.p = seeds, p
+
+    def forward(self, probs):
+        if not self.training or self.p == 0:
+            return probs
+        keep = philox.dropout_keep(self.seeds.pop(0), self.p, *probs.shape)
+        return probs * keep / (1 - self.p)
+
+
+@pytest.fixture
+def seeds(monkeypatch):
+    """Record every dropout seed forkattn.disentangled_attention draws (as it would draw it)."""
+    seen = []
+    orig = forkattn.disentangled_attention
+
+    def f(*args, dropout_p=0.0, seed=None, generator=None, **kw):
+        p, s = check_dropout(dropout_p, seed, generator)
+        seen.append((p, s))
+        return orig(*args, dropout_p=p, seed=s, **kw)
+
+    monkeypatch.setattr(forkattn, "disentangled_attention", f)
+    return seen
+
+
+def _models(config, p, backend):
+    """(ours, transformers' float32, transformers' float64) DebertaV2ForMaskedLM with the same weights,
+    transformers' attention dropout replaced by _PhiloxDropout (sharing one seed queue)."""
+    cfg = {**MODEL, **MODEL_CONFIGS[config], "attention_probs_dropout_prob": p}
+    torch.manual_seed(0)
+    hf = transformers.DebertaV2ForMaskedLM(transformers.DebertaV2Config(**cfg))
+    with torch.no_grad():  # sharper attention than the 0.02-std init, so dropout changes outputs visibly
+        for n, w in hf.named_parameters():
+            if n.endswith(("query_proj.weight", "key_proj.weight", "pos_key_proj.weight")):
+                w.normal_(0, 0.3)
+            elif n.endswith("bias") or "LayerNorm" in n:
+                w.add_(torch.randn_like(w) * 0.1)
+    ours = fd.DebertaV2ForMaskedLM(fd.DebertaV2Config.from_dict({**hf.config.to_dict(), "attention_backend": backend}))
+    info = ours.load_hf_state_dict(hf.state_dict())
+    assert not (info["missing_keys"] or info["unexpected_keys"] or info["mismatched_keys"]), info
+    ref = copy.deepcopy(hf).double()
+    queue = []
+    for m in (hf, ref):
+        for layer in m.deberta.encoder.layer:
+            layer.attention.self.dropout = _PhiloxDropout(queue, p)
+    return ours, hf, ref, queue
+
+
+def _batch(B=4, L=11):
+    """Lengths 11, 6, 0 (an empty row), 3; padded ids are garbage tokens."""
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 53, (B, L), generator=g)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for b, n in enumerate((11, 6, 0, 3)):
+        mask[b, :n] = 1
+    return ids, mask
+
+
+def _close(ours, base, ref, what):
+    """Our fp32 error vs the fp64 reference <= 2x transformers' fp32 error + 1e-5."""
+    e = [(t.detach().double() - ref.detach().double()).abs().max().item() for t in (ours, base)]
+    assert e[0] <= 2 * e[1] + 1e-5, f"{what}: our error {e[0]:.3g} > 2 x transformers' {e[1]:.3g} + 1e-5"
+
+
+# every backend that runs these CPU calls with dropout (eager; cpu once its kernel has it), and triton
+MODEL_BACKENDS = [n for n in FAMILY.runnable("cpu", F32, 8, ("dropout",))
+                  if "cpu" not in FAMILY.backends[n].INTERPRETED_ON] + [pytest.param("triton", marks=needs_triton)]
+
+
+@needs_transformers
+@pytest.mark.parametrize("backend", MODEL_BACKENDS)
+@pytest.mark.parametrize("config", list(MODEL_CONFIGS))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_training_matches_transformers_with_the_same_masks(p, config, backend, seeds):
+    """Training mode: our logits, loss and every parameter gradient equal transformers' DebertaV2
+    (float32 and float64) whose attention dropout applies the masks of the seeds our layers drew,
+    within the 2x rule; p = 0 (no seed drawn) is transformers' train mode as it is."""
+    if backend == "triton" and (p == 0 or config != "v3"):
+        pytest.skip("triton in its interpreter: one case")
+    ours, hf, ref, queue = _models(config, p, backend)
+    ids, mask = _batch()
+    real = mask.bool()
+    labels = ids.masked_fill(mask == 0, -100)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "not applied" warning
+        ours.train()
+    hf.train(), ref.train()
+    out = ours(ids, attention_mask=mask, labels=labels)
+    assert len(seeds) == 2 and all(s[0] == p for s in seeds)
+    drawn = [s for _, s in seeds] if p else []
+    outs = [out]
+    for m in (hf, ref):
+        queue[:] = drawn
+        outs.append(m(input_ids=ids, attention_mask=mask, labels=labels))
+        assert not queue
+    for o in outs:
+        o.loss.backward()
+    _close(*(o.logits[real] for o in outs), "logits")
+    _close(*(o.loss for o in outs), "loss")
+    theirs = [dict(m.named_parameters(remove_duplicate=False)) for m in (hf, ref)]
+    for n, w in ours.named_parameters():
+        _close(w.grad, theirs[0][n].grad, theirs[1][n].grad, f"grad {n}")
+    if p:  # the masks matter: without them (eval) the logits move far beyond the 2x rule's errors
+        with torch.no_grad():
+            plain = ours.eval()(ids, attention_mask=mask).logits
+        assert (plain - out.logits)[real].abs().max() > 1e-3
+
+
+@needs_transformers
+def test_eval_unchanged_and_reproducible_training(seeds):
+    """Eval: attention_probs_dropout_prob changes nothing (no dropout call at all). Training: the
+    seeds come from torch's default generator (or set_attention_dropout_generator's), one per layer
+    and call."""
+    ours, _, _, _ = _models("v3", 0.3, None)
+    zero, _, _, _ = _models("v3", 0.0, None)
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = zero.eval()(ids, attention_mask=mask).logits
+        assert torch.equal(ours.eval()(ids, attention_mask=mask).logits, want)
+        assert torch.equal(zero.train()(ids, attention_mask=mask).logits, want)
+    assert all(p == 0.0 for p, _ in seeds)
+    ours.train()
+    torch.manual_seed(3)
+    a = ours(ids, attention_mask=mask).logits
+    torch.manual_seed(3)
+    assert torch.equal(ours(ids, attention_mask=mask).logits, a)
+    assert not torch.equal(ours(ids, attention_mask=mask).logits, a)
+    assert set_attention_dropout_generator(ours, torch.Generator().manual_seed(7)) == 2
+    b = ours(ids, attention_mask=mask).logits
+    set_attention_dropout_generator(ours, torch.Generator().manual_seed(7))
+    assert torch.equal(ours(ids, attention_mask=mask).logits, b)
+    assert "p=0.3" in repr(ours.deberta.encoder.layer[0].attention.self.dropout)
+
+
+def test_bad_rate_names_the_field():
+    with pytest.raises(ValueError, match="attention_probs_dropout_prob must be a float in"):
+        fd.DebertaV2Model(fd.DebertaV2Config.from_dict({**MODEL, **MODEL_CONFIGS["v3"],
+                                                        "attention_probs_dropout_prob": 1.0}))
