@@ -26,8 +26,8 @@ backward; backend=None picks a backend that has dropout). Each layer's Attention
 torch's default generator (or set_attention_dropout_generator's), so torch.manual_seed reproduces
 a run; the masks differ from transformers' (Philox, not torch's bernoulli), their statistics do not.
 
-Differences from transformers: padded query rows attend to the real keys (transformers spreads them over every key): outputs agree at real tokens,
-and a loss that reads padded positions (question answering's softmax over all positions) differs.
+Differences from transformers: padded query rows attend to the real keys (transformers spreads them
+over every key): outputs agree at real tokens, and a loss that reads padded positions (question answering's softmax over all positions) differs.
 transformers' DebertaV2Model keeps a z_steps hook (always 0) for the enhanced mask decoder; it has
 no effect there and is left out here. The checkpoint's mask_predictions.* (replaced-token
 detection) are ignored on load, as transformers does.

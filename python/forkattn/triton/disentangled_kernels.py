@@ -117,6 +117,7 @@ def _dis_fwd_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
+    bh = b * H_Q + tl.program_id(1)  # the dropout counter's b * heads + h (int32, as the plain kernels')
     Q += b64 * stride_qb + h * stride_qh
     K += b64 * stride_kb + h * stride_kh
     V += b64 * stride_vb + h * stride_vh
@@ -155,7 +156,7 @@ def _dis_fwd_kernel(
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)  # the softmax's normalizer (and lse) before dropout
         if HAS_DROPOUT:
-            keep = _dropout_keep(seed, b * H_Q + h, offs_m[:, None], (start_n + offs_j)[None, :], drop_thresh)
+            keep = _dropout_keep(seed, bh, offs_m[:, None], (start_n + offs_j)[None, :], drop_thresh)
             p = tl.where(keep, p * drop_scale, 0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
@@ -228,6 +229,7 @@ def _dis_bwd_dq_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
+    bh = b * H_Q + tl.program_id(1)  # the dropout counter's b * heads + h (int32, as the plain kernels')
     Q += b64 * stride_qb + h * stride_qh
     DO += b64 * stride_dob + h * stride_doh
     K += b64 * stride_kb + h * stride_kh
@@ -259,7 +261,7 @@ def _dis_bwd_dq_kernel(
         t0 = start_m - start_n + Lk - BLOCK_N
         gk, gq, rows, u_ok = _tile_rows(REL, PK, PQ, stride_pkr, stride_pqr, t0, n_rel, q, offs_u, offs_d, d_ok,
                                         BLOCK_M + BLOCK_N - 1, C2P, P2C, UPCAST)
-        _p, ds = _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, col_ok[None, :], qk_scale, seed, b * H_Q + h, offs_m,
+        _p, ds = _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, col_ok[None, :], qk_scale, seed, bh, offs_m,
                           start_n + offs_j, drop_thresh, drop_scale, C2P, P2C, DOT_PREC, HAS_DROPOUT)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PREC)
         if C2P:
@@ -298,6 +300,7 @@ def _dis_bwd_dkdv_kernel(
     h = tl.program_id(1).to(tl.int64)
     b = tl.program_id(2)
     b64 = b.to(tl.int64)
+    bh = b * H_Q + tl.program_id(1)  # the dropout counter's b * heads + h (int32, as the plain kernels')
     Q += b64 * stride_qb + h * stride_qh
     DO += b64 * stride_dob + h * stride_doh
     K += b64 * stride_kb + h * stride_kh
@@ -331,7 +334,7 @@ def _dis_bwd_dkdv_kernel(
         gk, gq, rows, u_ok = _tile_rows(REL, PK, PQ, stride_pkr, stride_pqr, t0, n_rel, k, offs_u, offs_d, d_ok,
                                         BLOCK_M + BLOCK_N - 1, C2P, P2C, UPCAST)
         p, ds = _tile_ds(q, k, v, do, gk, gq, lse2, delta, skew, col_ok[None, :] & m_ok[:, None], qk_scale,
-                         seed, b * H_Q + h, start_m + offs_i, cols, drop_thresh, drop_scale, C2P, P2C, DOT_PREC,
+                         seed, bh, start_m + offs_i, cols, drop_thresh, drop_scale, C2P, P2C, DOT_PREC,
                          HAS_DROPOUT)
         dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=DOT_PREC)
         dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=DOT_PREC)
