@@ -17,10 +17,14 @@
 namespace forkattn {
 
 // Returns (out, lse): out like q in the layout of empty_bhld, lse float32 [B, H, Lq].
+// dropout_p in [0, 1) (a ValueError otherwise): attention dropout with the plain attention's mask of
+// (b, h, i, j) for `seed` (kernels/common/philox.h), survivors scaled by 1 / (1 - p); lse is the
+// undropped softmax's. The backward must get the same dropout_p and seed.
 std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pos_key,
     const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c);
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c, double dropout_p = 0.0,
+    int64_t seed = 0);
 
 // Returns (dq, dk, dv, dpos_key, dpos_query): dq, dk, dv in the layout of empty_bhld; dpos_key /
 // dpos_query contiguous [H, 2 * span, D] in q's dtype (summed over the batch in a fixed order, so
@@ -29,7 +33,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, bool c2p, bool p2c);
+    double scale, bool c2p, bool p2c, double dropout_p = 0.0, int64_t seed = 0);
 
 #ifdef FORKATTN_WITH_CUDA
 // CUDA version (kernels/disentangled): fp16/bf16, head_dim 32, 64 or 128, compute capability 8.0+.
@@ -73,13 +77,14 @@ namespace cpu {
 void disentangled_attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& pos_key, const at::Tensor& pos_query,
                                        const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-                                       float scale, at::Tensor& out, at::Tensor& lse);
+                                       float scale, double dropout_p, int64_t seed, at::Tensor& out,
+                                       at::Tensor& lse);
 void disentangled_attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& pos_key, const at::Tensor& pos_query,
                                        const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rel_index,
                                        const std::optional<at::Tensor>& key_padding_mask, float scale,
-                                       at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dpos_key,
-                                       at::Tensor& dpos_query);
+                                       double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk,
+                                       at::Tensor& dv, at::Tensor& dpos_key, at::Tensor& dpos_query);
 }  // namespace cpu
 
 }  // namespace forkattn

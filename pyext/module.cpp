@@ -63,12 +63,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("disentangled_attention_fwd_cpu", &forkattn::disentangled_attention_fwd_cpu,
         "DeBERTa disentangled attention forward (CPU): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("pos_key"), py::arg("pos_query"), py::arg("rel_index"), py::arg("key_padding_mask"), py::arg("scale"),
-        py::arg("c2p"), py::arg("p2c"));
+        py::arg("c2p"), py::arg("p2c"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("disentangled_attention_bwd_cpu", &forkattn::disentangled_attention_bwd_cpu,
         "DeBERTa disentangled attention backward (CPU): (dq, dk, dv, dpos_key, dpos_query)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos_key"), py::arg("pos_query"), py::arg("out"),
         py::arg("lse"), py::arg("rel_index"), py::arg("key_padding_mask"), py::arg("scale"), py::arg("c2p"),
-        py::arg("p2c"));
+        py::arg("p2c"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
 #ifdef FORKATTN_WITH_CUDA
   m.def("disentangled_attention_fwd_cuda", &forkattn::disentangled_attention_fwd_cuda,
         "DeBERTa disentangled attention forward (CUDA): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),

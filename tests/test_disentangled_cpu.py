@@ -9,7 +9,7 @@ import torch
 
 import forkattn
 from forkattn.backends import family
-from attn_utils import make_padding
+from attn_utils import assert_within_budget, make_padding
 from test_disentangled import _check, _inputs
 
 FAMILY = family("disentangled_attention")
@@ -135,3 +135,36 @@ def test_torch_compile_fullgraph_backward():
     torch.testing.assert_close(out, forkattn.disentangled_attention(q, k, v, pk, pq, **kw))
     for a, b in zip(leaves, ref):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+@pytest.mark.parametrize("table_kind", ["random", "steps01", "steps01-descending"])
+def test_any_rel_index_table(table_kind):
+    """The kernel reads its 8 x 8 blocks of relative terms three ways, chosen per block from the table:
+    plain loads on runs of +1 (the buckets' identity zone), a load and a lane permute where every step
+    is 0 or +1 (the log buckets and the clamp), AVX2 gathers elsewhere. Tables of the last two kinds,
+    which the public API never builds, through the _C entry points against float64."""
+    from test_disentangled_cpu_dropout import _ours, _reference
+    B, H, L, D, rows = 2, 2, 150, 64, 96
+    g = torch.Generator().manual_seed(21)
+    n = 2 * L - 1
+    if table_kind == "random":
+        table = torch.randint(0, rows, (n,), generator=g)
+    else:
+        table = torch.randint(0, 2, (n,), generator=g).cumsum(0).clamp(max=rows - 1)
+        if table_kind == "steps01-descending":
+            table = table.flip(0)
+    q, k, v, pk, pq = _inputs(B, H, L, L, D, rows // 2, torch.float32, seed=5)
+    mask = _padded(B, L, seed=7, empty_row=False)
+    k, v = _poison(k, v, mask)
+    dout = torch.randn(B, H, L, D, generator=g)
+    out, _, grads = _ours(q, k, v, pk, pq, table, mask, 0.1, True, True, 0.0, 0, dout)
+
+    def run(dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (q, k, v, pk, pq)]
+        o = _reference(*leaves, table, mask, 0.1, True, True, 0.0, 0)
+        return o, torch.autograd.grad(o, leaves, dout.to(dtype))
+
+    (eager, geager), (ref, gref) = run(torch.float32), run(torch.float64)
+    assert_within_budget("out", out, eager, ref)
+    for name, a, e, r in zip(["dq", "dk", "dv", "dpos_key", "dpos_query"], grads, geager, gref):
+        assert_within_budget(name, a, e, r)

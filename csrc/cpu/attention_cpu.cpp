@@ -28,7 +28,7 @@
 
 #include "attention.h"
 #include "common/philox.h"
-#include "cpu/philox_cpu.h"
+#include "cpu/dropout_cpu.h"  // the Philox mask of a tile row (shared with disentangled_cpu.cpp)
 
 #include "cpu/tiles.h"  // gemm, rows, key plan, online softmax, scheduler (shared with disentangled_cpu.cpp)
 
@@ -118,69 +118,19 @@ void Problem::mask(float* s, int64_t b, int64_t i0, int64_t rows, int64_t j0, in
   }
 }
 
-// Rows of a 4 x 8 word matrix as 8 x 4: 128-bit group t of dst (u16 8t .. 8t + 7) = words
-// (w[0][t], w[1][t], w[2][t], w[3][t]). For one 8-block Philox group that is block t's 8 u16 in
-// key order (low half first), the layout of kernels/common/philox.h.
-inline void transpose_words_4x8(const uint32_t w[4][8], uint16_t* dst) {
-#if defined(__AVX2__)
-  const auto ld = [&](int r) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w[r])); };
-  const __m256i a0 = ld(0), a1 = ld(1), a2 = ld(2), a3 = ld(3);
-  const __m256i t0 = _mm256_unpacklo_epi32(a0, a1), t1 = _mm256_unpackhi_epi32(a0, a1);
-  const __m256i t2 = _mm256_unpacklo_epi32(a2, a3), t3 = _mm256_unpackhi_epi32(a2, a3);
-  const __m256i r0 = _mm256_unpacklo_epi64(t0, t2), r1 = _mm256_unpackhi_epi64(t0, t2);  // blocks 0|4, 1|5
-  const __m256i r2 = _mm256_unpacklo_epi64(t1, t3), r3 = _mm256_unpackhi_epi64(t1, t3);  // blocks 2|6, 3|7
-  __m256i* d = reinterpret_cast<__m256i*>(dst);
-  _mm256_storeu_si256(d + 0, _mm256_permute2x128_si256(r0, r1, 0x20));
-  _mm256_storeu_si256(d + 1, _mm256_permute2x128_si256(r2, r3, 0x20));
-  _mm256_storeu_si256(d + 2, _mm256_permute2x128_si256(r0, r1, 0x31));
-  _mm256_storeu_si256(d + 3, _mm256_permute2x128_si256(r2, r3, 0x31));
-#else
-  for (int t = 0; t < 8; ++t) {
-    for (int r = 0; r < 4; ++r) {
-      dst[8 * t + 2 * r] = static_cast<uint16_t>(w[r][t] & 0xffffu);
-      dst[8 * t + 2 * r + 1] = static_cast<uint16_t>(w[r][t] >> 16);
-    }
-  }
-#endif
-}
-
 int64_t Problem::drop_cols(int64_t b, int64_t i, int64_t j0, int64_t cols) const {
   const int64_t n = plan->end(b, j0 / bk, cols);
   return causal ? std::min(n, std::clamp<int64_t>(i + off(b) + 1 - j0, 0, cols)) : n;
 }
 
 void Problem::drop_u16(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, uint16_t* u) const {
-  // Philox block blk (keys 8 blk .. 8 blk + 7) is counter (blk, i, bh, kDropoutStream); 16 blocks
-  // (128 keys) per call while more than 64 keys are left, else 8.
-  const uint32_t bh = static_cast<uint32_t>(b * H + h), row = static_cast<uint32_t>(i);
-  const uint32_t stream = ::forkattn::kernels::kDropoutStream;
-  for (int64_t c = 0; c < n;) {
-    const uint32_t blk = static_cast<uint32_t>((j0 + c) >> 3);
-    if (n - c > 64) {
-      uint32_t out[2][4][8];
-      philox4x32_10_groups<2>(seed, blk, row, bh, stream, out);
-      transpose_words_4x8(out[0], u + c);
-      transpose_words_4x8(out[1], u + c + 64);
-      c += 128;
-    } else {
-      uint32_t out[1][4][8];
-      philox4x32_10_groups<1>(seed, blk, row, bh, stream, out);
-      transpose_words_4x8(out[0], u + c);
-      c += 64;
-    }
-  }
+  dropout_u16(seed, static_cast<uint32_t>(b * H + h), static_cast<uint32_t>(i), j0, n, u);
 }
 
 void Problem::drop_row(float* x, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols, uint16_t* u) const {
   const int64_t n = drop_cols(b, i, j0, cols);
   drop_u16(b, h, i, j0, n, u);
-  const Vec vs(drop_scale);
-  int64_t c = 0;
-  for (; c + vec::kWidth <= n; c += vec::kWidth) {
-    ((Vec::loadu(x + c) * vs) & vec::mask_ge_u16(u + c, drop_threshold)).store(x + c);
-  }
-  for (; c < n; ++c) x[c] = u[c] >= drop_threshold ? x[c] * drop_scale : 0.f;
-  std::fill(x + n, x + cols, 0.f);
+  dropout_apply_row(DropoutParams{true, seed, drop_threshold, drop_scale}, x, n, cols, u);
 }
 
 // dS = P * (dP' - Delta) where dP' = dP * keep / (1 - p) is the gradient of the dropped P; taken as 0
@@ -189,24 +139,8 @@ void Problem::drop_grad_row(float* s, float* dp, int64_t b, int64_t h, int64_t i
                             float delta, uint16_t* u) const {
   const int64_t n = drop_cols(b, i, j0, cols);
   drop_u16(b, h, i, j0, n, u);
-  const Vec vs(drop_scale), vd(delta), zero(0.f);
-  int64_t c = 0;
-  for (; c + vec::kWidth <= n; c += vec::kWidth) {
-    const Vec pr = Vec::loadu(s + c);
-    const Vec pd = (pr * vs) & vec::mask_ge_u16(u + c, drop_threshold);
-    const Vec d = (Vec::loadu(dp + c) * vs) & (pd != zero);
-    pd.store(s + c);
-    (pr * (d - vd)).store(dp + c);
-  }
-  for (; c < n; ++c) {
-    const float pr = s[c];
-    const float pd = u[c] >= drop_threshold ? pr * drop_scale : 0.f;
-    const float d = pd != 0.f ? dp[c] * drop_scale : 0.f;
-    s[c] = pd;
-    dp[c] = pr * (d - delta);
-  }
-  std::fill(s + n, s + cols, 0.f);  // hidden keys (mixed or diagonal tiles, which mask() covers too)
-  std::fill(dp + n, dp + cols, 0.f);
+  // hidden keys n .. cols get 0 (mixed or diagonal tiles, which mask() covers too)
+  dropout_grad_row(DropoutParams{true, seed, drop_threshold, drop_scale}, s, dp, n, cols, delta, u);
 }
 
 bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
@@ -221,7 +155,7 @@ bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0,
 // Forward.
 
 // Dropout's u16 of one tile row: whole calls of 64 keys (drop_u16).
-int64_t drop_u16_size(const Tiles& t) { return (t.bk + 63) / 64 * 64; }
+int64_t drop_u16_size(const Tiles& t) { return dropout_u16_size(t.bk); }
 
 struct FwdScratch {
   std::vector<float> s, acc, m, l, kt, vt;

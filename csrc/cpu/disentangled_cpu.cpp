@@ -18,6 +18,10 @@
 // partial, and the partials are summed in chunk order afterwards, so the gradients into the position
 // embeddings do not depend on which thread ran what.
 //
+// Dropout (dropout_p > 0) is attention_cpu.cpp's, from cpu/dropout_cpu.h: the mask of (b, h, i, j) that
+// plain attention draws for the same seed and shapes, applied to P after the online softmax's row sums
+// (the lse stays the undropped softmax's); the backward redraws it per tile row.
+//
 // Padding, NaN and empty rows as in attention_cpu.cpp: padded K/V rows of a mixed block are read as
 // zeros, hidden scores are selected to -inf, padded keys get exactly zero gradients, a row that sees
 // no key gets out = 0, lse = +inf and zero gradients.
@@ -35,6 +39,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/dropout_cpu.h"  // attention_cpu.cpp's Philox mask of a tile row
 #include "cpu/tiles.h"
 #include "disentangled.h"
 
@@ -83,6 +88,7 @@ struct Problem {
   Rows q, k, v, pk, pq;     // pk / pq: [H, rows, D] (p.at(0, h, row))
   const int64_t* table;     // rel_index [Lq + Lk - 1]
   const KeyPlan* plan;
+  DropoutParams drop;       // the mask of (b, h, i, j): the plain attention's for the same seed and shapes
 
   int64_t nqb() const { return (Lq + bq - 1) / bq; }
   // (min, max) of table[a, a + n)
@@ -97,13 +103,11 @@ struct Problem {
 // chunk reads only chunk + keys - 1 (or chunk + queries - 1) position rows, where the whole block
 // reads rows + keys - 1, so the products no row uses shrink from (rows - 1) / keys of the useful
 // ones to (kChunk - 1) / keys (at L128 with 128 x 128 tiles: from 0.99 to 0.24; kp likewise per query).
-// FORKATTN_DEB_CHUNK=n (>= 8) overrides it, read once at load, to measure other chunk sizes: 32 and 64
-// measured alike (1 thread, B4 L128 and B1 L512); 32 wastes less at L128.
-int64_t chunk_size() {
-  const char* env = std::getenv("FORKATTN_DEB_CHUNK");
-  return env ? std::max(8, std::atoi(env)) : 32;
-}
-const int64_t kChunk = chunk_size();
+// A tuning constant: 32 and 64 measured alike (1 thread, B4 L128 and B1 L512); 32 wastes less at L128.
+constexpr int64_t kChunk = 32;
+
+// How the relative terms of an 8 x 8 block of a tile are read (for_blocks).
+enum BlockKind { kGather, kNear, kRun };
 
 // Position rows [lo, lo + w) a chunk reads; its products sit in the block's buffer at column lo - block lo.
 struct Band {
@@ -111,21 +115,26 @@ struct Band {
 };
 
 struct Terms {
+  static constexpr int64_t kPad = 8;  // a window load of 8 from a row's last entry stays inside qp / kp
   std::vector<float> qp, kp;  // qp [bq, wq], kp [bk, wk]; the backward's dqp / dkp have the same shapes
   std::vector<int32_t> iq, ik;  // [bq + bk - 1]: delta - lo_q, delta - lo_k along the tile's diagonals
   // run[x]: how many entries from x on step down by exactly 1 (i*[x + t] == i*[x] - t): where a run
   // covers a block of the tile, the terms are contiguous slices of qp / kp rows (no gathers).
-  std::vector<int32_t> run;
+  // near[x]: how many step down by 0 or 1 (the log buckets: a bucket spans one or more distances);
+  // there the 8 terms of a block's row (column) lie in 8 consecutive entries of qp (kp): one load and
+  // a lane permute instead of a gather.
+  std::vector<int32_t> run, near;
   std::vector<Band> qband, kband;  // per chunk of query rows / key columns
   int64_t lo_q = 0, wq = 0, lo_k = 0, wk = 0;
   bool have_qp = false;  // qp computed for the current query block (done at its first visible tile)
 
   Terms(const Problem& p, int64_t rows_cap)
-      : qp(p.c2p ? p.bq * std::min(rows_cap, p.bq + p.Lk - 1) : 0),
-        kp(p.p2c ? p.bk * std::min(rows_cap, p.bq + p.bk - 1) : 0),
+      : qp(p.c2p ? p.bq * std::min(rows_cap, p.bq + p.Lk - 1) + kPad : 0),
+        kp(p.p2c ? p.bk * std::min(rows_cap, p.bq + p.bk - 1) + kPad : 0),
         iq(p.c2p ? p.bq + p.bk - 1 : 0),
         ik(p.p2c ? p.bq + p.bk - 1 : 0),
         run(p.bq + p.bk - 1),
+        near(p.bq + p.bk - 1),
         qband((p.bq + kChunk - 1) / kChunk),
         kband((p.bk + kChunk - 1) / kChunk) {}
 };
@@ -158,10 +167,11 @@ void tile_terms(const Problem& p, int64_t h, int64_t i0, int64_t rows, int64_t j
     for (int64_t m = 0; m < n; ++m) t.iq[n - 1 - m] = static_cast<int32_t>(tab[m] - t.lo_q);
   }
   // x = n - 1 - m: i*[x + 1] == i*[x] - 1 exactly when tab[m - 1] == tab[m] - 1
-  t.run[n - 1] = 1;
+  t.run[n - 1] = t.near[n - 1] = 1;
   for (int64_t x = n - 2; x >= 0; --x) {
-    const int64_t m = n - 1 - x;
-    t.run[x] = tab[m - 1] == tab[m] - 1 ? t.run[x + 1] + 1 : 1;
+    const int64_t m = n - 1 - x, step = tab[m] - tab[m - 1];
+    t.run[x] = step == 1 ? t.run[x + 1] + 1 : 1;
+    t.near[x] = step == 0 || step == 1 ? t.near[x + 1] + 1 : 1;
   }
   if (p.p2c) {
     const auto [lo, hi] = p.table_range(base, n);
@@ -254,14 +264,23 @@ inline __m256i reversed_idx(const int32_t* x) {
                                      _mm256_setr_epi32(7, 6, 5, 4, 3, 2, 1, 0));
 }
 
-void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0, const Terms& t, bool run) {
+// kind kRun: plain loads; kNear: the 8 entries lie in qp[row, base .. base + 7] (base the smallest
+// index), so one load and a lane permute by index - base; kGather: AVX2 gathers.
+void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0, const Terms& t, BlockKind kind) {
   const int64_t x0 = rows - 1 - r0 + c0;
   __m256 kv[8] = {};  // read only when p.p2c (initialised: GCC cannot see that)
   if (p.p2c) {
     for (int64_t v = 0; v < 8; ++v) {
       const float* krow = t.kp.data() + (c0 + v) * t.wk;
-      kv[v] = run ? _mm256_loadu_ps(krow + t.ik[x0 + v])
-                  : _mm256_i32gather_ps(krow, reversed_idx(t.ik.data() + x0 + v - 7), 4);  // u: ik[x0 + v - u]
+      if (kind == kRun) {
+        kv[v] = _mm256_loadu_ps(krow + t.ik[x0 + v]);
+      } else if (kind == kNear) {  // u: ik[x0 + v - u], the smallest at u = 0
+        const int32_t base = t.ik[x0 + v];
+        const __m256i off = _mm256_sub_epi32(reversed_idx(t.ik.data() + x0 + v - 7), _mm256_set1_epi32(base));
+        kv[v] = _mm256_permutevar8x32_ps(_mm256_loadu_ps(krow + base), off);
+      } else {
+        kv[v] = _mm256_i32gather_ps(krow, reversed_idx(t.ik.data() + x0 + v - 7), 4);
+      }
     }
     transpose8(kv);
   }
@@ -270,9 +289,17 @@ void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0
     __m256 x = _mm256_loadu_ps(row);
     if (p.c2p) {
       const float* qrow = t.qp.data() + (r0 + u) * t.wq;
-      const int32_t* iq = t.iq.data() + x0 - u;
-      x = _mm256_add_ps(x, run ? reversed(_mm256_loadu_ps(qrow + iq[0] - 7))
-                               : _mm256_i32gather_ps(qrow, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(iq)), 4));
+      const int32_t* iq = t.iq.data() + x0 - u;  // column v: iq[v], the smallest at v = 7
+      const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(iq));
+      __m256 y;
+      if (kind == kRun) {
+        y = reversed(_mm256_loadu_ps(qrow + iq[0] - 7));
+      } else if (kind == kNear) {
+        y = _mm256_permutevar8x32_ps(_mm256_loadu_ps(qrow + iq[7]), _mm256_sub_epi32(idx, _mm256_set1_epi32(iq[7])));
+      } else {
+        y = _mm256_i32gather_ps(qrow, idx, 4);
+      }
+      x = _mm256_add_ps(x, y);
     }
     if (p.p2c) x = _mm256_add_ps(x, kv[u]);
     _mm256_storeu_ps(row, x);
@@ -280,7 +307,8 @@ void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0
 }
 
 void scatter_block8(const Problem& p, const float* ds, int64_t rows, int64_t r0, int64_t c0, const Terms& t,
-                    float* dqp, float* dkp, bool run) {
+                    float* dqp, float* dkp, BlockKind kind) {
+  const bool run = kind == kRun;
   const int64_t x0 = rows - 1 - r0 + c0;
   __m256 dv[8];
   for (int64_t u = 0; u < 8; ++u) {
@@ -312,15 +340,18 @@ void scatter_block8(const Problem& p, const float* ds, int64_t rows, int64_t r0,
 }
 #endif
 
-// Runs blk(r0, c0, run) on the full 8 x 8 blocks of the tile (AVX2 builds; run: the block's 15
-// diagonals lie on one run of the table) and span(r, ca, cb) on the rest.
+// Runs blk(r0, c0, kind) on the full 8 x 8 blocks of the tile (AVX2 builds; kind: whether the block's
+// 15 diagonals lie on one run of the table, or on steps of 0 or 1) and span(r, ca, cb) on the rest.
 template <class Block, class Span>
 void for_blocks(int64_t rows, int64_t cols, const Terms& t, const Block& blk, const Span& span) {
   int64_t r0 = 0;
 #if defined(__AVX2__)
   for (; r0 + 8 <= rows; r0 += 8) {
     int64_t c0 = 0;
-    for (; c0 + 8 <= cols; c0 += 8) blk(r0, c0, t.run[rows - 8 - r0 + c0] >= 15);  // diagonals x0 - 7 .. x0 + 7
+    for (; c0 + 8 <= cols; c0 += 8) {  // diagonals x0 - 7 .. x0 + 7
+      const int64_t x = rows - 8 - r0 + c0;
+      blk(r0, c0, t.run[x] >= 15 ? kRun : t.near[x] >= 15 ? kNear : kGather);
+    }
     if (c0 < cols) {
       for (int64_t u = 0; u < 8; ++u) span(r0 + u, c0, cols);
     }
@@ -335,9 +366,9 @@ void for_blocks(int64_t rows, int64_t cols, const Terms& t, const Block& blk, co
 void add_terms(const Problem& p, float* s, int64_t rows, int64_t cols, const Terms& t) {
   for_blocks(
       rows, cols, t,
-      [&](int64_t r0, int64_t c0, bool run) {
+      [&](int64_t r0, int64_t c0, BlockKind kind) {
 #if defined(__AVX2__)
-        add_block8(p, s, rows, r0, c0, t, run);
+        add_block8(p, s, rows, r0, c0, t, kind);
 #endif
       },
       [&](int64_t r, int64_t ca, int64_t cb) { add_span(p, s, rows, r, ca, cb, t); });
@@ -358,9 +389,9 @@ void scatter_terms(const Problem& p, const float* ds, int64_t rows, int64_t cols
   }
   for_blocks(
       rows, cols, t,
-      [&](int64_t r0, int64_t c0, bool run) {
+      [&](int64_t r0, int64_t c0, BlockKind kind) {
 #if defined(__AVX2__)
-        scatter_block8(p, ds, rows, r0, c0, t, dqp, dkp, run);
+        scatter_block8(p, ds, rows, r0, c0, t, dqp, dkp, kind);
 #endif
       },
       [&](int64_t r, int64_t ca, int64_t cb) { scatter_span(p, ds, rows, r, ca, cb, t, dqp, dkp); });
@@ -407,10 +438,20 @@ void tile_probs(const Problem& p, float* s, int64_t b, int64_t rows, int64_t j0,
 
 struct FwdScratch {
   std::vector<float> s, acc, m, l, kt, vt;
+  std::vector<uint16_t> u;  // dropout: the u16 of one tile row
   Terms t;
   FwdScratch(const Problem& p, int64_t pos_rows)
-      : s(p.bq * p.bk), acc(p.bq * p.D), m(p.bq), l(p.bq), kt(p.bk * p.D), vt(p.bk * p.D), t(p, pos_rows) {}
+      : s(p.bq * p.bk), acc(p.bq * p.D), m(p.bq), l(p.bq), kt(p.bk * p.D), vt(p.bk * p.D),
+        u(p.drop.on ? dropout_u16_size(p.bk) : 0), t(p, pos_rows) {}
 };
+
+// Dropout of row i of a tile (keys j0 .. j0 + cols) of P: kept entries scaled, dropped ones and keys
+// past the block's last visible one zeroed.
+void drop_row(const Problem& p, float* row, int64_t b, int64_t h, int64_t i, int64_t j0, int64_t cols, uint16_t* u) {
+  const int64_t n = p.plan->end(b, j0 / p.bk, cols);
+  dropout_u16(p.drop.seed, static_cast<uint32_t>(b * p.H + h), static_cast<uint32_t>(i), j0, n, u);
+  dropout_apply_row(p.drop, row, n, cols, u);
+}
 
 void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const Rows& out, const LseRows& lse,
                      FwdScratch& w) {
@@ -419,8 +460,13 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
   std::fill(w.l.begin(), w.l.end(), 0.f);
   std::fill(w.acc.begin(), w.acc.end(), 0.f);
   for_each_key_tile(p, b, h, i0, rows, w.kt.data(), w.vt.data(), w.s.data(), w.t,
-                    [&](int64_t, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
-                      online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D);
+                    [&](int64_t j0, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
+                      if (p.drop.on) {  // dropout after l: the lse is the undropped softmax's
+                        online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D,
+                                       [&](int64_t r, float* row) { drop_row(p, row, b, h, i0 + r, j0, cols, w.u.data()); });
+                      } else {
+                        online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D);
+                      }
                       mm_ab(p.blas, rows, D, cols, 1.f, w.s.data(), p.bk, vt, vld, 1.f, w.acc.data(), D);  // acc += P V
                     });
   store_block(w.acc.data(), w.m.data(), w.l.data(), rows, D, out, lse, b, h, i0);
@@ -431,10 +477,11 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
 
 struct BwdScratch {
   std::vector<float> s, dp, dq, delta, lse, dk, dv, kt, vt, dqp, dkp;
+  std::vector<uint16_t> u;  // dropout
   Terms t;
   BwdScratch(const Problem& p, int64_t pos_rows)
       : s(p.bq * p.bk), dp(p.bq * p.bk), dq(p.bq * p.D), delta(p.bq), lse(p.bq), dk(p.Lk * p.D), dv(p.Lk * p.D),
-        kt(p.bk * p.D), vt(p.bk * p.D), t(p, pos_rows) {
+        kt(p.bk * p.D), vt(p.bk * p.D), u(p.drop.on ? dropout_u16_size(p.bk) : 0), t(p, pos_rows) {
     dqp.resize(t.qp.size());
     dkp.resize(t.kp.size());
   }
@@ -463,6 +510,9 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
     for_each_key_tile(p, b, h, i0, rows, w.kt.data(), w.vt.data(), s, w.t,
                       [&](int64_t j0, int64_t cols, const float*, int64_t, const float* vt, int64_t vld) {
                         tile_probs(p, s, b, rows, j0, cols, w.lse.data());
+                        if (p.drop.on) {  // O holds the dropout
+                          for (int64_t r = 0; r < rows; ++r) drop_row(p, s + r * p.bk, b, h, i0 + r, j0, cols, w.u.data());
+                        }
                         mm_ab(p.blas, rows, D, cols, 1.f, s, p.bk, vt, vld, 1.f, w.dq.data(), D);
                       });
     for (int64_t r = 0; r < rows; ++r) w.delta[r] = vec::dot(io.dout.at(b, h, i0 + r), w.dq.data() + r * D, D);
@@ -474,9 +524,17 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
                                                                            const float* kt, int64_t kld,
                                                                            const float* vt, int64_t vld) {
     tile_probs(p, s, b, rows, j0, cols, w.lse.data());
+    mm_abt(p.blas, rows, cols, D, 1.f, dout, io.dout.sl, vt, vld, 0.f, dp, p.bk);  // dP = dO V^T
+    if (p.drop.on) {  // the forward's mask redrawn per row: s becomes the dropped P and dp dS
+      const int64_t n = p.plan->end(b, j0 / p.bk, cols);
+      for (int64_t r = 0; r < rows; ++r) {
+        dropout_u16(p.drop.seed, static_cast<uint32_t>(b * p.H + h), static_cast<uint32_t>(i0 + r), j0, n, w.u.data());
+        dropout_grad_row(p.drop, s + r * p.bk, dp + r * p.bk, n, cols, w.delta[r], w.u.data());
+      }
+    } else {
+      for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * p.bk, dp + r * p.bk, cols, w.delta[r]);
+    }
     mm_atb(p.blas, cols, D, rows, 1.f, s, p.bk, dout, io.dout.sl, 1.f, w.dv.data() + j0 * D, D);  // dV += P^T dO
-    mm_abt(p.blas, rows, cols, D, 1.f, dout, io.dout.sl, vt, vld, 0.f, dp, p.bk);                  // dP = dO V^T
-    for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * p.bk, dp + r * p.bk, cols, w.delta[r]);
     if (p.plan->at(b, j0 / p.bk) == kMixed) {
       mask_tile(dp, p.bk, rows, cols, p.plan->keep.data() + b * p.Lk + j0, false, 0, 0, 0, 0.f);
     }
@@ -532,7 +590,7 @@ void bwd_head(const Problem& p, const BwdIO& io, int64_t b, int64_t h, BwdScratc
 
 Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tensor& vf, const at::Tensor& pkf,
                      const at::Tensor& pqf, const at::Tensor& table, const KeyPlan& plan, const Tiles& tiles,
-                     float scale) {
+                     float scale, double dropout_p, int64_t seed) {
   Problem p;
   p.B = qf.size(0);
   p.H = qf.size(1);
@@ -552,6 +610,8 @@ Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tenso
   p.pq = pos_rows(pqf);
   p.table = table.data_ptr<int64_t>();
   p.plan = &plan;
+  p.drop = make_dropout(dropout_p, seed);
+  TORCH_INTERNAL_ASSERT(!p.drop.on || p.bk % 8 == 0, "dropout needs key tiles of whole Philox blocks");
   return p;
 }
 
@@ -564,12 +624,13 @@ int64_t pos_rows_of(const at::Tensor& pos_key, const at::Tensor& pos_query) {
 void disentangled_attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& pos_key, const at::Tensor& pos_query,
                                        const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-                                       float scale, at::Tensor& out, at::Tensor& lse) {
+                                       float scale, double dropout_p, int64_t seed, at::Tensor& out,
+                                       at::Tensor& lse) {
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), pkf = pos_f32(pos_key), pqf = pos_f32(pos_query);
   const at::Tensor table = rel_index.contiguous();
   const Tiles tiles = choose_tiles(q.size(0) * q.size(1), q.size(2));
   const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2), tiles.bk);
-  const Problem p = make_problem(qf, kf, vf, pkf, pqf, table, plan, tiles, scale);
+  const Problem p = make_problem(qf, kf, vf, pkf, pqf, table, plan, tiles, scale, dropout_p, seed);
   const int64_t pos_rows = pos_rows_of(pos_key, pos_query);
   at::Tensor out_f = f32_output(out);
   const Rows out_rows = rows_of(out_f);
@@ -585,14 +646,14 @@ void disentangled_attention_bwd_kernel(const at::Tensor& dout, const at::Tensor&
                                        const at::Tensor& v, const at::Tensor& pos_key, const at::Tensor& pos_query,
                                        const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rel_index,
                                        const std::optional<at::Tensor>& key_padding_mask, float scale,
-                                       at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dpos_key,
-                                       at::Tensor& dpos_query) {
+                                       double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk,
+                                       at::Tensor& dv, at::Tensor& dpos_key, at::Tensor& dpos_query) {
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), dof = as_f32(dout);
   const at::Tensor pkf = pos_f32(pos_key), pqf = pos_f32(pos_query);
   const at::Tensor table = rel_index.contiguous();
   const Tiles tiles = choose_tiles(q.size(0) * q.size(1), q.size(2));
   const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2), tiles.bk);
-  Problem p = make_problem(qf, kf, vf, pkf, pqf, table, plan, tiles, scale);
+  Problem p = make_problem(qf, kf, vf, pkf, pqf, table, plan, tiles, scale, dropout_p, seed);
   p.fp32_delta = fp32_delta_enabled(q);
   const int64_t pos_rows = pos_rows_of(pos_key, pos_query);
   // Tasks: (chunk of the batch, head); enough chunks to keep the threads busy, each with its own

@@ -66,6 +66,8 @@ class CpuDisentangledAttention(_Cpu, DisentangledAttentionBackend):
 
     SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
     MAX_HEAD_DIM = MAX_HEAD_DIM
+    # dropout: fwd / bwd take dropout_p and seed last and draw the plain attention's Philox mask
+    FEATURES = DisentangledAttentionBackend.FEATURES | {"dropout"}
 
     def make_impl(self):
         return FwdBwd(_native._C.disentangled_attention_fwd_cpu, _native._C.disentangled_attention_bwd_cpu)
