@@ -7,11 +7,10 @@ forward must lie within the worst-case error of its quantisation, derived below 
 (`gemm_bound`). Accuracy on real MiniLM embeddings (the docs' bar) is measured by
 forkattn.bench.cpu_quant_accuracy; the last test here guards the measured figure.
 """
-import copy
+import contextlib
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from forkattn import _native
 from forkattn.models import bert as fb
@@ -185,7 +184,7 @@ def test_bf16_within_bf16_rounding():
     m = small_model()
     ids, mask = padded_batch()
     with pytest.warns(RuntimeWarning, match="native bf16") if not torch.ops.mkldnn._is_mkldnn_bf16_supported() \
-            else _nothing():
+            else contextlib.nullcontext():
         q = quantize_for_cpu(m, "bf16")
     real = mask.bool()
     got, fp32 = run(q, ids, mask), run(m, ids, mask)
@@ -194,14 +193,6 @@ def test_bf16_within_bf16_rounding():
     # not equal to it, and finite at every real token
     err = (got - fp32)[real].abs().max().item()
     assert 1e-4 < err < 0.25, err
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def test_refuses_training_and_autograd():
@@ -314,7 +305,7 @@ def test_minilm_embeddings_keep_the_measured_accuracy():
     ref = acc.embed(f(fp32), batch)
     s8 = acc.scores(acc.embed(f(quantize_for_cpu(fp32, "int8", calibration=cal)), batch), ref)
     assert s8["cos_mean"] >= 0.995 and s8["cos_min"] >= 0.97, s8
-    with pytest.warns(RuntimeWarning) if not torch.ops.mkldnn._is_mkldnn_bf16_supported() else _nothing():
+    with pytest.warns(RuntimeWarning) if not torch.ops.mkldnn._is_mkldnn_bf16_supported() else contextlib.nullcontext():
         qb = quantize_for_cpu(fp32, "bf16")
     sb = acc.scores(acc.embed(f(qb), batch), ref)
     assert acc.passes(sb), sb

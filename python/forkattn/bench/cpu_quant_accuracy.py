@@ -127,18 +127,10 @@ def model_path() -> str:
 def ort_int8(hf_model, cfg: dict, threads: int):
     """ONNX Runtime's own dynamic int8 of the exported transformers model (QInt8 weights, per
     channel as ours) -> a function batch -> last_hidden_state, or raises where ORT is missing."""
-    import tempfile
-
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
     from . import ort as peers
+    from .cpu_quant import ort_int8_proto
 
-    with tempfile.TemporaryDirectory() as d:
-        src, dst = os.path.join(d, "fp32.onnx"), os.path.join(d, "int8.onnx")
-        onnx.save(peers.export_bert(hf_model, cfg), src)
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, per_channel=True)
-        sess = peers.session(onnx.load(dst), threads)
+    sess = peers.session(ort_int8_proto(peers.export_bert(hf_model, cfg)), threads)
 
     def run(batch):
         feed = {"input_ids": batch["input_ids"].numpy(), "attention_mask": batch["attention_mask"].numpy()}
