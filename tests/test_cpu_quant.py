@@ -119,7 +119,7 @@ def test_every_int8_gemm_of_a_forward_within_its_bound(calibrate, unpad, monkeyp
     m.config.unpad_inputs = unpad
     ids, mask = padded_batch()
     cal = {"input_ids": ids, "attention_mask": mask} if calibrate else None
-    q = quantize_for_cpu(m, "int8", calibration=cal, outlier_threshold=1.0)
+    q = quantize_for_cpu(m, "int8", accept_inexact=True, calibration=cal, outlier_threshold=1.0)
     weights = {id(ql): layer_weights(layer) for ql, layer in zip(q.encoder.layer, m.encoder.layer)}
     calls = []
     orig = Int8BertLayer._gemm
@@ -152,8 +152,8 @@ def test_outlier_channel_is_computed_in_fp32():
         m.embeddings.LayerNorm.weight[5] = 40.0
         m.encoder.layer[0].attention.output.LayerNorm.weight[5] = 40.0
     fp32 = run(m, ids, mask)
-    plain = run(quantize_for_cpu(m, "int8"), ids, mask)
-    split = quantize_for_cpu(m, "int8", calibration={"input_ids": ids, "attention_mask": mask})
+    plain = run(quantize_for_cpu(m, "int8", accept_inexact=True), ids, mask)
+    split = quantize_for_cpu(m, "int8", accept_inexact=True, calibration={"input_ids": ids, "attention_mask": mask})
     assert 5 in split.encoder.layer[0]._outliers["qkv"][0].tolist()
     real = mask.bool()
     d_plain, d_split = (plain - fp32)[real], (run(split, ids, mask) - fp32)[real]
@@ -169,7 +169,7 @@ def test_default_stays_fp32_and_unchanged():
     ids, mask = padded_batch()
     before = run(m, ids, mask)  # also fills the fp32 fast path's packed-weight cache
     state = {k: v.clone() for k, v in m.state_dict().items()}
-    q = quantize_for_cpu(m, "int8")
+    q = quantize_for_cpu(m, "int8", accept_inexact=True)
     assert all(type(layer) is fb.BertLayer for layer in m.encoder.layer)
     assert all(type(layer) is Int8BertLayer for layer in q.encoder.layer)
     assert not hasattr(m, "quantized_precision") and q.quantized_precision == "int8"
@@ -197,7 +197,7 @@ def test_bf16_within_bf16_rounding():
 
 def test_refuses_training_and_autograd():
     m = small_model()
-    q = quantize_for_cpu(m, "int8")
+    q = quantize_for_cpu(m, "int8", accept_inexact=True)
     with pytest.raises(RuntimeError, match="train"):
         q.train()
     q.eval()  # still fine
@@ -223,28 +223,40 @@ def test_refuses_training_and_autograd():
     (dict(calibration={"ids": 1}), TypeError, "calibration"),
     (dict(precision="bf16", calibration={"input_ids": torch.zeros(1, 3, dtype=torch.long)}), ValueError,
      "calibration"),
+    (dict(precision="int8", accept_inexact=False), ValueError, "accept_inexact"),
+    (dict(precision="int8", accept_inexact="yes"), TypeError, "accept_inexact"),
 ])
 def test_bad_arguments_name_the_argument(kwargs, exc, match):
+    kwargs = {"precision": "int8", "accept_inexact": True, **kwargs}
     with pytest.raises(exc, match=match):
         quantize_for_cpu(small_model(layers=1), **kwargs)
 
 
+def test_int8_needs_the_caller_to_accept_its_error():
+    # int8 is below the accuracy bar (docs/CPU_QUANT.md): never by accident, bf16 needs no flag
+    with pytest.raises(ValueError, match="accuracy bar"):
+        quantize_for_cpu(small_model(layers=1), "int8")
+    with pytest.raises(TypeError):
+        quantize_for_cpu(small_model(layers=1))  # no default precision
+    assert quantize_for_cpu(small_model(layers=1), "bf16").quantized_precision == "bf16"
+
+
 def test_bad_models_name_the_model():
     with pytest.raises(TypeError, match="model"):
-        quantize_for_cpu("bert", "int8")
+        quantize_for_cpu("bert", "int8", accept_inexact=True)
     with pytest.raises(TypeError, match="model"):
-        quantize_for_cpu(torch.nn.Linear(4, 4), "int8")
+        quantize_for_cpu(torch.nn.Linear(4, 4), "int8", accept_inexact=True)
     with pytest.raises(ValueError, match="float32"):
-        quantize_for_cpu(small_model(layers=1).double(), "int8")
-    q = quantize_for_cpu(small_model(layers=1), "int8")
+        quantize_for_cpu(small_model(layers=1).double(), "int8", accept_inexact=True)
+    q = quantize_for_cpu(small_model(layers=1), "int8", accept_inexact=True)
     with pytest.raises(ValueError, match="already quantized"):
-        quantize_for_cpu(q, "int8")
+        quantize_for_cpu(q, "int8", accept_inexact=True)
 
 
 def test_deterministic_across_calls_copies_and_threads():
     m = small_model()
     ids, mask = padded_batch()
-    q1, q2 = quantize_for_cpu(m, "int8"), quantize_for_cpu(m, "int8")
+    q1, q2 = quantize_for_cpu(m, "int8", accept_inexact=True), quantize_for_cpu(m, "int8", accept_inexact=True)
     a = run(q1, ids, mask)
     assert torch.equal(a, run(q1, ids, mask))
     assert torch.equal(a, run(q2, ids, mask))
@@ -262,7 +274,7 @@ def test_albert_shared_layers_stay_shared():
     cfg = fb.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=4, num_hidden_groups=1,
                         num_attention_heads=2, intermediate_size=128, model_type="albert", embedding_size=32)
     m = fb.BertModel(cfg).eval()
-    q = quantize_for_cpu(m, "int8")
+    q = quantize_for_cpu(m, "int8", accept_inexact=True)
     assert len({id(layer) for layer in q.encoder.layer}) == 1
     ids, mask = padded_batch(L=20)
     assert torch.isfinite(run(q, ids, mask)).all()
@@ -273,7 +285,7 @@ def test_transformers_bert_int8():
     torch.manual_seed(0)
     hf = transformers.BertModel(transformers.BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2,
                                                         num_attention_heads=2, intermediate_size=128)).eval()
-    q = quantize_for_cpu(hf, "int8")
+    q = quantize_for_cpu(hf, "int8", accept_inexact=True)
     assert q.quantized_precision == "int8"
     assert type(hf.encoder.layer[0].intermediate.dense) is torch.nn.Linear  # the input model is untouched
     assert isinstance(q.encoder.layer[0].intermediate.dense, torch.ao.nn.quantized.dynamic.Linear)
@@ -303,7 +315,7 @@ def test_minilm_embeddings_keep_the_measured_accuracy():
     fp32 = fb.BertModel.from_pretrained(path).eval()
     f = lambda mm: (lambda b: mm(**b).last_hidden_state)  # noqa: E731
     ref = acc.embed(f(fp32), batch)
-    s8 = acc.scores(acc.embed(f(quantize_for_cpu(fp32, "int8", calibration=cal)), batch), ref)
+    s8 = acc.scores(acc.embed(f(quantize_for_cpu(fp32, "int8", accept_inexact=True, calibration=cal)), batch), ref)
     assert s8["cos_mean"] >= 0.995 and s8["cos_min"] >= 0.97, s8
     with pytest.warns(RuntimeWarning) if not torch.ops.mkldnn._is_mkldnn_bf16_supported() else contextlib.nullcontext():
         qb = quantize_for_cpu(fp32, "bf16")

@@ -156,11 +156,11 @@ def evaluate(n: int = 320, ort: bool = True, log=print) -> Dict[str, Dict[str, f
     rows = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # bf16's "no native bf16" notice: it is the point here
-        variants = {"int8 (no calibration)": lambda: quantize_for_cpu(fp32, "int8"),
-                    "int8 + calibration, outliers > 6": lambda: quantize_for_cpu(fp32, "int8", calibration=cal,
+        variants = {"int8 (no calibration)": lambda: quantize_for_cpu(fp32, "int8", accept_inexact=True),
+                    "int8 + calibration, outliers > 6": lambda: quantize_for_cpu(fp32, "int8", accept_inexact=True, calibration=cal,
                                                                                    outlier_threshold=6.0),
-                    "int8 + calibration, outliers > 3": lambda: quantize_for_cpu(fp32, "int8", calibration=cal),
-                    "int8, per-tensor weights": lambda: quantize_for_cpu(fp32, "int8", per_channel=False),
+                    "int8 + calibration, outliers > 3": lambda: quantize_for_cpu(fp32, "int8", accept_inexact=True, calibration=cal),
+                    "int8, per-tensor weights": lambda: quantize_for_cpu(fp32, "int8", accept_inexact=True, per_channel=False),
                     "bf16": lambda: quantize_for_cpu(fp32, "bf16")}
         for name, make in variants.items():
             q = make()
