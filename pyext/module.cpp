@@ -8,6 +8,7 @@
 #include "decode.h"
 #include "disentangled.h"
 #include "encoder.h"
+#include "gemv.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "forkattn native kernels (use the forkattn package, not this module)";
@@ -18,6 +19,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("_choose_cpu_isa", &forkattn::cpu::choose_isa,
         "re-choose the CPU kernel variant as if FORKATTN_CPU_CAPABILITY=request ('' = unset); tests and benchmarks",
         py::arg("request"));
+  m.def("linear_split_cpu", &forkattn::linear_split_cpu,
+        "x @ W (+ bias) with W's output columns split across threads (one-row GEMMs, csrc/gemv.h)", py::arg("x"),
+        py::arg("w"), py::arg("bias"), py::arg("w_in_out"));
   m.def("attention_fwd_cpu", &forkattn::attention_fwd_cpu, "fused attention forward (CPU): (out, lse)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("key_padding_mask"), py::arg("causal"),
         py::arg("scale"),

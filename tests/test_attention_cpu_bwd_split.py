@@ -39,6 +39,59 @@ def test_backward_b1_matches_fp64(two_threads, H, Hkv, L, causal, padded, dtype)
     check_against_reference(q, k, v, backend="cpu", causal=causal, key_padding_mask=mask)
 
 
+# Odd sizes, Lq != Lk (causal bottom-right aligned: with Lq > Lk the first rows see no key, fully
+# masked, zero gradients), padded keys holding NaN/inf, a fully padded sequence, GQA: the split's
+# partials cover exactly the keys each task touched (split_key_end), which these shapes stress
+# (uneven last blocks, splits that see no key, tasks past a short sequence's end).
+@pytest.mark.parametrize("H,Hkv,Lq,Lk,causal,pad", [
+    (1, 1, 1, 1, False, None),
+    (1, 1, 7, 1025, True, None),
+    (1, 1, 1025, 97, True, None),          # Lq > Lk: rows 0..927 see no key
+    (1, 1, 129, 1025, False, "garbage"),
+    (2, 1, 1025, 129, True, "garbage"),
+    (1, 1, 97, 97, False, "all"),          # every key padded: zeros everywhere, never NaN
+    (4, 2, 129, 7, True, None),
+    (3, 1, 513, 1025, True, "garbage"),
+])
+def test_backward_split_odd_shapes(two_threads, H, Hkv, Lq, Lk, causal, pad):
+    torch.manual_seed(Lq * 7 + Lk)
+    q, k, v = make_qkv(1, H, Hkv, Lq, Lk, 64, torch.float32)
+    mask = None
+    if pad is not None:
+        mask = make_padding(1, Lk, fully_padded=(0,) if pad == "all" else (),
+                            generator=torch.Generator().manual_seed(Lk))
+        if not mask.all():
+            with torch.no_grad():
+                k[0, :, ~mask[0]] = float("nan")
+                v[0, :, ~mask[0]] = float("inf")
+    check_against_reference(q, k, v, backend="cpu", causal=causal, key_padding_mask=mask)
+    if pad == "all" or (causal and Lq > Lk):  # the rows that see no key: zeros, and zero gradients
+        out = forkattn.attention(q, k, v, backend="cpu", causal=causal, key_padding_mask=mask)
+        dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        blind = slice(None) if pad == "all" else slice(0, Lq - Lk)
+        assert out[:, :, blind].abs().max().item() == 0 and dq[:, :, blind].abs().max().item() == 0
+        if pad == "all":
+            assert dk.abs().max().item() == 0 and dv.abs().max().item() == 0
+
+
+@pytest.mark.parametrize("threads", [2, 4])
+def test_backward_split_matches_unsplit(threads):
+    # The same problem at 1 thread (one task per kv head, no partials) and split across 2-4 threads
+    # (2-16 splits): equal to rounding, for every gradient, causal with a short key side.
+    torch.manual_seed(threads)
+    q, k, v = make_qkv(1, 2, 1, 1025, 700, 64, torch.float32, requires_grad=False)
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _grads(q, k, v, causal=True)
+        torch.set_num_threads(threads)
+        many = _grads(q, k, v, causal=True)
+    finally:
+        torch.set_num_threads(old)
+    for name, x, y in zip(("out", "dq", "dk", "dv"), one, many):
+        assert (x - y).abs().max().item() <= 1e-5 * max(1.0, x.abs().max().item()), name
+
+
 def _grads(q, k, v, **kw):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     out = forkattn.attention(q, k, v, backend="cpu", **kw)

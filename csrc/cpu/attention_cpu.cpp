@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "attention.h"
@@ -275,10 +276,10 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
 }
 
 // Writes key j of (b, hk): dk/dv rows from the sum of the n [Lk, D] buffers at dk_parts / dv_parts
-// (stride Lk * D), in a fixed order. A padded key's gradients are exactly zero (a NaN query row
-// would give it 0 * NaN).
+// (stride Lk * D), in a fixed order; with ends, buffer c only when j < ends[c] (the rows it wrote).
+// A padded key's gradients are exactly zero (a NaN query row would give it 0 * NaN).
 void store_kv_row(const Problem& p, const BwdIO& io, int64_t b, int64_t hk, int64_t j, const float* dk_parts,
-                  const float* dv_parts, int64_t n) {
+                  const float* dv_parts, int64_t n, const int64_t* ends = nullptr) {
   const uint8_t* keep = p.plan->keep.empty() ? nullptr : p.plan->keep.data() + b * p.Lk;
   float* dk = io.dk.at(b, hk, j);
   float* dv = io.dv.at(b, hk, j);
@@ -286,6 +287,7 @@ void store_kv_row(const Problem& p, const BwdIO& io, int64_t b, int64_t hk, int6
   std::fill(dv, dv + p.D, 0.f);
   if (keep && !keep[j]) return;
   for (int64_t c = 0; c < n; ++c) {
+    if (ends && j >= ends[c]) continue;
     vec::axpy(dk, 1.f, dk_parts + c * p.Lk * p.D + j * p.D, p.D);
     vec::axpy(dv, 1.f, dv_parts + c * p.Lk * p.D + j * p.D, p.D);
   }
@@ -387,11 +389,41 @@ void run_fwd(const Problem& p, const Tiles& tiles, at::Tensor& out, const at::Te
 }
 
 // Query-block splits of each kv head in the backward: 1 (one task per kv head) when B x Hkv
-// tasks keep every thread busy, else enough for about two tasks per thread.
+// tasks keep every thread busy, else about two per thread (one query block per split measured
+// slower: each split adds a partial to zero and sum; B1 H1 L512 causal 0.71x at 2 threads).
+// The partials are capped at 64 MB (dK and dV) when that still leaves a task per thread.
 int64_t bwd_splits(const Problem& p, int64_t base) {
   const int64_t threads = at::get_num_threads();
   if (threads <= 1 || base >= 2 * threads) return 1;
-  return std::max<int64_t>(1, std::min((2 * threads + base - 1) / base, p.nqb()));
+  const int64_t fit = (int64_t{64} << 20) / std::max<int64_t>(1, base * p.Lk * p.D * 2 * int64_t{sizeof(float)});
+  const int64_t want = std::min((2 * threads + base - 1) / base, std::max((threads + base - 1) / base, fit));
+  return std::max<int64_t>(1, std::min(want, p.nqb()));
+}
+
+// The backward's tiles: as choose_tiles, but query blocks are shrunk only until every thread has
+// two (choose_tiles shrinks until four, for the forward's one task per block). The backward's
+// tasks are kv heads or splits of them, and a smaller block costs it more than the forward: one
+// more pass over the kv head's K, V and its dK/dV accumulators per block. At B1 H1 L1024, 2
+// threads, choose_tiles gave 128-row blocks and the split backward ran 1.11x faster than on one
+// thread (without causal), where 256-row blocks scale like torch's own sgemm here (1.5-1.6x).
+// On one thread choose_tiles' blocks: shorter blocks waste less of the causal diagonal (256-row
+// blocks measured 0.85x at B1 H1 L512 causal).
+Tiles bwd_tiles(int64_t batch_heads, int64_t Lq) {
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1) return choose_tiles(batch_heads, Lq);
+  Tiles t{256, 128};
+  const int64_t want = 2 * threads;
+  while (t.bq > 32 && batch_heads * ((Lq + t.bq - 1) / t.bq) < want) t.bq /= 2;
+  t.bq = std::max<int64_t>(1, std::min(t.bq, Lq));
+  return t;
+}
+
+// Keys [0, end) that split c of sequence b touches: those its last (largest) query block sees.
+int64_t split_key_end(const Problem& p, int64_t b, int64_t c, int64_t splits) {
+  const int64_t nqb = p.nqb(b);
+  if (c >= nqb) return 0;
+  const int64_t last = c + (nqb - 1 - c) / splits * splits;
+  return p.key_end(b, std::min(p.lq(b), (last + 1) * p.bq));
 }
 
 void run_bwd(const Problem& p, const Tiles& tiles, const at::Tensor& of, const at::Tensor& dof, const at::Tensor& lse,
@@ -409,15 +441,27 @@ void run_bwd(const Problem& p, const Tiles& tiles, const at::Tensor& of, const a
     // (interleaved, so causal work is balanced) of every head of the group. It owns the dQ rows of
     // its blocks and sums dK/dV into its own [Lk, D] partial; the partials are summed afterwards in
     // a fixed order (no atomics, results independent of scheduling; memory splits x Lk x D per kv
-    // head, splits <= 2 x threads).
+    // head, splits <= 2 x threads). Tasks are handed out largest first (under causal the later
+    // splits see more keys). Each task zeroes only the rows of its partial that it touches, on its
+    // own thread: the buffers are left uninitialised here, since a serial zero fill (and the page
+    // faults of a fresh allocation) on the calling thread was a serial part of every call while
+    // the other threads spun.
     const int64_t part = p.Lk * p.D, group = p.H / p.Hkv;
-    std::vector<float> dk_parts(base * splits * part, 0.f), dv_parts(base * splits * part, 0.f);
+    std::unique_ptr<float[]> dk_parts(new float[base * splits * part]), dv_parts(new float[base * splits * part]);
+    std::vector<int64_t> ends(p.B * splits);  // split c of sequence b wrote (and zeroed) keys [0, ends[b, c])
+    for (int64_t b = 0; b < p.B; ++b) {
+      for (int64_t c = 0; c < splits; ++c) ends[b * splits + c] = split_key_end(p, b, c, splits);
+    }
     run_tasks(
         base * splits, [&] { return BwdScratch(tiles, p.Lk, p.D, false); },
-        [&](int64_t t, BwdScratch& w) {
-          const int64_t bh = t / splits, c = t % splits, b = bh / p.Hkv, hk = bh % p.Hkv;
-          w.dk_acc = dk_parts.data() + t * part;
-          w.dv_acc = dv_parts.data() + t * part;
+        [&](int64_t t0, BwdScratch& w) {
+          const int64_t c = splits - 1 - t0 % splits, bh = t0 / splits, b = bh / p.Hkv, hk = bh % p.Hkv;
+          const int64_t t = bh * splits + c;
+          w.dk_acc = dk_parts.get() + t * part;
+          w.dv_acc = dv_parts.get() + t * part;
+          const int64_t n = ends[b * splits + c] * p.D;
+          std::fill(w.dk_acc, w.dk_acc + n, 0.f);
+          std::fill(w.dv_acc, w.dv_acc + n, 0.f);
           for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
             for (int64_t qb = c; qb < p.nqb(b); qb += splits) bwd_query_block(p, io, b, h, qb, w);
           }
@@ -426,8 +470,8 @@ void run_bwd(const Problem& p, const Tiles& tiles, const at::Tensor& of, const a
       for (int64_t i = begin; i < end; ++i) {
         const int64_t bh = i / p.Lk, j = i % p.Lk, b = bh / p.Hkv;
         if (j >= p.lk(b)) continue;
-        store_kv_row(p, io, b, bh % p.Hkv, j, dk_parts.data() + bh * splits * part,
-                     dv_parts.data() + bh * splits * part, splits);
+        store_kv_row(p, io, b, bh % p.Hkv, j, dk_parts.get() + bh * splits * part, dv_parts.get() + bh * splits * part,
+                     splits, ends.data() + b * splits);
       }
     });
   }
@@ -454,7 +498,7 @@ void attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at:
                           const std::optional<at::Tensor>& key_padding_mask, bool causal, float scale,
                           double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), dof = as_f32(dout);
-  const Tiles tiles = choose_tiles(q.size(0) * q.size(1), q.size(2));
+  const Tiles tiles = bwd_tiles(q.size(0) * q.size(1), q.size(2));
   const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2), tiles.bk);
   Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
   p.fp32_delta = fp32_delta_enabled(q);
@@ -483,7 +527,7 @@ void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, co
                                  at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const at::Tensor qf = as_f32(packed_as_bhld(q)), kf = as_f32(packed_as_bhld(k)), vf = as_f32(packed_as_bhld(v));
   const at::Tensor of = as_f32(packed_as_bhld(out)), dof = as_f32(packed_as_bhld(dout));
-  const Tiles tiles = choose_tiles((cu_seqlens_q.numel() - 1) * q.size(1), max_seqlen_q);
+  const Tiles tiles = bwd_tiles((cu_seqlens_q.numel() - 1) * q.size(1), max_seqlen_q);
   const KeyPlan plan = plan_keys(std::nullopt, 1, max_seqlen_k, tiles.bk);
   Problem p = make_problem(qf, kf, vf, plan, tiles, causal, scale);
   set_varlen(p, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k);

@@ -6,6 +6,8 @@
 GPT-2 small shapes (124M) with random weights, the same in every implementation; prompts of
 random tokens. Rows, interleaved and rotated every round (a 20 ms pause before each call):
   forkattn      GPT.generate(do_sample=False) with the CPU fast path (models/cpu_inference_gpt.py)
+  forkattn-nosplit  (batch 1, more than one thread) the fast path with SPLIT_ROW_GEMMS = False: the
+                one-row GEMMs as one MKL call each, which runs on one thread
   forkattn-off  the same with cpu_inference_gpt.FUSED = False (the module path)
   hf-sdpa       GPT2LMHeadModel.generate(do_sample=False), attn_implementation="sdpa"
 Each batch prints whether all rows produced the same tokens, the median and p10-p90 of every row,
@@ -36,15 +38,19 @@ def _quantile(v, q: float) -> float:
 
 
 def _rows(model, hf, prompt, new):
-    def ours(fused: bool):
+    def ours(fused: bool, split: bool = True):
         def run():
             was, fast.FUSED = fast.FUSED, fused
+            was_split, fast.SPLIT_ROW_GEMMS = fast.SPLIT_ROW_GEMMS, split
             try:
                 return model.generate(prompt, new, do_sample=False)
             finally:
-                fast.FUSED = was
+                fast.FUSED, fast.SPLIT_ROW_GEMMS = was, was_split
         return run
-    return {"forkattn": ours(True), "forkattn-off": ours(False),
+    rows = {"forkattn": ours(True)}
+    if prompt.shape[0] == 1 and torch.get_num_threads() > 1 and fast._SPLIT is not None:
+        rows["forkattn-nosplit"] = ours(True, split=False)  # one-row GEMMs on one thread (MKL's own)
+    return {**rows, "forkattn-off": ours(False),
             "hf-sdpa": lambda: hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                            pad_token_id=0)}
 
@@ -81,7 +87,7 @@ def main(argv=None) -> None:
         med = {k: statistics.median(v) for k, v in times.items()}
         print(f"B{B}: same tokens {same}, load {load0} -> {_load()}")
         for k, v in times.items():
-            print(f"  {k:13s} {med[k] * 1e3:8.0f} ms  p10-p90 [{_quantile(v, .1) * 1e3:.0f}, {_quantile(v, .9) * 1e3:.0f}]"
+            print(f"  {k:16s} {med[k] * 1e3:8.0f} ms  p10-p90 [{_quantile(v, .1) * 1e3:.0f}, {_quantile(v, .9) * 1e3:.0f}]"
                   f"  vs hf-sdpa {med['hf-sdpa'] / med[k]:.2f}x", flush=True)
         if a.profile:
             from torch.profiler import profile

@@ -10,6 +10,10 @@ copies, so nothing stays in cache, as in a decode step):
   nn.Linear's [out, in] when out >= in (c_attn 73 vs 106 ms per 12 layers, c_fc 95 vs 135, the
   LM head 31 vs 49 ms) and slower when in > out (the MLP's c_proj 147 vs 100 ms): each one-row
   weight is kept in its faster layout; oneDNN's packed weights are the slowest at M = 1.
+- M = 1 with more than one thread: MKL runs the GEMV on the calling thread alone (at 2 threads all
+  of the CPU time of 12 c_fc GEMVs is the main thread's), so a batch-1 step used one core for its
+  weights; `_C.linear_split_cpu` gives each thread a contiguous chunk of the output columns, each
+  its own MKL GEMV on the same layout (SPLIT_ROW_GEMMS).
 - M > 1 (batch 8 decode, every prefill): oneDNN-packed weights (`torch.ops.mkldnn`, as BERT's fast
   path in cpu_inference.py) with the bias, the tanh-GELU and the residual add inside the GEMM call;
   the LM head at M = 8 200 -> 110 ms.
@@ -39,6 +43,10 @@ from .cpu_inference import PACKED, cached
 
 FUSED = True  # the GPT-2 fast path at all (tests and the bench switch it off for comparison)
 ONE_ROW_LAYOUT = True  # one-row GEMMs on their own layouts (else packed / plain at every size)
+# One-row GEMMs with more than one thread: the weight's output columns split across the threads
+# (_C.linear_split_cpu, csrc/gemv.h), since MKL runs an M = 1 GEMM on the calling thread only.
+SPLIT_ROW_GEMMS = True
+_SPLIT = getattr(_native._C, "linear_split_cpu", None)  # None with an extension built before it
 
 
 class Weight(NamedTuple):
@@ -98,7 +106,9 @@ def _linear(x: Tensor, weight: Weight, b: Optional[Tensor], post: str = "none",
         if post == "gelu_tanh":
             return torch.ops.mkldnn._linear_pointwise(x, w, b, "gelu", [], "tanh")
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
-    if layout == "t":
+    if x.shape[0] == 1 and SPLIT_ROW_GEMMS and _SPLIT is not None and torch.get_num_threads() > 1:
+        y = _SPLIT(x, w, b, layout == "t")  # MKL runs M = 1 on one thread only
+    elif layout == "t":
         y = torch.addmm(b, x, w) if b is not None else torch.mm(x, w)
     else:
         y = F.linear(x, w, b)
