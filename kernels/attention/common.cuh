@@ -186,34 +186,22 @@ __device__ __forceinline__ void zero(float (&c)[N][4]) {
 
 // --- tiles between global and shared memory ------------------------------------------------------
 
-// ROWS rows of D elements into a padded tile (row length Smem<D>::kRow), 16 bytes per cp.async:
-// chunk c of row r from where source(r, c, src) points src when it returns true, zero-filled (src
-// left at `fallback`, never read) when it returns false.
-template <int ROWS, int D, int THREADS, typename T, typename Source>
-__device__ __forceinline__ void load_rows_async(T* tile, const T* fallback, int tid, Source&& source) {
-  constexpr int kChunks = D / 8;  // 16-byte chunks per row
-  static_assert((ROWS * kChunks) % THREADS == 0, "tile copy must divide evenly among threads");
-#pragma unroll
-  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
-    const int idx = tid + i * THREADS;
-    const int r = idx / kChunks, c = idx % kChunks;
-    const T* src = fallback;
-    const bool valid = source(r, c, src);
-    cp_async16(tile + r * Smem<D>::kRow + c * 8, src, valid);
-  }
-}
-
 // Rows row0..row0+ROWS-1 of a [rows, D] matrix (row stride in elements) into a padded tile;
 // rows >= n_rows, and rows with keep[row] false when keep is given (padded keys), are zero-filled:
 // garbage there (inf, NaN) must not reach an mma, where P = 0 times NaN is NaN.
 template <int ROWS, int D, int THREADS, typename T>
 __device__ __forceinline__ void load_tile_async(T* tile, const T* g, int64_t row_stride, int row0, int n_rows,
                                                 int tid, const bool* keep = nullptr) {
-  load_rows_async<ROWS, D, THREADS>(tile, g, tid, [&](int r, int c, const T*& src) {
+  constexpr int kChunks = D / 8;  // 16-byte chunks per row
+  static_assert((ROWS * kChunks) % THREADS == 0, "tile copy must divide evenly among threads");
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int idx = tid + i * THREADS;
+    const int r = idx / kChunks, c = idx % kChunks;
     const bool valid = row0 + r < n_rows && (keep == nullptr || keep[row0 + r]);
-    if (valid) src = g + static_cast<int64_t>(row0 + r) * row_stride + c * 8;
-    return valid;
-  });
+    const T* src = valid ? g + static_cast<int64_t>(row0 + r) * row_stride + c * 8 : g;
+    cp_async16(tile + r * Smem<D>::kRow + c * 8, src, valid);
+  }
 }
 
 // A warp's 16 x D fp32 accumulator (C tiles), times `mul`, as T into rows r0..r0+15 of a tile

@@ -46,8 +46,8 @@ struct BwdConfig {
   //     position terms twice). Even then the both-terms kernel hits 255 registers and spilled
   //     24 bytes on sm_90a until the loops whose fragment loads ptxas hoists all at once are
   //     rolled: the pieces (kPieceUnroll), the K steps of s^T and dP^T (kKUnroll), and, 2 steps
-  //     at a time, the position products (kPosUnroll: p2c_into / c2p_into's K steps and mma_a_kn's
-  //     column tiles).
+  //     at a time, the K steps of the position products (kPosUnroll: p2c_into / c2p_into). Only
+  //     loops that index no register array are rolled (a rolled index would put it in local memory).
   // The dq kernel needs no split (one [16, D] accumulator), but shares position_tile's unrolling.
   // Shared memory is the same at every split: 142,080 bytes at D128 (sm_80 allows 166,912).
   static constexpr int kQuerySplit = D == 32 ? 1 : 2;
@@ -161,10 +161,10 @@ __device__ __forceinline__ void a_fragment_split(uint32_t (&hi)[4], uint32_t (&l
 }
 
 // acc [16 x D] += A (16 x 16) * B, B the rows k0..k0+15 of a [k][n] tile (row length ROW).
-template <typename T, int ROW, int D, int UNROLL = D / 16>
+template <typename T, int ROW, int D>
 __device__ __forceinline__ void mma_a_kn(float (&acc)[D / 8][4], const uint32_t (&a)[4], const T* b_tile, int k0,
                                          int lane) {
-#pragma unroll(UNROLL)
+#pragma unroll
   for (int j = 0; j < D / 16; ++j) {
     uint32_t b[4];
     load_b_kn<ROW>(b, b_tile, j * 16, k0, lane);
@@ -404,7 +404,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dkdv_
             const int i = u0 + uu + warp * 16 + j - (BN - 1);
             return i >= 0 && i < BM ? ds[j * BROW + i] : 0.f;
           });
-          mma_a_kn<T, ROW, DH, C::kPosUnroll>(dk, a, sP + d0, u0, lane);
+          mma_a_kn<T, ROW, DH>(dk, a, sP + d0, u0, lane);
           if (d0 != 0) continue;  // dpos_query (every column) once, in the first sweep
           uint32_t a_lo[4];
           a_fragment_split<T>(a, a_lo, lane, [&](int uu, int j) {  // Y[u0 + uu, warp * 16 + j]

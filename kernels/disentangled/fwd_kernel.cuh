@@ -77,12 +77,17 @@ struct HeadOperands {
 template <int ROWS, int D, int THREADS, typename T>
 __device__ __forceinline__ void load_pos_rows_async(T* tile, const T* pos, int64_t row_stride, const int64_t* rel,
                                                     int t0, int n_diag, int n_rel, int tid) {
-  attention::load_rows_async<ROWS, D, THREADS>(tile, pos, tid, [&](int r, int c, const T*& src) {
+  constexpr int kChunks = D / 8;
+  static_assert((ROWS * kChunks) % THREADS == 0, "tile copy must divide evenly among threads");
+#pragma unroll
+  for (int i = 0; i < ROWS * kChunks / THREADS; ++i) {
+    const int idx = tid + i * THREADS;
+    const int r = idx / kChunks, c = idx % kChunks;
     const int t = t0 + r;
-    const bool valid = r < n_diag && t >= 0 && t < n_rel;  // && short-circuits: rel[t] only on the table
-    if (valid) src = pos + rel[t] * row_stride + c * 8;
-    return valid;
-  });
+    const bool valid = r < n_diag && t >= 0 && t < n_rel;
+    const T* src = valid ? pos + rel[t] * row_stride + c * 8 : pos;
+    attention::cp_async16(tile + r * attention::Smem<D>::kRow + c * 8, src, valid);
+  }
 }
 
 // p2c of a tile into sB: P[u, j'] = G_q[u] . k_j' (G_q in sP, the K tile in sKs) stored (or, with
