@@ -142,8 +142,7 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const void* tile, in
 template <typename T, int ROW, int K, int N, bool B_NK, int K_UNROLL = K / 16>
 __device__ __forceinline__ void mma_tile_smem_a(float (&c)[N / 8][4], const void* a_tile, int r0, const void* b_tile,
                                                 int lane) {
-#pragma unroll(K_UNROLL)
-  for (int kk = 0; kk < K / 16; ++kk) {
+  auto step = [&](int kk) {
     uint32_t a[4];
     load_a<ROW>(a, a_tile, r0, kk * 16, lane);
 #pragma unroll
@@ -157,6 +156,13 @@ __device__ __forceinline__ void mma_tile_smem_a(float (&c)[N / 8][4], const void
       mma16816<T>(c[2 * j], a, b[0], b[1]);
       mma16816<T>(c[2 * j + 1], a, b[2], b[3]);
     }
+  };
+  if constexpr (K_UNROLL == K / 16) {  // a plain full unroll (an unroll count moves ptxas' allocation)
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) step(kk);
+  } else {
+#pragma unroll(K_UNROLL)
+    for (int kk = 0; kk < K / 16; ++kk) step(kk);
   }
 }
 
