@@ -309,7 +309,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dq_ke
 }
 
 template <typename T, int D, bool C2P, bool P2C>
-__global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dkdv_kernel(const DisentangledBwdParams p) {
+__global__ void __launch_bounds__(BwdConfig<D>::kThreads, 1) disentangled_bwd_dkdv_kernel(const DisentangledBwdParams p) {
   using C = BwdConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads, BROW = C::kBRow;
   extern __shared__ __align__(16) unsigned char smem[];
