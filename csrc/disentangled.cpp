@@ -164,8 +164,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
   const DisentangledInputs in =
       check_disentangled_inputs(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c, /*cuda=*/true);
   const AttnSizes s = check_attention_bwd_inputs(dout, q, k, v, out, lse, key_padding_mask);
-  TORCH_CHECK_VALUE(s.head_dim == 64, "head_dim must be 64 for the cuda backend's disentangled backward ",
-                    "(32 and 128 go to the triton backward), got ", s.head_dim);
   at::Tensor dq = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
   at::Tensor dv = empty_bhld(v, s.batch, s.kv_heads, s.len_k, s.head_dim);

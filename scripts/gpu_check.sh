@@ -62,6 +62,12 @@ timeout ${DEBERTA_TIMEOUT:-180} $PY -m forkattn.bench --only deberta --no-plot -
 echo "deberta bench exit $?" | tee -a "$OUT/summary.log"
 grep -E "^\[|^  (impl|hf-eager|forkattn-)" "$OUT/deberta.log" | tee -a "$OUT/summary.log"
 
+# The cuda backend's backward at head_dim 32 and 128 (kernels/disentangled's D32/D128 instantiations;
+# the GPU tests above cover them too): a 2x-rule check against fp64, then fwd+bwd time at B4 H12 L512
+# against the eager disentangled attention and the triton backend.
+step "DeBERTa attention at head_dim 32 / 128 (cuda backward)" | tee -a "$OUT/summary.log"
+timeout ${DEBERTA_HDIM_TIMEOUT:-60} $PY scripts/bench_disentangled_head_dims.py 2>&1 | tee -a "$OUT/summary.log"
+
 step "benchmark" | tee -a "$OUT/summary.log"
 timeout ${BENCH_TIMEOUT:-120} $PY -m forkattn.bench ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench exit $?" | tee -a "$OUT/summary.log"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from cuda_emulator import disentangled as emu
 from cuda_emulator.core import EmulationError
-from cuda_emulator.disentangled_checks import QUICK, run_bwd_case, run_case
+from cuda_emulator.disentangled_checks import BWD_QUICK, QUICK, run_bwd_case, run_case
 
 SMALL = QUICK[2]  # one query row against two key tiles, p2c only: the cheapest case
 BOTH = (1, 1, 5, 9, 64, True, True, 4, 6, True, False)  # both terms, buckets, padding
@@ -63,6 +63,21 @@ def test_emulated_backward_matches_fp64_within_the_2x_rule(case):
     """dq, dk, dv, dpos_key, dpos_query (QUICK[1] clamps most diagonals onto two rows: the position
     gradients sum hundreds of dS per row)."""
     run_bwd_case(case)
+
+
+@pytest.mark.parametrize("case", BWD_QUICK, ids=lambda c: f"B{c[0]}q{c[2]}k{c[3]}D{c[4]}c2p{int(c[5])}p2c{int(c[6])}")
+def test_emulated_backward_head_dims_32_128_match_fp64_within_the_2x_rule(case):
+    """The backward instantiations at head_dim 32 (the dk/dv kernel in one 64-query piece) and 128
+    (four 16-query pieces): all five gradients, NaN in padded keys, an empty batch entry."""
+    run_bwd_case(case)
+
+
+def test_mutation_query_split_piece_skipped_is_caught(monkeypatch):
+    """The dk/dv kernel at head_dim 128 visiting one query piece fewer than BwdConfig's split:
+    dk and dv miss a quarter of the queries."""
+    monkeypatch.setattr(emu, "query_pieces", lambda HM: range(0, 64 - HM, HM))
+    with pytest.raises((AssertionError, EmulationError)):
+        run_bwd_case(BWD_QUICK[1])
 
 
 def test_mutation_dpos_scattered_to_the_wrong_row_is_caught(monkeypatch):

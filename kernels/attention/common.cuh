@@ -137,12 +137,12 @@ __device__ __forceinline__ void load_b_kn(uint32_t (&b)[4], const void* tile, in
 }
 
 // c[M/16 rows per warp are fixed at 16][N/8 tiles] += A (16 x K from `a_tile` rows r0..) * B.
-// B stored [n][k] (B_NK) or [k][n].
-template <typename T, int ROW, int K, int N, bool B_NK>
+// B stored [n][k] (B_NK) or [k][n]. K_UNROLL: how many of the K / 16 steps to unroll (all by
+// default; fewer keeps ptxas from loading every step's fragments at once where registers are short).
+template <typename T, int ROW, int K, int N, bool B_NK, int K_UNROLL = K / 16>
 __device__ __forceinline__ void mma_tile_smem_a(float (&c)[N / 8][4], const void* a_tile, int r0, const void* b_tile,
                                                 int lane) {
-#pragma unroll
-  for (int kk = 0; kk < K / 16; ++kk) {
+  auto step = [&](int kk) {
     uint32_t a[4];
     load_a<ROW>(a, a_tile, r0, kk * 16, lane);
 #pragma unroll
@@ -156,6 +156,13 @@ __device__ __forceinline__ void mma_tile_smem_a(float (&c)[N / 8][4], const void
       mma16816<T>(c[2 * j], a, b[0], b[1]);
       mma16816<T>(c[2 * j + 1], a, b[2], b[3]);
     }
+  };
+  if constexpr (K_UNROLL == K / 16) {  // a plain full unroll (an unroll count moves ptxas' allocation)
+#pragma unroll
+    for (int kk = 0; kk < K / 16; ++kk) step(kk);
+  } else {
+#pragma unroll(K_UNROLL)
+    for (int kk = 0; kk < K / 16; ++kk) step(kk);
   }
 }
 
@@ -203,22 +210,22 @@ __device__ __forceinline__ void load_tile_async(T* tile, const T* g, int64_t row
   }
 }
 
-// A warp's 16 x D fp32 accumulator (C tiles), times `mul`, as T into rows r0..r0+15 of a tile.
-template <typename T, int D>
+// A warp's 16 x D fp32 accumulator (C tiles), times `mul`, as T into rows r0..r0+15 of a tile
+// (row length ROW: a tile of D columns, or D columns of a wider tile).
+template <typename T, int D, int ROW = Smem<D>::kRow>
 __device__ __forceinline__ void stage_rows(T* tile, int r0, const float (&c)[D / 8][4], float mul0, float mul1,
                                            int lane) {
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int j = 0; j < D / 8; ++j) {
-    *reinterpret_cast<uint32_t*>(tile + (r0 + g) * Smem<D>::kRow + j * 8 + 2 * t) =
-        pack2<T>(c[j][0] * mul0, c[j][1] * mul0);
-    *reinterpret_cast<uint32_t*>(tile + (r0 + g + 8) * Smem<D>::kRow + j * 8 + 2 * t) =
-        pack2<T>(c[j][2] * mul1, c[j][3] * mul1);
+    *reinterpret_cast<uint32_t*>(tile + (r0 + g) * ROW + j * 8 + 2 * t) = pack2<T>(c[j][0] * mul0, c[j][1] * mul0);
+    *reinterpret_cast<uint32_t*>(tile + (r0 + g + 8) * ROW + j * 8 + 2 * t) = pack2<T>(c[j][2] * mul1, c[j][3] * mul1);
   }
 }
 
-// A staged tile to global rows row0.. (only rows < n_rows), 16 bytes per access.
-template <int ROWS, int D, int THREADS, typename T>
+// A staged tile to global rows row0.. (only rows < n_rows), 16 bytes per access; D columns of a
+// tile of row length ROW.
+template <int ROWS, int D, int THREADS, typename T, int ROW = Smem<D>::kRow>
 __device__ __forceinline__ void store_tile(T* g, int64_t row_stride, int row0, int n_rows, const T* tile, int tid) {
   constexpr int kChunks = D / 8;
   static_assert((ROWS * kChunks) % THREADS == 0, "tile copy must divide evenly among threads");
@@ -228,7 +235,7 @@ __device__ __forceinline__ void store_tile(T* g, int64_t row_stride, int row0, i
     const int r = idx / kChunks, c = idx % kChunks;
     if (row0 + r < n_rows) {
       *reinterpret_cast<uint4*>(g + static_cast<int64_t>(row0 + r) * row_stride + c * 8) =
-          *reinterpret_cast<const uint4*>(tile + r * Smem<D>::kRow + c * 8);
+          *reinterpret_cast<const uint4*>(tile + r * ROW + c * 8);
     }
   }
 }
@@ -264,6 +271,25 @@ __device__ __forceinline__ int next_key_tile(int n, int n_tiles, const bool* mas
   return n;
 }
 
+// A forward pass's first loads, as two cp.async groups: the Q tile; then K and V of the first key
+// tile holding a visible key into stage 0 (its bias into bias[0..BN), next_key_tile). Returns that
+// tile's index, n_tiles if there is none. Block-uniform.
+template <int BM, int BN, int D, int THREADS, typename T>
+__device__ __forceinline__ int load_first_tiles(T* sQ, T* sK, T* sV, float* bias, const T* q, int64_t q_row_stride,
+                                                int m0, int len_q, const T* k, int64_t k_row_stride, const T* v,
+                                                int64_t v_row_stride, int n_tiles, const bool* mask, int len_k,
+                                                int tid) {
+  load_tile_async<BM, D, THREADS>(sQ, q, q_row_stride, m0, len_q, tid);
+  cp_async_commit();
+  const int n = next_key_tile<BN, THREADS>(0, n_tiles, mask, len_k, bias, tid);
+  if (n < n_tiles) {
+    load_tile_async<BN, D, THREADS>(sK, k, k_row_stride, n * BN, len_k, tid, mask);
+    load_tile_async<BN, D, THREADS>(sV, v, v_row_stride, n * BN, len_k, tid, mask);
+  }
+  cp_async_commit();
+  return n;
+}
+
 // max / sum over the 4 lanes sharing a fragment row.
 __device__ __forceinline__ float quad_max(float x) {
   x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
@@ -272,6 +298,58 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// One key tile's step of the online softmax (base 2) for a warp's two fragment rows (g and g + 8
+// of its 16): s holds the tile's scaled scores (-inf where not visible) and becomes exp2(s - the
+// new running max); row_max, row_sum (this lane's partial sums, reduced over the quad at the end)
+// and the output accumulator acc move to the new max. A row with nothing visible yet stays at
+// max -inf, sum 0 (exp2 against base 0, never inf - inf).
+template <int N, int M>
+__device__ __forceinline__ void online_softmax_step(float (&s)[N][4], float (&acc)[M][4], float (&row_max)[2],
+                                                    float (&row_sum)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = row_max[r];
+#pragma unroll
+    for (int j = 0; j < N; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+    mx = quad_max(mx);
+    const float base = mx == -INFINITY ? 0.f : mx;
+    const float alpha = exp2f(row_max[r] - base);
+    row_max[r] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int j = 0; j < N; ++j) {
+      s[j][2 * r] = exp2f(s[j][2 * r] - base);
+      s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - base);
+      sum += s[j][2 * r] + s[j][2 * r + 1];
+    }
+    row_sum[r] = row_sum[r] * alpha + sum;
+#pragma unroll
+    for (int j = 0; j < M; ++j) {
+      acc[j][2 * r] *= alpha;
+      acc[j][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// A forward pass's end for a warp's two fragment rows row_base and row_base + 8: the output rows
+// times out_mul / l (l the quad's row sum; a row that sees no key, l == 0, writes zeros, a NaN score
+// makes the row NaN as in eager) staged into the warp's own rows of sQ, and lse (natural log, +inf
+// where l == 0) into lse_rows[row] by one lane per row below len_q.
+template <typename T, int D>
+__device__ __forceinline__ void finish_rows(T* sQ, const float (&acc)[D / 8][4], const float (&row_max)[2],
+                                            const float (&row_sum)[2], float out_mul, float* lse_rows, int row_base,
+                                            int len_q, int warp, int lane) {
+  float mul[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float l = quad_sum(row_sum[r]);
+    const int row = row_base + r * 8;
+    mul[r] = l != 0.f ? out_mul / l : 0.f;
+    if ((lane & 3) == 0 && row < len_q) lse_rows[row] = l != 0.f ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
+  }
+  stage_rows<T, D>(sQ, warp * 16, acc, mul[0], mul[1], lane);  // each warp reuses its own Q rows
 }
 
 // The rows of batch entry b: the whole padded batch entry, or one packed sequence (varlen).

@@ -48,14 +48,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
     n_tiles = min(n_tiles, last_key < 0 ? 0 : last_key / BN + 1);
   }
 
-  load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
-  cp_async_commit();
-  int n = next_key_tile<BN, NT>(0, n_tiles, mask, len_k, sBias, tid);
-  if (n < n_tiles) {
-    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, len_k, tid, mask);
-    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, len_k, tid, mask);
-  }
-  cp_async_commit();
+  int n = load_first_tiles<BM, BN, D, NT>(sQ, sK, sV, sBias, q, p.q_row_stride, m0, len_q, k, p.k_row_stride, v,
+                                          p.v_row_stride, n_tiles, mask, len_k, tid);
 
   float acc[D / 8][4];
   zero(acc);
@@ -98,29 +92,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
         s[j][e] = x;
       }
     }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      mx = quad_max(mx);
-      const float base = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
-      const float alpha = exp2f(row_max[r] - base);
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        s[j][2 * r] = exp2f(s[j][2 * r] - base);
-        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - base);
-        sum += s[j][2 * r] + s[j][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc[j][2 * r] *= alpha;
-        acc[j][2 * r + 1] *= alpha;
-      }
-    }
+    online_softmax_step(s, acc, row_max, row_sum);
     if constexpr (DROPOUT) {
       const uint32_t keep = dropout_keep_rows<BN / 8>(drop, row_base, n0, lane);
 #pragma unroll
@@ -140,19 +112,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) attention_fwd_kernel(c
   cp_async_wait<0>();
   __syncthreads();
 
-  float mul[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(row_sum[r]);
-    const int row = row_base + r * 8;
-    // a row that sees no key (l == 0) writes zeros; a NaN score (l NaN) makes the row NaN, as in eager
-    mul[r] = l != 0.f ? (DROPOUT ? p.dropout_scale : 1.f) / l : 0.f;
-    if (t == 0 && row < len_q) {
-      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start + row] =
-          l != 0.f ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
-    }
-  }
-  stage_rows<T, D>(sQ, warp * 16, acc, mul[0], mul[1], lane);  // each warp reuses its own Q rows
+  finish_rows<T, D>(sQ, acc, row_max, row_sum, DROPOUT ? p.dropout_scale : 1.f,
+                    p.lse + b * p.lse_batch_stride + h * p.lse_head_stride + seq.q_start, row_base, len_q, warp, lane);
   __syncthreads();
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride + seq.q_start * p.out_row_stride;
   store_tile<BM, D, NT>(out, p.out_row_stride, m0, len_q, sQ, tid);

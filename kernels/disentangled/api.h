@@ -10,8 +10,7 @@ namespace forkattn::kernels::disentangled {
 
 // out and lse from q, k, v, pos_key, pos_query, rel_index.
 cudaError_t disentangled_fwd(const DisentangledFwdParams& params, cudaStream_t stream);
-// dq, dk, dv and the dpos accumulators from dout, q, k, v, pos_*, lse and delta (params.delta);
-// head_dim 64 (cudaErrorInvalidValue otherwise).
+// dq, dk, dv and the dpos accumulators from dout, q, k, v, pos_*, lse and delta (params.delta).
 cudaError_t disentangled_bwd(const DisentangledBwdParams& params, cudaStream_t stream);
 
 // One instantiation per (dtype, head_dim), each in its own generated .cu (generated/); c2p / p2c

@@ -9,7 +9,8 @@
 //   dk/dv kernel, per 64-key block (each warp 16 keys), over all 64-query tiles: the transposed
 //     scores s^T = K Q^T plus sB^T, P^T, dv += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
 //     dk += dS^T Q; with p2c also dk += Y^T G_q and dpos_query[rel[t0 + u]] += Y K, where
-//     Y[u, j'] = dS[u + j' - BN + 1, j'].
+//     Y[u, j'] = dS[u + j' - BN + 1, j']. At head_dim 128 the query tiles are swept twice, once per
+//     64-column half of dk and dv (BwdConfig::kDSplit: registers), dpos_query in the first sweep.
 // dq and dk carry the softmax scale at the end; the position gradients are left unscaled (the host
 // scales them). Rows that see no key (lse = +inf) and padded keys get exactly zero gradients.
 #pragma once
@@ -32,6 +33,53 @@ struct BwdConfig {
   static constexpr size_t kSmem = (2 * kBlockM + 2 * kBlockN + F::kPosRows) * kRow * 2 +
                                   (2 * kBlockM * kBRow + kBlockN + 2 * kBlockM) * sizeof(float);
   static_assert(kBlockM == kBlockN, "the dk/dv kernel stages its 64 key rows in the Q tile");
+  // Registers of the dk/dv kernel (ptxas -v, sm_80 and sm_90a; chosen for 0 spills). Its dk and
+  // dv accumulators ([16, D / kDSplit] fp32 per warp each) stay live over the whole sweep of
+  // query tiles, and each tile is taken in kQuerySplit pieces of queries whose s^T and dS^T
+  // ([16, 64 / kQuerySplit] each) sit next to them.
+  //   D32: one piece (with two, the p2c-only kernel spills 12 bytes on sm_80: ptxas caps it at
+  //     128 registers).
+  //   D64: two pieces.
+  //   D128: dk and dv of all 128 columns (128 registers) spill 8-64 bytes with one, two or four
+  //     pieces, so the kernel sweeps the query tiles twice, once per 64-column half of dk and dv
+  //     (kDSplit = 2; s^T and dS^T recomputed: about 1.5x the tensor-core work of one sweep, the
+  //     position terms twice). Even then the both-terms kernel hits 255 registers and spilled
+  //     24 bytes on sm_90a until the loops whose fragment loads ptxas hoists all at once are
+  //     rolled: the pieces (kPieceUnroll), the K steps of s^T and dP^T (kKUnroll), and, 2 steps
+  //     at a time, the K steps of the position products (kPosUnroll: p2c_into / c2p_into). Only
+  //     loops that index no register array are rolled (a rolled index would put it in local memory).
+  // The dq kernel needs no split (one [16, D] accumulator), but shares position_tile's unrolling.
+  // Shared memory is the same at every split: 142,080 bytes at D128 (sm_80 allows 166,912).
+  static constexpr int kQuerySplit = D == 32 ? 1 : 2;
+  static constexpr int kDSplit = D == 128 ? 2 : 1;
+  static constexpr int kPieceUnroll = D == 128 ? 1 : kQuerySplit;
+  static constexpr int kKUnroll = D == 128 ? 1 : D / 16;
+  static constexpr int kPosUnroll = D == 128 ? 2 : D / 16;
+  static_assert(kBlockM % (16 * kQuerySplit) == 0, "query pieces of whole 16-column mma tiles");
+  static_assert(D % (16 * kDSplit) == 0, "column halves of whole 16-column mma tiles");
+};
+
+// The backward kernels' shared memory, carved as BwdConfig::kSmem counts it: Q, dO, K, V tiles
+// (one stage each), the position rows, sB and sDS ([BM][kBRow] fp32: the position terms and the
+// warp's rows of dS, or of dS^T in the dk/dv kernel), the per-key bias, and the query tile's
+// lse * log2e and delta (dk/dv kernel).
+template <typename T, int D>
+struct BwdSmem {
+  T *q, *dout, *k, *v, *pos;
+  float *pos_terms, *ds, *bias, *lse2, *delta;
+  __device__ __forceinline__ explicit BwdSmem(unsigned char* base) {
+    using C = BwdConfig<D>;
+    q = reinterpret_cast<T*>(base);
+    dout = q + C::kBlockM * C::kRow;
+    k = dout + C::kBlockM * C::kRow;
+    v = k + C::kBlockN * C::kRow;
+    pos = v + C::kBlockN * C::kRow;
+    pos_terms = reinterpret_cast<float*>(pos + C::F::kPosRows * C::kRow);
+    ds = pos_terms + C::kBlockM * C::kBRow;
+    bias = ds + C::kBlockM * C::kBRow;
+    lse2 = bias + C::kBlockN;
+    delta = lse2 + C::kBlockM;
+  }
 };
 
 // The unscaled position terms of a tile into sB [BM][BROW] (every entry), from the position rows
@@ -50,28 +98,25 @@ __device__ __forceinline__ void position_tile(float* sB, T* sP, const T* sQ, con
     cp_async_wait<0>();
     __syncthreads();
   };
+  // one term after the other: its rows into sP, its products stored into sB, or added when the
+  // term before it is there already
+  auto p2c = [&](auto add) {
+    load(pq, pq_row_stride);
+    p2c_into<T, D, decltype(add)::value, BwdConfig<D>::kPosUnroll>(sB, sP, sKs, warp, lane);
+    __syncthreads();
+  };
+  auto c2p = [&](auto add) {
+    load(pk, pk_row_stride);
+    c2p_into<T, D, decltype(add)::value, BwdConfig<D>::kPosUnroll>(sB, sP, sQ, warp, lane);
+    __syncthreads();
+  };
+  constexpr bool kFirst = C2P_LAST ? P2C : C2P;  // whether the term that goes first is on
   if constexpr (C2P_LAST) {
-    if constexpr (P2C) {
-      load(pq, pq_row_stride);
-      p2c_into<T, D, false>(sB, sP, sKs, warp, lane);
-      __syncthreads();
-    }
-    if constexpr (C2P) {
-      load(pk, pk_row_stride);
-      c2p_into<T, D, P2C>(sB, sP, sQ, warp, lane);
-      __syncthreads();
-    }
+    if constexpr (P2C) p2c(std::false_type{});
+    if constexpr (C2P) c2p(std::bool_constant<kFirst>{});
   } else {
-    if constexpr (C2P) {
-      load(pk, pk_row_stride);
-      c2p_into<T, D, false>(sB, sP, sQ, warp, lane);
-      __syncthreads();
-    }
-    if constexpr (P2C) {
-      load(pq, pq_row_stride);
-      p2c_into<T, D, C2P>(sB, sP, sKs, warp, lane);
-      __syncthreads();
-    }
+    if constexpr (C2P) c2p(std::false_type{});
+    if constexpr (P2C) p2c(std::bool_constant<kFirst>{});
   }
   if constexpr (!C2P && !P2C) {
     cp_async_wait<0>();
@@ -170,26 +215,18 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dq_ke
   using C = BwdConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads, BROW = C::kBRow;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sdO = sQ + BM * ROW;
-  T* sK = sdO + BM * ROW;
-  T* sV = sK + BN * ROW;
-  T* sP = sV + BN * ROW;
-  float* sB = reinterpret_cast<float*>(sP + FwdConfig<D>::kPosRows * ROW);
-  float* sDS = sB + BM * BROW;
-  float* sBias = sDS + BM * BROW;
+  const BwdSmem<T, D> sm(smem);
+  T *sQ = sm.q, *sdO = sm.dout, *sK = sm.k, *sV = sm.v, *sP = sm.pos;
+  float *sB = sm.pos_terms, *sDS = sm.ds, *sBias = sm.bias;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
   const int len_q = p.len_q, len_k = p.len_k, n_rel = len_q + len_k - 1;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const HeadOperands<T, C2P, P2C> in(p, b, h);
+  const T *q = in.q, *k = in.k, *v = in.v, *pk = in.pk, *pq = in.pq;
+  const bool* mask = in.mask;
   const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  const T* pk = C2P ? static_cast<const T*>(p.pos_key) + h * p.pk_head_stride : nullptr;
-  const T* pq = P2C ? static_cast<const T*>(p.pos_query) + h * p.pq_head_stride : nullptr;
   float* dpk = C2P ? p.dpos_key + h * p.dpos_head_stride : nullptr;
-  const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr;
   const int n_tiles = cdiv(len_k, BN);
 
   load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
@@ -272,32 +309,23 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dq_ke
 }
 
 template <typename T, int D, bool C2P, bool P2C>
-__global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dkdv_kernel(const DisentangledBwdParams p) {
+__global__ void __launch_bounds__(BwdConfig<D>::kThreads, 1) disentangled_bwd_dkdv_kernel(const DisentangledBwdParams p) {
   using C = BwdConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads, BROW = C::kBRow;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem);
-  T* sdO = sQ + BM * ROW;
-  T* sK = sdO + BM * ROW;
-  T* sV = sK + BN * ROW;
-  T* sP = sV + BN * ROW;
-  float* sB = reinterpret_cast<float*>(sP + FwdConfig<D>::kPosRows * ROW);
-  float* sDS = sB + BM * BROW;  // [BN][BROW]: the warp's key rows of dS^T
-  float* sBias = sDS + BM * BROW;
-  float* sL = sBias + BN;  // [BM] lse * log2e of the query tile
-  float* sDelta = sL + BM;
+  const BwdSmem<T, D> sm(smem);
+  T *sQ = sm.q, *sdO = sm.dout, *sK = sm.k, *sV = sm.v, *sP = sm.pos;
+  float *sB = sm.pos_terms, *sDS = sm.ds, *sBias = sm.bias;
+  float *sL = sm.lse2, *sDelta = sm.delta;
 
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * BN, h = blockIdx.y, b = blockIdx.z;
   const int len_q = p.len_q, len_k = p.len_k, n_rel = len_q + len_k - 1;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
+  const HeadOperands<T, C2P, P2C> in(p, b, h);
+  const T *q = in.q, *k = in.k, *v = in.v, *pk = in.pk, *pq = in.pq;
+  const bool* mask = in.mask;
   const T* dout = static_cast<const T*>(p.dout) + b * p.dout_batch_stride + h * p.dout_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  const T* pk = C2P ? static_cast<const T*>(p.pos_key) + h * p.pk_head_stride : nullptr;
-  const T* pq = P2C ? static_cast<const T*>(p.pos_query) + h * p.pq_head_stride : nullptr;
   float* dpq = P2C ? p.dpos_query + h * p.dpos_head_stride : nullptr;
-  const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr;
 
   // this block's keys: visible or not (one thread per key), and whether any is
   const int key = n0 + tid;
@@ -308,91 +336,98 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dkdv_
   load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n0, len_k, tid, mask);
   cp_async_commit();
 
-  float dk[D / 8][4], dv[D / 8][4];
-  zero(dk);
-  zero(dv);
+  constexpr int DH = D / C::kDSplit;  // the columns of dk and dv one sweep accumulates
   const int key_row = warp * 16 + g;  // this lane's keys: key_row and key_row + 8 of the block
-  for (int m0 = 0; live && m0 < len_q; m0 += BM) {
-    const int t0 = m0 - n0 + len_k - BN;
-    load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
-    load_tile_async<BM, D, NT>(sdO, dout, p.dout_row_stride, m0, len_q, tid);
-    cp_async_commit();
-    if (tid < BM) {
-      const int row = m0 + tid;
-      const int64_t at = b * p.lse_batch_stride + h * p.lse_head_stride + row;
-      sL[tid] = row < len_q ? p.lse[at] * attention::kLog2e : INFINITY;
-      sDelta[tid] = row < len_q ? p.delta[at] : 0.f;
-    }
-    position_tile<T, D, C2P, P2C, false>(sB, sP, sQ, sK, pk, pq, p.pk_row_stride, p.pq_row_stride, p.rel_index, t0,
-                                         n_rel, tid);
-    // the tile's queries in two halves of 32 (registers: dk and dv are live)
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      constexpr int HM = BM / 2;
-      const int c0 = half * HM;
-      float s[HM / 8][4];  // s^T: rows = this warp's keys, columns = queries c0 ..
-      zero(s);
-      mma_tile_smem_a<T, ROW, D, HM, true>(s, sK, warp * 16, sQ + c0 * ROW, lane);
-      float dp[HM / 8][4];
-      zero(dp);
-      mma_tile_smem_a<T, ROW, D, HM, true>(dp, sV, warp * 16, sdO + c0 * ROW, lane);
-#pragma unroll
-      for (int j = 0; j < HM / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = c0 + j * 8 + 2 * t + (e & 1), kr = key_row + 8 * (e >> 1);
-          float x = s[j][e];
-          if constexpr (C2P || P2C) x += sB[col * BROW + kr];
-          const float pr = sBias[kr] == 0.f ? exp2f(x * p.scale_log2 - sL[col]) : 0.f;
-          s[j][e] = pr;                              // P^T
-          dp[j][e] = pr * (dp[j][e] - sDelta[col]);  // dS^T (unscaled)
-        }
+  // a padded key's gradients are exactly zero
+  const float keep0 = sBias[key_row] == 0.f ? 1.f : 0.f, keep1 = sBias[key_row + 8] == 0.f ? 1.f : 0.f;
+#pragma unroll 1
+  for (int d0 = 0; d0 < D; d0 += DH) {  // one sweep over the query tiles per column block of dk, dv
+    float dk[DH / 8][4], dv[DH / 8][4];
+    zero(dk);
+    zero(dv);
+#pragma unroll 1  // one query tile at a time (an unrolled sweep spills at D128)
+    for (int m0 = 0; live && m0 < len_q; m0 += BM) {
+      const int t0 = m0 - n0 + len_k - BN;
+      load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
+      load_tile_async<BM, D, NT>(sdO, dout, p.dout_row_stride, m0, len_q, tid);
+      cp_async_commit();
+      if (tid < BM) {
+        const int row = m0 + tid;
+        const int64_t at = b * p.lse_batch_stride + h * p.lse_head_stride + row;
+        sL[tid] = row < len_q ? p.lse[at] * attention::kLog2e : INFINITY;
+        sDelta[tid] = row < len_q ? p.delta[at] : 0.f;
       }
-      mma_tile_reg_a<T, ROW, HM, D>(dv, s, sdO + c0 * ROW, lane);
-      mma_tile_reg_a<T, ROW, HM, D>(dk, dp, sQ + c0 * ROW, lane);
-      if constexpr (P2C) {
+      position_tile<T, D, C2P, P2C, false>(sB, sP, sQ, sK, pk, pq, p.pk_row_stride, p.pq_row_stride, p.rel_index, t0,
+                                           n_rel, tid);
+      // the tile's queries in kQuerySplit pieces (registers: dk and dv are live)
+#pragma unroll(C::kPieceUnroll)
+      for (int piece = 0; piece < C::kQuerySplit; ++piece) {
+        constexpr int HM = BM / C::kQuerySplit;
+        const int c0 = piece * HM;
+        float s[HM / 8][4];  // s^T: rows = this warp's keys, columns = queries c0 ..
+        zero(s);
+        mma_tile_smem_a<T, ROW, D, HM, true, C::kKUnroll>(s, sK, warp * 16, sQ + c0 * ROW, lane);
+        float dp[HM / 8][4];
+        zero(dp);
+        mma_tile_smem_a<T, ROW, D, HM, true, C::kKUnroll>(dp, sV, warp * 16, sdO + c0 * ROW, lane);
 #pragma unroll
         for (int j = 0; j < HM / 8; ++j) {
 #pragma unroll
-          for (int e = 0; e < 4; ++e) sDS[(key_row + 8 * (e >> 1)) * BROW + c0 + j * 8 + 2 * t + (e & 1)] = dp[j][e];
+          for (int e = 0; e < 4; ++e) {
+            const int col = c0 + j * 8 + 2 * t + (e & 1), kr = key_row + 8 * (e >> 1);
+            float x = s[j][e];
+            if constexpr (C2P || P2C) x += sB[col * BROW + kr];
+            const float pr = sBias[kr] == 0.f ? exp2f(x * p.scale_log2 - sL[col]) : 0.f;
+            s[j][e] = pr;                              // P^T
+            dp[j][e] = pr * (dp[j][e] - sDelta[col]);  // dS^T (unscaled)
+          }
+        }
+        mma_tile_reg_a<T, ROW, HM, DH>(dv, s, sdO + c0 * ROW + d0, lane);
+        mma_tile_reg_a<T, ROW, HM, DH>(dk, dp, sQ + c0 * ROW + d0, lane);
+        if constexpr (P2C) {
+#pragma unroll
+          for (int j = 0; j < HM / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sDS[(key_row + 8 * (e >> 1)) * BROW + c0 + j * 8 + 2 * t + (e & 1)] = dp[j][e];
+          }
         }
       }
-    }
-    if constexpr (P2C) {
-      __syncwarp();
-      const float* ds = sDS + warp * 16 * BROW;  // ds[j * BROW + i] = dS[i, warp * 16 + j]
-      // the warp's keys touch diagonals BM - 16 (warp + 1) .. BM - 16 warp + 14 (+ BN - 64 = 0)
-      const int u_first = BM - 16 * (warp + 1);
+      if constexpr (P2C) {
+        __syncwarp();
+        const float* ds = sDS + warp * 16 * BROW;  // ds[j * BROW + i] = dS[i, warp * 16 + j]
+        // the warp's keys touch diagonals BM - 16 (warp + 1) .. BM - 16 warp + 14 (+ BN - 64 = 0)
+        const int u_first = BM - 16 * (warp + 1);
 #pragma unroll 1
-      for (int u0 = u_first; u0 < u_first + FwdConfig<D>::kWarpDiag; u0 += 16) {
-        uint32_t a[4];
-        a_fragment<T>(a, lane, [&](int j, int uu) {  // Y^T[warp * 16 + j, u0 + uu]
-          const int i = u0 + uu + warp * 16 + j - (BN - 1);
-          return i >= 0 && i < BM ? ds[j * BROW + i] : 0.f;
-        });
-        mma_a_kn<T, ROW, D>(dk, a, sP, u0, lane);
-        uint32_t a_lo[4];
-        a_fragment_split<T>(a, a_lo, lane, [&](int uu, int j) {  // Y[u0 + uu, warp * 16 + j]
-          const int i = u0 + uu + warp * 16 + j - (BN - 1);
-          return i >= 0 && i < BM ? ds[j * BROW + i] : 0.f;
-        });
-        add_dpos<T, ROW, D>(dpq, p.dpos_row_stride, p.rel_index, t0, u0, n_rel, a, a_lo, sK + warp * 16 * ROW,
-                            lane);
+        for (int u0 = u_first; u0 < u_first + FwdConfig<D>::kWarpDiag; u0 += 16) {
+          uint32_t a[4];
+          a_fragment<T>(a, lane, [&](int j, int uu) {  // Y^T[warp * 16 + j, u0 + uu]
+            const int i = u0 + uu + warp * 16 + j - (BN - 1);
+            return i >= 0 && i < BM ? ds[j * BROW + i] : 0.f;
+          });
+          mma_a_kn<T, ROW, DH>(dk, a, sP + d0, u0, lane);
+          if (d0 != 0) continue;  // dpos_query (every column) once, in the first sweep
+          uint32_t a_lo[4];
+          a_fragment_split<T>(a, a_lo, lane, [&](int uu, int j) {  // Y[u0 + uu, warp * 16 + j]
+            const int i = u0 + uu + warp * 16 + j - (BN - 1);
+            return i >= 0 && i < BM ? ds[j * BROW + i] : 0.f;
+          });
+          add_dpos<T, ROW, D>(dpq, p.dpos_row_stride, p.rel_index, t0, u0, n_rel, a, a_lo, sK + warp * 16 * ROW,
+                              lane);
+        }
       }
+      __syncthreads();  // sQ, sdO, sP, sB, sDS, sL, sDelta are refilled by the next tile
     }
-    __syncthreads();  // sQ, sdO, sP, sB, sDS, sL, sDelta are refilled by the next tile
+    cp_async_wait<0>();
+    __syncthreads();
+    stage_rows<T, DH, ROW>(sQ + d0, warp * 16, dk, p.scale * keep0, p.scale * keep1, lane);
+    stage_rows<T, DH, ROW>(sdO + d0, warp * 16, dv, keep0, keep1, lane);
+    __syncthreads();
+    T* dk_out = static_cast<T*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride + d0;
+    T* dv_out = static_cast<T*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride + d0;
+    store_tile<BN, DH, NT, T, ROW>(dk_out, p.dk_row_stride, n0, len_k, sQ + d0, tid);
+    store_tile<BN, DH, NT, T, ROW>(dv_out, p.dv_row_stride, n0, len_k, sdO + d0, tid);
+    if (d0 + DH < D) __syncthreads();  // the next sweep refills sQ and sdO
   }
-  cp_async_wait<0>();
-  __syncthreads();
-  // a padded key's gradients are exactly zero
-  const float keep0 = sBias[key_row] == 0.f ? 1.f : 0.f, keep1 = sBias[key_row + 8] == 0.f ? 1.f : 0.f;
-  stage_rows<T, D>(sQ, warp * 16, dk, p.scale * keep0, p.scale * keep1, lane);
-  stage_rows<T, D>(sdO, warp * 16, dv, keep0, keep1, lane);
-  __syncthreads();
-  T* dk_out = static_cast<T*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride;
-  T* dv_out = static_cast<T*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride;
-  store_tile<BN, D, NT>(dk_out, p.dk_row_stride, n0, len_k, sQ, tid);
-  store_tile<BN, D, NT>(dv_out, p.dv_row_stride, n0, len_k, sdO, tid);
 }
 
 template <typename T, int D>

@@ -26,16 +26,15 @@
 namespace forkattn::kernels::disentangled {
 
 using attention::cdiv;
-using attention::cp_async16;
 using attention::cp_async_commit;
 using attention::cp_async_wait;
-using attention::kLn2;
+using attention::finish_rows;
+using attention::load_first_tiles;
 using attention::load_tile_async;
 using attention::mma_tile_reg_a;
 using attention::mma_tile_smem_a;
 using attention::next_key_tile;
-using attention::quad_max;
-using attention::quad_sum;
+using attention::online_softmax_step;
 using attention::set_smem;
 using attention::stage_rows;
 using attention::store_tile;
@@ -57,6 +56,22 @@ struct FwdConfig {
   static_assert(kPosRows == 2 * 16 * kWarps, "p2c: two 16-row diagonal tiles per warp");
 };
 
+// The operands of batch entry b, head h: q, k, v, the position rows of the enabled terms
+// (nullptr otherwise) and the key mask (nullptr: none). Shared by the forward and both backward
+// kernels.
+template <typename T, bool C2P, bool P2C>
+struct HeadOperands {
+  const T *q, *k, *v, *pk, *pq;
+  const bool* mask;
+  __device__ __forceinline__ HeadOperands(const DisentangledFwdParams& p, int b, int h)
+      : q(static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride),
+        k(static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride),
+        v(static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride),
+        pk(C2P ? static_cast<const T*>(p.pos_key) + h * p.pk_head_stride : nullptr),
+        pq(P2C ? static_cast<const T*>(p.pos_query) + h * p.pq_head_stride : nullptr),
+        mask(p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr) {}
+};
+
 // Rows u = 0..ROWS-1 of a position tile: pos[rel[t0 + u]] for u < n_diag and 0 <= t0 + u < n_rel,
 // zeros elsewhere. rel's entries are rows of pos (checked by the host).
 template <int ROWS, int D, int THREADS, typename T>
@@ -71,7 +86,7 @@ __device__ __forceinline__ void load_pos_rows_async(T* tile, const T* pos, int64
     const int t = t0 + r;
     const bool valid = r < n_diag && t >= 0 && t < n_rel;
     const T* src = valid ? pos + rel[t] * row_stride + c * 8 : pos;
-    cp_async16(tile + r * attention::Smem<D>::kRow + c * 8, src, valid);
+    attention::cp_async16(tile + r * attention::Smem<D>::kRow + c * 8, src, valid);
   }
 }
 
@@ -79,7 +94,7 @@ __device__ __forceinline__ void load_pos_rows_async(T* tile, const T* pos, int64
 // ADD, added) at sB[u + j' - BN + 1][j'], every (i', j') of the tile once; warp w takes diagonals
 // 32w .. 32w + 31, in pieces of 16 diagonals x 16 keys, one at a time (registers: the caller's
 // accumulators are live; wider pieces spill at head_dim 128).
-template <typename T, int D, bool ADD>
+template <typename T, int D, bool ADD, int K_UNROLL = D / 16>
 __device__ __forceinline__ void p2c_into(float* sB, const T* sP, const T* sKs, int warp, int lane) {
   using C = FwdConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, BROW = C::kBRow;
@@ -89,7 +104,7 @@ __device__ __forceinline__ void p2c_into(float* sB, const T* sP, const T* sKs, i
     const int u_base = (2 * warp + piece / (BN / 16)) * 16, c_base = (piece % (BN / 16)) * 16;
     float c[2][4];
     zero(c);
-    mma_tile_smem_a<T, ROW, D, 16, true>(c, sP, u_base, sKs + c_base * ROW, lane);
+    mma_tile_smem_a<T, ROW, D, 16, true, K_UNROLL>(c, sP, u_base, sKs + c_base * ROW, lane);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -105,7 +120,7 @@ __device__ __forceinline__ void p2c_into(float* sB, const T* sP, const T* sKs, i
 // c2p of a tile into the warp's own 16 rows of sB: C[i', u] = q_i' . G_k[u] (G_k in sP) stored (or
 // added) at sB[i'][i' - u + BN - 1]; the rows touch diagonals 16w .. 16w + 16 + BN - 2, taken in
 // pieces of 16, one at a time.
-template <typename T, int D, bool ADD>
+template <typename T, int D, bool ADD, int K_UNROLL = D / 16>
 __device__ __forceinline__ void c2p_into(float* sB, const T* sP, const T* sQ, int warp, int lane) {
   using C = FwdConfig<D>;
   constexpr int BN = C::kBlockN, ROW = C::kRow, BROW = C::kBRow;
@@ -114,7 +129,7 @@ __device__ __forceinline__ void c2p_into(float* sB, const T* sP, const T* sQ, in
   for (int u0 = warp * 16; u0 < warp * 16 + C::kWarpDiag; u0 += 16) {
     float c[2][4];
     zero(c);
-    mma_tile_smem_a<T, ROW, D, 16, true>(c, sQ, warp * 16, sP + u0 * ROW, lane);
+    mma_tile_smem_a<T, ROW, D, 16, true, K_UNROLL>(c, sQ, warp * 16, sP + u0 * ROW, lane);
 #pragma unroll
     for (int j = 0; j < 2; ++j) {
 #pragma unroll
@@ -143,22 +158,13 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
   const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
   const int m0 = blockIdx.x * BM, h = blockIdx.y, b = blockIdx.z;
   const int len_q = p.len_q, len_k = p.len_k, n_rel = len_q + len_k - 1;
-  const T* q = static_cast<const T*>(p.q) + b * p.q_batch_stride + h * p.q_head_stride;
-  const T* k = static_cast<const T*>(p.k) + b * p.k_batch_stride + h * p.k_head_stride;
-  const T* v = static_cast<const T*>(p.v) + b * p.v_batch_stride + h * p.v_head_stride;
-  const T* pk = C2P ? static_cast<const T*>(p.pos_key) + h * p.pk_head_stride : nullptr;
-  const T* pq = P2C ? static_cast<const T*>(p.pos_query) + h * p.pq_head_stride : nullptr;
-  const bool* mask = p.key_padding_mask ? p.key_padding_mask + b * p.mask_batch_stride : nullptr;
+  const HeadOperands<T, C2P, P2C> in(p, b, h);
+  const T *q = in.q, *k = in.k, *v = in.v, *pk = in.pk, *pq = in.pq;
+  const bool* mask = in.mask;
   const int n_tiles = cdiv(len_k, BN);
 
-  load_tile_async<BM, D, NT>(sQ, q, p.q_row_stride, m0, len_q, tid);
-  cp_async_commit();
-  int n = next_key_tile<BN, NT>(0, n_tiles, mask, len_k, sBias, tid);
-  if (n < n_tiles) {
-    load_tile_async<BN, D, NT>(sK, k, p.k_row_stride, n * BN, len_k, tid, mask);
-    load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n * BN, len_k, tid, mask);
-  }
-  cp_async_commit();
+  int n = load_first_tiles<BM, BN, D, NT>(sQ, sK, sV, sBias, q, p.q_row_stride, m0, len_q, k, p.k_row_stride, v,
+                                          p.v_row_stride, n_tiles, mask, len_k, tid);
 
   float acc[D / 8][4];
   zero(acc);
@@ -214,29 +220,7 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
         s[j][e] = bias[col] == 0.f ? x * p.scale_log2 : -INFINITY;
       }
     }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = row_max[r];
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
-      mx = quad_max(mx);
-      const float base = mx == -INFINITY ? 0.f : mx;  // a row with nothing visible yet stays at 0
-      const float alpha = exp2f(row_max[r] - base);
-      row_max[r] = mx;
-      float sum = 0.f;
-#pragma unroll
-      for (int j = 0; j < BN / 8; ++j) {
-        s[j][2 * r] = exp2f(s[j][2 * r] - base);
-        s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - base);
-        sum += s[j][2 * r] + s[j][2 * r + 1];
-      }
-      row_sum[r] = row_sum[r] * alpha + sum;
-#pragma unroll
-      for (int j = 0; j < D / 8; ++j) {
-        acc[j][2 * r] *= alpha;
-        acc[j][2 * r + 1] *= alpha;
-      }
-    }
+    online_softmax_step(s, acc, row_max, row_sum);
     mma_tile_reg_a<T, ROW, BN, D>(acc, s, sVs, lane);
 
     __syncthreads();  // this stage, sP and sB are refilled by the next iteration
@@ -246,18 +230,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
   cp_async_wait<0>();
   __syncthreads();
 
-  float mul[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float l = quad_sum(row_sum[r]);
-    const int row = row_base + r * 8;
-    // a row that sees no key (l == 0) writes zeros
-    mul[r] = l != 0.f ? 1.f / l : 0.f;
-    if (t == 0 && row < len_q) {
-      p.lse[b * p.lse_batch_stride + h * p.lse_head_stride + row] = l != 0.f ? (row_max[r] + log2f(l)) * kLn2 : INFINITY;
-    }
-  }
-  stage_rows<T, D>(sQ, warp * 16, acc, mul[0], mul[1], lane);  // each warp reuses its own Q rows
+  finish_rows<T, D>(sQ, acc, row_max, row_sum, 1.f, p.lse + b * p.lse_batch_stride + h * p.lse_head_stride, row_base,
+                    len_q, warp, lane);
   __syncthreads();
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
   store_tile<BM, D, NT>(out, p.out_row_stride, m0, len_q, sQ, tid);

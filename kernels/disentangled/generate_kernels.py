@@ -17,13 +17,9 @@ LAUNCHERS = {
 }
 
 
-BWD_HEAD_DIMS = (64,)  # DeBERTa-v2/v3's head_dim; 32 and 128 spill in the dk/dv kernel (see launch.cu)
-
-
 def files() -> dict:
-    """file name -> contents."""
-    return {name: text for name, text in instantiations("disentangled", LAUNCHERS).items()
-            if not name.startswith("disentangled_bwd") or any(name.endswith(f"_hdim{d}.cu") for d in BWD_HEAD_DIMS)}
+    """file name -> contents: forward and backward at every head_dim of generate.HEAD_DIMS."""
+    return instantiations("disentangled", LAUNCHERS)
 
 
 if __name__ == "__main__":

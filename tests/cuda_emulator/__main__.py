@@ -49,6 +49,7 @@ def disentangled_main(quick):
     cases = disentangled_checks.QUICK if quick else disentangled_checks.FULL
     disentangled_checks.run_all(cases)
     disentangled_checks.run_all_bwd(cases)
+    disentangled_checks.run_all_bwd(disentangled_checks.BWD_QUICK if quick else disentangled_checks.BWD_FULL)
 
 
 def main(argv=None):

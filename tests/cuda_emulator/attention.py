@@ -141,6 +141,42 @@ def quad_sum(x):
     return (x + x[TID ^ 2]).astype(F32)
 
 
+def online_softmax_step(s, acc, row_max, row_sum):
+    """common.cuh's online_softmax_step: one key tile of base-2 scores s [NT, N, 4] (-inf where not
+    visible) becomes exp2(s - new max) in place; row_max, row_sum [NT, 2] and acc move to it."""
+    for r in range(2):
+        mx = row_max[:, r].copy()
+        for j in range(s.shape[1]):
+            mx = np.fmax(mx, np.fmax(s[:, j, 2 * r], s[:, j, 2 * r + 1]))
+        mx = quad_max(mx)
+        base = np.where(mx == -INF, F32(0), mx).astype(F32)
+        alpha = np.exp2(row_max[:, r] - base).astype(F32)
+        row_max[:, r] = mx
+        ssum = np.zeros(NT, F32)
+        for j in range(s.shape[1]):
+            s[:, j, 2 * r] = np.exp2(s[:, j, 2 * r] - base)
+            s[:, j, 2 * r + 1] = np.exp2(s[:, j, 2 * r + 1] - base)
+            ssum = (ssum + s[:, j, 2 * r] + s[:, j, 2 * r + 1]).astype(F32)
+        row_sum[:, r] = row_sum[:, r] * alpha + ssum
+        acc[:, :, 2 * r] *= alpha[:, None]
+        acc[:, :, 2 * r + 1] *= alpha[:, None]
+
+
+def finish_rows(sm, sQ, ROW, acc, D, row_max, row_sum, out_mul, lse, lse_off, row_base, len_q):
+    """common.cuh's finish_rows: the output rows times out_mul / l staged into the warp's rows of sQ
+    (zeros where l == 0: the row sees no key; NaN l: a NaN score, the row is NaN), lse at lse_off + row."""
+    mul = np.zeros((NT, 2), F32)
+    for r in range(2):
+        l = quad_sum(row_sum[:, r])
+        row = row_base + r * 8
+        live = l != 0
+        mul[:, r] = np.where(live, out_mul / np.where(live, l, F32(1)), F32(0))
+        w = (TQ == 0) & (row < len_q)
+        lse_val = np.where(live, (row_max[:, r] + np.log2(np.where(live, l, F32(1)))) * kLn2, INF).astype(F32)
+        lse.write(lse_off + row[w], lse_val[w])
+    stage_rows(sm, sQ, ROW, WARP * 16, acc, D, mul[:, 0], mul[:, 1])
+
+
 def sequence(p, b):
     if p.cu_seqlens_q is None:
         return 0, 0, p.len_q, p.len_k
@@ -215,22 +251,7 @@ def attention_fwd_kernel(p, D, CAUSAL, blockIdx, DROPOUT=False):
                 if diagonal:
                     x = np.where(n0 + col > row_base + (e >> 1) * 8 + offset, -INF, x)
                 s[:, j, e] = x
-        for r in range(2):
-            mx = row_max[:, r].copy()
-            for j in range(BN // 8):
-                mx = np.fmax(mx, np.fmax(s[:, j, 2 * r], s[:, j, 2 * r + 1]))
-            mx = quad_max(mx)
-            base = np.where(mx == -INF, F32(0), mx).astype(F32)
-            alpha = np.exp2(row_max[:, r] - base).astype(F32)
-            row_max[:, r] = mx
-            ssum = np.zeros(NT, F32)
-            for j in range(BN // 8):
-                s[:, j, 2 * r] = np.exp2(s[:, j, 2 * r] - base)
-                s[:, j, 2 * r + 1] = np.exp2(s[:, j, 2 * r + 1] - base)
-                ssum = (ssum + s[:, j, 2 * r] + s[:, j, 2 * r + 1]).astype(F32)
-            row_sum[:, r] = row_sum[:, r] * alpha + ssum
-            acc[:, :, 2 * r] *= alpha[:, None]
-            acc[:, :, 2 * r + 1] *= alpha[:, None]
+        online_softmax_step(s, acc, row_max, row_sum)
         if DROPOUT:
             keep = dropout_keep_rows(drop, row_base, n0, BN // 8)
             for j in range(BN // 8):
@@ -244,16 +265,8 @@ def attention_fwd_kernel(p, D, CAUSAL, blockIdx, DROPOUT=False):
     sm.wait(0)
     sm.barrier()
 
-    mul = np.zeros((NT, 2), F32)
-    for r in range(2):
-        l = quad_sum(row_sum[:, r])
-        row = row_base + r * 8
-        live = l != 0  # l == 0: the row sees no key (zeros); NaN l: a NaN score, the row is NaN
-        mul[:, r] = np.where(live, F32(p.dropout_scale if DROPOUT else 1) / np.where(live, l, F32(1)), F32(0))
-        w = (TQ == 0) & (row < len_q)
-        lse_val = np.where(live, (row_max[:, r] + np.log2(np.where(live, l, F32(1)))) * kLn2, INF).astype(F32)
-        p.lse.write(b * p.lse_batch_stride + h * p.lse_head_stride + q_start + row[w], lse_val[w])
-    stage_rows(sm, sQ, ROW, WARP * 16, acc, D, mul[:, 0], mul[:, 1])
+    finish_rows(sm, sQ, ROW, acc, D, row_max, row_sum, F32(p.dropout_scale if DROPOUT else 1), p.lse,
+                b * p.lse_batch_stride + h * p.lse_head_stride + q_start, row_base, len_q)
     sm.barrier()
     out = p.out + b * p.out_batch_stride + h * p.out_head_stride + q_start * p.out_row_stride
     store_tile(sm, out, p.out_row_stride, m0, len_q, sQ, ROW, BM, D)

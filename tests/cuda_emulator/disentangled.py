@@ -94,6 +94,14 @@ def syncwarp(sm):
     sm.barrier()  # see the module docstring
 
 
+def head_operands(p, b, h, C2P, P2C):
+    """fwd_kernel.cuh's HeadOperands: q, k, v, pos_key, pos_query (None when the term is off), mask."""
+    return (p.q + b * p.q_batch_stride + h * p.q_head_stride, p.k + b * p.k_batch_stride + h * p.k_head_stride,
+            p.v + b * p.v_batch_stride + h * p.v_head_stride,
+            p.pos_key + h * p.pk_head_stride if C2P else None, p.pos_query + h * p.pq_head_stride if P2C else None,
+            p.key_padding_mask + b * p.mask_batch_stride if p.key_padding_mask is not None else None)
+
+
 def disentangled_fwd_kernel(p, D, C2P, P2C, blockIdx):
     ROW, BROW = D + 8, BN + 8
     kSmem = (BM + 4 * BN + POS_ROWS) * ROW * 2 + (BM * BROW + 2 * BN) * 4
@@ -110,12 +118,7 @@ def disentangled_fwd_kernel(p, D, C2P, P2C, blockIdx):
     m0, h, b = blockIdx[0] * BM, blockIdx[1], blockIdx[2]
     len_q, len_k = p.len_q, p.len_k
     n_rel = len_q + len_k - 1
-    q = p.q + b * p.q_batch_stride + h * p.q_head_stride
-    k = p.k + b * p.k_batch_stride + h * p.k_head_stride
-    v = p.v + b * p.v_batch_stride + h * p.v_head_stride
-    pk = p.pos_key + h * p.pk_head_stride if C2P else None
-    pq = p.pos_query + h * p.pq_head_stride if P2C else None
-    mask = p.key_padding_mask + b * p.mask_batch_stride if p.key_padding_mask is not None else None
+    q, k, v, pk, pq, mask = head_operands(p, b, h, C2P, P2C)
     n_tiles = at.cdiv(len_k, BN)
 
     at.load_tile_async(sm, sQ, ROW, q, p.q_row_stride, m0, len_q, BM, D)
@@ -169,22 +172,7 @@ def disentangled_fwd_kernel(p, D, C2P, P2C, blockIdx):
                 if kPos:
                     x = (x + sm.read_f(sB + 4 * ((WARP * 16 + G + (e >> 1) * 8) * BROW + col), TID)).astype(F32)
                 s[:, j, e] = np.where(sm.read_f(bias + 4 * col, TID) == 0, (x * F32(p.scale_log2)).astype(F32), -INF)
-        for r in range(2):
-            mx = row_max[:, r].copy()
-            for j in range(BN // 8):
-                mx = np.fmax(mx, np.fmax(s[:, j, 2 * r], s[:, j, 2 * r + 1]))
-            mx = at.quad_max(mx)
-            base = np.where(mx == -INF, F32(0), mx).astype(F32)
-            alpha = np.exp2(row_max[:, r] - base).astype(F32)
-            row_max[:, r] = mx
-            ssum = np.zeros(NT, F32)
-            for j in range(BN // 8):
-                s[:, j, 2 * r] = np.exp2(s[:, j, 2 * r] - base)
-                s[:, j, 2 * r + 1] = np.exp2(s[:, j, 2 * r + 1] - base)
-                ssum = (ssum + s[:, j, 2 * r] + s[:, j, 2 * r + 1]).astype(F32)
-            row_sum[:, r] = row_sum[:, r] * alpha + ssum
-            acc[:, :, 2 * r] *= alpha[:, None]
-            acc[:, :, 2 * r + 1] *= alpha[:, None]
+        at.online_softmax_step(s, acc, row_max, row_sum)
         at.mma_tile_reg_a(sm, acc, s, sVs, ROW, BN, D)
 
         sm.barrier()
@@ -193,16 +181,8 @@ def disentangled_fwd_kernel(p, D, C2P, P2C, blockIdx):
     sm.wait(0)
     sm.barrier()
 
-    mul = np.zeros((NT, 2), F32)
-    for r in range(2):
-        l = at.quad_sum(row_sum[:, r])
-        row = row_base + r * 8
-        live = l != 0
-        mul[:, r] = np.where(live, F32(1) / np.where(live, l, F32(1)), F32(0))
-        w = (TQ == 0) & (row < len_q)
-        lse_val = np.where(live, (row_max[:, r] + np.log2(np.where(live, l, F32(1)))) * at.kLn2, INF).astype(F32)
-        p.lse.write(b * p.lse_batch_stride + h * p.lse_head_stride + row[w], lse_val[w])
-    at.stage_rows(sm, sQ, ROW, WARP * 16, acc, D, mul[:, 0], mul[:, 1])
+    at.finish_rows(sm, sQ, ROW, acc, D, row_max, row_sum, F32(1), p.lse, b * p.lse_batch_stride + h * p.lse_head_stride,
+                   row_base, len_q)
     sm.barrier()
     out = p.out + b * p.out_batch_stride + h * p.out_head_stride
     at.store_tile(sm, out, p.out_row_stride, m0, len_q, sQ, ROW, BM, D)
@@ -216,6 +196,24 @@ def run_disentangled_fwd(p):
 
 
 # --- host: csrc/disentangled.cpp (checks, allocation) + csrc/cuda/disentangled_cuda.cpp ------------
+
+def fill_terms(p, H, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c):
+    """fill_fwd's position and mask fields (disentangled_cuda.cpp), shared by forward and backward."""
+    p.c2p, p.p2c = c2p, p2c
+    for name, pos, used, attr in (("pos_key", pos_key, c2p, "pk"), ("pos_query", pos_query, p2c, "pq")):
+        if used:
+            ph = at._h(name, at.rows_aligned(pos.expand(H, -1, -1)))
+            setattr(p, name, ph.ptr())
+            setattr(p, attr + "_head_stride", ph.stride[0])
+            setattr(p, attr + "_row_stride", ph.stride[1])
+    p.rel_index = HostTensor("rel_index", rel_index.contiguous()).ptr()
+    if key_padding_mask is not None:
+        mh = at._h("key_padding_mask", key_padding_mask)
+        assert mh.stride[1] == 1
+        p.key_padding_mask, p.mask_batch_stride = mh.ptr(), mh.stride[0]
+    else:
+        p.key_padding_mask, p.mask_batch_stride = None, 0
+
 
 def disentangled_attention_fwd_cuda(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c):
     """q [B, H, Lq, D], k/v [B, H, Lk, D] fp16; pos_* [H or 1, rows, D] or None -> (out, lse)."""
@@ -237,21 +235,7 @@ def disentangled_attention_fwd_cuda(q, k, v, pos_key, pos_query, rel_index, key_
     p.q_batch_stride, p.q_head_stride, p.q_row_stride = qh.stride[:3]
     p.k_batch_stride, p.k_head_stride, p.k_row_stride = kh.stride[:3]
     p.v_batch_stride, p.v_head_stride, p.v_row_stride = vh.stride[:3]
-    p.c2p, p.p2c = c2p, p2c
-    for name, pos, used in (("pos_key", pos_key, c2p), ("pos_query", pos_query, p2c)):
-        attr = "pk" if name == "pos_key" else "pq"
-        if used:
-            ph = at._h(name, at.rows_aligned(pos.expand(H, -1, -1)))
-            setattr(p, name, ph.ptr())
-            setattr(p, attr + "_head_stride", ph.stride[0])
-            setattr(p, attr + "_row_stride", ph.stride[1])
-    p.rel_index = HostTensor("rel_index", rel_index.contiguous()).ptr()
-    if key_padding_mask is not None:
-        mh = at._h("key_padding_mask", key_padding_mask)
-        assert mh.stride[1] == 1
-        p.key_padding_mask, p.mask_batch_stride = mh.ptr(), mh.stride[0]
-    else:
-        p.key_padding_mask, p.mask_batch_stride = None, 0
+    fill_terms(p, H, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c)
     p.out = out.ptr()
     p.out_batch_stride, p.out_head_stride, p.out_row_stride = out.stride[:3]
     p.lse = lse.buf
@@ -360,6 +344,21 @@ def add_dpos(sm, dpos, row_stride, rel, t0, u0, n_rel, a, a_lo, b_tile, ROW, D):
                     np.add.at(dpos.buf.a, off, c[ok, x, e])  # atomicAdd
 
 
+def query_split(D):
+    """BwdConfig<D>::kQuerySplit: the dk/dv kernel's query pieces per tile."""
+    return {32: 1, 64: 2, 128: 2}[D]
+
+
+def d_split(D):
+    """BwdConfig<D>::kDSplit: the dk/dv kernel's sweeps, one per column block of dk and dv."""
+    return 2 if D == 128 else 1
+
+
+def query_pieces(HM):
+    """The first query column of each piece (tests patch this to drop one)."""
+    return range(0, BM, HM)
+
+
 def _bwd_smem(D):
     ROW, BROW = D + 8, BN + 8
     kSmem = (2 * BM + 2 * BN + POS_ROWS) * ROW * 2 + (2 * BM * BROW + BN + 2 * BM) * 4
@@ -382,14 +381,9 @@ def disentangled_bwd_dq_kernel(p, D, C2P, P2C, blockIdx):
     m0, h, b = blockIdx[0] * BM, blockIdx[1], blockIdx[2]
     len_q, len_k = p.len_q, p.len_k
     n_rel = len_q + len_k - 1
-    q = p.q + b * p.q_batch_stride + h * p.q_head_stride
+    q, k, v, pk, pq, mask = head_operands(p, b, h, C2P, P2C)
     dout = p.dout + b * p.dout_batch_stride + h * p.dout_head_stride
-    k = p.k + b * p.k_batch_stride + h * p.k_head_stride
-    v = p.v + b * p.v_batch_stride + h * p.v_head_stride
-    pk = p.pos_key + h * p.pk_head_stride if C2P else None
-    pq = p.pos_query + h * p.pq_head_stride if P2C else None
     dpk = p.dpos_key + h * p.dpos_head_stride if C2P else None
-    mask = p.key_padding_mask + b * p.mask_batch_stride if p.key_padding_mask is not None else None
     n_tiles = at.cdiv(len_k, BN)
 
     at.load_tile_async(sm, sQ, ROW, q, p.q_row_stride, m0, len_q, BM, D)
@@ -460,14 +454,9 @@ def disentangled_bwd_dkdv_kernel(p, D, C2P, P2C, blockIdx):
     n0, h, b = blockIdx[0] * BN, blockIdx[1], blockIdx[2]
     len_q, len_k = p.len_q, p.len_k
     n_rel = len_q + len_k - 1
-    q = p.q + b * p.q_batch_stride + h * p.q_head_stride
+    q, k, v, pk, pq, mask = head_operands(p, b, h, C2P, P2C)
     dout = p.dout + b * p.dout_batch_stride + h * p.dout_head_stride
-    k = p.k + b * p.k_batch_stride + h * p.k_head_stride
-    v = p.v + b * p.v_batch_stride + h * p.v_head_stride
-    pk = p.pos_key + h * p.pk_head_stride if C2P else None
-    pq = p.pos_query + h * p.pq_head_stride if P2C else None
     dpq = p.dpos_query + h * p.dpos_head_stride if P2C else None
-    mask = p.key_padding_mask + b * p.mask_batch_stride if p.key_padding_mask is not None else None
 
     key = n0 + TID
     visible = (TID < BN) & (key < len_k)
@@ -480,77 +469,85 @@ def disentangled_bwd_dkdv_kernel(p, D, C2P, P2C, blockIdx):
     at.load_tile_async(sm, sV, ROW, v, p.v_row_stride, n0, len_k, BN, D, mask)
     sm.commit()
 
-    dk = np.zeros((NT, D // 8, 4), F32)
-    dv = np.zeros((NT, D // 8, 4), F32)
+    DH = D // d_split(D)
     key_row = WARP * 16 + G
-    m0 = 0
-    while live and m0 < len_q:
-        t0 = m0 - n0 + len_k - BN
-        at.load_tile_async(sm, sQ, ROW, q, p.q_row_stride, m0, len_q, BM, D)
-        at.load_tile_async(sm, sdO, ROW, dout, p.dout_row_stride, m0, len_q, BM, D)
-        sm.commit()
-        w = TID < BM
-        row = m0 + TID[w]
-        ok = row < len_q
-        a_ = b * p.lse_batch_stride + h * p.lse_head_stride + row
-        lv, dv_ = np.full(row.size, INF, F32), np.zeros(row.size, F32)
-        lv[ok] = (p.lse.read(a_[ok]) * at.kLog2e).astype(F32)
-        dv_[ok] = p.delta.read(a_[ok])
-        sm.write_f(sL + 4 * TID[w], lv, TID[w])
-        sm.write_f(sDelta + 4 * TID[w], dv_, TID[w])
-        position_tile(sm, sB, BROW, sP, ROW, sQ, sK, pk, pq, p, t0, n_rel, D, C2P, P2C, False)
-        HM = BM // 2
-        for half in range(2):
-            c0 = half * HM
-            s = np.zeros((NT, HM // 8, 4), F32)
-            at.mma_tile_smem_a(sm, s, sK, ROW, WARP * 16, sQ + 2 * c0 * ROW, D, HM, True)
-            dp = np.zeros((NT, HM // 8, 4), F32)
-            at.mma_tile_smem_a(sm, dp, sV, ROW, WARP * 16, sdO + 2 * c0 * ROW, D, HM, True)
-            for j in range(HM // 8):
-                for e in range(4):
-                    col = c0 + j * 8 + 2 * TQ + (e & 1)
-                    kr = key_row + 8 * (e >> 1)
-                    x = s[:, j, e]
-                    if C2P or P2C:
-                        x = (x + sm.read_f(sB + 4 * (col * BROW + kr), TID)).astype(F32)
-                    vis = sm.read_f(sBias + 4 * kr, TID) == 0
-                    pr = np.where(vis, np.exp2((x * F32(p.scale_log2)).astype(F32) - sm.read_f(sL + 4 * col, TID)),
-                                  F32(0)).astype(F32)
-                    s[:, j, e] = pr
-                    dp[:, j, e] = (pr * (dp[:, j, e] - sm.read_f(sDelta + 4 * col, TID))).astype(F32)
-            at.mma_tile_reg_a(sm, dv, s, sdO + 2 * c0 * ROW, ROW, HM, D)
-            at.mma_tile_reg_a(sm, dk, dp, sQ + 2 * c0 * ROW, ROW, HM, D)
-            if P2C:
-                for j in range(HM // 8):
-                    for e in range(4):
-                        sm.write_f(sDS + 4 * ((key_row + 8 * (e >> 1)) * BROW + c0 + j * 8 + 2 * TQ + (e & 1)),
-                                   dp[:, j, e], TID)
-        if P2C:
-            syncwarp(sm)
-            ds = sDS + 4 * WARP * 16 * BROW
-            u_first = BM - 16 * (WARP + 1)
-            for piece in range(WARP_DIAG // 16):
-                u0 = u_first + piece * 16
-
-                def y_t(jl, uu):
-                    i = u0 + uu + WARP * 16 + jl - (BN - 1)
-                    return read_ds(sm, ds, BROW, jl, i, (i >= 0) & (i < BM))
-
-                a = a_fragment(y_t)
-                mma_a_kn(sm, dk, a, sP, ROW, u0, D)
-                a, a_lo = a_fragment_split(lambda uu, jl: y_t(jl, uu))
-                add_dpos(sm, dpq, p.dpos_row_stride, p.rel_index, t0, u0, n_rel, a, a_lo, sK + 2 * WARP * 16 * ROW, ROW, D)
-        sm.barrier()
-        m0 += BM
-    sm.wait(0)
-    sm.barrier()
     keep0 = np.where(sm.read_f(sBias + 4 * key_row, TID) == 0, F32(1), F32(0))
     keep1 = np.where(sm.read_f(sBias + 4 * (key_row + 8), TID) == 0, F32(1), F32(0))
-    at.stage_rows(sm, sQ, ROW, WARP * 16, dk, D, F32(p.scale) * keep0, F32(p.scale) * keep1)
-    at.stage_rows(sm, sdO, ROW, WARP * 16, dv, D, keep0, keep1)
-    sm.barrier()
-    at.store_tile(sm, p.dk + b * p.dk_batch_stride + h * p.dk_head_stride, p.dk_row_stride, n0, len_k, sQ, ROW, BN, D)
-    at.store_tile(sm, p.dv + b * p.dv_batch_stride + h * p.dv_head_stride, p.dv_row_stride, n0, len_k, sdO, ROW, BN, D)
+    for d0 in range(0, D, DH):  # one sweep over the query tiles per column block of dk, dv
+        dk = np.zeros((NT, DH // 8, 4), F32)
+        dv = np.zeros((NT, DH // 8, 4), F32)
+        m0 = 0
+        while live and m0 < len_q:
+            t0 = m0 - n0 + len_k - BN
+            at.load_tile_async(sm, sQ, ROW, q, p.q_row_stride, m0, len_q, BM, D)
+            at.load_tile_async(sm, sdO, ROW, dout, p.dout_row_stride, m0, len_q, BM, D)
+            sm.commit()
+            w = TID < BM
+            row = m0 + TID[w]
+            ok = row < len_q
+            a_ = b * p.lse_batch_stride + h * p.lse_head_stride + row
+            lv, dv_ = np.full(row.size, INF, F32), np.zeros(row.size, F32)
+            lv[ok] = (p.lse.read(a_[ok]) * at.kLog2e).astype(F32)
+            dv_[ok] = p.delta.read(a_[ok])
+            sm.write_f(sL + 4 * TID[w], lv, TID[w])
+            sm.write_f(sDelta + 4 * TID[w], dv_, TID[w])
+            position_tile(sm, sB, BROW, sP, ROW, sQ, sK, pk, pq, p, t0, n_rel, D, C2P, P2C, False)
+            HM = BM // query_split(D)
+            for c0 in query_pieces(HM):
+                s = np.zeros((NT, HM // 8, 4), F32)
+                at.mma_tile_smem_a(sm, s, sK, ROW, WARP * 16, sQ + 2 * c0 * ROW, D, HM, True)
+                dp = np.zeros((NT, HM // 8, 4), F32)
+                at.mma_tile_smem_a(sm, dp, sV, ROW, WARP * 16, sdO + 2 * c0 * ROW, D, HM, True)
+                for j in range(HM // 8):
+                    for e in range(4):
+                        col = c0 + j * 8 + 2 * TQ + (e & 1)
+                        kr = key_row + 8 * (e >> 1)
+                        x = s[:, j, e]
+                        if C2P or P2C:
+                            x = (x + sm.read_f(sB + 4 * (col * BROW + kr), TID)).astype(F32)
+                        vis = sm.read_f(sBias + 4 * kr, TID) == 0
+                        pr = np.where(vis, np.exp2((x * F32(p.scale_log2)).astype(F32) - sm.read_f(sL + 4 * col, TID)),
+                                      F32(0)).astype(F32)
+                        s[:, j, e] = pr
+                        dp[:, j, e] = (pr * (dp[:, j, e] - sm.read_f(sDelta + 4 * col, TID))).astype(F32)
+                at.mma_tile_reg_a(sm, dv, s, sdO + 2 * (c0 * ROW + d0), ROW, HM, DH)
+                at.mma_tile_reg_a(sm, dk, dp, sQ + 2 * (c0 * ROW + d0), ROW, HM, DH)
+                if P2C:
+                    for j in range(HM // 8):
+                        for e in range(4):
+                            sm.write_f(sDS + 4 * ((key_row + 8 * (e >> 1)) * BROW + c0 + j * 8 + 2 * TQ + (e & 1)),
+                                       dp[:, j, e], TID)
+            if P2C:
+                syncwarp(sm)
+                ds = sDS + 4 * WARP * 16 * BROW
+                u_first = BM - 16 * (WARP + 1)
+                for piece in range(WARP_DIAG // 16):
+                    u0 = u_first + piece * 16
+
+                    def y_t(jl, uu):
+                        i = u0 + uu + WARP * 16 + jl - (BN - 1)
+                        return read_ds(sm, ds, BROW, jl, i, (i >= 0) & (i < BM))
+
+                    a = a_fragment(y_t)
+                    mma_a_kn(sm, dk, a, sP + 2 * d0, ROW, u0, DH)
+                    if d0 != 0:
+                        continue  # dpos_query once, in the first sweep
+                    a, a_lo = a_fragment_split(lambda uu, jl: y_t(jl, uu))
+                    add_dpos(sm, dpq, p.dpos_row_stride, p.rel_index, t0, u0, n_rel, a, a_lo, sK + 2 * WARP * 16 * ROW,
+                             ROW, D)
+            sm.barrier()
+            m0 += BM
+        sm.wait(0)
+        sm.barrier()
+        at.stage_rows(sm, sQ + 2 * d0, ROW, WARP * 16, dk, DH, F32(p.scale) * keep0, F32(p.scale) * keep1)
+        at.stage_rows(sm, sdO + 2 * d0, ROW, WARP * 16, dv, DH, keep0, keep1)
+        sm.barrier()
+        at.store_tile(sm, p.dk + b * p.dk_batch_stride + h * p.dk_head_stride + d0, p.dk_row_stride, n0, len_k,
+                      sQ + 2 * d0, ROW, BN, DH)
+        at.store_tile(sm, p.dv + b * p.dv_batch_stride + h * p.dv_head_stride + d0, p.dv_row_stride, n0, len_k,
+                      sdO + 2 * d0, ROW, BN, DH)
+        if d0 + DH < D:
+            sm.barrier()
 
 
 def run_disentangled_bwd(p):
@@ -568,7 +565,7 @@ def disentangled_attention_bwd_cuda(dout, q, k, v, pos_key, pos_query, out, lse,
     zeroed, the two kernels, then dpos * scale in q's dtype. -> (dq, dk, dv, dpos_key, dpos_query)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    assert D == 64  # the host's head_dim check: 32 and 128 go to Triton's backward
+    assert D in (32, 64, 128)  # check_cuda_limits
     dq = at._h("dq", at.empty_bhld(q, B, H, Lq, D), poison=True, write_once=True)
     dk = at._h("dk", at.empty_bhld(k, B, H, Lk, D), poison=True, write_once=True)
     dv = at._h("dv", at.empty_bhld(v, B, H, Lk, D), poison=True, write_once=True)
@@ -583,19 +580,7 @@ def disentangled_attention_bwd_cuda(dout, q, k, v, pos_key, pos_query, out, lse,
     p.k_batch_stride, p.k_head_stride, p.k_row_stride = kh.stride[:3]
     p.v_batch_stride, p.v_head_stride, p.v_row_stride = vh.stride[:3]
     p.dout_batch_stride, p.dout_head_stride, p.dout_row_stride = oh.stride[:3]
-    p.c2p, p.p2c = c2p, p2c
-    for name, pos, used, attr in (("pos_key", pos_key, c2p, "pk"), ("pos_query", pos_query, p2c, "pq")):
-        if used:
-            ph = at._h(name, at.rows_aligned(pos.expand(H, -1, -1)))
-            setattr(p, name, ph.ptr())
-            setattr(p, attr + "_head_stride", ph.stride[0])
-            setattr(p, attr + "_row_stride", ph.stride[1])
-    p.rel_index = HostTensor("rel_index", rel_index.contiguous()).ptr()
-    if key_padding_mask is not None:
-        mh = at._h("key_padding_mask", key_padding_mask)
-        p.key_padding_mask, p.mask_batch_stride = mh.ptr(), mh.stride[0]
-    else:
-        p.key_padding_mask, p.mask_batch_stride = None, 0
+    fill_terms(p, H, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c)
     lse_c = HostTensor("lse", lse.contiguous())
     p.lse, p.delta = lse_c.buf, delta.buf
     p.lse_batch_stride, p.lse_head_stride = lse_c.stride[0], lse_c.stride[1]

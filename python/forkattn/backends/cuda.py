@@ -17,7 +17,7 @@ from .families import (AttentionBackend, AttentionVarlenBackend, DecodeBackend, 
                        KVAppendBackend, MLMBackend)
 from .registry import FwdBwd, clear_caches, register
 
-HEAD_DIMS = (32, 64, 128)  # what kernels/attention and kernels/decode are instantiated for
+HEAD_DIMS = (32, 64, 128)  # what kernels/attention, kernels/decode and kernels/disentangled (fwd and bwd) are instantiated for
 PREFER_ENV = "FORKATTN_PREFER_CUDA_ATTENTION"
 _prefer: Optional[bool] = None  # None: follow PREFER_ENV
 
@@ -108,22 +108,11 @@ class CudaMLM(_Cuda, MLMBackend):
         return _native._C.mlm_mask_cuda
 
 
-def _disentangled_bwd(dout, q, *args):
-    """kernels/disentangled's backward for head_dim 64 (DeBERTa's); at 32 and 128 (its dk/dv kernel
-    would spill) Triton's backward, which reads the CUDA forward's lse alike (natural log, +inf on
-    empty rows)."""
-    if q.shape[-1] == 64:
-        return _native._C.disentangled_attention_bwd_cuda(dout, q, *args)
-    from ..triton import disentangled as kernels
-
-    return kernels.disentangled_bwd(dout, q, *args)
-
-
 @register
 class CudaDisentangledAttention(_OptIn, _CudaKernels, DisentangledAttentionBackend):
     """kernels/disentangled: tensor-core tiles with the c2p / p2c terms gathered per tile, no
     [Lq, Lk] matrix; the backward's position gradients are fp32 atomics (last bits may vary).
-    The backward at head_dim 32 and 128 is Triton's (_disentangled_bwd)."""
+    Forward and backward at head_dim 32, 64 and 128 (HEAD_DIMS), fp16 and bf16."""
 
     def make_impl(self):
-        return FwdBwd(_native._C.disentangled_attention_fwd_cuda, _disentangled_bwd)
+        return FwdBwd(_native._C.disentangled_attention_fwd_cuda, _native._C.disentangled_attention_bwd_cuda)
