@@ -33,6 +33,18 @@ at::Tensor encoder_layer_cpu(const at::Tensor& x, const at::Tensor& qkv_w, const
                              const at::Tensor& ln2_w, const at::Tensor& ln2_b, double ln2_eps, int64_t heads,
                              bool packed, int64_t chunks, int64_t threads);
 
+// The same layer over packed sequences: x [T, H] contiguous float32 holds the tokens of sequence b
+// at rows [cu_seqlens[b], cu_seqlens[b + 1]) (cu_seqlens [batch + 1], int32 or int64, CPU, from 0
+// to T, non-decreasing; an empty sequence is allowed); `chunks` row blocks over all T rows, each
+// attending per sequence. Returns a new [T, H].
+at::Tensor encoder_layer_varlen_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens, const at::Tensor& qkv_w,
+                                    const at::Tensor& qkv_b, const at::Tensor& attn_out_w,
+                                    const at::Tensor& attn_out_b, const at::Tensor& ln1_w, const at::Tensor& ln1_b,
+                                    double ln1_eps, const at::Tensor& inter_w, const at::Tensor& inter_b,
+                                    const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& ln2_w,
+                                    const at::Tensor& ln2_b, double ln2_eps, int64_t heads, bool packed,
+                                    int64_t chunks, int64_t threads);
+
 namespace cpu {
 // csrc/cpu/encoder_cpu.cpp: x holds rows x cols floats, rows in parallel (small problems on one thread).
 void bias_gelu_kernel(float* x, const float* bias, int64_t rows, int64_t cols);

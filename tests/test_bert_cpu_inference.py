@@ -50,6 +50,18 @@ def test_bias_residual_layernorm_matches_fp64(rows, cols):
     assert_within_budget("bias_residual_layernorm", ours, eager, ref)
 
 
+def test_bias_gelu_extremes_follow_eager():
+    """Large, tiny and infinite inputs give eager's GELU (the AVX2 exp's clamp, erf's saturation);
+    every lane position and the scalar tail see each value."""
+    vals = torch.tensor([-float("inf"), float("inf"), -100.0, 100.0, 1e-30, -1e-30, -13.0, -9.5, 0.0, -5.0, 5.0,
+                         -87.5, 3.4e38, -3.4e38])
+    x = vals.repeat(19)[: 19 * 14 - 3].reshape(1, -1).contiguous()  # 263 columns: a tail of 7
+    b = torch.zeros(x.shape[1])
+    ours = x.clone()
+    _native._C.bias_gelu_cpu(ours, b)
+    torch.testing.assert_close(ours, F.gelu(x), rtol=1e-6, atol=1e-30, equal_nan=True)
+
+
 def test_kernels_keep_nan_and_run_on_3d_and_empty():
     x = torch.randn(2, 3, 16)
     x[1, 2, 5] = float("nan")
@@ -178,12 +190,13 @@ def test_fused_path_within_budget_of_transformers(monkeypatch, packed, act, unpa
     mask = mask if masked else torch.ones_like(ids)
     counting = _Counting(_native._C)
     monkeypatch.setattr(_native, "_C", counting)
+    monkeypatch.setattr(cpu_inference, "NATIVE_LAYER", False)  # the per-op fast path (native: its own tests)
     with torch.inference_mode():
         ours = m(ids, attention_mask=mask).last_hidden_state
         base = hf(input_ids=ids, attention_mask=mask).last_hidden_state
         r = ref(input_ids=ids, attention_mask=mask).last_hidden_state
-    # per layer: two LayerNorms, + the GELU unless oneDNN's post-op does it
-    assert counting.calls == (3 if act == "gelu" and not packed else 2) * 2
+    # per layer: two LayerNorms, + the bias + GELU pass for the exact GELU
+    assert counting.calls == (3 if act == "gelu" else 2) * 2
     real = mask.bool()
     assert_within_budget(f"fast path {act}", ours[real], base[real], r[real])
 

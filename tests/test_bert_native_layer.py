@@ -1,8 +1,10 @@
-"""One native call per BERT encoder layer (issue #18, batch 1: csrc/encoder_layer.cpp via
-models/cpu_inference.native_layer): which forwards take it, parity with transformers (2x rule in
-fp64) and with the per-op fast path at every thread and row-block count, odd lengths, errors raised
-inside a row block, bad arguments, concurrent callers, and the weight cache still followed."""
+"""One native call per BERT encoder layer (issue #18: csrc/encoder_layer.cpp via
+models/cpu_inference.native_layer; batch 1, unmasked batches and a padded batch's packed tokens):
+which forwards take it, parity with transformers (2x rule in fp64) and with the per-op fast path at
+every thread and row-block count, odd lengths, empty rows, errors raised inside a row block, bad
+arguments, concurrent callers, and the weight cache still followed."""
 import copy
+import re
 import threading
 
 import pytest
@@ -13,8 +15,8 @@ from forkattn import _native
 from forkattn.models import bert as fb
 from forkattn.models import cpu_inference
 
-pytestmark = pytest.mark.skipif(_native._C is None or not hasattr(_native._C, "encoder_layer_cpu"),
-                                reason=f"no native extension with encoder_layer_cpu: {_native.ERROR}")
+pytestmark = pytest.mark.skipif(_native._C is None or not hasattr(_native._C, "encoder_layer_varlen_cpu"),
+                                reason=f"no native extension with encoder_layer_varlen_cpu: {_native.ERROR}")
 
 PACKINGS = [False] + ([True] if cpu_inference.PACKED else [])
 
@@ -34,7 +36,7 @@ class _Counting:
 
     def __getattr__(self, name):
         fn = getattr(self.inner, name)
-        if name == "encoder_layer_cpu":
+        if name in ("encoder_layer_cpu", "encoder_layer_varlen_cpu"):
             def counted(*a, **k):
                 self.calls += 1
                 return fn(*a, **k)
@@ -103,16 +105,18 @@ def test_native_layer_matches_op_path_at_any_row_blocking(monkeypatch, threads, 
 
 
 def test_what_takes_the_native_layer(monkeypatch):
-    """Only eval + no autograd + batch 1 + no padding + exact GELU + the cpu attention backend."""
+    """eval + no autograd + exact GELU + the cpu attention backend, with no mask (any batch) or a
+    padded batch run unpadded; a key-padding mask on the padded layout takes the per-op path."""
     counting = _Counting(_native._C)
     monkeypatch.setattr(_native, "_C", counting)
     m, _ = _pair()
     ids = _ids(13)
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
     with torch.no_grad():
-        m(_ids(13, B=2))  # batch 2: the per-op path
-        mask = torch.ones_like(ids)
-        mask[0, 9:] = 0
-        m(ids, attention_mask=mask)  # padding
+        m.config.unpad_inputs = False
+        m(ids, attention_mask=mask)  # padded layout with a key-padding mask
+        m.config.unpad_inputs = True
         m.train()
         m(ids)  # dropout active
         m.eval()
@@ -129,7 +133,60 @@ def test_what_takes_the_native_layer(monkeypatch):
     m.config.attention_backend = "cpu"
     with torch.no_grad():
         m(ids)
+        assert counting.calls == 2
+        m(_ids(13, B=2))  # batch 2, no mask
+        assert counting.calls == 4
+        m(ids, attention_mask=mask)  # padding, unpadded (config.unpad_inputs)
+        assert counting.calls == 6
+
+
+def _padded(L, B=4, seed=5):
+    """ids [B, L] with row 0 full, then lengths 7, 0 (an empty row) and 1 (clipped to L)."""
+    ids = _ids(L, B=B, seed=seed)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    for b, n in enumerate([L, 7, 0, 1][:B]):
+        mask[b, :min(n, L)] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("packed", PACKINGS)
+@pytest.mark.parametrize("nthreads", [1, 2])
+@pytest.mark.parametrize("L", [1, 7, 97, 129])
+def test_native_layer_padded_batch_within_budget_of_transformers(monkeypatch, threads, packed, nthreads, L):
+    """A padded batch (with an empty row) runs unpadded through encoder_layer_varlen_cpu, one call
+    per layer; at the real tokens last_hidden_state keeps the 2x rule against transformers in fp64,
+    and the padded positions are zeros."""
+    m, hf = _pair()
+    monkeypatch.setattr(cpu_inference, "PACKED", packed)
+    torch.set_num_threads(nthreads)
+    ids, mask = _padded(L)
+    counting = _Counting(_native._C)
+    monkeypatch.setattr(_native, "_C", counting)
+    ref = copy.deepcopy(hf).double()
+    with torch.inference_mode():
+        ours = m(ids, attention_mask=mask).last_hidden_state
+        base = hf(input_ids=ids, attention_mask=mask).last_hidden_state
+        r = ref(input_ids=ids, attention_mask=mask).last_hidden_state
     assert counting.calls == 2
+    real = mask.bool()
+    assert_within_budget(f"native layer padded L{L}", ours[real], base[real], r[real])
+    assert (ours[~real] == 0).all()
+
+
+@pytest.mark.parametrize("block_rows", [1, 5, 64, 256])
+def test_native_layer_padded_matches_op_path_at_any_row_blocking(monkeypatch, threads, block_rows):
+    """Row blocks that cut through sequences (and hold several) give the per-op fast path's result."""
+    m, _ = _pair()
+    torch.set_num_threads(2)
+    ids, mask = _padded(97, B=5)
+    mask[4, :50] = 1
+    with torch.no_grad():
+        monkeypatch.setattr(cpu_inference, "NATIVE_LAYER", False)
+        ops = m(ids, attention_mask=mask).last_hidden_state
+        monkeypatch.setattr(cpu_inference, "NATIVE_LAYER", True)
+        monkeypatch.setattr(cpu_inference, "BLOCK_ROWS", block_rows)
+        native = m(ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(native, ops, rtol=1e-5, atol=1e-5)
 
 
 def test_native_layer_follows_weight_changes(monkeypatch):
@@ -172,6 +229,52 @@ def test_encoder_layer_bad_arguments(change, words):
     args.update(change)
     with pytest.raises((ValueError, TypeError), match=words.replace("[", r"\[").replace("*", r"\*")):
         _native._C.encoder_layer_cpu(**args)
+
+
+def _varlen_args(lengths=(9, 0, 4)):
+    args = _layer_args()
+    T = sum(lengths)
+    args["x"] = torch.randn(T, 48, generator=torch.Generator().manual_seed(4))
+    args["cu_seqlens"] = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    return args
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(x=torch.randn(1, 13, 48)), "x must be [tokens, hidden]"),
+    (dict(x=torch.randn(13, 48, dtype=torch.float64)), "x"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 12])), "cu_seqlens must start at 0 and end at x.size(0) = 13"),
+    (dict(cu_seqlens=torch.tensor([1, 9, 13])), "cu_seqlens must start at 0"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 4, 13])), "cu_seqlens must be non-decreasing"),
+    (dict(cu_seqlens=torch.tensor([0.0, 13.0])), "cu_seqlens must be int32 or int64"),
+    (dict(cu_seqlens=torch.tensor([[0, 13]])), "cu_seqlens must be [batch + 1]"),
+    (dict(heads=5), "heads must be > 0 and divide"),
+    (dict(chunks=0), "chunks must be >= 1"),
+    (dict(qkv_b=torch.randn(48)), "qkv_b must be [3 * hidden]"),
+])
+def test_encoder_layer_varlen_bad_arguments(change, words):
+    args = _varlen_args()
+    args.update(change)
+    with pytest.raises((ValueError, TypeError), match=re.escape(words)):
+        _native._C.encoder_layer_varlen_cpu(**args)
+
+
+def test_encoder_layer_varlen_equals_per_sequence_calls():
+    """Packed sequences (an empty one among them, blocks across sequence borders) give what each
+    sequence gives alone through encoder_layer_cpu."""
+    args = _varlen_args((9, 0, 4, 1))
+    cu = args["cu_seqlens"].tolist()
+    for chunks in (1, 3, 14):
+        got = _native._C.encoder_layer_varlen_cpu(**dict(args, chunks=chunks))
+        for b in range(len(cu) - 1):
+            if cu[b + 1] == cu[b]:
+                continue
+            one = {k: v for k, v in args.items() if k != "cu_seqlens"}
+            one["x"] = args["x"][cu[b]:cu[b + 1]].unsqueeze(0).contiguous()
+            want = _native._C.encoder_layer_cpu(**one)[0]
+            torch.testing.assert_close(got[cu[b]:cu[b + 1]], want, rtol=1e-5, atol=1e-5)
+    empty = _native._C.encoder_layer_varlen_cpu(**dict(args, x=torch.randn(0, 48),
+                                                       cu_seqlens=torch.tensor([0, 0], dtype=torch.int32)))
+    assert empty.shape == (0, 48)
 
 
 @pytest.mark.parametrize("nthreads", [1, 2, 3])

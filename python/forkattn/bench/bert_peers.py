@@ -9,10 +9,10 @@ and interleaved timing (core.time_interleaved, a pause before every call for ORT
 prints per case the median [q1, q3] of every row and the ratios the issue asks for: forkattn's best
 row vs the best ORT row, and vs hf-sdpa. `python -m forkattn.bench --only bert --full` times the
 same cases among many others (training steps, eager rows); this is the short way to the table.
-The machine's 1-minute load average is printed before and after each case. At batch 1 the row
+The machine's 1-minute load average is printed before and after each case. The row
 `forkattn-cpu-ops` is forkattn-cpu with the one-native-call-per-layer path off
 (models/cpu_inference.NATIVE_LAYER): the per-op fast path, timed in the same rounds (not counted
-as forkattn's best).
+as forkattn's best); the native layer runs batch 1 and, unpadded, the padded batches.
 """
 from __future__ import annotations
 
@@ -70,7 +70,7 @@ def main(argv=None):
         if case.params["mode"] != "inference" or (model, B, L) not in bert.PEER_SHAPES["full"] or model not in models:
             continue
         fns = {k: f for k, f in case.callables().items() if k not in DROP}
-        if B == 1 and "forkattn-cpu" in fns:
+        if "forkattn-cpu" in fns:
             fns[OPS_ROW] = _ops_path(fns["forkattn-cpu"])
         load0 = _load()
         res = core.time_interleaved(fns, budget_s=args.budget * len(fns), min_rounds=args.rounds, max_rounds=300,

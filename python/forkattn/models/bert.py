@@ -212,8 +212,8 @@ class BertLayer(nn.Module):
         att, backend = self.attention, attention_backend(self.config)
         drop = att.self.dropout.kwargs()  # dropout_p (and generator) in training, {} in eval
         fast = fast_path(self, x)  # eval, no autograd, fp32 CPU: packed GEMMs + fused C++ epilogues
-        if packing is None and (y := native_layer(self, x, key_padding_mask, fast, backend)) is not None:
-            return y  # batch 1 without a mask: the whole layer in one native call
+        if (y := native_layer(self, x, key_padding_mask, fast, backend, packing)) is not None:
+            return y  # no mask, or a padded batch's packed tokens: the whole layer in one native call
         if packing is None:
             B, L, H = x.shape
             # [B, L, heads, head_dim] -> [B, heads, L, head_dim] views; forkattn reads the strides in place

@@ -9,14 +9,14 @@ needs gradients. docs/CPU_INFERENCE.md has the measurements behind each step.
   inductor's freezing uses), and the GEMMs run through `torch.ops.mkldnn._linear_pointwise`; after
   the attention, `LN(x + W_o y + b_o)` and `LN(x + W_2 h + b_2)` are bias-less GEMMs each followed
   by one in-place C++ pass (csrc/cpu/encoder_cpu.cpp: bias + residual + LayerNorm) instead of
-  addmm's bias copy and separate add and LayerNorm ops; `gelu(W_1 x + b_1)` is oneDNN's GEMM with
-  its bias + erf-GELU post-op, or (unpacked) a bias-less GEMM and the C++ bias + GELU pass.
+  addmm's bias copy and separate add and LayerNorm ops; `gelu(W_1 x + b_1)` is a bias-less GEMM
+  and the C++ bias + GELU pass (AVX2 erf polynomial; faster here than oneDNN's GELU post-op).
   Dropout is the identity in eval mode; training, autograd and other dtypes take the module path.
-- With no mask at batch 1 (`native_layer`), the whole layer is one C++ call
-  (csrc/encoder_layer.cpp: `_C.encoder_layer_cpu`) that runs the same packed GEMMs, attention
-  kernel and fused epilogues over row blocks on threads that take blocks one at a time and never
-  wait for a thread that has not started: torch's OpenMP regions wait for every thread at their
-  barrier, which on a loaded machine is most of a batch-1 forward's time.
+- Without a mask, and on a padded batch's packed real tokens (`native_layer`), the whole layer is
+  one C++ call (csrc/encoder_layer.cpp: `_C.encoder_layer_varlen_cpu`) that runs the same packed
+  GEMMs, attention kernel (per sequence) and fused epilogues over row blocks on threads that take
+  blocks one at a time and never wait for a thread that has not started: torch's OpenMP regions
+  wait for every thread at their barrier, which on a loaded machine is most of a batch-1 forward.
 
 Cache validity: every in-place update bumps a tensor's version counter (optimizer steps,
 load_state_dict, `with torch.no_grad(): p.mul_(...)`), and `.to()`, `p.data = ...` or a replaced
@@ -39,7 +39,8 @@ FUSED = True  # the fast path at all (cached packed weights, fused C++ epilogues
 PACKED = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
 PACK_ROWS_HINT = 128  # the token count oneDNN picks the packed weight layout for (any count runs)
 NATIVE_LAYER = True  # batch 1 without a mask: one native call per layer (native_layer)
-CHUNKS_PER_THREAD = 1  # row blocks per sequence and thread in the native layer (2, 8: slower, see docs)
+CHUNKS_PER_THREAD = 1  # row blocks per thread in the native layer (2, 8: slower at B1 L128, see docs)
+BLOCK_ROWS = 256  # and at most this many rows per block (padded batches: balance, intermediates in cache)
 
 
 def cached(owner: nn.Module, slot: str, params: Sequence[Tensor], build: Callable[[Sequence[Tensor]], object]):
@@ -124,10 +125,8 @@ def fused_epilogues(layer: nn.Module, x: Tensor, y: Tensor, fast: Weights) -> Te
     h = _linear(y, fast.attn_out, None, fast.packed)
     ln = att_out.LayerNorm
     C.bias_residual_layernorm_cpu(h, x, att_out.dense.bias, ln.weight, ln.bias, ln.eps)
-    if layer.config.hidden_act == "gelu" and fast.packed:  # oneDNN's erf-GELU post-op, inside the GEMM
-        a = torch.ops.mkldnn._linear_pointwise(h, fast.inter, inter.bias, "gelu", [], "none")
-    elif layer.config.hidden_act == "gelu":
-        a = _linear(h, fast.inter, None, fast.packed)
+    if layer.config.hidden_act == "gelu":  # GEMM, then one vectorised bias + erf-GELU pass (not oneDNN's
+        a = _linear(h, fast.inter, None, fast.packed)  # GELU post-op: 0.7-1.4 ms slower per call, docs)
         C.bias_gelu_cpu(a, inter.bias)
     else:  # the tanh GELUs: vec.h has no Sleef-free tanh, so the activation stays ATen's
         a = layer.act(_linear(h, fast.inter, inter.bias, fast.packed))
@@ -138,18 +137,32 @@ def fused_epilogues(layer: nn.Module, x: Tensor, y: Tensor, fast: Weights) -> Te
 
 
 def native_layer(layer: nn.Module, x: Tensor, key_padding_mask: Optional[Tensor], fast: Optional[Weights],
-                 backend: Optional[str]) -> Optional[Tensor]:
+                 backend: Optional[str], packing=None) -> Optional[Tensor]:
     """The whole layer in one native call (csrc/encoder_layer.cpp) when it applies: the fast path
-    (fast = fast_path(layer, x)), one unmasked sequence x [1, L, hidden], exact GELU, the cpu
-    attention backend (or none pinned). None when it does not apply (the caller runs the ops)."""
+    (fast = fast_path(layer, x)), exact GELU, the cpu attention backend (or none pinned), and either
+    unmasked sequences x [B, L, hidden] or a padded batch's packed tokens x [T, hidden] with
+    `packing` (models/padding.Packing). None when it does not apply (the caller runs the ops)."""
     C = _native._C
-    if not (NATIVE_LAYER and fast is not None and key_padding_mask is None and x.dim() == 3 and x.shape[0] == 1
-            and layer.config.hidden_act == "gelu" and backend in (None, "cpu") and hasattr(C, "encoder_layer_cpu")):
+    if not (NATIVE_LAYER and fast is not None and key_padding_mask is None and layer.config.hidden_act == "gelu"
+            and backend in (None, "cpu") and hasattr(C, "encoder_layer_varlen_cpu")):
+        return None
+    if packing is not None:
+        if x.dim() != 2:
+            return None
+        rows, cu = x, packing.cu_seqlens
+    elif x.dim() == 3:
+        B, L, H = x.shape
+        rows, cu = x.view(B * L, H), torch.arange(0, B * L + 1, max(L, 1), dtype=torch.int64)
+        if L == 0:
+            return None
+    else:
         return None
     threads = torch.get_num_threads()
+    # row blocks: CHUNKS_PER_THREAD per thread, and at most BLOCK_ROWS rows each (big batches)
+    chunks = max(1 if threads == 1 else CHUNKS_PER_THREAD * threads, -(-rows.shape[0] // BLOCK_ROWS))
     att, out = layer.attention.output, layer.output
-    return C.encoder_layer_cpu(
-        x, fast.qkv, fast.qkv_bias, fast.attn_out, att.dense.bias, att.LayerNorm.weight, att.LayerNorm.bias,
+    y = C.encoder_layer_varlen_cpu(
+        rows, cu, fast.qkv, fast.qkv_bias, fast.attn_out, att.dense.bias, att.LayerNorm.weight, att.LayerNorm.bias,
         att.LayerNorm.eps, fast.inter, layer.intermediate.dense.bias, fast.out, out.dense.bias, out.LayerNorm.weight,
-        out.LayerNorm.bias, out.LayerNorm.eps, layer.num_heads, fast.packed,
-        1 if threads == 1 else CHUNKS_PER_THREAD * threads, threads)
+        out.LayerNorm.bias, out.LayerNorm.eps, layer.num_heads, fast.packed, chunks, threads)
+    return y.view_as(x)
