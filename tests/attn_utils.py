@@ -94,3 +94,21 @@ def delta_rounding_allowance(q, k, out64, dout, scale, allowed=None):
     dq = scale * d_delta.max().item() * k64.abs().max().item() if k64.numel() else 0.0
     dk = group * scale * (p * d_delta[..., None]).sum(-2).max().item() * q64.abs().max().item() if p.numel() else 0.0
     return {"dq": 2 * dq, "dk": 2 * dk}
+
+
+def assert_seed_semantics(run):
+    """run(**kw) -> a tensor of a dropout call (dropout_p > 0): the seed / generator contract every
+    dropout op keeps: an explicit seed fixes the mask, a signed int64 is its bit pattern, no seed
+    draws a fresh one per call from torch's default generator, a generator is used and advanced."""
+    assert torch.equal(run(seed=3), run(seed=3))
+    assert not torch.equal(run(seed=3), run(seed=4))
+    assert torch.equal(run(seed=-1), run(seed=2 ** 64 - 1))  # a signed int64 is its bit pattern
+    assert not torch.equal(run(), run())  # a fresh seed per call
+    torch.manual_seed(5)
+    a = run()
+    torch.manual_seed(5)
+    assert torch.equal(run(), a)  # drawn from torch's default generator
+    g1, g2 = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    first = run(generator=g1)
+    assert torch.equal(first, run(generator=g2))
+    assert not torch.equal(run(generator=g1), first)  # the generator advances

@@ -18,7 +18,7 @@ import forkattn.triton as ftriton
 from forkattn import philox, reference
 from forkattn.attention import attention_fwd, attention_varlen_fwd
 
-from attn_utils import assert_within_budget, delta_rounding_allowance, make_padding, make_qkv
+from attn_utils import assert_seed_semantics, assert_within_budget, delta_rounding_allowance, make_padding, make_qkv
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BACKENDS = forkattn.backends.get("attention")
@@ -82,18 +82,7 @@ def test_gradcheck_float64_fixed_seed():
 def test_seeds_and_generators():
     q, k, v = make_qkv(2, 2, 2, 9, 11, 8, torch.float32, device="cpu", requires_grad=False)
     run = lambda **kw: forkattn.attention(q, k, v, dropout_p=0.5, backend="eager", **kw)  # noqa: E731
-    assert torch.equal(run(seed=3), run(seed=3))
-    assert not torch.equal(run(seed=3), run(seed=4))
-    assert torch.equal(run(seed=-1), run(seed=2 ** 64 - 1))  # a signed int64 is its bit pattern
-    assert not torch.equal(run(), run())  # a fresh seed per call
-    torch.manual_seed(5)
-    a = run()
-    torch.manual_seed(5)
-    assert torch.equal(run(), a)  # drawn from torch's default generator
-    g1, g2 = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
-    first = run(generator=g1)
-    assert torch.equal(first, run(generator=g2))
-    assert not torch.equal(run(generator=g1), first)  # the generator advances
+    assert_seed_semantics(run)
 
 
 def test_hidden_keys_get_no_weight():

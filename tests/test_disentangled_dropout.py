@@ -24,7 +24,7 @@ from forkattn._checks import check_dropout
 from forkattn.backends import BackendUnavailableError, family
 from forkattn.models import deberta as fd
 from forkattn.models.dropout import set_attention_dropout_generator
-from attn_utils import make_padding
+from attn_utils import assert_seed_semantics, make_padding
 from test_disentangled import _check, _inputs, _ReferenceKernel
 
 FAMILY = family("disentangled_attention")
@@ -89,21 +89,10 @@ def test_seeds_and_generators():
     def run(**kw):
         return forkattn.disentangled_attention(q, k, v, pk, pq, max_relative_positions=4, dropout_p=0.5,
                                                backend="eager", **kw)
-    assert torch.equal(run(seed=3), run(seed=3))
-    assert not torch.equal(run(seed=3), run(seed=4))
-    assert torch.equal(run(seed=-1), run(seed=2 ** 64 - 1))  # a signed int64 is its bit pattern
-    assert not torch.equal(run(), run())  # a fresh seed per call
-    torch.manual_seed(5)
-    a = run()
-    torch.manual_seed(5)
-    assert torch.equal(run(), a)  # drawn from torch's default generator
-    g1, g2 = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
-    first = run(generator=g1)
-    assert torch.equal(first, run(generator=g2))
-    assert not torch.equal(run(generator=g1), first)  # the generator advances
+    assert_seed_semantics(run)
     # the seed is drawn as forkattn.attention draws it: the same mask for the same generator state
     _, s = check_dropout(0.5, None, torch.Generator().manual_seed(8))
-    assert torch.equal(first, run(seed=s))
+    assert torch.equal(run(generator=torch.Generator().manual_seed(8)), run(seed=s))
 
 
 @pytest.mark.parametrize("kw, err, text", [

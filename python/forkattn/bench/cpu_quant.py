@@ -54,22 +54,14 @@ def ort_int8_proto(proto):
 
 def build(cfg: dict, bf16: bool, ort: bool):
     """(models by row name, exported ORT protos by row name) for one model shape."""
-    import transformers
-
-    from ..models import bert as fb
     from ..models.cpu_quant import quantize_for_cpu
+    from .profile_bert import build as build_pair
 
-    torch.manual_seed(0)
-    hc = transformers.BertConfig(**cfg)
-    hc._attn_implementation = "sdpa"
-    hf = transformers.BertModel(hc).eval()
-    ours = fb.BertModel(fb.BertConfig(**cfg))
-    ours.load_hf_state_dict({f"bert.{k}": v for k, v in hf.state_dict().items()})
-    ours.eval()
+    ours, hf = build_pair(cfg)  # forkattn's BertModel and transformers' (sdpa), same random weights
     cal_ids, cal_mask, _ = _batch(8, 128, "cpu", seed=1, vocab_size=cfg["vocab_size"])
     models = {"forkattn-fp32": ours, "forkattn-int8": quantize_for_cpu(ours, "int8", accept_inexact=True),
-              "forkattn-int8-cal": quantize_for_cpu(ours, "int8", accept_inexact=True, calibration={"input_ids": cal_ids,
-                                                                                "attention_mask": cal_mask}),
+              "forkattn-int8-cal": quantize_for_cpu(ours, "int8", accept_inexact=True,
+                                                   calibration={"input_ids": cal_ids, "attention_mask": cal_mask}),
               "hf-sdpa": hf}
     if bf16:
         with warnings.catch_warnings():
