@@ -2,6 +2,8 @@
 runnable backend against float64 under the 2x rule (outputs and the gradients into q, k, v,
 pos_key, pos_query), padding with an empty row and NaN in padded keys, transformers'
 DisentangledSelfAttention on random weights, the custom-op path, and argument checks."""
+import contextlib
+
 import pytest
 import torch
 
@@ -82,13 +84,21 @@ class _ReferenceKernel(DisentangledAttentionBackend):
         return FwdBwd(fwd, bwd)
 
 
+@contextlib.contextmanager
+def registered(backend):
+    """backend in the disentangled registry for the block (its NAME is yielded), removed after."""
+    FAMILY.add(backend)
+    try:
+        yield backend.NAME
+    finally:
+        del FAMILY.backends[backend.NAME]
+        FAMILY.clear_cache()
+
+
 @pytest.fixture(scope="module")
 def custom_op_backend():
-    backend = _ReferenceKernel()
-    FAMILY.add(backend)
-    yield backend.NAME
-    del FAMILY.backends[backend.NAME]
-    FAMILY.clear_cache()
+    with registered(_ReferenceKernel()) as name:
+        yield name
 
 
 D = 32  # the kernels' smallest instantiated head_dim (32, 64, 128): what a fused backend runs

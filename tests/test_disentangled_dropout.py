@@ -25,7 +25,7 @@ from forkattn.backends import BackendUnavailableError, family
 from forkattn.models import deberta as fd
 from forkattn.models.dropout import set_attention_dropout_generator
 from attn_utils import assert_seed_semantics, make_padding
-from test_disentangled import _check, _inputs, _ReferenceKernel
+from test_disentangled import _check, _inputs, _ReferenceKernel, registered
 
 FAMILY = family("disentangled_attention")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -136,11 +136,8 @@ class _NoDropout(_ReferenceKernel):
 
 @pytest.fixture
 def no_dropout_backend():
-    b = _NoDropout()
-    FAMILY.add(b)
-    yield b.NAME
-    del FAMILY.backends[b.NAME]
-    FAMILY.clear_cache()
+    with registered(_NoDropout()) as name:
+        yield name
 
 
 def test_registry_skips_a_backend_without_dropout(no_dropout_backend):
