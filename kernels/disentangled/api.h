@@ -13,11 +13,11 @@ cudaError_t disentangled_fwd(const DisentangledFwdParams& params, cudaStream_t s
 // dq, dk, dv and the dpos accumulators from dout, q, k, v, pos_*, lse and delta (params.delta).
 cudaError_t disentangled_bwd(const DisentangledBwdParams& params, cudaStream_t stream);
 
-// One instantiation per (dtype, head_dim), each in its own generated .cu (generated/); c2p / p2c
-// are switched inside each instantiation.
-template <typename T, int D>
+// One instantiation per (dtype, head_dim, dropout), each in its own generated .cu (generated/);
+// c2p / p2c are switched inside each instantiation.
+template <typename T, int D, bool DROPOUT>
 cudaError_t run_disentangled_fwd(const DisentangledFwdParams& params, cudaStream_t stream);
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 cudaError_t run_disentangled_bwd(const DisentangledBwdParams& params, cudaStream_t stream);
 
 }  // namespace forkattn::kernels::disentangled

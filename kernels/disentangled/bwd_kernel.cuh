@@ -10,9 +10,15 @@
 //     scores s^T = K Q^T plus sB^T, P^T, dv += P^T dO, dP^T = V dO^T, dS^T = P^T (dP^T - delta),
 //     dk += dS^T Q; with p2c also dk += Y^T G_q and dpos_query[rel[t0 + u]] += Y K, where
 //     Y[u, j'] = dS[u + j' - BN + 1, j']. At head_dim 128 the query tiles are swept twice, once per
-//     64-column half of dk and dv (BwdConfig::kDSplit: registers), dpos_query in the first sweep.
+//     64-column half of dk and dv (BwdConfig::kDSplit: registers; four 32-column sweeps with
+//     dropout), dpos_query in the first sweep.
 // dq and dk carry the softmax scale at the end; the position gradients are left unscaled (the host
 // scales them). Rows that see no key (lse = +inf) and padded keys get exactly zero gradients.
+// DROPOUT: the plain attention backward's: the forward's mask is redrawn (dropout_keep_rows in the
+// dq kernel, dropout_keep_cols for the dk/dv kernel's transposed tiles), never stored; dV = (P *
+// keep)^T dO times 1 / (1 - p), and dP becomes dP * keep / (1 - p) before dS = P (dP - delta), so
+// dq, dk and both position gradients (all made from dS) follow; delta = rowsum(dO * O) needs no
+// change, O holds the dropout.
 #pragma once
 #include <type_traits>
 
@@ -20,6 +26,7 @@
 
 namespace forkattn::kernels::disentangled {
 
+using attention::dropout_keep_cols;
 using attention::load_b_kn;
 using attention::mma16816;
 using attention::pack2;
@@ -52,11 +59,22 @@ struct BwdConfig {
   // Shared memory is the same at every split: 142,080 bytes at D128 (sm_80 allows 166,912).
   static constexpr int kQuerySplit = D == 32 ? 1 : 2;
   static constexpr int kDSplit = D == 128 ? 2 : 1;
+  // With dropout the mask's Philox joins them. At D128 the both-terms kernel then spilled 12-32
+  // bytes with two sweeps whatever else was tried (the mask drawn before or after s^T and dP^T,
+  // four query pieces, rolled position products: sm_80 or sm_90a spilled), so it sweeps four
+  // times, 32 columns of dk and dv each (s^T, dP^T and the mask recomputed per sweep).
+  template <bool DROPOUT>
+  static constexpr int kDSplitFor = DROPOUT && D == 128 ? 4 : kDSplit;
   static constexpr int kPieceUnroll = D == 128 ? 1 : kQuerySplit;
   static constexpr int kKUnroll = D == 128 ? 1 : D / 16;
   static constexpr int kPosUnroll = D == 128 ? 2 : D / 16;
+  // The dq kernel's K steps of s and dP: all unrolled, but rolled with dropout at D128 (the mask's
+  // Philox next to dq, s and dP spilled 16 bytes at 255 registers on sm_80).
+  template <bool DROPOUT>
+  static constexpr int kDqKUnroll = DROPOUT && D == 128 ? 1 : D / 16;
   static_assert(kBlockM % (16 * kQuerySplit) == 0, "query pieces of whole 16-column mma tiles");
   static_assert(D % (16 * kDSplit) == 0, "column halves of whole 16-column mma tiles");
+  static_assert(D % (16 * kDSplitFor<true>) == 0, "column blocks of whole 16-column mma tiles");
 };
 
 // The backward kernels' shared memory, carved as BwdConfig::kSmem counts it: Q, dO, K, V tiles
@@ -210,7 +228,7 @@ __device__ __forceinline__ void add_dpos(float* dpos, int64_t row_stride, const 
   }
 }
 
-template <typename T, int D, bool C2P, bool P2C>
+template <typename T, int D, bool C2P, bool P2C, bool DROPOUT>
 __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dq_kernel(const DisentangledBwdParams p) {
   using C = BwdConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads, BROW = C::kBRow;
@@ -243,6 +261,8 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dq_ke
   }
   float dq[D / 8][4];
   zero(dq);
+  DropoutMask drop{};
+  if constexpr (DROPOUT) drop = dropout_mask(p, b, h);
 
   int n = next_key_tile<BN, NT>(0, n_tiles, mask, len_k, sBias, tid);
   while (n < n_tiles) {
@@ -253,12 +273,14 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dq_ke
     cp_async_commit();
     position_tile<T, D, C2P, P2C, true>(sB, sP, sQ, sK, pk, pq, p.pk_row_stride, p.pq_row_stride, p.rel_index, t0,
                                         n_rel, tid);
+    uint32_t keep = 0;  // drawn before s and dp are live
+    if constexpr (DROPOUT) keep = dropout_keep_rows<BN / 8>(drop, row_base, n0, lane);
     float s[BN / 8][4];
     zero(s);
-    mma_tile_smem_a<T, ROW, D, BN, true>(s, sQ, warp * 16, sK, lane);
+    mma_tile_smem_a<T, ROW, D, BN, true, C::template kDqKUnroll<DROPOUT>>(s, sQ, warp * 16, sK, lane);
     float dp[BN / 8][4];
     zero(dp);
-    mma_tile_smem_a<T, ROW, D, BN, true>(dp, sdO, warp * 16, sV, lane);
+    mma_tile_smem_a<T, ROW, D, BN, true, C::template kDqKUnroll<DROPOUT>>(dp, sdO, warp * 16, sV, lane);
 #pragma unroll
     for (int j = 0; j < BN / 8; ++j) {
 #pragma unroll
@@ -267,7 +289,9 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dq_ke
         float x = s[j][e];
         if constexpr (C2P || P2C) x += sB[(warp * 16 + g + 8 * r) * BROW + col];
         const float pr = sBias[col] == 0.f ? exp2f(x * p.scale_log2 - lse2[r]) : 0.f;
-        s[j][e] = pr * (dp[j][e] - delta[r]);  // dS (unscaled)
+        float dpv = dp[j][e];
+        if constexpr (DROPOUT) dpv = keep & (1u << (4 * j + e)) ? dpv * p.dropout_scale : 0.f;
+        s[j][e] = pr * (dpv - delta[r]);  // dS (unscaled)
       }
     }
     mma_tile_reg_a<T, ROW, BN, D>(dq, s, sK, lane);
@@ -308,7 +332,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads) disentangled_bwd_dq_ke
   store_tile<BM, D, NT>(dq_out, p.dq_row_stride, m0, len_q, sQ, tid);
 }
 
-template <typename T, int D, bool C2P, bool P2C>
+template <typename T, int D, bool C2P, bool P2C, bool DROPOUT>
 __global__ void __launch_bounds__(BwdConfig<D>::kThreads, 1) disentangled_bwd_dkdv_kernel(const DisentangledBwdParams p) {
   using C = BwdConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads, BROW = C::kBRow;
@@ -336,7 +360,7 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads, 1) disentangled_bwd_dk
   load_tile_async<BN, D, NT>(sV, v, p.v_row_stride, n0, len_k, tid, mask);
   cp_async_commit();
 
-  constexpr int DH = D / C::kDSplit;  // the columns of dk and dv one sweep accumulates
+  constexpr int DH = D / C::template kDSplitFor<DROPOUT>;  // the columns of dk and dv one sweep accumulates
   const int key_row = warp * 16 + g;  // this lane's keys: key_row and key_row + 8 of the block
   // a padded key's gradients are exactly zero
   const float keep0 = sBias[key_row] == 0.f ? 1.f : 0.f, keep1 = sBias[key_row + 8] == 0.f ? 1.f : 0.f;
@@ -370,6 +394,10 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads, 1) disentangled_bwd_dk
         float dp[HM / 8][4];
         zero(dp);
         mma_tile_smem_a<T, ROW, D, HM, true, C::kKUnroll>(dp, sV, warp * 16, sdO + c0 * ROW, lane);
+        uint32_t keep = 0;  // the mask of the transposed piece
+        if constexpr (DROPOUT) {
+          keep = dropout_keep_cols<HM / 8>(dropout_mask(p, b, h), (n0 + warp * 16) >> 3, m0 + c0, lane);
+        }
 #pragma unroll
         for (int j = 0; j < HM / 8; ++j) {
 #pragma unroll
@@ -378,8 +406,14 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads, 1) disentangled_bwd_dk
             float x = s[j][e];
             if constexpr (C2P || P2C) x += sB[col * BROW + kr];
             const float pr = sBias[kr] == 0.f ? exp2f(x * p.scale_log2 - sL[col]) : 0.f;
-            s[j][e] = pr;                              // P^T
-            dp[j][e] = pr * (dp[j][e] - sDelta[col]);  // dS^T (unscaled)
+            if constexpr (DROPOUT) {
+              const bool kept = keep & (1u << (4 * j + e));
+              s[j][e] = kept ? pr : 0.f;  // (P * keep)^T; 1 / (1 - p) joins dV at the end
+              dp[j][e] = pr * ((kept ? dp[j][e] * p.dropout_scale : 0.f) - sDelta[col]);  // dS^T
+            } else {
+              s[j][e] = pr;                              // P^T
+              dp[j][e] = pr * (dp[j][e] - sDelta[col]);  // dS^T (unscaled)
+            }
           }
         }
         mma_tile_reg_a<T, ROW, HM, DH>(dv, s, sdO + c0 * ROW + d0, lane);
@@ -420,7 +454,8 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads, 1) disentangled_bwd_dk
     cp_async_wait<0>();
     __syncthreads();
     stage_rows<T, DH, ROW>(sQ + d0, warp * 16, dk, p.scale * keep0, p.scale * keep1, lane);
-    stage_rows<T, DH, ROW>(sdO + d0, warp * 16, dv, keep0, keep1, lane);
+    const float dv_mul = DROPOUT ? p.dropout_scale : 1.f;
+    stage_rows<T, DH, ROW>(sdO + d0, warp * 16, dv, keep0 * dv_mul, keep1 * dv_mul, lane);
     __syncthreads();
     T* dk_out = static_cast<T*>(p.dk) + b * p.dk_batch_stride + h * p.dk_head_stride + d0;
     T* dv_out = static_cast<T*>(p.dv) + b * p.dv_batch_stride + h * p.dv_head_stride + d0;
@@ -430,21 +465,21 @@ __global__ void __launch_bounds__(BwdConfig<D>::kThreads, 1) disentangled_bwd_dk
   }
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 cudaError_t run_disentangled_bwd(const DisentangledBwdParams& p, cudaStream_t stream) {
   using C = BwdConfig<D>;
   if (p.batch == 0 || p.heads == 0 || (p.len_q == 0 && p.len_k == 0)) return cudaSuccess;
   return FA_BOOL_SWITCH(p.c2p, kC2P, [&] {
     return FA_BOOL_SWITCH(p.p2c, kP2C, [&] {
       if (p.len_q > 0) {
-        auto kernel = disentangled_bwd_dq_kernel<T, D, kC2P, kP2C>;
+        auto kernel = disentangled_bwd_dq_kernel<T, D, kC2P, kP2C, DROPOUT>;
         cudaError_t err = set_smem(kernel, C::kSmem);
         if (err != cudaSuccess) return err;
         kernel<<<dim3(cdiv(p.len_q, C::kBlockM), p.heads, p.batch), C::kThreads, C::kSmem, stream>>>(p);
         if ((err = cudaGetLastError()) != cudaSuccess) return err;
       }
       if (p.len_k > 0) {
-        auto kernel = disentangled_bwd_dkdv_kernel<T, D, kC2P, kP2C>;
+        auto kernel = disentangled_bwd_dkdv_kernel<T, D, kC2P, kP2C, DROPOUT>;
         cudaError_t err = set_smem(kernel, C::kSmem);
         if (err != cudaSuccess) return err;
         kernel<<<dim3(cdiv(p.len_k, C::kBlockN), p.heads, p.batch), C::kThreads, C::kSmem, stream>>>(p);
@@ -457,6 +492,9 @@ cudaError_t run_disentangled_bwd(const DisentangledBwdParams& p, cudaStream_t st
 
 }  // namespace forkattn::kernels::disentangled
 
-#define FORKATTN_INSTANTIATE_DISENTANGLED_BWD(T, D)                                       \
-  template cudaError_t forkattn::kernels::disentangled::run_disentangled_bwd<T, D>( \
+// As the forward's: run_disentangled_bwd<T, D, false> and <T, D, true>, each in its own file.
+#define FORKATTN_INSTANTIATE_DISENTANGLED_BWD_(T, D, DROPOUT)                                      \
+  template cudaError_t forkattn::kernels::disentangled::run_disentangled_bwd<T, D, DROPOUT>( \
       const forkattn::kernels::disentangled::DisentangledBwdParams&, cudaStream_t);
+#define FORKATTN_INSTANTIATE_DISENTANGLED_BWD(T, D) FORKATTN_INSTANTIATE_DISENTANGLED_BWD_(T, D, false)
+#define FORKATTN_INSTANTIATE_DISENTANGLED_BWD_DROPOUT(T, D) FORKATTN_INSTANTIATE_DISENTANGLED_BWD_(T, D, true)

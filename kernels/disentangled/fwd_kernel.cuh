@@ -18,8 +18,12 @@
 // and every lane adds sB at its score fragment's positions. sB is an fp32 [BM, BN] tile in shared
 // memory: the skew (a gather across lanes) goes through it instead of registers. One shared
 // buffer holds the position rows (G_q first, then G_k), so the c2p load waits for the p2c product.
+// DROPOUT: the plain attention forward's (kernels/attention/dropout.cuh, the same mask of
+// (b, h, i, j)): after the running sum (lse stays undropped), dropped probabilities are zeroed
+// before P V, and the survivors' 1 / (1 - p) joins the final 1 / l.
 #pragma once
 #include "attention/common.cuh"
+#include "attention/dropout.cuh"
 #include "common/static_switch.h"
 #include "disentangled/api.h"
 
@@ -28,6 +32,9 @@ namespace forkattn::kernels::disentangled {
 using attention::cdiv;
 using attention::cp_async_commit;
 using attention::cp_async_wait;
+using attention::dropout_keep_rows;
+using attention::dropout_mask;
+using attention::DropoutMask;
 using attention::finish_rows;
 using attention::load_first_tiles;
 using attention::load_tile_async;
@@ -142,7 +149,7 @@ __device__ __forceinline__ void c2p_into(float* sB, const T* sP, const T* sQ, in
   }
 }
 
-template <typename T, int D, bool C2P, bool P2C>
+template <typename T, int D, bool C2P, bool P2C, bool DROPOUT>
 __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kernel(const DisentangledFwdParams p) {
   using C = FwdConfig<D>;
   constexpr int BM = C::kBlockM, BN = C::kBlockN, ROW = C::kRow, NT = C::kThreads, BROW = C::kBRow;
@@ -172,6 +179,8 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
   float row_sum[2] = {0.f, 0.f};  // this lane's partial sums; reduced over the quad at the end
   const int g = lane >> 2, t = lane & 3;
   const int row_base = m0 + warp * 16 + g;  // rows row_base and row_base + 8
+  DropoutMask drop{};
+  if constexpr (DROPOUT) drop = dropout_mask(p, b, h);
 
   int stage = 0;
   while (n < n_tiles) {
@@ -221,6 +230,16 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
       }
     }
     online_softmax_step(s, acc, row_max, row_sum);
+    if constexpr (DROPOUT) {
+      const uint32_t keep = dropout_keep_rows<BN / 8>(drop, row_base, n0, lane);
+#pragma unroll
+      for (int j = 0; j < BN / 8; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          if (!(keep & (1u << (4 * j + e)))) s[j][e] = 0.f;
+        }
+      }
+    }
     mma_tile_reg_a<T, ROW, BN, D>(acc, s, sVs, lane);
 
     __syncthreads();  // this stage, sP and sB are refilled by the next iteration
@@ -230,21 +249,21 @@ __global__ void __launch_bounds__(FwdConfig<D>::kThreads) disentangled_fwd_kerne
   cp_async_wait<0>();
   __syncthreads();
 
-  finish_rows<T, D>(sQ, acc, row_max, row_sum, 1.f, p.lse + b * p.lse_batch_stride + h * p.lse_head_stride, row_base,
+  finish_rows<T, D>(sQ, acc, row_max, row_sum, DROPOUT ? p.dropout_scale : 1.f, p.lse + b * p.lse_batch_stride + h * p.lse_head_stride, row_base,
                     len_q, warp, lane);
   __syncthreads();
   T* out = static_cast<T*>(p.out) + b * p.out_batch_stride + h * p.out_head_stride;
   store_tile<BM, D, NT>(out, p.out_row_stride, m0, len_q, sQ, tid);
 }
 
-template <typename T, int D>
+template <typename T, int D, bool DROPOUT>
 cudaError_t run_disentangled_fwd(const DisentangledFwdParams& p, cudaStream_t stream) {
   using C = FwdConfig<D>;
   if (p.len_q == 0 || p.batch == 0 || p.heads == 0) return cudaSuccess;
   const dim3 grid(cdiv(p.len_q, C::kBlockM), p.heads, p.batch);
   return FA_BOOL_SWITCH(p.c2p, kC2P, [&] {
     return FA_BOOL_SWITCH(p.p2c, kP2C, [&] {
-      auto kernel = disentangled_fwd_kernel<T, D, kC2P, kP2C>;
+      auto kernel = disentangled_fwd_kernel<T, D, kC2P, kP2C, DROPOUT>;
       cudaError_t err = set_smem(kernel, C::kSmem);
       if (err != cudaSuccess) return err;
       kernel<<<grid, C::kThreads, C::kSmem, stream>>>(p);
@@ -255,6 +274,10 @@ cudaError_t run_disentangled_fwd(const DisentangledFwdParams& p, cudaStream_t st
 
 }  // namespace forkattn::kernels::disentangled
 
-#define FORKATTN_INSTANTIATE_DISENTANGLED_FWD(T, D)                                       \
-  template cudaError_t forkattn::kernels::disentangled::run_disentangled_fwd<T, D>( \
+// The generated files for (T, D) instantiate run_disentangled_fwd<T, D, false> and <T, D, true>
+// (declared in api.h), each in its own file.
+#define FORKATTN_INSTANTIATE_DISENTANGLED_FWD_(T, D, DROPOUT)                                      \
+  template cudaError_t forkattn::kernels::disentangled::run_disentangled_fwd<T, D, DROPOUT>( \
       const forkattn::kernels::disentangled::DisentangledFwdParams&, cudaStream_t);
+#define FORKATTN_INSTANTIATE_DISENTANGLED_FWD(T, D) FORKATTN_INSTANTIATE_DISENTANGLED_FWD_(T, D, false)
+#define FORKATTN_INSTANTIATE_DISENTANGLED_FWD_DROPOUT(T, D) FORKATTN_INSTANTIATE_DISENTANGLED_FWD_(T, D, true)

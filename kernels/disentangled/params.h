@@ -36,6 +36,15 @@ struct DisentangledFwdParams {
   float scale_log2;            // scale * log2(e): the kernels work with exp2
   bool c2p, p2c;
   bool is_bf16;  // element type: bf16 if true, else fp16
+
+  // Attention dropout, exactly the plain attention's (kernels/attention/params.h): probability
+  // (b, h, i, j) is kept iff kernels/common/philox.h's u16 for the seed >= dropout_threshold, the
+  // survivors scaled by dropout_scale; lse stays the undropped softmax's. dropout false (p = 0)
+  // picks the instantiations without a line of it. The backward redraws the same mask.
+  bool dropout;
+  uint32_t dropout_threshold;  // dropout_threshold16(p)
+  float dropout_scale;         // 1 / (1 - p)
+  uint64_t dropout_seed;       // Philox key (a signed int64's bit pattern)
 };
 
 // The backward: dq (with the c2p term's dpos_key) per query block, dk and dv (with the p2c term's
