@@ -143,15 +143,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
 std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pos_key,
     const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c) {
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c, double dropout_p,
+    int64_t seed) {
   const DisentangledInputs in =
       check_disentangled_inputs(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c, /*cuda=*/true);
+  check_dropout_p(dropout_p);
   const AttnSizes& s = in.s;
   at::Tensor out = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor lse = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));
   if (out.numel() > 0) {
     cuda::disentangled_attention_fwd_launch(q, k, v, in.pos_key, in.pos_query, rel_index.contiguous(),
-                                            key_padding_mask, scale, out, lse);
+                                            key_padding_mask, scale, dropout_p, seed, out, lse);
   }
   return {out, lse};
 }
@@ -160,9 +162,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, bool c2p, bool p2c) {
+    double scale, bool c2p, bool p2c, double dropout_p, int64_t seed) {
   const DisentangledInputs in =
       check_disentangled_inputs(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c, /*cuda=*/true);
+  check_dropout_p(dropout_p);
   const AttnSizes s = check_attention_bwd_inputs(dout, q, k, v, out, lse, key_padding_mask);
   at::Tensor dq = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
@@ -178,7 +181,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
   // Delta = rowsum(dout * out) from the stored output (FlashAttention's choice): [B, H, Lq] fp32
   const at::Tensor delta = (dout.to(at::kFloat) * out.to(at::kFloat)).sum(-1).contiguous();
   cuda::disentangled_attention_bwd_launch(dout, q, k, v, in.pos_key, in.pos_query, lse.contiguous(), delta,
-                                          rel_index.contiguous(), key_padding_mask, scale, dq, dk, dv, dpk, dpq);
+                                          rel_index.contiguous(), key_padding_mask, scale, dropout_p, seed, dq, dk,
+                                          dv, dpk, dpq);
   return {dq, dk, dv, finish(dpk), finish(dpq)};
 }
 #endif  // FORKATTN_WITH_CUDA

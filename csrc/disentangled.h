@@ -38,19 +38,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
 #ifdef FORKATTN_WITH_CUDA
 // CUDA version (kernels/disentangled): fp16/bf16, head_dim 32, 64 or 128, compute capability 8.0+.
 // The same contract as the CPU forward; rel_index on q's device (its range is checked with one
-// device reduction and a host synchronisation).
+// device reduction and a host synchronisation); dropout_p and seed as for the CPU forward.
 std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cuda(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pos_key,
     const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c);
+    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c, double dropout_p = 0.0,
+    int64_t seed = 0);
 
-// Backward: the CPU contract, head_dim 64 (the Python backend sends 32 and 128 to Triton's backward); dpos_key / dpos_query are summed with fp32 atomics (their last bits
-// may differ from run to run), Delta = rowsum(dout * out) from the stored output.
+// Backward: the CPU contract (dropout_p and seed too: the mask is redrawn); dpos_key / dpos_query
+// are summed with fp32 atomics (their last bits may differ from run to run), Delta =
+// rowsum(dout * out) from the stored output.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd_cuda(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, bool c2p, bool p2c);
+    double scale, bool c2p, bool p2c, double dropout_p = 0.0, int64_t seed = 0);
 
 namespace cuda {
 // csrc/cuda/disentangled_cuda.cpp: params from checked tensors (pos_key / pos_query [H, rows, D],
@@ -58,15 +60,16 @@ namespace cuda {
 void disentangled_attention_fwd_launch(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& pos_key, const at::Tensor& pos_query,
                                        const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-                                       double scale, at::Tensor& out, at::Tensor& lse);
+                                       double scale, double dropout_p, int64_t seed, at::Tensor& out,
+                                       at::Tensor& lse);
 // dq, dk, dv written; dpos_key_acc / dpos_query_acc fp32 [H, rows, D] contiguous, zeroed, added to
 // (undefined for a term that is off); lse and delta [B, H, Lq] contiguous fp32.
 void disentangled_attention_bwd_launch(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& pos_key, const at::Tensor& pos_query,
                                        const at::Tensor& lse, const at::Tensor& delta, const at::Tensor& rel_index,
                                        const std::optional<at::Tensor>& key_padding_mask, double scale,
-                                       at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, at::Tensor& dpos_key_acc,
-                                       at::Tensor& dpos_query_acc);
+                                       double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk,
+                                       at::Tensor& dv, at::Tensor& dpos_key_acc, at::Tensor& dpos_query_acc);
 }  // namespace cuda
 #endif  // FORKATTN_WITH_CUDA
 

@@ -84,12 +84,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("disentangled_attention_fwd_cuda", &forkattn::disentangled_attention_fwd_cuda,
         "DeBERTa disentangled attention forward (CUDA): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("pos_key"), py::arg("pos_query"), py::arg("rel_index"), py::arg("key_padding_mask"),
-        py::arg("scale"), py::arg("c2p"), py::arg("p2c"));
+        py::arg("scale"), py::arg("c2p"), py::arg("p2c"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("disentangled_attention_bwd_cuda", &forkattn::disentangled_attention_bwd_cuda,
         "DeBERTa disentangled attention backward (CUDA): (dq, dk, dv, dpos_key, dpos_query)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos_key"), py::arg("pos_query"), py::arg("out"),
         py::arg("lse"), py::arg("rel_index"), py::arg("key_padding_mask"), py::arg("scale"), py::arg("c2p"),
-        py::arg("p2c"));
+        py::arg("p2c"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
   m.def("mlm_mask_cuda", &forkattn::mlm_mask_cuda, "MLM 80/10/10 masking (CUDA)", py::arg("input_ids"),
         py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"), py::arg("attention_mask"),
         py::arg("labels"), py::arg("word_ids"), py::arg("special_ids"), py::arg("excluded_ids"),

@@ -65,14 +65,6 @@ void fill_bwd(AttentionBwdParams& p, const at::Tensor& dout, const at::Tensor& d
   p.dv_batch_stride = dv.stride(0), p.dv_head_stride = dv.stride(1), p.dv_row_stride = dv.stride(2);
 }
 
-// Dropout (dropout_p > 0; already checked to be in [0, 1)): picks the DROPOUT instantiations.
-void set_dropout(AttentionFwdParams& p, double dropout_p, int64_t seed) {
-  p.dropout = dropout_p > 0.0;
-  p.dropout_threshold = p.dropout ? kernels::dropout_threshold16(dropout_p) : 0u;
-  p.dropout_scale = static_cast<float>(1.0 / (1.0 - dropout_p));
-  p.dropout_seed = static_cast<uint64_t>(seed);  // a signed int64's bit pattern
-}
-
 // Turns padded-batch params of the [1, H, total, D] views into varlen params.
 void make_varlen(AttentionFwdParams& p, const at::Tensor& cu_q, const at::Tensor& cu_k, int64_t max_q, int64_t max_k) {
   TORCH_CHECK_VALUE(cu_q.numel() - 1 <= 65535, "the cuda backend takes at most 65535 sequences, got ", cu_q.numel() - 1);

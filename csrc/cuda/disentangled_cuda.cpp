@@ -42,12 +42,14 @@ at::Tensor aligned_or_none(const at::Tensor& t) { return t.defined() ? rows_alig
 void disentangled_attention_fwd_launch(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                        const at::Tensor& pos_key_in, const at::Tensor& pos_query_in,
                                        const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-                                       double scale, at::Tensor& out, at::Tensor& lse) {
+                                       double scale, double dropout_p, int64_t seed, at::Tensor& out,
+                                       at::Tensor& lse) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   kernels::disentangled::DisentangledFwdParams p{};
   fill_fwd(p, q, k, v, aligned_or_none(pos_key_in), aligned_or_none(pos_query_in), rel_index, key_padding_mask,
            scale);
+  set_dropout(p, dropout_p, seed);
   p.out = out.data_ptr();
   p.out_batch_stride = out.stride(0), p.out_head_stride = out.stride(1), p.out_row_stride = out.stride(2);
   p.lse = lse.data_ptr<float>();
@@ -60,14 +62,16 @@ void disentangled_attention_bwd_launch(const at::Tensor& dout_in, const at::Tens
                                        const at::Tensor& v_in, const at::Tensor& pos_key_in,
                                        const at::Tensor& pos_query_in, const at::Tensor& lse, const at::Tensor& delta,
                                        const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-                                       double scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
-                                       at::Tensor& dpos_key_acc, at::Tensor& dpos_query_acc) {
+                                       double scale, double dropout_p, int64_t seed, at::Tensor& dq,
+                                       at::Tensor& dk, at::Tensor& dv, at::Tensor& dpos_key_acc,
+                                       at::Tensor& dpos_query_acc) {
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = rows_aligned(q_in), k = rows_aligned(k_in), v = rows_aligned(v_in);
   const at::Tensor dout = rows_aligned(dout_in);
   kernels::disentangled::DisentangledBwdParams p{};
   fill_fwd(p, q, k, v, aligned_or_none(pos_key_in), aligned_or_none(pos_query_in), rel_index, key_padding_mask,
            scale);
+  set_dropout(p, dropout_p, seed);  // the forward's mask, redrawn
   p.lse = const_cast<float*>(lse.data_ptr<float>());  // read only in the backward
   p.lse_batch_stride = lse.stride(0), p.lse_head_stride = lse.stride(1);
   p.delta = delta.data_ptr<float>();  // laid out like lse (both contiguous [B, H, Lq])
