@@ -132,12 +132,13 @@ KERNELS = ("attention_fwd_kernel", "attention_bwd_dq_kernel", "attention_bwd_dkd
 
 
 @contextlib.contextmanager
-def recorded_masks():
-    """Wraps the transcription's dropout_keep_rows / dropout_keep_cols for the duration; yields
-    {kernel name: [(bh, i, j, kept) per fragment element, each a per-thread vector]} of every mask
-    element the kernels drew (the fragment coordinates as dropout.cuh lays them out)."""
+def recorded_masks(module=emu):
+    """Wraps the transcription's dropout_keep_rows / dropout_keep_cols (as `module` calls them:
+    attention.py's, or disentangled.py's) for the duration; yields {kernel name: [(bh, i, j, kept)
+    per fragment element, each a per-thread vector]} of every mask element the kernels drew (the
+    fragment coordinates as dropout.cuh lays them out)."""
     rec = {}
-    real_rows, real_cols = emu.dropout_keep_rows, emu.dropout_keep_cols
+    real_rows, real_cols = module.dropout_keep_rows, module.dropout_keep_cols
     g = np.arange(NT) % 32 >> 2
 
     def note(keep, m, NJ, coords):
@@ -156,20 +157,20 @@ def recorded_masks():
         keep = real_cols(m, kb0, m0, NJ)
         note(keep, m, NJ, lambda j, e: (m0 + 8 * j + 2 * TQ + (e & 1), 8 * kb0 + g + 8 * (e >> 1)))
         return keep
-    emu.dropout_keep_rows, emu.dropout_keep_cols = rows, cols
+    module.dropout_keep_rows, module.dropout_keep_cols = rows, cols
     try:
         yield rec
     finally:
-        emu.dropout_keep_rows, emu.dropout_keep_cols = real_rows, real_cols
+        module.dropout_keep_rows, module.dropout_keep_cols = real_rows, real_cols
 
 
-def check_masks(rec, mask_seed, dropout_p, visible):
+def check_masks(rec, mask_seed, dropout_p, visible, kernels=KERNELS):
     """Every recorded element equals philox.py's keep of its (bh, i, j), bit for bit, and each
-    kernel drew every visible (bh, i, j): visible bool [B * H, Lq, Lk] (varlen: sequence-major,
-    max lengths). Returns the number of elements compared."""
+    of `kernels` drew every visible (bh, i, j): visible bool [B * H, Lq, Lk] (varlen:
+    sequence-major, max lengths). Returns the number of elements compared."""
     th = philox.dropout_threshold(dropout_p)
     n = 0
-    for kernel in KERNELS:
+    for kernel in kernels:
         assert kernel in rec, f"{kernel} drew no dropout mask"
         bh, i, j, kp = (torch.from_numpy(np.concatenate([np.asarray(r[x]) for r in rec[kernel]]).astype(np.int64))
                         for x in range(4))

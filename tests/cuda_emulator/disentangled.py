@@ -8,6 +8,9 @@ What is emulated beyond attention.py's forward: the per-tile position rows (load
 rel_index read per row, indexed cp.async of pos rows, zero fill off the table), the p2c product in
 pieces of 16 diagonals x 16 keys scattered into the fp32 tile sB, the c2p product in pieces of
 16 diagonals added into the warp's own rows of sB, and the read of sB at each score fragment.
+Dropout (the DROPOUT instantiations, p.dropout): attention/dropout.cuh's mask, transcribed in
+dropout.py, applied where the kernels apply it (the forward and dq kernel by rows, the dk/dv kernel
+by columns of each query piece).
 __syncwarp is modelled as a block barrier (core.py's race detector has no warp-level epochs): the
 data it orders is warp-private (each warp's own rows of sB), so this hides no race inside those
 rows, but a cross-warp race across it would go unseen.
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from . import attention as at
+from .dropout import dropout_keep_cols, dropout_keep_rows, dropout_mask, kept
 from .core import (F32, G, INF, NT, TID, TQ, WARP, HostTensor, Smem, cp_async16_from, mma16816, pack2, round_h,
                    syncthreads_or)
 
@@ -102,7 +106,7 @@ def head_operands(p, b, h, C2P, P2C):
             p.key_padding_mask + b * p.mask_batch_stride if p.key_padding_mask is not None else None)
 
 
-def disentangled_fwd_kernel(p, D, C2P, P2C, blockIdx):
+def disentangled_fwd_kernel(p, D, C2P, P2C, blockIdx, DROPOUT=False):
     ROW, BROW = D + 8, BN + 8
     kSmem = (BM + 4 * BN + POS_ROWS) * ROW * 2 + (BM * BROW + 2 * BN) * 4
     sm = Smem(kSmem)
@@ -133,6 +137,7 @@ def disentangled_fwd_kernel(p, D, C2P, P2C, blockIdx):
     row_max = np.full((NT, 2), -INF, F32)
     row_sum = np.zeros((NT, 2), F32)
     row_base = m0 + WARP * 16 + G
+    drop = dropout_mask(p, b, h) if DROPOUT else None
 
     stage = 0
     while n < n_tiles:
@@ -173,6 +178,11 @@ def disentangled_fwd_kernel(p, D, C2P, P2C, blockIdx):
                     x = (x + sm.read_f(sB + 4 * ((WARP * 16 + G + (e >> 1) * 8) * BROW + col), TID)).astype(F32)
                 s[:, j, e] = np.where(sm.read_f(bias + 4 * col, TID) == 0, (x * F32(p.scale_log2)).astype(F32), -INF)
         at.online_softmax_step(s, acc, row_max, row_sum)
+        if DROPOUT:
+            keep = dropout_keep_rows(drop, row_base, n0, BN // 8)
+            for j in range(BN // 8):
+                for e in range(4):
+                    s[~kept(keep, j, e), j, e] = 0
         at.mma_tile_reg_a(sm, acc, s, sVs, ROW, BN, D)
 
         sm.barrier()
@@ -181,7 +191,7 @@ def disentangled_fwd_kernel(p, D, C2P, P2C, blockIdx):
     sm.wait(0)
     sm.barrier()
 
-    at.finish_rows(sm, sQ, ROW, acc, D, row_max, row_sum, F32(1), p.lse, b * p.lse_batch_stride + h * p.lse_head_stride,
+    at.finish_rows(sm, sQ, ROW, acc, D, row_max, row_sum, F32(p.dropout_scale if DROPOUT else 1), p.lse, b * p.lse_batch_stride + h * p.lse_head_stride,
                    row_base, len_q)
     sm.barrier()
     out = p.out + b * p.out_batch_stride + h * p.out_head_stride
@@ -192,7 +202,7 @@ def run_disentangled_fwd(p):
     if p.len_q == 0 or p.batch == 0 or p.heads == 0:
         return
     for blk in itertools.product(range(at.cdiv(p.len_q, BM)), range(p.heads), range(p.batch)):
-        disentangled_fwd_kernel(p, p.head_dim, p.c2p, p.p2c, blk)
+        disentangled_fwd_kernel(p, p.head_dim, p.c2p, p.p2c, blk, p.dropout)
 
 
 # --- host: csrc/disentangled.cpp (checks, allocation) + csrc/cuda/disentangled_cuda.cpp ------------
@@ -215,7 +225,8 @@ def fill_terms(p, H, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c):
         p.key_padding_mask, p.mask_batch_stride = None, 0
 
 
-def disentangled_attention_fwd_cuda(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c):
+def disentangled_attention_fwd_cuda(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c,
+                                    dropout_p=0.0, seed=0):
     """q [B, H, Lq, D], k/v [B, H, Lk, D] fp16; pos_* [H or 1, rows, D] or None -> (out, lse)."""
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -243,6 +254,7 @@ def disentangled_attention_fwd_cuda(q, k, v, pos_key, pos_query, rel_index, key_
     p.batch, p.heads, p.len_q, p.len_k, p.head_dim = B, H, Lq, Lk, D
     p.scale = float(np.float32(scale))
     p.scale_log2 = float(np.float32(scale * 1.4426950408889634))
+    at.set_dropout(p, dropout_p, seed)
     run_disentangled_fwd(p)
     return out.tensor(), lse.tensor()
 
@@ -349,9 +361,10 @@ def query_split(D):
     return {32: 1, 64: 2, 128: 2}[D]
 
 
-def d_split(D):
-    """BwdConfig<D>::kDSplit: the dk/dv kernel's sweeps, one per column block of dk and dv."""
-    return 2 if D == 128 else 1
+def d_split(D, dropout=False):
+    """BwdConfig<D>::kDSplitFor<DROPOUT>: the dk/dv kernel's sweeps, one per column block of dk and
+    dv (four at head_dim 128 with dropout)."""
+    return (4 if dropout else 2) if D == 128 else 1
 
 
 def query_pieces(HM):
@@ -376,7 +389,7 @@ def _bwd_smem(D):
     return Smem(kSmem), ROW, BROW, sQ, sdO, sK, sV, sP, sB, sDS, sBias, sL, sDelta
 
 
-def disentangled_bwd_dq_kernel(p, D, C2P, P2C, blockIdx):
+def disentangled_bwd_dq_kernel(p, D, C2P, P2C, blockIdx, DROPOUT=False):
     sm, ROW, BROW, sQ, sdO, sK, sV, sP, sB, sDS, sBias, _, _ = _bwd_smem(D)
     m0, h, b = blockIdx[0] * BM, blockIdx[1], blockIdx[2]
     len_q, len_k = p.len_q, p.len_k
@@ -399,6 +412,7 @@ def disentangled_bwd_dq_kernel(p, D, C2P, P2C, blockIdx):
         lse2[ok, r] = (p.lse.read(a[ok]) * at.kLog2e).astype(F32)
         delta[ok, r] = p.delta.read(a[ok])
     dq = np.zeros((NT, D // 8, 4), F32)
+    drop = dropout_mask(p, b, h) if DROPOUT else None
 
     n = at.next_key_tile(sm, 0, n_tiles, mask, len_k, sBias, BN)
     while n < n_tiles:
@@ -408,6 +422,7 @@ def disentangled_bwd_dq_kernel(p, D, C2P, P2C, blockIdx):
         at.load_tile_async(sm, sV, ROW, v, p.v_row_stride, n0, len_k, BN, D, mask)
         sm.commit()
         position_tile(sm, sB, BROW, sP, ROW, sQ, sK, pk, pq, p, t0, n_rel, D, C2P, P2C, True)
+        keep = dropout_keep_rows(drop, row_base, n0, BN // 8) if DROPOUT else None
         s = np.zeros((NT, BN // 8, 4), F32)
         at.mma_tile_smem_a(sm, s, sQ, ROW, WARP * 16, sK, D, BN, True)
         dp = np.zeros((NT, BN // 8, 4), F32)
@@ -421,7 +436,10 @@ def disentangled_bwd_dq_kernel(p, D, C2P, P2C, blockIdx):
                     x = (x + sm.read_f(sB + 4 * ((WARP * 16 + G + 8 * r) * BROW + col), TID)).astype(F32)
                 vis = sm.read_f(sBias + 4 * col, TID) == 0
                 pr = np.where(vis, np.exp2((x * F32(p.scale_log2)).astype(F32) - lse2[:, r]), F32(0)).astype(F32)
-                s[:, j, e] = (pr * (dp[:, j, e] - delta[:, r])).astype(F32)
+                dpv = dp[:, j, e]
+                if DROPOUT:
+                    dpv = np.where(kept(keep, j, e), dpv * F32(p.dropout_scale), F32(0)).astype(F32)
+                s[:, j, e] = (pr * (dpv - delta[:, r])).astype(F32)
         at.mma_tile_reg_a(sm, dq, s, sK, ROW, BN, D)
         if C2P:
             for j in range(BN // 8):
@@ -449,7 +467,7 @@ def disentangled_bwd_dq_kernel(p, D, C2P, P2C, blockIdx):
     at.store_tile(sm, p.dq + b * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride, m0, len_q, sQ, ROW, BM, D)
 
 
-def disentangled_bwd_dkdv_kernel(p, D, C2P, P2C, blockIdx):
+def disentangled_bwd_dkdv_kernel(p, D, C2P, P2C, blockIdx, DROPOUT=False):
     sm, ROW, BROW, sQ, sdO, sK, sV, sP, sB, sDS, sBias, sL, sDelta = _bwd_smem(D)
     n0, h, b = blockIdx[0] * BN, blockIdx[1], blockIdx[2]
     len_q, len_k = p.len_q, p.len_k
@@ -469,7 +487,7 @@ def disentangled_bwd_dkdv_kernel(p, D, C2P, P2C, blockIdx):
     at.load_tile_async(sm, sV, ROW, v, p.v_row_stride, n0, len_k, BN, D, mask)
     sm.commit()
 
-    DH = D // d_split(D)
+    DH = D // d_split(D, DROPOUT)
     key_row = WARP * 16 + G
     keep0 = np.where(sm.read_f(sBias + 4 * key_row, TID) == 0, F32(1), F32(0))
     keep1 = np.where(sm.read_f(sBias + 4 * (key_row + 8), TID) == 0, F32(1), F32(0))
@@ -494,6 +512,9 @@ def disentangled_bwd_dkdv_kernel(p, D, C2P, P2C, blockIdx):
             position_tile(sm, sB, BROW, sP, ROW, sQ, sK, pk, pq, p, t0, n_rel, D, C2P, P2C, False)
             HM = BM // query_split(D)
             for c0 in query_pieces(HM):
+                keep = None
+                if DROPOUT:
+                    keep = dropout_keep_cols(dropout_mask(p, b, h), (n0 + WARP * 16) >> 3, m0 + c0, HM // 8)
                 s = np.zeros((NT, HM // 8, 4), F32)
                 at.mma_tile_smem_a(sm, s, sK, ROW, WARP * 16, sQ + 2 * c0 * ROW, D, HM, True)
                 dp = np.zeros((NT, HM // 8, 4), F32)
@@ -508,8 +529,13 @@ def disentangled_bwd_dkdv_kernel(p, D, C2P, P2C, blockIdx):
                         vis = sm.read_f(sBias + 4 * kr, TID) == 0
                         pr = np.where(vis, np.exp2((x * F32(p.scale_log2)).astype(F32) - sm.read_f(sL + 4 * col, TID)),
                                       F32(0)).astype(F32)
-                        s[:, j, e] = pr
-                        dp[:, j, e] = (pr * (dp[:, j, e] - sm.read_f(sDelta + 4 * col, TID))).astype(F32)
+                        dpv = dp[:, j, e]
+                        if DROPOUT:
+                            kp = kept(keep, j, e)
+                            pr_kept = np.where(kp, pr, F32(0)).astype(F32)
+                            dpv = np.where(kp, dpv * F32(p.dropout_scale), F32(0)).astype(F32)
+                        s[:, j, e] = pr_kept if DROPOUT else pr
+                        dp[:, j, e] = (pr * (dpv - sm.read_f(sDelta + 4 * col, TID))).astype(F32)
                 at.mma_tile_reg_a(sm, dv, s, sdO + 2 * (c0 * ROW + d0), ROW, HM, DH)
                 at.mma_tile_reg_a(sm, dk, dp, sQ + 2 * (c0 * ROW + d0), ROW, HM, DH)
                 if P2C:
@@ -540,7 +566,8 @@ def disentangled_bwd_dkdv_kernel(p, D, C2P, P2C, blockIdx):
         sm.wait(0)
         sm.barrier()
         at.stage_rows(sm, sQ + 2 * d0, ROW, WARP * 16, dk, DH, F32(p.scale) * keep0, F32(p.scale) * keep1)
-        at.stage_rows(sm, sdO + 2 * d0, ROW, WARP * 16, dv, DH, keep0, keep1)
+        dv_mul = F32(p.dropout_scale if DROPOUT else 1)
+        at.stage_rows(sm, sdO + 2 * d0, ROW, WARP * 16, dv, DH, keep0 * dv_mul, keep1 * dv_mul)
         sm.barrier()
         at.store_tile(sm, p.dk + b * p.dk_batch_stride + h * p.dk_head_stride + d0, p.dk_row_stride, n0, len_k,
                       sQ + 2 * d0, ROW, BN, DH)
@@ -554,13 +581,13 @@ def run_disentangled_bwd(p):
     if p.batch == 0 or p.heads == 0 or (p.len_q == 0 and p.len_k == 0):
         return
     for blk in itertools.product(range(at.cdiv(p.len_q, BM)), range(p.heads), range(p.batch)):
-        disentangled_bwd_dq_kernel(p, p.head_dim, p.c2p, p.p2c, blk)
+        disentangled_bwd_dq_kernel(p, p.head_dim, p.c2p, p.p2c, blk, p.dropout)
     for blk in itertools.product(range(at.cdiv(p.len_k, BN)), range(p.heads), range(p.batch)):
-        disentangled_bwd_dkdv_kernel(p, p.head_dim, p.c2p, p.p2c, blk)
+        disentangled_bwd_dkdv_kernel(p, p.head_dim, p.c2p, p.p2c, blk, p.dropout)
 
 
 def disentangled_attention_bwd_cuda(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, scale,
-                                    c2p, p2c):
+                                    c2p, p2c, dropout_p=0.0, seed=0):
     """The CUDA backward's host: delta = rowsum(dout * out) (torch, fp32), fp32 dpos accumulators
     zeroed, the two kernels, then dpos * scale in q's dtype. -> (dq, dk, dv, dpos_key, dpos_query)."""
     B, H, Lq, D = q.shape
@@ -593,6 +620,7 @@ def disentangled_attention_bwd_cuda(dout, q, k, v, pos_key, pos_query, out, lse,
     p.batch, p.heads, p.len_q, p.len_k, p.head_dim = B, H, Lq, Lk, D
     p.scale = float(np.float32(scale))
     p.scale_log2 = float(np.float32(scale * 1.4426950408889634))
+    at.set_dropout(p, dropout_p, seed)  # the forward's mask, redrawn
     run_disentangled_bwd(p)
     fin = [(t.tensor() * p.scale).half() if used else None for t, used in ((dpk, c2p), (dpq, p2c))]
     return dq.tensor(), dk.tensor(), dv.tensor(), fin[0], fin[1]
