@@ -112,7 +112,12 @@ class CudaMLM(_Cuda, MLMBackend):
 class CudaDisentangledAttention(_OptIn, _CudaKernels, DisentangledAttentionBackend):
     """kernels/disentangled: tensor-core tiles with the c2p / p2c terms gathered per tile, no
     [Lq, Lk] matrix; the backward's position gradients are fp32 atomics (last bits may vary).
-    Forward and backward at head_dim 32, 64 and 128 (HEAD_DIMS), fp16 and bf16."""
+    Forward and backward at head_dim 32, 64 and 128 (HEAD_DIMS), fp16 and bf16. Dropout: the
+    kernels' DROPOUT instantiations draw the plain attention's Philox mask themselves (fwd / bwd
+    take dropout_p and seed last); checked by the emulator and compile checks only so far, not yet
+    on a GPU."""
+
+    FEATURES = DisentangledAttentionBackend.FEATURES | {"dropout"}
 
     def make_impl(self):
         return FwdBwd(_native._C.disentangled_attention_fwd_cuda, _native._C.disentangled_attention_bwd_cuda)
