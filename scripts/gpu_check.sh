@@ -68,6 +68,13 @@ grep -E "^\[|^  (impl|hf-eager|forkattn-)" "$OUT/deberta.log" | tee -a "$OUT/sum
 step "DeBERTa attention at head_dim 32 / 128 (cuda backward)" | tee -a "$OUT/summary.log"
 timeout ${DEBERTA_HDIM_TIMEOUT:-60} $PY scripts/bench_disentangled_head_dims.py 2>&1 | tee -a "$OUT/summary.log"
 
+# The cuda backend's attention dropout (kernels/disentangled's DROPOUT instantiations, never run on
+# a GPU before): the 2x rule against fp64 with the same Philox mask at each head_dim, then the
+# mask's cost (fwd+bwd, dropout_p 0 vs 0.1) next to the triton backend's dropout. The GPU tests
+# above hold the mask bit for bit to philox.py's and the CPU kernel's (test_disentangled_cuda.py).
+step "DeBERTa attention dropout (cuda)" | tee -a "$OUT/summary.log"
+timeout ${DEBERTA_DROPOUT_TIMEOUT:-90} $PY scripts/bench_disentangled_dropout.py 2>&1 | tee -a "$OUT/summary.log"
+
 step "benchmark" | tee -a "$OUT/summary.log"
 timeout ${BENCH_TIMEOUT:-120} $PY -m forkattn.bench ${BENCH_ARGS:-} --out "$OUT" > "$OUT/bench.log" 2>&1
 echo "bench exit $?" | tee -a "$OUT/summary.log"
