@@ -2,8 +2,9 @@
 (or, with tests/ on PYTHONPATH, python -m cuda_emulator). Attention: head_dim 32/64/128 x Lq, Lk in
 {1, 7, 65, 97, 129} x causal, padding incl. a fully padded sequence, GQA 4/2 and 4/1, strided
 inputs, varlen with an empty sequence and an oversized grid, and 19 of them with dropout (217 cases,
-about 6 minutes on a 2-core machine). Decode: decode_checks.full_decode_matrix(). Disentangled (DeBERTa) forward:
-disentangled_checks.FULL. --quick: a handful of cases each."""
+about 6 minutes on a 2-core machine). Decode: decode_checks.full_decode_matrix(). Disentangled (DeBERTa):
+disentangled_checks.FULL (forward and backward), BWD_FULL and DROPOUT_FULL (forward and backward with
+attention dropout). --quick: a handful of cases each."""
 import argparse
 import sys
 import time
@@ -50,6 +51,7 @@ def disentangled_main(quick):
     disentangled_checks.run_all(cases)
     disentangled_checks.run_all_bwd(cases)
     disentangled_checks.run_all_bwd(disentangled_checks.BWD_QUICK if quick else disentangled_checks.BWD_FULL)
+    disentangled_checks.run_dropout(disentangled_checks.DROPOUT_QUICK if quick else disentangled_checks.DROPOUT_FULL)
 
 
 def main(argv=None):
