@@ -74,18 +74,6 @@ def _padding_with_nan(k, v, B, Lk, seed):
     return kpm, k.masked_fill(pad, float("nan")), v.masked_fill(pad, float("nan"))
 
 
-def _case(B, H, Lq, Lk, D, dtype, c2p, p2c, padded, seed, pad_seed):
-    """A kernel case's inputs: data, the v3 table, NaN-padded keys (or kpm None), DeBERTa's scale, dout."""
-    q, k, v, pk, pq = _data(B, H, Lq, Lk, D, 512, dtype, seed=seed)
-    table = relative_position_index(Lq, Lk, **V3)
-    kpm = None
-    if padded:
-        kpm, k, v = _padding_with_nan(k, v, B, Lk, seed=pad_seed)
-    scale = (D * (1 + c2p + p2c)) ** -0.5
-    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(5)).to(dtype)
-    return q, k, v, pk, pq, table, kpm, scale, dout
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("B,Lq,Lk,D,terms,padded", [
     (2, 300, 300, 64, (True, True), True),     # v3 buckets, 3 key tiles, mixed / skipped blocks, NaN padding
@@ -96,7 +84,13 @@ def _case(B, H, Lq, Lk, D, dtype, c2p, p2c, padded, seed, pad_seed):
 def test_dropped_output_and_gradients_against_float64(dtype, B, Lq, Lk, D, terms, padded):
     c2p, p2c = terms
     H, p, seed = 2, 0.2, 1234
-    q, k, v, pk, pq, table, kpm, scale, dout = _case(B, H, Lq, Lk, D, dtype, c2p, p2c, padded, Lq + Lk, 3)
+    q, k, v, pk, pq = _data(B, H, Lq, Lk, D, 512, dtype, seed=Lq + Lk)
+    table = relative_position_index(Lq, Lk, **V3)
+    kpm = None
+    if padded:
+        kpm, k, v = _padding_with_nan(k, v, B, Lk, seed=3)
+    scale = (D * (1 + c2p + p2c)) ** -0.5
+    dout = torch.randn(B, H, Lq, D, generator=torch.Generator().manual_seed(5)).to(dtype)
     out, lse, grads = _ours(q, k, v, pk, pq, table, kpm, scale, c2p, p2c, p, seed, dout)
 
     # lse is the undropped softmax's: the same as without dropout

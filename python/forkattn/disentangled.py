@@ -155,8 +155,8 @@ def disentangled_attention_bwd(
 
 
 @disentangled_attention_bwd.register_fake
-def _bwd_fake(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, scale, c2p, p2c, backend,
-              dropout_p=0.0, seed=0):
+def _(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, scale, c2p, p2c, backend,
+      dropout_p=0.0, seed=0):
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     dpk, dpq = (q.new_empty(0) if p is None else torch.empty_like(p, memory_format=torch.contiguous_format)
@@ -181,79 +181,6 @@ def _backward(ctx, dout, _dlse):
 
 
 disentangled_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-# The training pair of a backend that keeps its forward's position products for the backward
-# (KEEPS_PRODUCTS, kept_impl: the cpu backend): the forward also returns them, (out, lse, qp_kept,
-# kp_kept), fp32 and flat, [B * H * L * 2 * span + 8] for a term that is on, numel 0 for one that is
-# off; the backward takes them after lse. Called when the call needs gradients; inference keeps the
-# plain pair (no [B, H, L, 2 * span] buffers).
-
-def _kept_numel(q: Tensor, pos: Optional[Tensor], length: int) -> int:
-    return 0 if pos is None else q.shape[0] * q.shape[1] * length * pos.shape[1] + 8
-
-
-@torch.library.custom_op("forkattn::disentangled_attention_fwd_kept", mutates_args=())
-def disentangled_attention_fwd_kept(
-    q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor], rel_index: Tensor,
-    key_padding_mask: Optional[Tensor], scale: float, c2p: bool, p2c: bool, backend: str, dropout_p: float = 0.0,
-    seed: int = 0
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    """disentangled_attention_fwd's (out, lse), and the position products it formed."""
-    return BACKENDS.backends[backend].kept_impl.fwd(q, k, v, pos_key, pos_query, rel_index, key_padding_mask,
-                                                    scale, c2p, p2c, dropout_p, seed)
-
-
-@disentangled_attention_fwd_kept.register_fake
-def _(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, backend, dropout_p=0.0, seed=0):
-    B, H, Lq, D = q.shape
-    f32 = dict(dtype=torch.float32)
-    return (empty_bhld(q, B, H, Lq, D), q.new_empty((B, H, Lq), **f32),
-            q.new_empty((_kept_numel(q, pos_key, Lq),), **f32), q.new_empty((_kept_numel(q, pos_query, k.shape[2]),), **f32))
-
-
-@torch.library.custom_op("forkattn::disentangled_attention_bwd_kept", mutates_args=())
-def disentangled_attention_bwd_kept(
-    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, pos_key: Optional[Tensor], pos_query: Optional[Tensor],
-    out: Tensor, lse: Tensor, qp_kept: Tensor, kp_kept: Tensor, rel_index: Tensor, key_padding_mask: Optional[Tensor],
-    scale: float, c2p: bool, p2c: bool, backend: str, dropout_p: float = 0.0, seed: int = 0
-) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """disentangled_attention_bwd's gradients, from the forward's kept products."""
-    return BACKENDS.backends[backend].kept_impl.bwd(stride1(dout), q, k, v, pos_key, pos_query, out, lse, qp_kept,
-                                                    kp_kept, rel_index, key_padding_mask, scale, c2p, p2c,
-                                                    dropout_p, seed)
-
-
-@disentangled_attention_bwd_kept.register_fake
-def _(dout, q, k, v, pos_key, pos_query, out, lse, qp_kept, kp_kept, rel_index, key_padding_mask, scale, c2p, p2c,
-      backend, dropout_p=0.0, seed=0):
-    return _bwd_fake(dout, q, k, v, pos_key, pos_query, out, lse, rel_index, key_padding_mask, scale, c2p, p2c,
-                     backend, dropout_p, seed)
-
-
-def _setup_context_kept(ctx, inputs, output):
-    q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, backend, *dropout = inputs
-    out, lse, qp_kept, kp_kept = output
-    ctx.save_for_backward(q, k, v, pos_key, pos_query, out, lse, qp_kept, kp_kept, rel_index, key_padding_mask)
-    ctx.args = (scale, c2p, p2c, backend, *dropout)
-    ctx.mark_non_differentiable(lse, qp_kept, kp_kept)
-
-
-def _backward_kept(ctx, dout, _dlse, _dqp, _dkp):
-    q, k, v, pos_key, pos_query, out, lse, qp_kept, kp_kept, rel_index, key_padding_mask = ctx.saved_tensors
-    dq, dk, dv, dpk, dpq = disentangled_attention_bwd_kept(dout, q, k, v, pos_key, pos_query, out, lse, qp_kept,
-                                                           kp_kept, rel_index, key_padding_mask, *ctx.args)
-    dpk, dpq = (None if p is None else g for p, g in ((pos_key, dpk), (pos_query, dpq)))
-    return (dq, dk, dv, dpk, dpq) + (None,) * (len(ctx.args) + 2)
-
-
-disentangled_attention_fwd_kept.register_autograd(_backward_kept, setup_context=_setup_context_kept)
-
-
-def _keeps_products(b, *tensors) -> bool:
-    """Whether this call takes the kept-products pair: the backend has one and a gradient is wanted."""
-    return (getattr(b, "KEEPS_PRODUCTS", False) and torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in tensors))
 
 
 # --- public API ---------------------------------------------------------------------------------------
@@ -340,6 +267,6 @@ def disentangled_attention(
     pos_query = None if pos_query is None else stride1(pos_query.expand(H, -1, -1))
     if mask is not None:
         mask = stride1(mask)
-    op = disentangled_attention_fwd_kept if _keeps_products(b, q, k, v, pos_key, pos_query) else \
-        disentangled_attention_fwd
-    return op(stride1(q), stride1(k), stride1(v), pos_key, pos_query, table, mask, scale, c2p, p2c, b.NAME, *drop)[0]
+    out, _ = disentangled_attention_fwd(stride1(q), stride1(k), stride1(v), pos_key, pos_query, table, mask, scale,
+                                        c2p, p2c, b.NAME, *drop)
+    return out

@@ -1,8 +1,6 @@
 """The "cpu" backend: forkattn._C's fused C++ kernels (csrc/), for CPU tensors."""
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .. import _native
@@ -71,13 +69,5 @@ class CpuDisentangledAttention(_Cpu, DisentangledAttentionBackend):
     # dropout: fwd / bwd take dropout_p and seed last and draw the plain attention's Philox mask
     FEATURES = DisentangledAttentionBackend.FEATURES | {"dropout"}
 
-    # Training calls take the pair that keeps the forward's position products [B, H, L, 2 * span] for
-    # the backward (disentangled.py's forkattn::disentangled_attention_fwd_kept / _bwd_kept).
-    KEEPS_PRODUCTS = True
-
     def make_impl(self):
         return FwdBwd(_native._C.disentangled_attention_fwd_cpu, _native._C.disentangled_attention_bwd_cpu)
-
-    @functools.cached_property
-    def kept_impl(self):
-        return FwdBwd(_native._C.disentangled_attention_fwd_cpu_kept, _native._C.disentangled_attention_bwd_cpu_kept)
