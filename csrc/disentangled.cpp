@@ -95,66 +95,34 @@ at::Tensor dpos_like(const at::Tensor& pos, const at::Tensor& q) {
   return pos.defined() ? at::empty(pos.sizes(), q.options()) : at::empty({0}, q.options());
 }
 
-// Numel of the CPU kernel's kept position products of a term over `len` rows (queries for qp, keys
-// for kp): fp32 [B, H, len, 2 * span] plus 8 floats of padding; 0 (nothing kept) when the term is off.
-int64_t kept_numel(const DisentangledInputs& in, bool on, int64_t len) {
-  if (!on) return 0;
-  const int64_t rows = in.pos_key.defined() ? in.pos_key.size(1) : in.pos_query.size(1);
-  return in.s.batch * in.s.heads * len * rows + 8;
-}
+}  // namespace
 
-// The backward's kept products: what the forward with keep_products made for the same inputs.
-at::Tensor check_kept(const std::optional<at::Tensor>& kept, const char* name, int64_t numel, const at::Tensor& q) {
-  if (!kept.has_value()) return at::Tensor();
-  const at::Tensor& t = *kept;
-  TORCH_CHECK_VALUE(t.scalar_type() == at::kFloat && t.dim() == 1 && t.is_contiguous() && t.device() == q.device() &&
-                        t.numel() == numel,
-                    name, " must be the forward's kept products for these inputs (contiguous float32 [", numel,
-                    "] on ", q.device(), "), got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
-  return numel > 0 ? t : at::Tensor();
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> fwd_cpu(
+std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pos_key,
     const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
     const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c, double dropout_p,
-    int64_t seed, bool keep) {
+    int64_t seed) {
   const DisentangledInputs in =
       check_disentangled_inputs(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c);
   check_dropout_p(dropout_p);
   const AttnSizes& s = in.s;
   at::Tensor out = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor lse = at::empty({s.batch, s.heads, s.len_q}, q.options().dtype(at::kFloat));
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor qp, kp;  // kept products (undefined: not kept)
-  if (keep) {
-    qp = at::empty({kept_numel(in, c2p, s.len_q)}, f32);
-    kp = at::empty({kept_numel(in, p2c, s.len_k)}, f32);
-  }
   if (out.numel() > 0) {
-    FORKATTN_CPU_DISPATCH(disentangled_attention_fwd_kernel)(
-        q, k, v, in.pos_key, in.pos_query, rel_index, key_padding_mask, static_cast<float>(scale), dropout_p, seed,
-        out, lse, qp.defined() && qp.numel() ? qp : at::Tensor(), kp.defined() && kp.numel() ? kp : at::Tensor());
-  } else if (keep) {  // nothing to compute (no query row): outputs still fully written
-    qp.zero_();
-    kp.zero_();
+    FORKATTN_CPU_DISPATCH(disentangled_attention_fwd_kernel)(q, k, v, in.pos_key, in.pos_query, rel_index, key_padding_mask,
+                                           static_cast<float>(scale), dropout_p, seed, out, lse);
   }
-  return {out, lse, qp, kp};
+  return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
-    const at::Tensor& lse, const std::optional<at::Tensor>& qp_kept, const std::optional<at::Tensor>& kp_kept,
-    const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c,
-    double dropout_p, int64_t seed) {
+    const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
+    double scale, bool c2p, bool p2c, double dropout_p, int64_t seed) {
   const DisentangledInputs in =
       check_disentangled_inputs(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c);
   check_dropout_p(dropout_p);
-  TORCH_CHECK_VALUE(qp_kept.has_value() == kp_kept.has_value(),
-                    "qp_kept and kp_kept must be given together (the forward's kept products), or neither");
-  const at::Tensor qp = check_kept(qp_kept, "qp_kept", kept_numel(in, c2p, in.s.len_q), q);
-  const at::Tensor kp = check_kept(kp_kept, "kp_kept", kept_numel(in, p2c, in.s.len_k), q);
   const AttnSizes s = check_attention_bwd_inputs(dout, q, k, v, out, lse, key_padding_mask);
   at::Tensor dq = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
@@ -167,47 +135,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd_cpu(
   }
   FORKATTN_CPU_DISPATCH(disentangled_attention_bwd_kernel)(dout, q, k, v, in.pos_key, in.pos_query, out, lse, rel_index,
                                          key_padding_mask, static_cast<float>(scale), dropout_p, seed, dq, dk, dv,
-                                         dpk, dpq, qp, kp);
+                                         dpk, dpq);
   return {dq, dk, dv, dpk, dpq};
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cpu(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pos_key,
-    const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c, double dropout_p,
-    int64_t seed) {
-  auto [out, lse, qp, kp] =
-      fwd_cpu(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, dropout_p, seed, false);
-  return {out, lse};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_fwd_cpu_kept(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pos_key,
-    const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c, double dropout_p,
-    int64_t seed) {
-  return fwd_cpu(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, scale, c2p, p2c, dropout_p, seed, true);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd_cpu(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, bool c2p, bool p2c, double dropout_p, int64_t seed) {
-  return bwd_cpu(dout, q, k, v, pos_key, pos_query, out, lse, std::nullopt, std::nullopt, rel_index,
-                 key_padding_mask, scale, c2p, p2c, dropout_p, seed);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd_cpu_kept(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& qp_kept, const at::Tensor& kp_kept, const at::Tensor& rel_index,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c, double dropout_p,
-    int64_t seed) {
-  return bwd_cpu(dout, q, k, v, pos_key, pos_query, out, lse, qp_kept, kp_kept, rel_index, key_padding_mask, scale,
-                 c2p, p2c, dropout_p, seed);
 }
 
 #ifdef FORKATTN_WITH_CUDA

@@ -35,22 +35,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
     double scale, bool c2p, bool p2c, double dropout_p = 0.0, int64_t seed = 0);
 
-// Training pair: the forward also returns the position products it formed, (out, lse, qp_kept,
-// kp_kept): fp32 flat, [B, H, Lq, 2 * span] and [B, H, Lk, 2 * span] (+ 8 floats of padding; only the
-// entries each row reads are written), empty for a term that is off; the backward reads them instead of recomputing them (~2 of its ~11 units of L^2 * D work at
-// L512). They must come from the forward of the same inputs (their sizes are checked, not their values).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_fwd_cpu_kept(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& pos_key,
-    const std::optional<at::Tensor>& pos_query, const at::Tensor& rel_index,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c, double dropout_p = 0.0,
-    int64_t seed = 0);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd_cpu_kept(
-    const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-    const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
-    const at::Tensor& lse, const at::Tensor& qp_kept, const at::Tensor& kp_kept, const at::Tensor& rel_index,
-    const std::optional<at::Tensor>& key_padding_mask, double scale, bool c2p, bool p2c, double dropout_p = 0.0,
-    int64_t seed = 0);
-
 #ifdef FORKATTN_WITH_CUDA
 // CUDA version (kernels/disentangled): fp16/bf16, head_dim 32, 64 or 128, compute capability 8.0+.
 // The same contract as the CPU forward; rel_index on q's device (its range is checked with one
@@ -94,14 +78,13 @@ void disentangled_attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& pos_key, const at::Tensor& pos_query,
                                        const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
                                        float scale, double dropout_p, int64_t seed, at::Tensor& out,
-                                       at::Tensor& lse, const at::Tensor& qp_kept, const at::Tensor& kp_kept);
+                                       at::Tensor& lse);
 void disentangled_attention_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& v, const at::Tensor& pos_key, const at::Tensor& pos_query,
                                        const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rel_index,
                                        const std::optional<at::Tensor>& key_padding_mask, float scale,
                                        double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk,
-                                       at::Tensor& dv, at::Tensor& dpos_key, at::Tensor& dpos_query,
-                                       const at::Tensor& qp_kept, const at::Tensor& kp_kept);
+                                       at::Tensor& dv, at::Tensor& dpos_key, at::Tensor& dpos_query);
 }  // namespace cpu
 
 }  // namespace forkattn

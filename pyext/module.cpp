@@ -80,17 +80,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos_key"), py::arg("pos_query"), py::arg("out"),
         py::arg("lse"), py::arg("rel_index"), py::arg("key_padding_mask"), py::arg("scale"), py::arg("c2p"),
         py::arg("p2c"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
-  m.def("disentangled_attention_fwd_cpu_kept", &forkattn::disentangled_attention_fwd_cpu_kept,
-        "DeBERTa disentangled attention forward for training (CPU): (out, lse, qp_kept, kp_kept)", py::arg("q"),
-        py::arg("k"), py::arg("v"), py::arg("pos_key"), py::arg("pos_query"), py::arg("rel_index"),
-        py::arg("key_padding_mask"), py::arg("scale"), py::arg("c2p"), py::arg("p2c"), py::arg("dropout_p") = 0.0,
-        py::arg("seed") = 0);
-  m.def("disentangled_attention_bwd_cpu_kept", &forkattn::disentangled_attention_bwd_cpu_kept,
-        "DeBERTa disentangled attention backward from the forward's kept products (CPU): (dq, dk, dv, dpos_key, "
-        "dpos_query)", py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos_key"),
-        py::arg("pos_query"), py::arg("out"), py::arg("lse"), py::arg("qp_kept"), py::arg("kp_kept"),
-        py::arg("rel_index"), py::arg("key_padding_mask"), py::arg("scale"), py::arg("c2p"), py::arg("p2c"),
-        py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
 #ifdef FORKATTN_WITH_CUDA
   m.def("disentangled_attention_fwd_cuda", &forkattn::disentangled_attention_fwd_cuda,
         "DeBERTa disentangled attention forward (CUDA): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),

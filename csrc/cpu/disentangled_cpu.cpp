@@ -89,18 +89,8 @@ struct Problem {
   const int64_t* table;     // rel_index [Lq + Lk - 1]
   const KeyPlan* plan;
   DropoutParams drop;       // the mask of (b, h, i, j): the plain attention's for the same seed and shapes
-  // Kept position products (training): qp_all [B, H, Lq, W] and kp_all [B, H, Lk, W] fp32, entry w of
-  // a row the product with position row lo_g + w (lo_g = 0, W = 2 * span; only the bands of rows that
-  // query / key reads are written). The forward
-  // with make_kept computes them there; the backward reads them instead of recomputing them.
-  float* qp_all = nullptr;
-  float* kp_all = nullptr;
-  int64_t lo_g = 0, W = 0;
-  bool kept = false, make_kept = false;
 
   int64_t nqb() const { return (Lq + bq - 1) / bq; }
-  float* qp_row(int64_t b, int64_t h, int64_t i) const { return qp_all + ((b * H + h) * Lq + i) * W; }
-  float* kp_row(int64_t b, int64_t h, int64_t j) const { return kp_all + ((b * H + h) * Lk + j) * W; }
   // (min, max) of table[a, a + n)
   std::pair<int64_t, int64_t> table_range(int64_t a, int64_t n) const {
     const auto [lo, hi] = std::minmax_element(table + a, table + a + n);
@@ -127,8 +117,6 @@ struct Band {
 struct Terms {
   static constexpr int64_t kPad = 8;  // a window load of 8 from a row's last entry stays inside qp / kp
   std::vector<float> qp, kp;  // qp [bq, wq], kp [bk, wk]; the backward's dqp / dkp have the same shapes
-  const float* qpp = nullptr;  // the block's qp rows (row r at qpp + r * wq): qp, or the kept ones
-  const float* kpp = nullptr;  // the tile's kp rows (column c at kpp + c * wk): kp, or the kept ones
   std::vector<int32_t> iq, ik;  // [bq + bk - 1]: delta - lo_q, delta - lo_k along the tile's diagonals
   // run[x]: how many entries from x on step down by exactly 1 (i*[x + t] == i*[x] - t): where a run
   // covers a block of the tile, the terms are contiguous slices of qp / kp rows (no gathers).
@@ -141,8 +129,8 @@ struct Terms {
   bool have_qp = false;  // qp computed for the current query block (done at its first visible tile)
 
   Terms(const Problem& p, int64_t rows_cap)
-      : qp(p.c2p ? p.bq * (p.kept ? p.W : std::min(rows_cap, p.bq + p.Lk - 1)) + kPad : 0),
-        kp(p.p2c ? p.bk * (p.kept ? p.W : std::min(rows_cap, p.bq + p.bk - 1)) + kPad : 0),
+      : qp(p.c2p ? p.bq * std::min(rows_cap, p.bq + p.Lk - 1) + kPad : 0),
+        kp(p.p2c ? p.bk * std::min(rows_cap, p.bq + p.bk - 1) + kPad : 0),
         iq(p.c2p ? p.bq + p.bk - 1 : 0),
         ik(p.p2c ? p.bq + p.bk - 1 : 0),
         run(p.bq + p.bk - 1),
@@ -151,38 +139,19 @@ struct Terms {
         kband((p.bk + kChunk - 1) / kChunk) {}
 };
 
-// Kept products: zeros outside each row's band [a, b) of n rows of width w (never read, but an op's
-// outputs must be deterministic).
-void zero_outside(float* rows, int64_t n, int64_t w, int64_t a, int64_t b) {
-  for (int64_t r = 0; r < n; ++r) {
-    std::fill(rows + r * w, rows + r * w + a, 0.f);
-    std::fill(rows + r * w + b, rows + (r + 1) * w, 0.f);
-  }
-}
-
 // qp = scale * Q_block . pos_key[lo_q .. hi_q]^T over the rows the block's queries read (every key).
 void query_terms(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, Terms& t) {
   t.have_qp = true;
   if (!p.c2p) return;
-  float* dst = t.qp.data();
-  if (p.kept) {  // the kept rows: computed here by the forward that makes them, read by the backward
-    t.lo_q = p.lo_g;
-    t.wq = p.W;
-    dst = p.qp_row(b, h, i0);
-  } else {
-    const auto [lo, hi] = p.table_range(i0, rows + p.Lk - 1);
-    t.lo_q = lo;
-    t.wq = hi - lo + 1;
-  }
-  t.qpp = dst;
+  const auto [lo, hi] = p.table_range(i0, rows + p.Lk - 1);
+  t.lo_q = lo;
+  t.wq = hi - lo + 1;
   for (int64_t r0 = 0, c = 0; r0 < rows; r0 += kChunk, ++c) {  // rows r0.. read table[i0 + r0, + n + Lk - 1)
     const int64_t n = std::min(kChunk, rows - r0);
     const auto [clo, chi] = p.table_range(i0 + r0, n + p.Lk - 1);
     t.qband[c] = {clo, chi - clo + 1};
-    if (p.kept && !p.make_kept) continue;
     mm_abt(p.blas, n, chi - clo + 1, p.D, p.scale, p.q.at(b, h, i0 + r0), p.q.sl, p.pk.at(0, h, clo), p.pk.sl, 0.f,
-           dst + r0 * t.wq + (clo - t.lo_q), t.wq);
-    if (p.kept) zero_outside(dst + r0 * t.wq, n, t.wq, clo - t.lo_q, chi - t.lo_q + 1);
+           t.qp.data() + r0 * t.wq + (clo - lo), t.wq);
   }
 }
 
@@ -190,7 +159,7 @@ void query_terms(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t row
 // i0 - j0 - (cols - 1) + Lk - 1; row r's column c reads m = (cols - 1) + r - c. Stored reversed
 // (i*[n - 1 - m]) so that row r's columns read i*[rows - 1 - r + c], c = 0, 1, ...: one window.
 // p2c: also kp = scale * K_tile . pos_query[lo_k .. hi_k]^T.
-void tile_terms(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
+void tile_terms(const Problem& p, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
                 int64_t kld, Terms& t) {
   const int64_t n = rows + cols - 1, base = i0 - j0 - (cols - 1) + p.Lk - 1;
   const int64_t* tab = p.table + base;
@@ -205,25 +174,17 @@ void tile_terms(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t rows
     t.near[x] = step == 0 || step == 1 ? t.near[x + 1] + 1 : 1;
   }
   if (p.p2c) {
-    if (p.kept) {  // key_products() made them for every query
-      t.lo_k = p.lo_g;
-      t.wk = p.W;
-      t.kpp = p.kp_row(b, h, j0);
-    } else {
-      const auto [lo, hi] = p.table_range(base, n);
-      t.lo_k = lo;
-      t.wk = hi - lo + 1;
-      t.kpp = t.kp.data();
-    }
-    for (int64_t m = 0; m < n; ++m) t.ik[n - 1 - m] = static_cast<int32_t>(tab[m] - t.lo_k);
+    const auto [lo, hi] = p.table_range(base, n);
+    t.lo_k = lo;
+    t.wk = hi - lo + 1;
+    for (int64_t m = 0; m < n; ++m) t.ik[n - 1 - m] = static_cast<int32_t>(tab[m] - lo);
     // columns c0.. (cc of them) read tab[cols - c0 - cc, + rows + cc - 1)
     for (int64_t c0 = 0, c = 0; c0 < cols; c0 += kChunk, ++c) {
       const int64_t cc = std::min(kChunk, cols - c0);
       const auto [clo, chi] = p.table_range(base + cols - c0 - cc, rows + cc - 1);
       t.kband[c] = {clo, chi - clo + 1};
-      if (p.kept) continue;
       mm_abt(p.blas, cc, chi - clo + 1, p.D, p.scale, kt + c0 * kld, kld, p.pq.at(0, h, clo), p.pq.sl, 0.f,
-             t.kp.data() + c0 * t.wk + (clo - t.lo_k), t.wk);
+             t.kp.data() + c0 * t.wk + (clo - lo), t.wk);
     }
   }
 }
@@ -233,7 +194,7 @@ void add_span(const Problem& p, float* s, int64_t rows, int64_t r, int64_t ca, i
   constexpr int64_t W = vec::kWidth;
   const IVec kstep = IVec::arange(0, static_cast<int32_t>(t.wk));  // column c's row of kp starts at c * wk
   float* row = s + r * p.bk;
-  const float* qrow = p.c2p ? t.qpp + r * t.wq : nullptr;
+  const float* qrow = p.c2p ? t.qp.data() + r * t.wq : nullptr;
   const int32_t* iq = p.c2p ? t.iq.data() + (rows - 1 - r) : nullptr;
   const int32_t* ik = p.p2c ? t.ik.data() + (rows - 1 - r) : nullptr;
   int64_t c = ca;
@@ -242,13 +203,13 @@ void add_span(const Problem& p, float* s, int64_t rows, int64_t r, int64_t ca, i
     if (p.c2p) x = x + at::vec::gather<4>(qrow, IVec::loadu(iq + c));
     if (p.p2c) {
       const IVec idx = IVec::loadu(ik + c) + kstep + IVec(static_cast<int32_t>(c * t.wk));
-      x = x + at::vec::gather<4>(t.kpp, idx);
+      x = x + at::vec::gather<4>(t.kp.data(), idx);
     }
     x.store(row + c);
   }
   for (; c < cb; ++c) {
     if (p.c2p) row[c] += qrow[iq[c]];
-    if (p.p2c) row[c] += t.kpp[c * t.wk + ik[c]];
+    if (p.p2c) row[c] += t.kp[c * t.wk + ik[c]];
   }
 }
 
@@ -310,7 +271,7 @@ void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0
   __m256 kv[8] = {};  // read only when p.p2c (initialised: GCC cannot see that)
   if (p.p2c) {
     for (int64_t v = 0; v < 8; ++v) {
-      const float* krow = t.kpp + (c0 + v) * t.wk;
+      const float* krow = t.kp.data() + (c0 + v) * t.wk;
       if (kind == kRun) {
         kv[v] = _mm256_loadu_ps(krow + t.ik[x0 + v]);
       } else if (kind == kNear) {  // u: ik[x0 + v - u], the smallest at u = 0
@@ -327,7 +288,7 @@ void add_block8(const Problem& p, float* s, int64_t rows, int64_t r0, int64_t c0
     float* row = s + (r0 + u) * p.bk + c0;
     __m256 x = _mm256_loadu_ps(row);
     if (p.c2p) {
-      const float* qrow = t.qpp + (r0 + u) * t.wq;
+      const float* qrow = t.qp.data() + (r0 + u) * t.wq;
       const int32_t* iq = t.iq.data() + x0 - u;  // column v: iq[v], the smallest at v = 7
       const __m256i idx = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(iq));
       __m256 y;
@@ -454,7 +415,7 @@ void for_each_key_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64
     const float* vt = key_tile(p.v, *p.plan, b, h, j0, cols, p.bk, p.Lk, p.D, vscratch, &vld);
     mm_abt(p.blas, rows, cols, p.D, p.scale, q, p.q.sl, kt, kld, 0.f, s, p.bk);
     if (p.c2p || p.p2c) {
-      tile_terms(p, b, h, i0, rows, j0, cols, kt, kld, t);
+      tile_terms(p, h, i0, rows, j0, cols, kt, kld, t);
       add_terms(p, s, rows, cols, t);
     }
     if (state == kMixed) {
@@ -508,7 +469,6 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
                       }
                       mm_ab(p.blas, rows, D, cols, 1.f, w.s.data(), p.bk, vt, vld, 1.f, w.acc.data(), D);  // acc += P V
                     });
-  if (p.kept && p.c2p && !w.t.have_qp) std::fill(p.qp_row(b, h, i0), p.qp_row(b, h, i0 + rows), 0.f);  // no key
   store_block(w.acc.data(), w.m.data(), w.l.data(), rows, D, out, lse, b, h, i0);
 }
 
@@ -655,37 +615,6 @@ Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tenso
   return p;
 }
 
-// Kept products (qp_kept / kp_kept defined: fp32 [B * H * L * W + Terms::kPad], W = pos_rows;
-// undefined for a term that is off or when none are kept).
-void use_kept(Problem& p, const at::Tensor& qp_kept, const at::Tensor& kp_kept, bool make, int64_t pos_rows) {
-  p.kept = qp_kept.defined() || kp_kept.defined();
-  if (!p.kept) return;
-  p.lo_g = 0;
-  p.W = pos_rows;
-  p.make_kept = make;
-  if (qp_kept.defined()) {
-    TORCH_INTERNAL_ASSERT(p.c2p && qp_kept.numel() == p.B * p.H * p.Lq * p.W + Terms::kPad);
-    p.qp_all = qp_kept.data_ptr<float>();
-    if (make) std::fill_n(p.qp_all + qp_kept.numel() - Terms::kPad, Terms::kPad, 0.f);
-  }
-  if (kp_kept.defined()) {
-    TORCH_INTERNAL_ASSERT(p.p2c && kp_kept.numel() == p.B * p.H * p.Lk * p.W + Terms::kPad);
-    p.kp_all = kp_kept.data_ptr<float>();
-    if (make) std::fill_n(p.kp_all + kp_kept.numel() - Terms::kPad, Terms::kPad, 0.f);
-  }
-  TORCH_INTERNAL_ASSERT(p.c2p == (p.qp_all != nullptr) && p.p2c == (p.kp_all != nullptr));
-}
-
-// kp_all of keys [c0, c0 + cc) of (b, h): scale * k_j . pos_query[row] over the rows every query reads
-// (keys c0.. read table[Lk - c0 - cc, + Lq + cc - 1)). Padded keys' rows are computed from whatever
-// they hold: their scores are selected away (never multiplied), as a mixed tile's are.
-void key_products(const Problem& p, int64_t b, int64_t h, int64_t c0, int64_t cc) {
-  const auto [lo, hi] = p.table_range(p.Lk - c0 - cc, p.Lq + cc - 1);
-  mm_abt(p.blas, cc, hi - lo + 1, p.D, p.scale, p.k.at(b, h, c0), p.k.sl, p.pq.at(0, h, lo), p.pq.sl, 0.f,
-         p.kp_row(b, h, c0) + (lo - p.lo_g), p.W);
-  zero_outside(p.kp_row(b, h, c0), cc, p.W, lo - p.lo_g, hi - p.lo_g + 1);
-}
-
 int64_t pos_rows_of(const at::Tensor& pos_key, const at::Tensor& pos_query) {
   return pos_key.defined() ? pos_key.size(1) : pos_query.defined() ? pos_query.size(1) : 0;
 }
@@ -696,23 +625,13 @@ void disentangled_attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k,
                                        const at::Tensor& pos_key, const at::Tensor& pos_query,
                                        const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
                                        float scale, double dropout_p, int64_t seed, at::Tensor& out,
-                                       at::Tensor& lse, const at::Tensor& qp_kept, const at::Tensor& kp_kept) {
+                                       at::Tensor& lse) {
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), pkf = pos_f32(pos_key), pqf = pos_f32(pos_query);
   const at::Tensor table = rel_index.contiguous();
   const Tiles tiles = choose_tiles(q.size(0) * q.size(1), q.size(2));
   const KeyPlan plan = plan_keys(key_padding_mask, q.size(0), k.size(2), tiles.bk);
-  Problem p = make_problem(qf, kf, vf, pkf, pqf, table, plan, tiles, scale, dropout_p, seed);
+  const Problem p = make_problem(qf, kf, vf, pkf, pqf, table, plan, tiles, scale, dropout_p, seed);
   const int64_t pos_rows = pos_rows_of(pos_key, pos_query);
-  use_kept(p, qp_kept, kp_kept, /*make=*/true, pos_rows);
-  if (p.kept && p.p2c) {  // kp_all first (qp_all is made per query block, by query_terms)
-    const int64_t nkc = (p.Lk + kChunk - 1) / kChunk, bh = p.B * p.H;
-    run_tasks(
-        bh * nkc, [] { return 0; },
-        [&](int64_t t, int) {
-          const int64_t c0 = (t / bh) * kChunk;
-          key_products(p, (t % bh) / p.H, t % p.H, c0, std::min(kChunk, p.Lk - c0));
-        });
-  }
   at::Tensor out_f = f32_output(out);
   const Rows out_rows = rows_of(out_f);
   const LseRows lr{lse.data_ptr<float>(), lse.stride(0), lse.stride(1), lse.stride(2)};
@@ -728,8 +647,7 @@ void disentangled_attention_bwd_kernel(const at::Tensor& dout, const at::Tensor&
                                        const at::Tensor& out, const at::Tensor& lse, const at::Tensor& rel_index,
                                        const std::optional<at::Tensor>& key_padding_mask, float scale,
                                        double dropout_p, int64_t seed, at::Tensor& dq, at::Tensor& dk,
-                                       at::Tensor& dv, at::Tensor& dpos_key, at::Tensor& dpos_query,
-                                       const at::Tensor& qp_kept, const at::Tensor& kp_kept) {
+                                       at::Tensor& dv, at::Tensor& dpos_key, at::Tensor& dpos_query) {
   const at::Tensor qf = as_f32(q), kf = as_f32(k), vf = as_f32(v), of = as_f32(out), dof = as_f32(dout);
   const at::Tensor pkf = pos_f32(pos_key), pqf = pos_f32(pos_query);
   const at::Tensor table = rel_index.contiguous();
@@ -738,7 +656,6 @@ void disentangled_attention_bwd_kernel(const at::Tensor& dout, const at::Tensor&
   Problem p = make_problem(qf, kf, vf, pkf, pqf, table, plan, tiles, scale, dropout_p, seed);
   p.fp32_delta = fp32_delta_enabled(q);
   const int64_t pos_rows = pos_rows_of(pos_key, pos_query);
-  use_kept(p, qp_kept, kp_kept, /*make=*/false, pos_rows);
   // Tasks: (chunk of the batch, head); enough chunks to keep the threads busy, each with its own
   // dpos partials [chunks, H, rows, D], summed in chunk order below.
   const int64_t want = 4 * at::get_num_threads();
