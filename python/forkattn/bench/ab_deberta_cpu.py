@@ -44,7 +44,8 @@ print(json.dumps({{n: [min(wall[n]) * 1e3, sorted(cpu[n])[len(cpu[n]) // 2] * 1e
 """
 
 # --kernel: the _C calls alone at the same shapes (fp32, padded L/2..L, v3 table): "fwd" and "bwd"
-# phases separately; a tree with the kept-products pair runs it (its forward keeps, its backward reads).
+# phases separately; a tree with the kept-products pair (commit 0ff94c0, reverted: docs/DEBERTA_CPU.md)
+# runs that pair instead (its forward keeps the products, its backward reads them).
 KERNEL_CHILD = """
 import json, time, torch
 torch.set_num_threads({threads})
