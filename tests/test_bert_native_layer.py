@@ -413,3 +413,38 @@ def _bad_cols(**change):
 def test_encoder_layer_cols_bad_arguments(change, words):
     with pytest.raises((ValueError, TypeError), match=re.escape(words)):
         _native._C.encoder_layer_cols_cpu(**_bad_cols(**change))
+
+
+def test_serial_prologue_runs_the_embeddings_on_one_thread(monkeypatch, threads):
+    """Batch 1 at 2 threads: the embeddings see one torch thread, the native layers get 2, and the
+    count is restored after the forward, also when the embeddings raise; with autograd, a large
+    batch or SERIAL_PROLOGUE off the embeddings keep 2 threads."""
+    torch.set_num_threads(2)
+    m, _ = _pair()
+    seen, layer_threads = [], []
+    m.embeddings.register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    inner = _native._C
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(inner, name)
+            if not name.startswith("encoder_layer"):
+                return fn
+
+            def called(*a, **k):
+                layer_threads.append(a[-1])
+                return fn(*a, **k)
+            return called
+    monkeypatch.setattr(_native, "_C", Spy())
+    with torch.no_grad():
+        m(_ids(100))
+        assert seen == [1] and layer_threads == [2, 2] and torch.get_num_threads() == 2
+        with pytest.raises(IndexError):
+            m(torch.full((1, 5), 10_000))  # an id past the vocabulary, inside the embeddings
+        assert seen[-1] == 1 and torch.get_num_threads() == 2
+        m(_ids(128, B=2))  # 256 rows: row blocks, the embeddings on 2 threads
+        monkeypatch.setattr(cpu_inference, "SERIAL_PROLOGUE", False)
+        m(_ids(100))
+    assert seen[-2:] == [2, 2]
+    m(_ids(100))  # autograd
+    assert seen[-1] == 2 and torch.get_num_threads() == 2

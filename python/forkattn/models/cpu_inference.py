@@ -28,7 +28,8 @@ rebuilt when any differs. Entries live in the module's __dict__, outside its sta
 """
 from __future__ import annotations
 
-from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
+import contextlib
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,8 @@ BLOCK_ROWS = 256  # and at most this many rows per block (padded batches: balanc
 # its own pre-packed slice of the weight (docs/CPU_INFERENCE.md, "GEMMs split over output columns").
 COL_SPLIT_ROWS = 128
 COL_ALIGN = 16  # column parts start at multiples of this where the width allows (the GEMMs' N blocking)
+COL_PARTS_PER_THREAD = 1  # column parts per thread (more: finer load balance, narrower GEMMs)
+SERIAL_PROLOGUE = True  # the embeddings before column-split native layers on one OpenMP thread (serial_prologue)
 
 
 def cached(owner: nn.Module, slot: str, params: Sequence[Tensor], build: Callable[[Sequence[Tensor]], object]):
@@ -104,6 +107,27 @@ def fast_path(layer: nn.Module, x: Tensor) -> Optional[Weights]:
         return None
     return cached(layer, f"_fast_weights_packed{int(PACKED)}", _qkv_params(layer) + (
         layer.attention.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight), _pack)
+
+
+@contextlib.contextmanager
+def serial_prologue(ids: Tensor) -> Iterator[None]:
+    """torch on one thread inside the block when the encoder's native layers will split columns over
+    the rows of token ids `ids` (CPU, no autograd, threads > 1, fewer than COL_SPLIT_ROWS rows per
+    thread: batch 1). The embeddings'
+    element-wise ops before the first layer are OpenMP regions, and after each one torch's idle
+    OpenMP worker spins (libgomp's default wait policy) on one of the cores the layer's own two
+    threads need: measured ~20 ms of CPU per MiniLM B1 forward (docs/CPU_INFERENCE.md). At these
+    sizes the ops gain nothing from a second thread. The thread count is restored on exit."""
+    threads = torch.get_num_threads()
+    if not (SERIAL_PROLOGUE and FUSED and NATIVE_LAYER and ids.device.type == "cpu" and threads > 1
+            and ids.numel() < COL_SPLIT_ROWS * threads and not torch.is_grad_enabled()):
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def column_parts(n: int, parts: int, align: int = COL_ALIGN) -> List[int]:
@@ -209,7 +233,7 @@ def native_layer(layer: nn.Module, x: Tensor, key_padding_mask: Optional[Tensor]
     ffn_b, ln2 = layer.intermediate.dense.bias, (out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias,
                                                  out.LayerNorm.eps)
     if threads > 1 and rows.shape[0] < COL_SPLIT_ROWS * threads and hasattr(C, "encoder_layer_cols_cpu"):
-        cw = column_weights(layer, threads)
+        cw = column_weights(layer, COL_PARTS_PER_THREAD * threads)
         y = C.encoder_layer_cols_cpu(rows, cu, cw.qkv, fast.qkv_bias, cw.attn_out, *tail, cw.inter, ffn_b, cw.out,
                                      *ln2, layer.num_heads, cw.packed, chunks, threads)
     else:
