@@ -8,6 +8,9 @@
 // contiguous float32 [C]; residual has x's shape and is contiguous (it may not alias x).
 #pragma once
 #include <ATen/core/Tensor.h>
+
+#include <vector>
+
 #include "cpu_dispatch.h"
 
 namespace forkattn {
@@ -44,6 +47,20 @@ at::Tensor encoder_layer_varlen_cpu(const at::Tensor& x, const at::Tensor& cu_se
                                     const at::Tensor& out_w, const at::Tensor& out_b, const at::Tensor& ln2_w,
                                     const at::Tensor& ln2_b, double ln2_eps, int64_t heads, bool packed,
                                     int64_t chunks, int64_t threads);
+
+// The same layer with every GEMM split over output columns instead of rows (csrc/encoder_layer.cpp:
+// for few rows per thread, batch 1, where each thread's GEMM keeps all rows): qkv_w, attn_out_w,
+// inter_w and out_w are lists of column parts ([n_p, in], plain or each packed by
+// torch.ops.mkldnn._reorder_linear_weight when `packed`; part p gives the output columns after the
+// parts before it), one chunk per part; attention and the LayerNorm steps run over `chunks` row
+// blocks. Other arguments and the result as encoder_layer_varlen_cpu.
+at::Tensor encoder_layer_cols_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens, const std::vector<at::Tensor>& qkv_w,
+                                  const at::Tensor& qkv_b, const std::vector<at::Tensor>& attn_out_w,
+                                  const at::Tensor& attn_out_b, const at::Tensor& ln1_w, const at::Tensor& ln1_b,
+                                  double ln1_eps, const std::vector<at::Tensor>& inter_w, const at::Tensor& inter_b,
+                                  const std::vector<at::Tensor>& out_w, const at::Tensor& out_b,
+                                  const at::Tensor& ln2_w, const at::Tensor& ln2_b, double ln2_eps, int64_t heads,
+                                  bool packed, int64_t chunks, int64_t threads);
 
 namespace cpu {
 // csrc/cpu/encoder_cpu.cpp: x holds rows x cols floats, rows in parallel (small problems on one thread).

@@ -29,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <exception>
@@ -101,7 +102,7 @@ class Helper {
   void post(Round* r) {
     {
       std::lock_guard<std::mutex> lock(m_);
-      round_ = r;
+      round_.store(r, std::memory_order_release);
       state_.store(kQueued);
     }
     cv_.notify_all();
@@ -118,23 +119,28 @@ class Helper {
  private:
   enum State { kIdle, kQueued, kRunning };
   void loop() {
-    std::unique_lock<std::mutex> lock(m_);
     for (;;) {
-      cv_.wait(lock, [&] { return stop_ || state_.load() == kQueued; });
-      if (stop_) return;
+      // Poll for ~20 us before sleeping: the column-split layer (layer_cols) posts 7 short rounds per
+      // layer back to back, and a futex wake-up per round would cost more than the poll.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+      while (state_.load(std::memory_order_acquire) != kQueued && std::chrono::steady_clock::now() < until) {
+      }
+      {
+        std::unique_lock<std::mutex> lock(m_);
+        cv_.wait(lock, [&] { return stop_ || state_.load() == kQueued; });
+        if (stop_) return;
+      }
       int expected = kQueued;
       if (!state_.compare_exchange_strong(expected, kRunning)) continue;  // revoked meanwhile
-      Round* r = round_;
-      lock.unlock();
+      Round* r = round_.load(std::memory_order_acquire);
       r->work();
       state_.store(kIdle, std::memory_order_release);
-      lock.lock();
     }
   }
   std::mutex m_;
   std::condition_variable cv_;
   std::atomic<int> state_{kIdle};
-  Round* round_ = nullptr;
+  std::atomic<Round*> round_{nullptr};
   bool stop_ = false;
   std::thread thread_;  // last: starts after the fields above exist
 };
@@ -162,10 +168,11 @@ void run_chunks(int64_t n, int threads, const std::function<void(int64_t)>& fn) 
   if (round.err) std::rethrow_exception(round.err);
 }
 
-// x @ w^T (+ bias) (+ exact GELU): oneDNN's packed linear when `packed`, else at::linear.
+// x @ w^T (+ bias) (+ exact GELU): oneDNN's packed linear when `packed` and w is a oneDNN tensor
+// (so a caller may leave single weights plain, for at::linear: MKL's sgemm), else at::linear.
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, bool packed,
                   bool gelu) {
-  if (!packed) {
+  if (!packed || !w.is_mkldnn()) {
     at::Tensor y = at::linear(x, w, bias);
     return gelu ? at::gelu(y) : y;
   }
@@ -180,6 +187,32 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
 void check_weight(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   FA_CHECK_DTYPE_NAMED(t, name, at::kFloat);
+}
+
+// Attention of query rows [r0, r1) of qkv [T, 3H] (row-major [T, 3, heads, D]): each part of a
+// sequence s (rows [seq[s], seq[s + 1])) against that sequence's keys and values, into y [r1 - r0,
+// heads, D] (rows r0.. of the layer's attention output; any contiguous [n, heads, D] view).
+void attend_rows(const at::Tensor& qkv, const std::vector<int64_t>& seq, int64_t r0, int64_t r1, int64_t heads,
+                 const at::Tensor& y) {
+  const int64_t T = qkv.size(0), D = qkv.size(1) / 3 / heads;
+  const at::Tensor q4 = qkv.view({T, 3, heads, D});
+  const at::Tensor q = q4.select(1, 0), k = q4.select(1, 1), v = q4.select(1, 2);  // [T, heads, D] views
+  // rows [a, a + n) of t as [1, heads, n, D]: the layout the attention kernel reads in place
+  const auto bhld = [](const at::Tensor& t, int64_t a, int64_t n) {
+    return t.narrow(0, a, n).unsqueeze(0).transpose(1, 2);
+  };
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
+  // sequences overlapping [r0, r1): seq is sorted, so start at the last one beginning at or before r0
+  int64_t s = std::upper_bound(seq.begin(), seq.end(), r0) - seq.begin() - 1;
+  for (; s + 1 < static_cast<int64_t>(seq.size()) && seq[s] < r1; ++s) {
+    const int64_t a = std::max(r0, seq[s]), b = std::min(r1, seq[s + 1]);
+    if (a >= b) continue;
+    at::Tensor yb = bhld(y, a - r0, b - a);
+    at::Tensor lse = at::empty({1, heads, b - a}, qkv.options());
+    const int64_t k0 = seq[s], kn = seq[s + 1] - seq[s];
+    FORKATTN_CPU_DISPATCH(attention_fwd_kernel)(bhld(q, a, b - a), bhld(k, k0, kn), bhld(v, k0, kn), std::nullopt,
+                                                false, scale, 0.0, 0, yb, lse);
+  }
 }
 
 // The layer over x [T, H] (rows of all sequences, packed): sequence s is rows [seq[s], seq[s + 1]),
@@ -202,28 +235,11 @@ at::Tensor layer_rows(const at::Tensor& x, const std::vector<int64_t>& seq, cons
 
   // (B) attention for a block of query rows (each part of a sequence against that sequence's keys),
   // then the row-local rest of the layer
-  const at::Tensor q4 = qkv.view({T, 3, heads, D});
-  const at::Tensor q = q4.select(1, 0), k = q4.select(1, 1), v = q4.select(1, 2);  // [T, heads, D] views
-  // rows [r0, r0 + n) of t as [1, heads, n, D]: the layout the attention kernel reads in place
-  const auto bhld = [](const at::Tensor& t, int64_t r0, int64_t n) {
-    return t.narrow(0, r0, n).unsqueeze(0).transpose(1, 2);
-  };
-  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(D)));
   at::Tensor out = at::empty_like(x);
   run_chunks(nblk, nthreads, [&](int64_t j) {
     const int64_t r0 = blk[j], r1 = blk[j + 1], n = r1 - r0;
     at::Tensor y = at::empty({n, heads, D}, x.options());
-    // sequences overlapping [r0, r1): seq is sorted, so start at the last one beginning at or before r0
-    int64_t s = std::upper_bound(seq.begin(), seq.end(), r0) - seq.begin() - 1;
-    for (; s + 1 < static_cast<int64_t>(seq.size()) && seq[s] < r1; ++s) {
-      const int64_t a = std::max(r0, seq[s]), b = std::min(r1, seq[s + 1]);
-      if (a >= b) continue;
-      at::Tensor yb = bhld(y, a - r0, b - a);
-      at::Tensor lse = at::empty({1, heads, b - a}, x.options());
-      const int64_t k0 = seq[s], kn = seq[s + 1] - seq[s];
-      FORKATTN_CPU_DISPATCH(attention_fwd_kernel)(bhld(q, a, b - a), bhld(k, k0, kn), bhld(v, k0, kn), std::nullopt,
-                                                  false, scale, 0.0, 0, yb, lse);
-    }
+    attend_rows(qkv, seq, r0, r1, heads, y);
     const at::Tensor xb = x.narrow(0, r0, n);
     at::Tensor h = linear(y.view({n, H}), attn_out_w, std::nullopt, packed, false);
     bias_residual_layernorm_cpu(h, xb, attn_out_b, ln1_w, ln1_b, ln1_eps);
@@ -236,6 +252,56 @@ at::Tensor layer_rows(const at::Tensor& x, const std::vector<int64_t>& seq, cons
     out.narrow(0, r0, n).copy_(o);
   });
   return out;
+}
+
+// in @ W^T over the column parts of W (part p: a [n_p, K] weight, plain or packed, giving output
+// columns [c_p, c_p + n_p), c_p the sum of the parts before it), one part per chunk, into out
+// [rows, sum n_p]. The bias slice of each part goes into its GEMM, or with `gelu` into the bias +
+// exact GELU pass over the part's own columns.
+void gemm_cols(const at::Tensor& in, const std::vector<at::Tensor>& parts, const std::optional<at::Tensor>& bias,
+               bool gelu, const at::Tensor& out, bool packed, int nthreads) {
+  std::vector<int64_t> c0(parts.size() + 1, 0);
+  for (size_t p = 0; p < parts.size(); ++p) c0[p + 1] = c0[p] + parts[p].size(0);
+  run_chunks(static_cast<int64_t>(parts.size()), nthreads, [&](int64_t p) {
+    const int64_t n = c0[p + 1] - c0[p];
+    std::optional<at::Tensor> b;
+    if (bias && !gelu) b = bias->narrow(0, c0[p], n);
+    at::Tensor y = linear(in, parts[p], b, packed, false);
+    if (gelu) bias_gelu_cpu(y, bias->narrow(0, c0[p], n));
+    out.narrow(1, c0[p], n).copy_(y);
+  });
+}
+
+// The layer over x [T, H] with every GEMM split over output columns (one part per chunk, each with
+// all T rows) and the row-local steps over the row blocks blk: for few rows (batch 1 L128), where a
+// row split leaves each thread's GEMM a small M. 7 rounds: QKV | attention | out-proj | bias +
+// residual + LN | FFN-up + bias + GELU | FFN-down | bias + residual + LN.
+at::Tensor layer_cols(const at::Tensor& x, const std::vector<int64_t>& seq, const std::vector<int64_t>& blk,
+                      const std::vector<at::Tensor>& qkv_w, const at::Tensor& qkv_b,
+                      const std::vector<at::Tensor>& attn_out_w, const at::Tensor& attn_out_b,
+                      const at::Tensor& ln1_w, const at::Tensor& ln1_b, double ln1_eps,
+                      const std::vector<at::Tensor>& inter_w, const at::Tensor& inter_b,
+                      const std::vector<at::Tensor>& out_w, const at::Tensor& out_b, const at::Tensor& ln2_w,
+                      const at::Tensor& ln2_b, double ln2_eps, int64_t heads, bool packed, int nthreads) {
+  const int64_t T = x.size(0), H = x.size(1), D = H / heads, I = inter_b.size(0);
+  const int64_t nblk = static_cast<int64_t>(blk.size()) - 1;
+  const auto rows = [&](const at::Tensor& t, int64_t j) { return t.narrow(0, blk[j], blk[j + 1] - blk[j]); };
+  at::Tensor qkv = at::empty({T, 3 * H}, x.options());
+  gemm_cols(x, qkv_w, qkv_b, false, qkv, packed, nthreads);
+  at::Tensor y = at::empty({T, heads, D}, x.options());
+  run_chunks(nblk, nthreads, [&](int64_t j) { attend_rows(qkv, seq, blk[j], blk[j + 1], heads, rows(y, j)); });
+  at::Tensor h = at::empty({T, H}, x.options());
+  gemm_cols(y.view({T, H}), attn_out_w, std::nullopt, false, h, packed, nthreads);
+  run_chunks(nblk, nthreads, [&](int64_t j) {
+    bias_residual_layernorm_cpu(rows(h, j), rows(x, j), attn_out_b, ln1_w, ln1_b, ln1_eps);
+  });
+  at::Tensor a = at::empty({T, I}, x.options());
+  gemm_cols(h, inter_w, inter_b, true, a, packed, nthreads);
+  at::Tensor o = at::empty({T, H}, x.options());
+  gemm_cols(a, out_w, std::nullopt, false, o, packed, nthreads);
+  run_chunks(nblk, nthreads,
+             [&](int64_t j) { bias_residual_layernorm_cpu(rows(o, j), rows(h, j), out_b, ln2_w, ln2_b, ln2_eps); });
+  return o;
 }
 
 void check_layer(const at::Tensor& x, int64_t dim, const char* shape, int64_t heads, int64_t chunks, int64_t threads,
@@ -253,6 +319,47 @@ void check_layer(const at::Tensor& x, int64_t dim, const char* shape, int64_t he
   for (int i = 0; i < 12; ++i) check_weight(*weights[i], names[i]);
   TORCH_CHECK_VALUE(weights[1]->dim() == 1 && weights[1]->size(0) == 3 * H, "qkv_b must be [3 * hidden] = [",
                     3 * H, "], got ", weights[1]->sizes());
+}
+
+// cu_seqlens [batch + 1] (int32 or int64, CPU, from 0 to T, non-decreasing) as a vector, or a
+// ValueError/TypeError naming it.
+std::vector<int64_t> sequence_starts(const at::Tensor& cu_seqlens, int64_t T) {
+  TORCH_CHECK_VALUE(cu_seqlens.device().is_cpu(), "cu_seqlens must be a CPU tensor, got ", cu_seqlens.device());
+  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
+                   "cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
+  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "cu_seqlens must be [batch + 1], got shape ",
+                    cu_seqlens.sizes());
+  const at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
+  const int64_t* c = cu.data_ptr<int64_t>();
+  std::vector<int64_t> seq(c, c + cu.numel());
+  TORCH_CHECK_VALUE(seq.front() == 0 && seq.back() == T, "cu_seqlens must start at 0 and end at x.size(0) = ", T,
+                    ", got ", seq.front(), " .. ", seq.back());
+  for (size_t i = 1; i < seq.size(); ++i)
+    TORCH_CHECK_VALUE(seq[i] >= seq[i - 1], "cu_seqlens must be non-decreasing, got ", seq[i - 1], " then ", seq[i],
+                      " at index ", i);
+  return seq;
+}
+
+// min(chunks, T) row blocks of (nearly) equal size over T > 0 rows: their starts, then T.
+std::vector<int64_t> even_blocks(int64_t T, int64_t chunks) {
+  const int64_t blocks = std::min(chunks, T);
+  std::vector<int64_t> blk(blocks + 1);
+  for (int64_t j = 0; j <= blocks; ++j) blk[j] = j * T / blocks;
+  return blk;
+}
+
+// A column-split weight: a non-empty list of [n_p, K] parts (n_p >= 1, plain or packed, CPU
+// float32) whose n_p sum to N. Returns N.
+int64_t check_parts(const std::vector<at::Tensor>& parts, const char* name, int64_t K) {
+  TORCH_CHECK_VALUE(!parts.empty(), name, " must be a non-empty list of [out, in] weight parts, got an empty list");
+  int64_t N = 0;
+  for (size_t p = 0; p < parts.size(); ++p) {
+    check_weight(parts[p], name);
+    TORCH_CHECK_VALUE(parts[p].dim() == 2 && parts[p].size(0) >= 1 && parts[p].size(1) == K, name, "[", p,
+                      "] must be [out >= 1, ", K, "], got shape ", parts[p].sizes());
+    N += parts[p].size(0);
+  }
+  return N;
 }
 
 }  // namespace
@@ -289,26 +396,42 @@ at::Tensor encoder_layer_varlen_cpu(const at::Tensor& x, const at::Tensor& cu_se
   const at::Tensor* weights[] = {&qkv_w, &qkv_b, &attn_out_w, &attn_out_b, &ln1_w, &ln1_b,
                                  &inter_w, &inter_b, &out_w, &out_b, &ln2_w, &ln2_b};
   check_layer(x, 2, "[tokens, hidden]", heads, chunks, threads, weights);
-  TORCH_CHECK_VALUE(cu_seqlens.device().is_cpu(), "cu_seqlens must be a CPU tensor, got ", cu_seqlens.device());
-  TORCH_CHECK_TYPE(cu_seqlens.scalar_type() == at::kInt || cu_seqlens.scalar_type() == at::kLong,
-                   "cu_seqlens must be int32 or int64, got ", cu_seqlens.scalar_type());
-  TORCH_CHECK_VALUE(cu_seqlens.dim() == 1 && cu_seqlens.numel() >= 1, "cu_seqlens must be [batch + 1], got shape ",
-                    cu_seqlens.sizes());
-  const at::Tensor cu = cu_seqlens.to(at::kLong).contiguous();
-  const int64_t* c = cu.data_ptr<int64_t>();
-  std::vector<int64_t> seq(c, c + cu.numel());
+  const std::vector<int64_t> seq = sequence_starts(cu_seqlens, x.size(0));
   const int64_t T = x.size(0);
-  TORCH_CHECK_VALUE(seq.front() == 0 && seq.back() == T, "cu_seqlens must start at 0 and end at x.size(0) = ", T,
-                    ", got ", seq.front(), " .. ", seq.back());
-  for (size_t i = 1; i < seq.size(); ++i)
-    TORCH_CHECK_VALUE(seq[i] >= seq[i - 1], "cu_seqlens must be non-decreasing, got ", seq[i - 1], " then ", seq[i],
-                      " at index ", i);
   if (T == 0) return x.clone();
-  const int64_t blocks = std::min(chunks, T);
-  std::vector<int64_t> blk(blocks + 1);
-  for (int64_t j = 0; j <= blocks; ++j) blk[j] = j * T / blocks;
+  const std::vector<int64_t> blk = even_blocks(T, chunks);
   return layer_rows(x, seq, blk, qkv_w, qkv_b, attn_out_w, attn_out_b, ln1_w, ln1_b, ln1_eps, inter_w, inter_b,
                     out_w, out_b, ln2_w, ln2_b, ln2_eps, heads, packed, static_cast<int>(threads));
+}
+
+at::Tensor encoder_layer_cols_cpu(const at::Tensor& x, const at::Tensor& cu_seqlens, const std::vector<at::Tensor>& qkv_w,
+                                  const at::Tensor& qkv_b, const std::vector<at::Tensor>& attn_out_w,
+                                  const at::Tensor& attn_out_b, const at::Tensor& ln1_w, const at::Tensor& ln1_b,
+                                  double ln1_eps, const std::vector<at::Tensor>& inter_w, const at::Tensor& inter_b,
+                                  const std::vector<at::Tensor>& out_w, const at::Tensor& out_b,
+                                  const at::Tensor& ln2_w, const at::Tensor& ln2_b, double ln2_eps, int64_t heads,
+                                  bool packed, int64_t chunks, int64_t threads) {
+  TORCH_CHECK_VALUE(!qkv_w.empty(), "qkv_w must be a non-empty list of [out, in] weight parts, got an empty list");
+  TORCH_CHECK_VALUE(!attn_out_w.empty(), "attn_out_w must be a non-empty list of [out, in] weight parts, got an empty list");
+  TORCH_CHECK_VALUE(!inter_w.empty(), "inter_w must be a non-empty list of [out, in] weight parts, got an empty list");
+  TORCH_CHECK_VALUE(!out_w.empty(), "out_w must be a non-empty list of [out, in] weight parts, got an empty list");
+  const at::Tensor* weights[] = {&qkv_w[0], &qkv_b, &attn_out_w[0], &attn_out_b, &ln1_w, &ln1_b,
+                                 &inter_w[0], &inter_b, &out_w[0], &out_b, &ln2_w, &ln2_b};
+  check_layer(x, 2, "[tokens, hidden]", heads, chunks, threads, weights);
+  const int64_t T = x.size(0), H = x.size(1);
+  const std::vector<int64_t> seq = sequence_starts(cu_seqlens, T);
+  const auto check_n = [](int64_t got, int64_t want, const char* name) {
+    TORCH_CHECK_VALUE(got == want, name, "'s parts must have ", want, " output rows in all, got ", got);
+  };
+  check_n(check_parts(qkv_w, "qkv_w", H), 3 * H, "qkv_w");
+  check_n(check_parts(attn_out_w, "attn_out_w", H), H, "attn_out_w");
+  const int64_t I = check_parts(inter_w, "inter_w", H);
+  TORCH_CHECK_VALUE(inter_b.dim() == 1 && inter_b.size(0) == I, "inter_b must be [", I,
+                    "] (the rows of inter_w's parts), got ", inter_b.sizes());
+  check_n(check_parts(out_w, "out_w", I), H, "out_w");
+  if (T == 0) return x.clone();
+  return layer_cols(x, seq, even_blocks(T, chunks), qkv_w, qkv_b, attn_out_w, attn_out_b, ln1_w, ln1_b, ln1_eps,
+                    inter_w, inter_b, out_w, out_b, ln2_w, ln2_b, ln2_eps, heads, packed, static_cast<int>(threads));
 }
 
 }  // namespace forkattn

@@ -59,6 +59,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("inter_b"), py::arg("out_w"), py::arg("out_b"), py::arg("ln2_w"), py::arg("ln2_b"),
         py::arg("ln2_eps"), py::arg("heads"), py::arg("packed"), py::arg("chunks"), py::arg("threads"),
         py::call_guard<py::gil_scoped_release>());
+  m.def("encoder_layer_cols_cpu", &forkattn::encoder_layer_cols_cpu,
+        "one BERT encoder layer over packed sequences, GEMMs split over output columns (CPU, fp32)", py::arg("x"),
+        py::arg("cu_seqlens"), py::arg("qkv_w"), py::arg("qkv_b"), py::arg("attn_out_w"), py::arg("attn_out_b"),
+        py::arg("ln1_w"), py::arg("ln1_b"), py::arg("ln1_eps"), py::arg("inter_w"), py::arg("inter_b"),
+        py::arg("out_w"), py::arg("out_b"), py::arg("ln2_w"), py::arg("ln2_b"), py::arg("ln2_eps"), py::arg("heads"),
+        py::arg("packed"), py::arg("chunks"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   // MLM masking: writes out_ids and out_labels in place (see csrc/mlm.h).
   m.def("mlm_mask_cpu", &forkattn::mlm_mask_cpu, "MLM 80/10/10 masking (CPU)", py::arg("input_ids"),
         py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"), py::arg("attention_mask"),

@@ -1,5 +1,6 @@
 """One native call per BERT encoder layer (issue #18: csrc/encoder_layer.cpp via
-models/cpu_inference.native_layer; batch 1, unmasked batches and a padded batch's packed tokens):
+models/cpu_inference.native_layer; batch 1, unmasked batches and a padded batch's packed tokens;
+GEMMs split over row blocks, or over output columns with few rows per thread):
 which forwards take it, parity with transformers (2x rule in fp64) and with the per-op fast path at
 every thread and row-block count, odd lengths, empty rows, errors raised inside a row block, bad
 arguments, concurrent callers, and the weight cache still followed."""
@@ -36,7 +37,7 @@ class _Counting:
 
     def __getattr__(self, name):
         fn = getattr(self.inner, name)
-        if name in ("encoder_layer_cpu", "encoder_layer_varlen_cpu"):
+        if name in ("encoder_layer_cpu", "encoder_layer_varlen_cpu", "encoder_layer_cols_cpu"):
             def counted(*a, **k):
                 self.calls += 1
                 return fn(*a, **k)
@@ -316,3 +317,134 @@ def test_concurrent_callers_get_their_own_results(threads):
     assert not errors and not any(t.is_alive() for t in ts)
     for k, e in enumerate(expected):
         torch.testing.assert_close(results[k], e, rtol=1e-5, atol=1e-5)
+
+
+def _cols_args(args, parts, packed):
+    """encoder_layer_varlen_cpu's arguments as encoder_layer_cols_cpu's: each weight in column parts."""
+    out = dict(args)
+    for k in ("qkv_w", "attn_out_w", "inter_w", "out_w"):
+        ws = [t.contiguous() for t in torch.split(args[k], cpu_inference.column_parts(args[k].shape[0], parts))]
+        out[k] = [torch.ops.mkldnn._reorder_linear_weight(t, 128) for t in ws] if packed else ws
+    out["packed"] = packed
+    return out
+
+
+@pytest.mark.parametrize("packed", PACKINGS)
+@pytest.mark.parametrize("parts, nthreads", [(1, 1), (2, 1), (2, 2), (3, 2), (2, 3), (3, 3), (5, 2)])
+@pytest.mark.parametrize("lengths", [(1,), (7,), (97,), (129,), (9, 0, 4, 1)])
+def test_cols_layer_equals_row_layer(threads, packed, parts, nthreads, lengths):
+    """The column split (any part count, uneven parts, any thread count, odd lengths, packed
+    sequences with an empty one) gives the row-block layer's result."""
+    args = _varlen_args(lengths)
+    args.update(threads=nthreads, packed=packed)
+    if packed:
+        for k in ("qkv_w", "attn_out_w", "inter_w", "out_w"):
+            args[k] = args[k] * 0.2  # keep the 9-row LayerNorm outputs moderate: the comparison is absolute
+    want = _native._C.encoder_layer_varlen_cpu(**dict(args, packed=False, chunks=1, threads=1))
+    for chunks in (1, 2, 5):
+        got = _native._C.encoder_layer_cols_cpu(**_cols_args(dict(args, chunks=chunks), parts, packed))
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_what_takes_the_column_split(monkeypatch, threads, nthreads):
+    """Fewer than COL_SPLIT_ROWS rows per thread: the column split; more, or one thread: row blocks."""
+    torch.set_num_threads(nthreads)
+    m, _ = _pair()
+    calls = []
+    inner = _native._C
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(inner, name)
+            if not name.startswith("encoder_layer"):
+                return fn
+
+            def called(*a, **k):
+                calls.append(name)
+                return fn(*a, **k)
+            return called
+    monkeypatch.setattr(_native, "_C", Spy())
+    monkeypatch.setattr(cpu_inference, "COL_SPLIT_ROWS", 8)
+    with torch.no_grad():
+        m(_ids(8 * nthreads - 1))
+        assert calls == ["encoder_layer_cols_cpu"] * 2
+        calls.clear()
+        m(_ids(8 * nthreads))
+        assert calls == ["encoder_layer_varlen_cpu"] * 2
+        calls.clear()
+        torch.set_num_threads(1)
+        m(_ids(5))
+        assert calls == ["encoder_layer_varlen_cpu"] * 2
+
+
+def test_column_parts():
+    assert cpu_inference.column_parts(1152, 2) == [576, 576]
+    assert cpu_inference.column_parts(3072, 3) == [1024] * 3
+    assert cpu_inference.column_parts(37, 2, 16) == [16, 21]
+    assert cpu_inference.column_parts(2, 3) == [1, 1]
+    for n in range(1, 70):
+        for p in range(1, 5):
+            w = cpu_inference.column_parts(n, p)
+            assert sum(w) == n and min(w) >= 1 and len(w) == min(n, p)
+
+
+def _bad_cols(**change):
+    args = _cols_args(_varlen_args(), 2, False)
+    args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(qkv_w=[]), "qkv_w must be a non-empty list"),
+    (dict(out_w=[]), "out_w must be a non-empty list"),
+    (dict(qkv_w=[torch.randn(100, 48), torch.randn(44, 48)][:1]), "qkv_w's parts must have 144 output rows in all, got 100"),
+    (dict(attn_out_w=[torch.randn(48, 47)]), "attn_out_w[0] must be [out >= 1, 48]"),
+    (dict(inter_w=[torch.randn(37, 48), torch.randn(0, 48)]), "inter_w[1] must be [out >= 1, 48]"),
+    (dict(inter_w=[torch.randn(30, 48)]), "inter_b must be [30]"),
+    (dict(out_w=[torch.randn(48, 36)]), "out_w[0] must be [out >= 1, 37]"),
+    (dict(out_w=[torch.randn(48, 37, dtype=torch.float64)]), "out_w"),
+    (dict(x=torch.randn(1, 13, 48)), "x must be [tokens, hidden]"),
+    (dict(cu_seqlens=torch.tensor([0, 9, 12])), "cu_seqlens must start at 0 and end at x.size(0) = 13"),
+    (dict(heads=5), "heads must be > 0 and divide"),
+    (dict(chunks=0), "chunks must be >= 1"),
+    (dict(threads=0), "threads must be >= 1"),
+])
+def test_encoder_layer_cols_bad_arguments(change, words):
+    with pytest.raises((ValueError, TypeError), match=re.escape(words)):
+        _native._C.encoder_layer_cols_cpu(**_bad_cols(**change))
+
+
+def test_serial_prologue_runs_the_embeddings_on_one_thread(monkeypatch, threads):
+    """Batch 1 at 2 threads: the embeddings see one torch thread, the native layers get 2, and the
+    count is restored after the forward, also when the embeddings raise; with autograd, a large
+    batch or SERIAL_PROLOGUE off the embeddings keep 2 threads."""
+    torch.set_num_threads(2)
+    m, _ = _pair()
+    seen, layer_threads = [], []
+    m.embeddings.register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    inner = _native._C
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(inner, name)
+            if not name.startswith("encoder_layer"):
+                return fn
+
+            def called(*a, **k):
+                layer_threads.append(a[-1])
+                return fn(*a, **k)
+            return called
+    monkeypatch.setattr(_native, "_C", Spy())
+    with torch.no_grad():
+        m(_ids(100))
+        assert seen == [1] and layer_threads == [2, 2] and torch.get_num_threads() == 2
+        with pytest.raises(IndexError):
+            m(torch.full((1, 5), 10_000))  # an id past the vocabulary, inside the embeddings
+        assert seen[-1] == 1 and torch.get_num_threads() == 2
+        m(_ids(128, B=2))  # 256 rows: row blocks, the embeddings on 2 threads
+        monkeypatch.setattr(cpu_inference, "SERIAL_PROLOGUE", False)
+        m(_ids(100))
+    assert seen[-2:] == [2, 2]
+    m(_ids(100))  # autograd
+    assert seen[-1] == 2 and torch.get_num_threads() == 2

@@ -52,7 +52,7 @@ from .activations import activation, check_activation
 from .backend import attention_backend, check_backend
 from .bert_names import hf_key, key_map_from_hf
 from .checkpoint import load_state
-from .cpu_inference import fast_path, fused_epilogues, native_layer, qkv_projection
+from .cpu_inference import fast_path, fused_epilogues, native_layer, qkv_projection, serial_prologue
 from .dropout import AttentionDropout
 from .outputs import (AlbertForPreTrainingOutput, BaseModelOutputWithPooling, BertForPreTrainingOutput,
                       MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
@@ -317,7 +317,8 @@ class BertModel(BertPreTrainedModel):
                 packing, attention_mask = None, None
         if packing is None:
             key_padding_mask = None if attention_mask is None else attention_mask.bool()
-            x = self.embeddings(input_ids, token_type_ids, position_ids)
+            with serial_prologue(input_ids):  # batch 1 on CPU: no OpenMP worker left spinning
+                x = self.embeddings(input_ids, token_type_ids, position_ids)
             x = self.encoder(x, key_padding_mask)
         else:
             x = self.encode_packed(packing, packing.pack(input_ids),

@@ -17,6 +17,8 @@ needs gradients. docs/CPU_INFERENCE.md has the measurements behind each step.
   GEMMs, attention kernel (per sequence) and fused epilogues over row blocks on threads that take
   blocks one at a time and never wait for a thread that has not started: torch's OpenMP regions
   wait for every thread at their barrier, which on a loaded machine is most of a batch-1 forward.
+  With few rows per thread (batch 1, `COL_SPLIT_ROWS`) it splits each GEMM over output columns
+  instead (`_C.encoder_layer_cols_cpu`, weights cut into column parts: `column_weights`).
 
 Cache validity: every in-place update bumps a tensor's version counter (optimizer steps,
 load_state_dict, `with torch.no_grad(): p.mul_(...)`), and `.to()`, `p.data = ...` or a replaced
@@ -26,7 +28,8 @@ rebuilt when any differs. Entries live in the module's __dict__, outside its sta
 """
 from __future__ import annotations
 
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+import contextlib
+from typing import Callable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -41,6 +44,13 @@ PACK_ROWS_HINT = 128  # the token count oneDNN picks the packed weight layout fo
 NATIVE_LAYER = True  # batch 1 without a mask: one native call per layer (native_layer)
 CHUNKS_PER_THREAD = 1  # row blocks per thread in the native layer (2, 8: slower at B1 L128, see docs)
 BLOCK_ROWS = 256  # and at most this many rows per block (padded batches: balance, intermediates in cache)
+# Below this many rows per thread (batch 1 L128 at 2 threads: 64) the native layer splits every GEMM
+# over output columns instead (_C.encoder_layer_cols_cpu): each thread's GEMM keeps all rows, on
+# its own pre-packed slice of the weight (docs/CPU_INFERENCE.md, "GEMMs split over output columns").
+COL_SPLIT_ROWS = 128
+COL_ALIGN = 16  # column parts start at multiples of this where the width allows (the GEMMs' N blocking)
+COL_PARTS_PER_THREAD = 1  # column parts per thread (more: finer load balance, narrower GEMMs)
+SERIAL_PROLOGUE = True  # the embeddings before column-split native layers on one OpenMP thread (serial_prologue)
 
 
 def cached(owner: nn.Module, slot: str, params: Sequence[Tensor], build: Callable[[Sequence[Tensor]], object]):
@@ -97,6 +107,64 @@ def fast_path(layer: nn.Module, x: Tensor) -> Optional[Weights]:
         return None
     return cached(layer, f"_fast_weights_packed{int(PACKED)}", _qkv_params(layer) + (
         layer.attention.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight), _pack)
+
+
+@contextlib.contextmanager
+def serial_prologue(ids: Tensor) -> Iterator[None]:
+    """torch on one thread inside the block when the encoder's native layers will split columns over
+    the rows of token ids `ids` (CPU, no autograd, threads > 1, fewer than COL_SPLIT_ROWS rows per
+    thread: batch 1). The embeddings'
+    element-wise ops before the first layer are OpenMP regions, and after each one torch's idle
+    OpenMP worker spins (libgomp's default wait policy) on one of the cores the layer's own two
+    threads need: measured ~20 ms of CPU per MiniLM B1 forward (docs/CPU_INFERENCE.md). At these
+    sizes the ops gain nothing from a second thread. The thread count is restored on exit."""
+    threads = torch.get_num_threads()
+    if not (SERIAL_PROLOGUE and FUSED and NATIVE_LAYER and ids.device.type == "cpu" and threads > 1
+            and ids.numel() < COL_SPLIT_ROWS * threads and not torch.is_grad_enabled()):
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def column_parts(n: int, parts: int, align: int = COL_ALIGN) -> List[int]:
+    """Widths of `parts` (fewer when n < parts) non-empty column blocks covering n columns, balanced,
+    every border at a multiple of `align` where n allows it."""
+    parts = max(1, min(parts, n))
+    unit = align if n >= align * parts else 1
+    borders = [0] + [round(n * p / parts / unit) * unit for p in range(1, parts)] + [n]
+    return [b - a for a, b in zip(borders, borders[1:]) if b > a]
+
+
+class ColumnWeights(NamedTuple):
+    """A layer's GEMM weights cut into column parts for the column-split native layer (packed for
+    oneDNN part by part when `packed`)."""
+    qkv: List[Tensor]
+    attn_out: List[Tensor]
+    inter: List[Tensor]
+    out: List[Tensor]
+    packed: bool
+
+
+def _split_pack(p: Sequence[Tensor], parts: int) -> ColumnWeights:
+    qkv, _ = _cat_qkv(p)
+    split = []
+    for w in (qkv, *p[6:9]):
+        ws = [t.contiguous() for t in torch.split(w, column_parts(w.shape[0], parts))]
+        if PACKED:
+            ws = [torch.ops.mkldnn._reorder_linear_weight(t, PACK_ROWS_HINT) for t in ws]
+        split.append(ws)
+    return ColumnWeights(*split, packed=PACKED)
+
+
+def column_weights(layer: nn.Module, parts: int) -> ColumnWeights:
+    """The layer's weights in `parts` column parts, cached as fast_path's are (module docstring)."""
+    return cached(layer, f"_fast_cols{parts}_packed{int(PACKED)}", _qkv_params(layer) + (
+        layer.attention.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight),
+        lambda ps: _split_pack(ps, parts))
 
 
 def _linear(x: Tensor, w: Tensor, bias: Optional[Tensor], packed: bool) -> Tensor:
@@ -161,8 +229,14 @@ def native_layer(layer: nn.Module, x: Tensor, key_padding_mask: Optional[Tensor]
     # row blocks: CHUNKS_PER_THREAD per thread, and at most BLOCK_ROWS rows each (big batches)
     chunks = max(1 if threads == 1 else CHUNKS_PER_THREAD * threads, -(-rows.shape[0] // BLOCK_ROWS))
     att, out = layer.attention.output, layer.output
-    y = C.encoder_layer_varlen_cpu(
-        rows, cu, fast.qkv, fast.qkv_bias, fast.attn_out, att.dense.bias, att.LayerNorm.weight, att.LayerNorm.bias,
-        att.LayerNorm.eps, fast.inter, layer.intermediate.dense.bias, fast.out, out.dense.bias, out.LayerNorm.weight,
-        out.LayerNorm.bias, out.LayerNorm.eps, layer.num_heads, fast.packed, chunks, threads)
+    tail = (att.dense.bias, att.LayerNorm.weight, att.LayerNorm.bias, att.LayerNorm.eps)
+    ffn_b, ln2 = layer.intermediate.dense.bias, (out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias,
+                                                 out.LayerNorm.eps)
+    if threads > 1 and rows.shape[0] < COL_SPLIT_ROWS * threads and hasattr(C, "encoder_layer_cols_cpu"):
+        cw = column_weights(layer, COL_PARTS_PER_THREAD * threads)
+        y = C.encoder_layer_cols_cpu(rows, cu, cw.qkv, fast.qkv_bias, cw.attn_out, *tail, cw.inter, ffn_b, cw.out,
+                                     *ln2, layer.num_heads, cw.packed, chunks, threads)
+    else:
+        y = C.encoder_layer_varlen_cpu(rows, cu, fast.qkv, fast.qkv_bias, fast.attn_out, *tail, fast.inter, ffn_b,
+                                       fast.out, *ln2, layer.num_heads, fast.packed, chunks, threads)
     return y.view_as(x)
