@@ -13,7 +13,7 @@ sys.path.insert(0, "python")
 sys.path.insert(0, "tests")
 sys.path.insert(0, "scripts")
 import forkattn  # noqa: E402
-from bench_disentangled_head_dims import SPAN, inputs  # noqa: E402
+from bench_disentangled_head_dims import SPAN, inputs, time_fwd_bwd  # noqa: E402
 
 
 def check(D):
@@ -28,8 +28,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_disentangled_dropout: skipped (no CUDA device)")
         return 0
-    from triton.testing import do_bench
-
     status = 0
     for D in (32, 64, 128):
         try:
@@ -46,12 +44,7 @@ def main() -> int:
             "cuda p=0.1": lambda: forkattn.disentangled_attention(*leaves, backend="cuda", dropout_p=0.1, **kw),
             "triton p=0.1": lambda: forkattn.disentangled_attention(*leaves, backend="triton", dropout_p=0.1, **kw),
         }
-        ms = {}
-        for name, fn in impls.items():
-            try:
-                ms[name] = do_bench(lambda: torch.autograd.grad(fn(), leaves, dout), warmup=5, rep=40)
-            except Exception as exc:
-                print(f"  D{D} {name}: {type(exc).__name__}: {exc}")
+        ms = time_fwd_bwd(impls, leaves, dout, f"D{D}")
         for name, t in ms.items():
             ratio = f"{t / ms['cuda p=0']:5.2f}x cuda p=0's time" if "cuda p=0" in ms else ""
             print(f"  D{D} B4 H12 L512 fp16 fwd+bwd {name:13} {t:8.3f} ms  {ratio}")

@@ -27,6 +27,20 @@ def inputs(D, dtype, B=B, L=L, seed=0):
     return q, k, v, pk, pq, dout, mask
 
 
+def time_fwd_bwd(impls, leaves, dout, label):
+    """Median ms of forward + backward (gradients of `leaves` for `dout`) per implementation, with
+    triton's do_bench; an implementation that raises is reported on its own line and left out."""
+    from triton.testing import do_bench
+
+    ms = {}
+    for name, fn in impls.items():
+        try:
+            ms[name] = do_bench(lambda: torch.autograd.grad(fn(), leaves, dout), warmup=5, rep=40)
+        except Exception as exc:
+            print(f"  {label} {name}: {type(exc).__name__}: {exc}")
+    return ms
+
+
 def check(D):
     """tests/test_disentangled_cuda.py's compare (2x rule against fp64 for out and the five
     gradients) on a small padded case with NaN in padded keys, at this head_dim."""
@@ -40,8 +54,6 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("bench_disentangled_head_dims: skipped (no CUDA device)")
         return 0
-    from triton.testing import do_bench
-
     status = 0
     for D in (32, 128):
         try:
@@ -61,12 +73,7 @@ def main() -> int:
             "forkattn-cuda": lambda: forkattn.disentangled_attention(*leaves, backend="cuda", **kw),
             "forkattn-triton": lambda: forkattn.disentangled_attention(*leaves, backend="triton", **kw),
         }
-        ms = {}
-        for name, fn in impls.items():
-            try:
-                ms[name] = do_bench(lambda: torch.autograd.grad(fn(), leaves, dout), warmup=5, rep=40)
-            except Exception as exc:
-                print(f"  D{D} {name}: {type(exc).__name__}: {exc}")
+        ms = time_fwd_bwd(impls, leaves, dout, f"D{D}")
         for name, t in ms.items():
             ratio = f"{ms['eager'] / t:5.2f}x vs eager" if "eager" in ms else ""
             print(f"  D{D} B{B} H{H} L{L} fp16 fwd+bwd {name:16} {t:8.3f} ms  {ratio}")
