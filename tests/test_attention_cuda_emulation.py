@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from cuda_emulator import attention as emu
+from cuda_emulator import attention_host as host
 from cuda_emulator import core
 from cuda_emulator.attention_checks import run_case, run_mask_probe, run_varlen_case
 from cuda_emulator.core import EmulationError
@@ -168,8 +169,8 @@ def _nan_pattern_case(plant, causal):
     mask = torch.ones(B, Lk, dtype=torch.bool)
     mask[1, 50:] = False
     plant(q, k)
-    out, lse = emu.attention_fwd_cuda(q, k, v, mask, causal, D ** -0.5)
-    dq, dk, dv = emu.attention_bwd_cuda(g, q, k, v, out, lse, mask, causal, D ** -0.5)
+    out, lse = host.attention_fwd_cuda(q, k, v, mask, causal, D ** -0.5)
+    dq, dk, dv = host.attention_bwd_cuda(g, q, k, v, out, lse, mask, causal, D ** -0.5)
     leaves = [t.double().requires_grad_() for t in (q, k, v)]
     ref = reference.attention(*leaves, causal=causal, key_padding_mask=mask, scale=D ** -0.5)
     refg = torch.autograd.grad(ref, leaves, g.double())

@@ -23,7 +23,7 @@ from attn_utils import assert_within_budget, max_err  # tests/: on sys.path unde
 from forkattn import philox, reference
 
 from . import attention as emu
-from .attention import attention_bwd_cuda, attention_fwd_cuda, attention_varlen_bwd_cuda, attention_varlen_fwd_cuda
+from .attention_host import attention_bwd_cuda, attention_fwd_cuda, attention_varlen_bwd_cuda, attention_varlen_fwd_cuda
 from .core import NT, TQ
 from .dropout import kept
 

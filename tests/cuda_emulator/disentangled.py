@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from . import attention as at
+from . import attention_host as ah
 from .dropout import dropout_keep_cols, dropout_keep_rows, dropout_mask, kept
 from .core import (F32, G, INF, NT, TID, TQ, WARP, HostTensor, Smem, cp_async16_from, mma16816, pack2, round_h,
                    syncthreads_or)
@@ -212,13 +213,13 @@ def fill_terms(p, H, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c):
     p.c2p, p.p2c = c2p, p2c
     for name, pos, used, attr in (("pos_key", pos_key, c2p, "pk"), ("pos_query", pos_query, p2c, "pq")):
         if used:
-            ph = at._h(name, at.rows_aligned(pos.expand(H, -1, -1)))
+            ph = ah._h(name, ah.rows_aligned(pos.expand(H, -1, -1)))
             setattr(p, name, ph.ptr())
             setattr(p, attr + "_head_stride", ph.stride[0])
             setattr(p, attr + "_row_stride", ph.stride[1])
     p.rel_index = HostTensor("rel_index", rel_index.contiguous()).ptr()
     if key_padding_mask is not None:
-        mh = at._h("key_padding_mask", key_padding_mask)
+        mh = ah._h("key_padding_mask", key_padding_mask)
         assert mh.stride[1] == 1
         p.key_padding_mask, p.mask_batch_stride = mh.ptr(), mh.stride[0]
     else:
@@ -236,11 +237,11 @@ def disentangled_attention_fwd_cuda(q, k, v, pos_key, pos_query, rel_index, key_
     assert rel_index.dtype == torch.int64 and rel_index.numel() == max(Lq + Lk - 1, 0)  # check_rel_index
     if rows >= 0 and rel_index.numel():
         assert 0 <= int(rel_index.min()) and int(rel_index.max()) < rows
-    out = at._h("out", at.empty_bhld(q, B, H, Lq, D), poison=True, write_once=True)
-    lse = at._h("lse", torch.empty(B, H, Lq), poison=True, write_once=True)
+    out = ah._h("out", ah.empty_bhld(q, B, H, Lq, D), poison=True, write_once=True)
+    lse = ah._h("lse", torch.empty(B, H, Lq), poison=True, write_once=True)
     if out.tensor().numel() == 0:
         return out.tensor(), lse.tensor()
-    qh, kh, vh = (at._h(n, at.rows_aligned(t)) for n, t in (("q", q), ("k", k), ("v", v)))
+    qh, kh, vh = (ah._h(n, ah.rows_aligned(t)) for n, t in (("q", q), ("k", k), ("v", v)))
     p = SimpleNamespace()
     p.q, p.k, p.v = qh.ptr(), kh.ptr(), vh.ptr()
     p.q_batch_stride, p.q_head_stride, p.q_row_stride = qh.stride[:3]
@@ -254,7 +255,7 @@ def disentangled_attention_fwd_cuda(q, k, v, pos_key, pos_query, rel_index, key_
     p.batch, p.heads, p.len_q, p.len_k, p.head_dim = B, H, Lq, Lk, D
     p.scale = float(np.float32(scale))
     p.scale_log2 = float(np.float32(scale * 1.4426950408889634))
-    at.set_dropout(p, dropout_p, seed)
+    ah.set_dropout(p, dropout_p, seed)
     run_disentangled_fwd(p)
     return out.tensor(), lse.tensor()
 
@@ -593,14 +594,14 @@ def disentangled_attention_bwd_cuda(dout, q, k, v, pos_key, pos_query, out, lse,
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     assert D in (32, 64, 128)  # check_cuda_limits
-    dq = at._h("dq", at.empty_bhld(q, B, H, Lq, D), poison=True, write_once=True)
-    dk = at._h("dk", at.empty_bhld(k, B, H, Lk, D), poison=True, write_once=True)
-    dv = at._h("dv", at.empty_bhld(v, B, H, Lk, D), poison=True, write_once=True)
+    dq = ah._h("dq", ah.empty_bhld(q, B, H, Lq, D), poison=True, write_once=True)
+    dk = ah._h("dk", ah.empty_bhld(k, B, H, Lk, D), poison=True, write_once=True)
+    dv = ah._h("dv", ah.empty_bhld(v, B, H, Lk, D), poison=True, write_once=True)
     rows = pos_key.shape[1] if c2p else pos_query.shape[1] if p2c else 0
     dpk = HostTensor("dpos_key", torch.zeros(H, rows, D))
     dpq = HostTensor("dpos_query", torch.zeros(H, rows, D))
     delta = HostTensor("delta", (dout.float() * out.float()).sum(-1).contiguous())
-    qh, kh, vh, oh = (at._h(n, at.rows_aligned(t)) for n, t in (("q", q), ("k", k), ("v", v), ("dout", dout)))
+    qh, kh, vh, oh = (ah._h(n, ah.rows_aligned(t)) for n, t in (("q", q), ("k", k), ("v", v), ("dout", dout)))
     p = SimpleNamespace()
     p.q, p.k, p.v, p.dout = qh.ptr(), kh.ptr(), vh.ptr(), oh.ptr()
     p.q_batch_stride, p.q_head_stride, p.q_row_stride = qh.stride[:3]
@@ -620,7 +621,7 @@ def disentangled_attention_bwd_cuda(dout, q, k, v, pos_key, pos_query, out, lse,
     p.batch, p.heads, p.len_q, p.len_k, p.head_dim = B, H, Lq, Lk, D
     p.scale = float(np.float32(scale))
     p.scale_log2 = float(np.float32(scale * 1.4426950408889634))
-    at.set_dropout(p, dropout_p, seed)  # the forward's mask, redrawn
+    ah.set_dropout(p, dropout_p, seed)  # the forward's mask, redrawn
     run_disentangled_bwd(p)
     fin = [(t.tensor() * p.scale).half() if used else None for t, used in ((dpk, c2p), (dpq, p2c))]
     return dq.tensor(), dk.tensor(), dv.tensor(), fin[0], fin[1]
