@@ -214,3 +214,20 @@ def test_tokenizer_loader(tmp_path):
     assert fast("the cat ran", add_special_tokens=False)["input_ids"] == ids
     with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
         load_deberta_tokenizer(tmp_path / "nothing.json")
+
+
+def test_split_bench_times_equivalent_modules():
+    """bench/deberta_split.py times transformers' and forkattn's attention modules on the same weights:
+    they must compute the same thing (at real tokens: padded query rows differ by design), with and
+    without the projections swapped for identities, and the swap must not outlive the call."""
+    from forkattn.bench import deberta_split
+
+    b = deberta_split.build(2, 24)
+    rows, x, keep = b["rows"], b["x"], b["mask"].bool()
+    with torch.no_grad():
+        first = rows["fa-module"](x)
+        for hf, fa in (("hf-module", "fa-module"), ("hf-core", "fa-core")):
+            want, got = rows[hf](x)[keep], rows[fa](x)[keep]
+            assert (want - got).abs().max() < 1e-4 * want.abs().max(), (hf, fa)
+        assert not torch.equal(rows["fa-core"](x), first)
+        assert torch.equal(rows["fa-module"](x), first)  # projections restored after the core rows

@@ -168,3 +168,25 @@ def test_any_rel_index_table(table_kind):
     assert_within_budget("out", out, eager, ref)
     for name, a, e, r in zip(["dq", "dk", "dv", "dpos_key", "dpos_query"], grads, geager, gref):
         assert_within_budget(name, a, e, r)
+
+
+@pytest.mark.parametrize("B,H,threads", [(1, 2, 2), (3, 2, 1), (2, 12, 2), (2, 4, 1)],
+                         ids=["B1-one-chunk", "B3H2-chunks", "H12-one-chunk", "H4-1thread-one-chunk"])
+def test_dpos_one_chunk_in_place_and_chunked(B, H, threads):
+    """The backward's dpos partials: one batch chunk (ceil(4 * threads / H) clamped to B) accumulates in
+    the fp32 output itself, several chunks in private partials summed afterwards; both within the 2x
+    rule for every gradient, dpos_key / dpos_query included, and a second call (the output buffer
+    zeroed again, not accumulated onto) gives the same bits."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v, pk, pq = _inputs(B, H, 97, 97, 32, 16, torch.float32, seed=B * 10 + H)
+        mask = make_padding(B, 97, generator=torch.Generator().manual_seed(H))
+        kw = dict(max_relative_positions=40, position_buckets=16, key_padding_mask=mask)
+        _check("cpu", q, k, v, pk, pq, **kw)
+        g = torch.randn(B, H, 97, 32)
+        first = _grads("cpu", q, k, v, pk, pq, g, **kw)
+        again = _grads("cpu", q, k, v, pk, pq, g, **kw)
+        assert all(torch.equal(a, b) for a, b in zip(first, again))
+    finally:
+        torch.set_num_threads(prev)
