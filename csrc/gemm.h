@@ -13,7 +13,7 @@
 
 namespace forkattn {
 
-constexpr int64_t kGemmNR = 16;  // output columns per packed panel
+constexpr int64_t kGemmNR = 24;  // output columns per packed panel (csrc/cpu/gemm_cpu.cpp: the 4 x 24 tile)
 
 // What the GEMM does to each output element after the sum, in its last store.
 enum class GemmEpilogue : int { kNone = 0, kBias = 1, kBiasGelu = 2 };

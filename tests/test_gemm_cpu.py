@@ -16,6 +16,7 @@ C = _native._C
 pytestmark = pytest.mark.skipif(C is None or not hasattr(C, "gemm_pack_cpu"),
                                 reason=f"forkattn._C without the packed-panel GEMM: {_native.ERROR}")
 EPILOGUES = {0: "none", 1: "bias", 2: "bias+gelu"}
+NR = C.gemm_pack_cpu(torch.zeros(1, 1)).numel() if C is not None and hasattr(C, "gemm_pack_cpu") else 24  # panel width
 
 
 @pytest.fixture(params=[i for i in ["default", "avx2", "avx512"] if i in compiled() and runs_here(i)])
@@ -49,7 +50,7 @@ def _gemm(x, w, b, epilogue, y=None, n0=0, n1=None):
 
 
 @pytest.mark.parametrize("K", [1, 7, 64, 97, 513])
-@pytest.mark.parametrize("N", [1, 7, 16, 17, 97, 1025])
+@pytest.mark.parametrize("N", [1, 7, 16, 17, 24, 25, 97, 1025])
 @pytest.mark.parametrize("M", [1, 5, 6, 7, 97, 128, 129])
 def test_sizes_within_budget(M, N, K):
     x, w, b = _data(M, N, K)
@@ -84,20 +85,21 @@ def test_strided_rows_column_slices_and_panel_ranges(isa):
     packed = C.gemm_pack_cpu(w)
     buf = torch.full((M, N + 40), -7.0)
     y = buf[:, 24:24 + N]
-    for n0, n1 in [(0, 16), (16, 512), (512, 1024), (1024, 1025)]:
+    for n0, n1 in [(0, NR), (NR, 21 * NR), (21 * NR, 42 * NR), (42 * NR, N)]:
         C.gemm_packed_cpu(x, packed, N, b, 2, y, n0, n1)
     _check(f"{isa} strided", y, x, w, b, 2)
     assert (buf[:, :24] == -7).all() and (buf[:, 24 + N:] == -7).all()
 
 
 def test_pack_layout():
-    """Panels of 16 output columns, k-major, the last one zero-padded; any strides of w."""
-    w = torch.arange(3 * 19, dtype=torch.float32).view(19, 3)
+    """Panels of NR (24) output columns, k-major, the last one zero-padded; any strides of w."""
+    assert NR % 8 == 0
+    w = torch.arange(3 * (NR + 3), dtype=torch.float32).view(NR + 3, 3)
     packed = C.gemm_pack_cpu(w.t().contiguous().t())  # column-major w
-    assert packed.shape == (2 * 16 * 3,)
-    panels = packed.view(2, 3, 16)
-    assert torch.equal(panels[0], w[:16].t())
-    assert torch.equal(panels[1, :, :3], w[16:].t()) and (panels[1, :, 3:] == 0).all()
+    assert packed.shape == (2 * NR * 3,)
+    panels = packed.view(2, 3, NR)
+    assert torch.equal(panels[0], w[:NR].t())
+    assert torch.equal(panels[1, :, :3], w[NR:].t()) and (panels[1, :, 3:] == 0).all()
 
 
 def test_bad_arguments_name_them():
@@ -108,8 +110,8 @@ def test_bad_arguments_name_them():
         (dict(x=x.double()), TypeError, "x"),
         (dict(packed=p.double()), TypeError, "packed"),
         (dict(packed=p[:-1]), ValueError, "packed must be a weight packed by gemm_pack_cpu for .N, K. = .20, 8."),
-        (dict(N=19), ValueError, "y must be"),  # 19 columns pack into the same 2 panels: y catches it
-        (dict(N=33), ValueError, "packed"),
+        (dict(N=19), ValueError, "y must be"),  # 19 columns pack into the same panel: y catches it
+        (dict(N=NR + 1), ValueError, "packed"),
         (dict(x=x.t().contiguous().t()), ValueError, "x must have unit column stride"),
         (dict(x=x[:, :7]), ValueError, "packed"),  # K 7 against a weight packed for K 8
         (dict(y=torch.empty(4, 21)), ValueError, "y must be"),
@@ -122,7 +124,7 @@ def test_bad_arguments_name_them():
         (dict(epilogue=3), ValueError, "epilogue"),
         (dict(n0=8), ValueError, "n0 and n1"),
         (dict(n1=21), ValueError, "n0 and n1"),
-        (dict(n0=16, n1=8), ValueError, "n0 and n1"),
+        (dict(n0=NR, n1=8), ValueError, "n0 and n1"),
     ]
     for change, exc, match in bad:
         with pytest.raises(exc, match=match):

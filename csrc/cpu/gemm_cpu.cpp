@@ -1,11 +1,13 @@
 // The packed-panel fp32 GEMM of csrc/gemm.h: y[:, n0:n1] = x @ W[n0:n1]^T (+ bias) (+ exact GELU).
 //
-// W is packed once (gemm_pack_kernel) into panels of NR = 16 output columns, each k-major: panel p
-// holds W[16p + j, k] at packed[(p * K + k) * 16 + j], zero past N. The AVX2 + FMA kernel walks
-//   K in blocks of kKc (in practice all of K)  >  panels of 16 columns  >  row blocks of 6
-// and per (row block, panel, K block) runs a 6 x 16 register tile: 12 ymm accumulators, per k two
-// 8-float loads of the panel and six broadcasts of x (one per row), twelve FMAs, k unrolled by 4.
-// The panel (K x 16 floats: 24-48 KB at K = 384-768) stays in L1/L2 while every row block of x
+// W is packed once (gemm_pack_kernel) into panels of NR = 24 output columns, each k-major: panel p
+// holds W[24p + j, k] at packed[(p * K + k) * 24 + j], zero past N. The AVX2 + FMA kernel walks
+//   K in blocks of kKc (in practice all of K)  >  panels of 24 columns  >  row blocks of 4
+// and per (row block, panel, K block) runs a 4 x 24 register tile: 12 ymm accumulators, per k three
+// 8-float loads of the panel and four broadcasts of x (one per row), twelve FMAs, k unrolled by 4.
+// (A 6 x 16 tile, two loads and six broadcasts per twelve FMAs, measured 3-13% slower at BERT's
+// shapes: docs/CPU_INFERENCE.md.) BERT's widths (384 ... 3072) are all multiples of 24.
+// The panel (K x 24 floats: 36-72 KB at K = 384-768) stays in L1/L2 while every row block of x
 // passes over it. x is read in place (packing it into 6-row strips measured no faster: each
 // broadcast is a load from the row), the tile is stored with only the valid columns
 // (the last panel's padding), added to y from the second K block on, and the epilogue (bias, bias +
@@ -36,7 +38,7 @@ constexpr int64_t kNr = kGemmNR;
 // 256, 512, 768, 1024 and 1536 were 0-15% slower than none (the tile's store and reload of y per
 // block cost more than the L1 residency of the panel slice buys), so K is blocked only beyond 4096.
 constexpr int64_t kKc = 4096;
-constexpr int kMr = 6;                     // rows per register tile
+constexpr int kMr = 4;  // rows per register tile
 
 inline float epilogue1(float v, const float* bias, int64_t j, int epilogue) {
   if (epilogue == static_cast<int>(GemmEpilogue::kNone)) return v;
@@ -45,28 +47,31 @@ inline float epilogue1(float v, const float* bias, int64_t j, int epilogue) {
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
+constexpr int kNv = static_cast<int>(kNr / 8);  // 8-float vectors per panel row
+
 // Rows [0, mr) of a finished tile acc into y's columns [0, nv): added to y's values when `add`, then
 // the epilogue when `bias` is non-null (the last K block).
 inline void store_tile(const float (*acc)[kNr], int mr, float* y, int64_t ldy, int nv, bool add, const float* bias,
                        int epilogue) {
   const bool gelu_too = epilogue == static_cast<int>(GemmEpilogue::kBiasGelu);
   if (nv == kNr) {
-    __m256 bias0 = _mm256_setzero_ps(), bias1 = _mm256_setzero_ps();
-    if (bias) bias0 = _mm256_loadu_ps(bias), bias1 = _mm256_loadu_ps(bias + 8);
+    __m256 b[kNv];
+    for (int v = 0; v < kNv; ++v) b[v] = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
     for (int r = 0; r < mr; ++r) {
       float* yr = y + r * ldy;
-      __m256 v0 = _mm256_load_ps(acc[r]), v1 = _mm256_load_ps(acc[r] + 8);
-      if (add) v0 = _mm256_add_ps(v0, _mm256_loadu_ps(yr)), v1 = _mm256_add_ps(v1, _mm256_loadu_ps(yr + 8));
-      if (bias) {
-        v0 = _mm256_add_ps(v0, bias0), v1 = _mm256_add_ps(v1, bias1);
-        if (gelu_too) v0 = gelu8(v0), v1 = gelu8(v1);
+      for (int v = 0; v < kNv; ++v) {
+        __m256 t = _mm256_load_ps(acc[r] + 8 * v);
+        if (add) t = _mm256_add_ps(t, _mm256_loadu_ps(yr + 8 * v));
+        if (bias) {
+          t = _mm256_add_ps(t, b[v]);
+          if (gelu_too) t = gelu8(t);
+        }
+        _mm256_storeu_ps(yr + 8 * v, t);
       }
-      _mm256_storeu_ps(yr, v0);
-      _mm256_storeu_ps(yr + 8, v1);
     }
     return;
   }
-  for (int r = 0; r < mr; ++r) {  // the last panel: only nv < 16 columns exist in y (and in bias)
+  for (int r = 0; r < mr; ++r) {  // the last panel: only nv < kNr columns exist in y (and in bias)
     float* yr = y + r * ldy;
     for (int j = 0; j < nv; ++j) {
       const float v = add ? acc[r][j] + yr[j] : acc[r][j];
@@ -75,36 +80,38 @@ inline void store_tile(const float (*acc)[kNr], int mr, float* y, int64_t ldy, i
   }
 }
 
-// y rows [0, MR) x columns [0, nv) (+)= x[0:MR, 0:kc] @ panel slice bp [kc][16]; `add`: accumulate
+// y rows [0, MR) x columns [0, nv) (+)= x[0:MR, 0:kc] @ panel slice bp [kc][24]; `add`: accumulate
 // into y (a later K block); `bias` non-null in the last K block when the epilogue has one.
 template <int MR>
 inline void tile(const float* x, int64_t ldx, const float* bp, int64_t kc, float* y, int64_t ldy, int nv, bool add,
                  const float* bias, int epilogue) {
-  // Named accumulators, not arrays: GCC keeps arrays of vectors on the stack here (a store per FMA).
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a10 = a00, a11 = a00, a20 = a00, a21 = a00, a30 = a00, a31 = a00,
-         a40 = a00, a41 = a00, a50 = a00, a51 = a00;
+  static_assert(kNr == 24 && kMr == 4, "the tile below is written for 4 rows x 3 vectors");
+  // Named accumulators, not arrays: GCC kept arrays of vectors on the stack (a store per FMA).
+  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00, a20 = a00, a21 = a00,
+         a22 = a00, a30 = a00, a31 = a00, a32 = a00;
 #pragma GCC unroll 4
   for (int64_t k = 0; k < kc; ++k, bp += kNr) {
-    const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8);
-#define FORKATTN_GEMM_ROW(r)                                     \
-  if constexpr (MR > r) {                                        \
-    const __m256 a = _mm256_broadcast_ss(x + r * ldx + k);       \
-    a##r##0 = _mm256_fmadd_ps(a, b0, a##r##0);                   \
-    a##r##1 = _mm256_fmadd_ps(a, b1, a##r##1);                   \
+    const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8), b2 = _mm256_loadu_ps(bp + 16);
+#define FORKATTN_GEMM_ROW(r)                               \
+  if constexpr (MR > r) {                                  \
+    const __m256 a = _mm256_broadcast_ss(x + r * ldx + k); \
+    a##r##0 = _mm256_fmadd_ps(a, b0, a##r##0);             \
+    a##r##1 = _mm256_fmadd_ps(a, b1, a##r##1);             \
+    a##r##2 = _mm256_fmadd_ps(a, b2, a##r##2);             \
   }
-    FORKATTN_GEMM_ROW(0) FORKATTN_GEMM_ROW(1) FORKATTN_GEMM_ROW(2)
-    FORKATTN_GEMM_ROW(3) FORKATTN_GEMM_ROW(4) FORKATTN_GEMM_ROW(5)
+    FORKATTN_GEMM_ROW(0) FORKATTN_GEMM_ROW(1) FORKATTN_GEMM_ROW(2) FORKATTN_GEMM_ROW(3)
 #undef FORKATTN_GEMM_ROW
   }
-  const __m256 c0[kMr] = {a00, a10, a20, a30, a40, a50}, c1[kMr] = {a01, a11, a21, a31, a41, a51};
-  // Only the loop above touches c0 / c1 (so they stay in registers); the stores read a copy.
+  const __m256 c[kMr][kNv] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
+  // Only the loop above touches the accumulators (so they stay in registers); the stores read a copy.
   alignas(32) float acc[MR][kNr];
-  for (int r = 0; r < MR; ++r) _mm256_store_ps(acc[r], c0[r]), _mm256_store_ps(acc[r] + 8, c1[r]);
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < kNv; ++v) _mm256_store_ps(acc[r] + 8 * v, c[r][v]);
   store_tile(acc, MR, y, ldy, nv, add, bias, epilogue);
 }
 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool, const float*, int);
-constexpr TileFn kTiles[kMr + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+constexpr TileFn kTiles[kMr + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>};
 #endif
 
 }  // namespace
@@ -147,7 +154,7 @@ void gemm_kernel(const float* x, int64_t ldx, int64_t M, int64_t K, const float*
   }
 #else
   // Portable: the same packed layout, one row and one panel at a time (the compiler vectorises the
-  // 16-wide inner loop for the baseline ISA).
+  // panel-wide inner loop for the baseline ISA).
   for (int64_t m = 0; m < M; ++m) {
     const float* xr = x + m * ldx;
     for (int64_t p = p0; p < p1; ++p) {
