@@ -42,6 +42,7 @@
 #include "attention.h"
 #include "checks.h"
 #include "encoder.h"
+#include "gemm.h"
 
 namespace forkattn {
 
@@ -184,6 +185,35 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return stack[0].toTensor();
 }
 
+// A weight packed into panels by gemm_pack_cpu (csrc/gemm.h) is 1-D; plain and oneDNN weights are 2-D.
+bool is_panel(const at::Tensor& w) { return w.dim() == 1; }
+
+// Columns [n0, n1) of x @ W^T (+ bias) (+ exact GELU when `gelu`) into y (rows of a buffer with unit
+// column stride, indexed by W's columns: a column slice of the layer's buffer) with the packed-panel
+// GEMM, the bias and GELU in its store. n0 on a panel border.
+void panel_gemm(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, bool gelu,
+                const at::Tensor& y, int64_t n0, int64_t n1) {
+  const int ep = static_cast<int>(!bias ? GemmEpilogue::kNone : gelu ? GemmEpilogue::kBiasGelu : GemmEpilogue::kBias);
+  FORKATTN_CPU_DISPATCH(gemm_kernel)(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), w.data_ptr<float>(), n0,
+                                     n1, bias ? bias->data_ptr<float>() : nullptr, ep, y.data_ptr<float>(),
+                                     y.stride(0));
+}
+
+// x @ W^T (+ bias) (+ exact GELU when `gelu`: then bias is required) as a new [rows, N]: the
+// packed-panel GEMM for a panel weight, else `linear` and, with gelu, the bias + GELU pass
+// (oneDNN's erf-GELU post-op measured 0.7-1.4 ms slower per call at BERT's FFN shapes, docs).
+at::Tensor gemm_new(const at::Tensor& x, const at::Tensor& w, int64_t N, const std::optional<at::Tensor>& bias,
+                    bool gelu, bool packed) {
+  if (is_panel(w)) {
+    at::Tensor y = at::empty({x.size(0), N}, x.options());
+    panel_gemm(x, w, bias, gelu, y, 0, N);
+    return y;
+  }
+  at::Tensor y = linear(x, w, gelu ? std::nullopt : bias, packed, false);
+  if (gelu) bias_gelu_cpu(y, *bias);
+  return y;
+}
+
 void check_weight(const at::Tensor& t, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
   FA_CHECK_DTYPE_NAMED(t, name, at::kFloat);
@@ -223,14 +253,17 @@ at::Tensor layer_rows(const at::Tensor& x, const std::vector<int64_t>& seq, cons
                       const at::Tensor& inter_w, const at::Tensor& inter_b, const at::Tensor& out_w,
                       const at::Tensor& out_b, const at::Tensor& ln2_w, const at::Tensor& ln2_b, double ln2_eps,
                       int64_t heads, bool packed, int nthreads) {
-  const int64_t T = x.size(0), H = x.size(1), D = H / heads;
+  const int64_t T = x.size(0), H = x.size(1), D = H / heads, I = inter_b.size(0);
   const int64_t nblk = static_cast<int64_t>(blk.size()) - 1;
 
-  // (A) QKV projection, [T, 3H], row block by row block
+  // (A) QKV projection, [T, 3H], row block by row block (a panel weight's GEMM stores into qkv itself)
   at::Tensor qkv = at::empty({T, 3 * H}, x.options());
   run_chunks(nblk, nthreads, [&](int64_t j) {
     const int64_t r0 = blk[j], n = blk[j + 1] - r0;
-    qkv.narrow(0, r0, n).copy_(linear(x.narrow(0, r0, n), qkv_w, qkv_b, packed, false));
+    if (is_panel(qkv_w))
+      panel_gemm(x.narrow(0, r0, n), qkv_w, qkv_b, false, qkv.narrow(0, r0, n), 0, 3 * H);
+    else
+      qkv.narrow(0, r0, n).copy_(linear(x.narrow(0, r0, n), qkv_w, qkv_b, packed, false));
   });
 
   // (B) attention for a block of query rows (each part of a sequence against that sequence's keys),
@@ -241,25 +274,32 @@ at::Tensor layer_rows(const at::Tensor& x, const std::vector<int64_t>& seq, cons
     at::Tensor y = at::empty({n, heads, D}, x.options());
     attend_rows(qkv, seq, r0, r1, heads, y);
     const at::Tensor xb = x.narrow(0, r0, n);
-    at::Tensor h = linear(y.view({n, H}), attn_out_w, std::nullopt, packed, false);
+    at::Tensor h = gemm_new(y.view({n, H}), attn_out_w, H, std::nullopt, false, packed);
     bias_residual_layernorm_cpu(h, xb, attn_out_b, ln1_w, ln1_b, ln1_eps);
-    // GEMM, then bias + exact GELU in one vectorised pass on this thread: oneDNN's erf-GELU post-op
-    // measured 0.7-1.4 ms more per call than the pass at BERT's FFN shapes (docs/CPU_INFERENCE.md)
-    at::Tensor a = linear(h, inter_w, std::nullopt, packed, false);
-    bias_gelu_cpu(a, inter_b);
-    at::Tensor o = linear(a, out_w, std::nullopt, packed, false);
+    at::Tensor a = gemm_new(h, inter_w, I, inter_b, true, packed);
+    at::Tensor o = gemm_new(a, out_w, H, std::nullopt, false, packed);
     bias_residual_layernorm_cpu(o, h, out_b, ln2_w, ln2_b, ln2_eps);
     out.narrow(0, r0, n).copy_(o);
   });
   return out;
 }
 
-// in @ W^T over the column parts of W (part p: a [n_p, K] weight, plain or packed, giving output
-// columns [c_p, c_p + n_p), c_p the sum of the parts before it), one part per chunk, into out
-// [rows, sum n_p]. The bias slice of each part goes into its GEMM, or with `gelu` into the bias +
-// exact GELU pass over the part's own columns.
+// in @ W^T over the column parts of W, one part per chunk, into out [rows, N]. Either `parts` is one
+// panel weight (gemm_pack_cpu) and a part is a range of its panels (nthreads ranges of nearly equal
+// width), each stored straight into its columns of out with the bias (+ GELU) in the GEMM's store;
+// or part p is its own [n_p, K] weight, plain or packed, giving output columns [c_p, c_p + n_p), c_p
+// the sum of the parts before it, computed into a temporary and copied, its bias slice in its GEMM
+// or, with `gelu`, in the bias + exact GELU pass over the part's own columns.
 void gemm_cols(const at::Tensor& in, const std::vector<at::Tensor>& parts, const std::optional<at::Tensor>& bias,
                bool gelu, const at::Tensor& out, bool packed, int nthreads) {
+  if (parts.size() == 1 && is_panel(parts[0])) {
+    const int64_t N = out.size(1), panels = (N + kGemmNR - 1) / kGemmNR, nparts = std::min<int64_t>(nthreads, panels);
+    run_chunks(nparts, nthreads, [&](int64_t p) {
+      const int64_t n0 = panels * p / nparts * kGemmNR, n1 = std::min(N, panels * (p + 1) / nparts * kGemmNR);
+      panel_gemm(in, parts[0], bias, gelu, out, n0, n1);
+    });
+    return;
+  }
   std::vector<int64_t> c0(parts.size() + 1, 0);
   for (size_t p = 0; p < parts.size(); ++p) c0[p + 1] = c0[p] + parts[p].size(0);
   run_chunks(static_cast<int64_t>(parts.size()), nthreads, [&](int64_t p) {
@@ -319,6 +359,20 @@ void check_layer(const at::Tensor& x, int64_t dim, const char* shape, int64_t he
   for (int i = 0; i < 12; ++i) check_weight(*weights[i], names[i]);
   TORCH_CHECK_VALUE(weights[1]->dim() == 1 && weights[1]->size(0) == 3 * H, "qkv_b must be [3 * hidden] = [",
                     3 * H, "], got ", weights[1]->sizes());
+  TORCH_CHECK_VALUE(weights[7]->dim() == 1 && weights[7]->is_contiguous(), "inter_b must be a contiguous [intermediate], got shape ",
+                    weights[7]->sizes());
+  const int64_t I = weights[7]->size(0);
+  // panel weights (1-D, gemm_pack_cpu): their size is all that says which [N, K] they were packed for
+  const int64_t nk[4][2] = {{3 * H, H}, {H, H}, {I, H}, {H, I}};
+  const int gemms[4] = {0, 2, 6, 8};
+  for (int g = 0; g < 4; ++g) {
+    const at::Tensor& w = *weights[gemms[g]];
+    if (!is_panel(w)) continue;
+    const int64_t N = nk[g][0], K = nk[g][1];
+    TORCH_CHECK_VALUE(w.is_contiguous() && w.numel() == gemm_packed_numel(N, K), names[gemms[g]],
+                      " must be a weight packed by gemm_pack_cpu for [", N, ", ", K, "] (", gemm_packed_numel(N, K),
+                      " floats), got ", w.numel(), " floats");
+  }
 }
 
 // cu_seqlens [batch + 1] (int32 or int64, CPU, from 0 to T, non-decreasing) as a vector, or a
@@ -350,8 +404,10 @@ std::vector<int64_t> even_blocks(int64_t T, int64_t chunks) {
 
 // A column-split weight: a non-empty list of [n_p, K] parts (n_p >= 1, plain or packed, CPU
 // float32) whose n_p sum to N. Returns N.
-int64_t check_parts(const std::vector<at::Tensor>& parts, const char* name, int64_t K) {
+// A single panel weight (checked by check_layer) counts as its expected N.
+int64_t check_parts(const std::vector<at::Tensor>& parts, const char* name, int64_t K, int64_t panel_N) {
   TORCH_CHECK_VALUE(!parts.empty(), name, " must be a non-empty list of [out, in] weight parts, got an empty list");
+  if (parts.size() == 1 && is_panel(parts[0])) return panel_N;
   int64_t N = 0;
   for (size_t p = 0; p < parts.size(); ++p) {
     check_weight(parts[p], name);
@@ -423,12 +479,12 @@ at::Tensor encoder_layer_cols_cpu(const at::Tensor& x, const at::Tensor& cu_seql
   const auto check_n = [](int64_t got, int64_t want, const char* name) {
     TORCH_CHECK_VALUE(got == want, name, "'s parts must have ", want, " output rows in all, got ", got);
   };
-  check_n(check_parts(qkv_w, "qkv_w", H), 3 * H, "qkv_w");
-  check_n(check_parts(attn_out_w, "attn_out_w", H), H, "attn_out_w");
-  const int64_t I = check_parts(inter_w, "inter_w", H);
+  check_n(check_parts(qkv_w, "qkv_w", H, 3 * H), 3 * H, "qkv_w");
+  check_n(check_parts(attn_out_w, "attn_out_w", H, H), H, "attn_out_w");
+  const int64_t I = check_parts(inter_w, "inter_w", H, inter_b.size(0));
   TORCH_CHECK_VALUE(inter_b.dim() == 1 && inter_b.size(0) == I, "inter_b must be [", I,
                     "] (the rows of inter_w's parts), got ", inter_b.sizes());
-  check_n(check_parts(out_w, "out_w", I), H, "out_w");
+  check_n(check_parts(out_w, "out_w", I, H), H, "out_w");
   if (T == 0) return x.clone();
   return layer_cols(x, seq, even_blocks(T, chunks), qkv_w, qkv_b, attn_out_w, attn_out_b, ln1_w, ln1_b, ln1_eps,
                     inter_w, inter_b, out_w, out_b, ln2_w, ln2_b, ln2_eps, heads, packed, static_cast<int>(threads));

@@ -8,6 +8,7 @@
 #include "decode.h"
 #include "disentangled.h"
 #include "encoder.h"
+#include "gemm.h"
 #include "gemv.h"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -65,6 +66,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("ln1_w"), py::arg("ln1_b"), py::arg("ln1_eps"), py::arg("inter_w"), py::arg("inter_b"),
         py::arg("out_w"), py::arg("out_b"), py::arg("ln2_w"), py::arg("ln2_b"), py::arg("ln2_eps"), py::arg("heads"),
         py::arg("packed"), py::arg("chunks"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
+  // The packed-panel GEMM of the BERT fast path (see csrc/gemm.h).
+  m.def("gemm_pack_cpu", &forkattn::gemm_pack_cpu, "nn.Linear weight [N, K] packed into 16-column panels (CPU, fp32)",
+        py::arg("w"));
+  m.def("gemm_packed_cpu", &forkattn::gemm_packed_cpu,
+        "y[:, n0:n1] = x @ W[n0:n1]^T (+ bias) (+ exact GELU: epilogue 0/1/2) in place, W packed (CPU, fp32)",
+        py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("bias"), py::arg("epilogue"), py::arg("y"),
+        py::arg("n0"), py::arg("n1"), py::call_guard<py::gil_scoped_release>());
   // MLM masking: writes out_ids and out_labels in place (see csrc/mlm.h).
   m.def("mlm_mask_cpu", &forkattn::mlm_mask_cpu, "MLM 80/10/10 masking (CPU)", py::arg("input_ids"),
         py::arg("out_ids"), py::arg("out_labels"), py::arg("special_tokens_mask"), py::arg("attention_mask"),

@@ -19,7 +19,16 @@ from forkattn.models import cpu_inference
 pytestmark = pytest.mark.skipif(_native._C is None or not hasattr(_native._C, "encoder_layer_varlen_cpu"),
                                 reason=f"no native extension with encoder_layer_varlen_cpu: {_native.ERROR}")
 
-PACKINGS = [False] + ([True] if cpu_inference.PACKED else [])
+PACKINGS = [False] + ([True] if cpu_inference.PACKED else [])  # oneDNN-packed weights (native calls' `packed`)
+# the fast path's weight kinds (cpu_inference.Weights.kind): forkattn's panel GEMM, oneDNN, plain
+KINDS = (["panel"] if hasattr(_native._C, "gemm_pack_cpu") and _native._C.cpu_isa() != "default" else []) + \
+    (["onednn"] if cpu_inference.PACKED else []) + ["plain"]
+
+
+def _use_kind(monkeypatch, kind):
+    monkeypatch.setattr(cpu_inference, "PANEL_GEMM", kind == "panel")
+    monkeypatch.setattr(cpu_inference, "PACKED", kind == "onednn")
+    assert cpu_inference.weight_kind() == kind
 
 
 @pytest.fixture
@@ -66,14 +75,14 @@ def _ids(L, B=1, seed=1):
     return torch.randint(1, 101, (B, L), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("packed", PACKINGS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("L", [1, 7, 97, 129])
-def test_native_layer_within_budget_of_transformers(monkeypatch, threads, packed, nthreads, L):
+def test_native_layer_within_budget_of_transformers(monkeypatch, threads, kind, nthreads, L):
     """Batch 1, no padding: every layer is one native call, and last_hidden_state keeps the 2x rule
     against transformers in fp64 (also with an all-ones mask, which the model drops)."""
     m, hf = _pair()
-    monkeypatch.setattr(cpu_inference, "PACKED", packed)
+    _use_kind(monkeypatch, kind)
     torch.set_num_threads(nthreads)
     ids = _ids(L)
     counting = _Counting(_native._C)
@@ -89,10 +98,12 @@ def test_native_layer_within_budget_of_transformers(monkeypatch, threads, packed
     torch.testing.assert_close(ours_mask, ours, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("chunks_per_thread", [1, 3, 200])
-def test_native_layer_matches_op_path_at_any_row_blocking(monkeypatch, threads, chunks_per_thread):
+def test_native_layer_matches_op_path_at_any_row_blocking(monkeypatch, threads, kind, chunks_per_thread):
     """Row blocks change which rows a GEMM call sees, not the result beyond rounding: the native
     layer at 2 threads and 1..L blocks agrees with the per-op fast path (NATIVE_LAYER off)."""
+    _use_kind(monkeypatch, kind)
     m, _ = _pair()
     torch.set_num_threads(2)
     ids = _ids(97)
@@ -150,15 +161,15 @@ def _padded(L, B=4, seed=5):
     return ids, mask
 
 
-@pytest.mark.parametrize("packed", PACKINGS)
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("nthreads", [1, 2])
 @pytest.mark.parametrize("L", [1, 7, 97, 129])
-def test_native_layer_padded_batch_within_budget_of_transformers(monkeypatch, threads, packed, nthreads, L):
+def test_native_layer_padded_batch_within_budget_of_transformers(monkeypatch, threads, kind, nthreads, L):
     """A padded batch (with an empty row) runs unpadded through encoder_layer_varlen_cpu, one call
     per layer; at the real tokens last_hidden_state keeps the 2x rule against transformers in fp64,
     and the padded positions are zeros."""
     m, hf = _pair()
-    monkeypatch.setattr(cpu_inference, "PACKED", packed)
+    _use_kind(monkeypatch, kind)
     torch.set_num_threads(nthreads)
     ids, mask = _padded(L)
     counting = _Counting(_native._C)
@@ -344,6 +355,72 @@ def test_cols_layer_equals_row_layer(threads, packed, parts, nthreads, lengths):
     for chunks in (1, 2, 5):
         got = _native._C.encoder_layer_cols_cpu(**_cols_args(dict(args, chunks=chunks), parts, packed))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+def _panel_args(args):
+    """The same arguments with each GEMM weight packed into panels (_C.gemm_pack_cpu): 1-D."""
+    return dict(args, **{k: _native._C.gemm_pack_cpu(args[k]) for k in GEMM_WEIGHTS})
+
+
+GEMM_WEIGHTS = ("qkv_w", "attn_out_w", "inter_w", "out_w")
+
+
+@pytest.mark.skipif("panel" not in KINDS, reason="no panel GEMM in this build / CPU variant")
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+@pytest.mark.parametrize("lengths", [(1,), (7,), (97,), (129,), (9, 0, 4, 1)])
+def test_panel_weights_give_the_plain_layer(threads, nthreads, lengths):
+    """Panel weights (one per GEMM; the column split cuts it at panel borders, one range per thread,
+    storing straight into the layer's buffers with the bias / bias + GELU in the GEMM) give the plain
+    weights' result in the row-block layer and in the column split, at any thread count."""
+    args = _varlen_args(lengths)
+    args.update(threads=nthreads, packed=False)
+    want = _native._C.encoder_layer_varlen_cpu(**dict(args, chunks=1, threads=1))
+    panel = _panel_args(args)
+    for chunks in (1, 2, 5):
+        rows = _native._C.encoder_layer_varlen_cpu(**dict(panel, chunks=chunks))
+        torch.testing.assert_close(rows, want, rtol=1e-5, atol=2e-5)
+        cols = dict(panel, chunks=chunks, **{k: [panel[k]] for k in GEMM_WEIGHTS})
+        torch.testing.assert_close(_native._C.encoder_layer_cols_cpu(**cols), want, rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.skipif("panel" not in KINDS, reason="no panel GEMM in this build / CPU variant")
+@pytest.mark.parametrize("name, N, K", [("qkv_w", 144, 48), ("attn_out_w", 48, 48), ("inter_w", 37, 48),
+                                        ("out_w", 48, 37)])
+def test_panel_weight_of_the_wrong_size_raises(name, N, K):
+    """A panel weight is 1-D: its size is checked against the [N, K] the layer needs, in all three
+    layer functions (one packed for another width names the argument)."""
+    args = _panel_args(_varlen_args())
+    wrong = _native._C.gemm_pack_cpu(torch.randn(N + 16, K))
+    words = f"{name} must be a weight packed by gemm_pack_cpu for [{N}, {K}]"
+    with pytest.raises(ValueError, match=re.escape(words)):
+        _native._C.encoder_layer_varlen_cpu(**dict(args, **{name: wrong}))
+    cols = dict(args, **{k: [args[k]] for k in GEMM_WEIGHTS})
+    cols[name] = [wrong]
+    with pytest.raises(ValueError, match=re.escape(words)):
+        _native._C.encoder_layer_cols_cpu(**cols)
+    one = {k: v for k, v in args.items() if k != "cu_seqlens"}
+    one["x"] = torch.randn(1, 13, 48)
+    one[name] = wrong
+    with pytest.raises(ValueError, match=re.escape(words)):
+        _native._C.encoder_layer_cpu(**one)
+
+
+def test_weight_kind_follows_the_cpu_variant(monkeypatch):
+    """The panel GEMM where the CPU kernel variant in use has AVX2; under "default" the fast path
+    builds oneDNN (or plain) weights instead, in their own cache slot."""
+    C = _native._C
+    before = C.cpu_isa()
+    monkeypatch.setattr(cpu_inference, "PANEL_GEMM", True)
+    try:
+        C._choose_cpu_isa("default")
+        assert cpu_inference.weight_kind() == ("onednn" if cpu_inference.PACKED else "plain")
+        if "panel" in KINDS:
+            C._choose_cpu_isa(before)
+            assert cpu_inference.weight_kind() == "panel"
+            monkeypatch.setattr(cpu_inference, "PANEL_GEMM", False)
+            assert cpu_inference.weight_kind() != "panel"
+    finally:
+        C._choose_cpu_isa(before)
 
 
 @pytest.mark.parametrize("nthreads", [2, 3])

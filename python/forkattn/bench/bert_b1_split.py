@@ -1,5 +1,7 @@
 """Batch-1 BERT on CPU: the native layer's row split vs its column split (with and without the
-serial prologue) vs ONNX Runtime, interleaved in one process (issue #18, docs/CPU_INFERENCE.md).
+serial prologue), on oneDNN-packed weights and on forkattn's packed-panel GEMM (`panel ...`:
+cpu_inference.PANEL_GEMM), vs ONNX Runtime, interleaved in one process (issue #18,
+docs/CPU_INFERENCE.md).
 
     python -m forkattn.bench.bert_b1_split [--model minilm] [--batch 1] [--seqlen 128] [--threads 2] [--reps 20]
         [--onnx PATH]   # an exported model to reuse (else exported here; needs onnxruntime + onnx)
@@ -21,8 +23,9 @@ from . import bert
 from . import ort as peers
 from . import profile_bert as pb
 
-CONFIGS = {  # name: (COL_SPLIT_ROWS, COL_PARTS_PER_THREAD, SERIAL_PROLOGUE)
-    "rows": (0, 1, False), "cols": (128, 1, False), "cols+serial": (128, 1, True), "cols2+serial": (128, 2, True)}
+CONFIGS = {  # name: (COL_SPLIT_ROWS, COL_PARTS_PER_THREAD, SERIAL_PROLOGUE, PANEL_GEMM)
+    "rows": (0, 1, False, False), "cols+serial": (128, 1, True, False),
+    "panel rows": (0, 1, False, True), "panel cols+serial": (128, 1, True, True)}
 
 
 def _q(v, f):
@@ -46,9 +49,9 @@ def main(argv=None):
     mask = torch.ones_like(ids)
     model = onnx.load(a.onnx) if a.onnx and os.path.exists(a.onnx) else peers.export_bert(hf, cfg)
     fns = {}
-    for name, (rows, parts, serial) in CONFIGS.items():
-        def f(rows=rows, parts=parts, serial=serial):
-            ci.COL_SPLIT_ROWS, ci.COL_PARTS_PER_THREAD, ci.SERIAL_PROLOGUE = rows, parts, serial
+    for name, (rows, parts, serial, panel) in CONFIGS.items():
+        def f(rows=rows, parts=parts, serial=serial, panel=panel):
+            ci.COL_SPLIT_ROWS, ci.COL_PARTS_PER_THREAD, ci.SERIAL_PROLOGUE, ci.PANEL_GEMM = rows, parts, serial, panel
             with torch.inference_mode():
                 return ours(input_ids=ids, attention_mask=mask).last_hidden_state
         fns[name] = f

@@ -4,8 +4,9 @@
 
 For each weight shape of a layer (QKV, output projection, FFN up, FFN down) at M = --rows tokens:
 ATen's linear (MKL sgemm), oneDNN's packed linear (torch.ops.mkldnn._linear_pointwise on a
-_reorder_linear_weight weight: what the native layer runs) and MKL's packed sgemm
-(torch.ops.mkl._mkl_linear), each on one thread (`1t`), on the library's own two OpenMP threads
+_reorder_linear_weight weight: the native layer's fallback), MKL's packed sgemm
+(torch.ops.mkl._mkl_linear) and forkattn's packed-panel GEMM (`panel`: _C.gemm_packed_cpu on a
+_C.gemm_pack_cpu weight, csrc/cpu/gemm_cpu.cpp, in the CPU kernel variant in use), each on one thread (`1t`), on the library's own two OpenMP threads
 (`2t-lib`), and split over two Python threads each running one-thread GEMMs: half the rows each
 (`2t-rows`, the native layer's row blocks) or all rows on half the columns each (`2t-cols`, its
 column split, each half packed on its own). Samples of --reps calls, options interleaved; the min
@@ -21,6 +22,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .. import _native
+
 SHAPES = {"minilm": [(384, 1152), (384, 384), (384, 1536), (1536, 384)],
           "base": [(768, 2304), (768, 768), (768, 3072), (3072, 768)]}
 
@@ -28,9 +31,19 @@ SHAPES = {"minilm": [(384, 1152), (384, 384), (384, 1536), (1536, 384)],
 def _impls(w: torch.Tensor, rows: int):
     dn = torch.ops.mkldnn._reorder_linear_weight(w, rows)
     mk = torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
-    return {"aten": lambda x: F.linear(x, w),
-            "onednn": lambda x: torch.ops.mkldnn._linear_pointwise(x, dn, None, "none", [], ""),
-            "mklpack": lambda x: torch.ops.mkl._mkl_linear(x, mk, w, None, rows)}
+    out = {"aten": lambda x: F.linear(x, w),
+           "onednn": lambda x: torch.ops.mkldnn._linear_pointwise(x, dn, None, "none", [], ""),
+           "mklpack": lambda x: torch.ops.mkl._mkl_linear(x, mk, w, None, rows)}
+    C = _native._C
+    if C is not None and hasattr(C, "gemm_pack_cpu"):
+        pw, N = C.gemm_pack_cpu(w), w.shape[0]
+
+        def panel(x):
+            y = x.new_empty(x.shape[0], N)
+            C.gemm_packed_cpu(x, pw, N, None, 0, y, 0, N)
+            return y
+        out["panel"] = panel
+    return out
 
 
 def _serial(fn, reps):
@@ -85,6 +98,8 @@ def main(argv=None):
     ap.add_argument("--samples", type=int, default=15)
     a = ap.parse_args(argv)
     before = torch.get_num_threads()
+    if _native._C is not None:
+        print(f"forkattn CPU kernel variant: {_native._C.cpu_isa()}")
     with torch.inference_mode():
         for model in a.model.split(","):
             for K, N in SHAPES[model]:

@@ -5,8 +5,10 @@ needs gradients. docs/CPU_INFERENCE.md has the measurements behind each step.
   (gradients must reach the three Linears); otherwise it is built once and kept until one of its
   parameters changes (`cached`).
 - In eval mode without autograd, for contiguous fp32 CPU activations (`fast_path`), the layer's four
-  weights are also kept pre-packed for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`, what
-  inductor's freezing uses), and the GEMMs run through `torch.ops.mkldnn._linear_pointwise`; after
+  weights are also kept pre-packed: into 16-column panels for forkattn's own AVX2 GEMM
+  (csrc/cpu/gemm_cpu.cpp, `_C.gemm_pack_cpu`; `PANEL_GEMM`, when the CPU kernel variant in use has
+  AVX2) or else for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
+  uses, the GEMMs through `torch.ops.mkldnn._linear_pointwise`); after
   the attention, `LN(x + W_o y + b_o)` and `LN(x + W_2 h + b_2)` are bias-less GEMMs each followed
   by one in-place C++ pass (csrc/cpu/encoder_cpu.cpp: bias + residual + LayerNorm) instead of
   addmm's bias copy and separate add and LayerNorm ops; `gelu(W_1 x + b_1)` is a bias-less GEMM
@@ -18,7 +20,9 @@ needs gradients. docs/CPU_INFERENCE.md has the measurements behind each step.
   blocks one at a time and never wait for a thread that has not started: torch's OpenMP regions
   wait for every thread at their barrier, which on a loaded machine is most of a batch-1 forward.
   With few rows per thread (batch 1, `COL_SPLIT_ROWS`) it splits each GEMM over output columns
-  instead (`_C.encoder_layer_cols_cpu`, weights cut into column parts: `column_weights`).
+  instead (`_C.encoder_layer_cols_cpu`: ranges of panels of the one panel weight, each stored
+  straight into its columns with the bias / bias + GELU in the GEMM's store; oneDNN weights are cut
+  into column parts instead, `column_weights`).
 
 Cache validity: every in-place update bumps a tensor's version counter (optimizer steps,
 load_state_dict, `with torch.no_grad(): p.mul_(...)`), and `.to()`, `p.data = ...` or a replaced
@@ -50,6 +54,9 @@ BLOCK_ROWS = 256  # and at most this many rows per block (padded batches: balanc
 COL_SPLIT_ROWS = 128
 COL_ALIGN = 16  # column parts start at multiples of this where the width allows (the GEMMs' N blocking)
 COL_PARTS_PER_THREAD = 1  # column parts per thread (more: finer load balance, narrower GEMMs)
+# forkattn's packed-panel AVX2 GEMM (csrc/cpu/gemm_cpu.cpp) for the fast path's weights when the CPU
+# kernel variant in use is not "default" (which has no AVX2: oneDNN / ATen then, as PACKED says)
+PANEL_GEMM = True
 SERIAL_PROLOGUE = True  # the embeddings before column-split native layers on one OpenMP thread (serial_prologue)
 
 
@@ -83,21 +90,34 @@ def _cat_qkv(p: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
 
 
 class Weights(NamedTuple):
-    """A layer's GEMM weights for the fast path: packed for oneDNN (PACKED) or plain."""
+    """A layer's GEMM weights for the fast path, of one `kind`: "panel" (1-D, packed by
+    _C.gemm_pack_cpu for forkattn's GEMM), "onednn" (packed for oneDNN) or "plain" ([out, in])."""
     qkv: Tensor
     qkv_bias: Tensor
     attn_out: Tensor
     inter: Tensor
     out: Tensor
-    packed: bool
+    packed: bool  # oneDNN-packed (the native layer's `packed` argument)
+    kind: str = "plain"
 
 
-def _pack(p: Sequence[Tensor]) -> Weights:
+def weight_kind() -> str:
+    """The kind of fast-path weights to build now (Weights.kind), from PANEL_GEMM, PACKED and the CPU
+    kernel variant in use."""
+    C = _native._C
+    if PANEL_GEMM and hasattr(C, "gemm_pack_cpu") and C.cpu_isa() != "default":
+        return "panel"
+    return "onednn" if PACKED else "plain"
+
+
+def _pack(p: Sequence[Tensor], kind: str) -> Weights:
     qkv, qkv_bias = _cat_qkv(p)
     ws = (qkv, *p[6:9])
-    if PACKED:
+    if kind == "panel":
+        ws = tuple(_native._C.gemm_pack_cpu(w) for w in ws)
+    elif kind == "onednn":
         ws = tuple(torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT) for w in ws)
-    return Weights(ws[0], qkv_bias, *ws[1:], packed=PACKED)
+    return Weights(ws[0], qkv_bias, *ws[1:], packed=kind == "onednn", kind=kind)
 
 
 def fast_path(layer: nn.Module, x: Tensor) -> Optional[Weights]:
@@ -105,8 +125,10 @@ def fast_path(layer: nn.Module, x: Tensor) -> Optional[Weights]:
     if not (FUSED and _native._C is not None and not layer.training and not torch.is_grad_enabled()
             and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()):
         return None
-    return cached(layer, f"_fast_weights_packed{int(PACKED)}", _qkv_params(layer) + (
-        layer.attention.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight), _pack)
+    kind = weight_kind()
+    return cached(layer, f"_fast_weights_{kind}", _qkv_params(layer) + (
+        layer.attention.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight),
+        lambda ps: _pack(ps, kind))
 
 
 @contextlib.contextmanager
@@ -167,8 +189,15 @@ def column_weights(layer: nn.Module, parts: int) -> ColumnWeights:
         lambda ps: _split_pack(ps, parts))
 
 
-def _linear(x: Tensor, w: Tensor, bias: Optional[Tensor], packed: bool) -> Tensor:
-    if packed:
+def _linear(x: Tensor, w: Tensor, bias: Optional[Tensor], fast: Weights, n: int) -> Tensor:
+    """x @ W^T (+ bias) for one of fast's weights W [n, in]."""
+    if fast.kind == "panel":
+        x2 = x.reshape(-1, x.shape[-1])
+        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+        y = x2.new_empty(x2.shape[0], n)
+        _native._C.gemm_packed_cpu(x2, w, n, bias, 0 if bias is None else 1, y, 0, n)
+        return y.view(*x.shape[:-1], n)
+    if fast.packed:
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return F.linear(x, w, bias)
 
@@ -176,7 +205,7 @@ def _linear(x: Tensor, w: Tensor, bias: Optional[Tensor], packed: bool) -> Tenso
 def qkv_projection(layer: nn.Module, x: Tensor, fast: Optional[Weights]) -> Tensor:
     """x @ [W_q; W_k; W_v]^T + [b_q; b_k; b_v]: [..., 3 * hidden]; fast = fast_path(layer, x)."""
     if fast is not None:
-        return _linear(x, fast.qkv, fast.qkv_bias, fast.packed)
+        return _linear(x, fast.qkv, fast.qkv_bias, fast, fast.qkv_bias.shape[0])
     p = _qkv_params(layer)
     if torch.is_grad_enabled() and any(t.requires_grad for t in p):
         w, b = _cat_qkv(p)  # fresh, so gradients reach the three Linears
@@ -190,15 +219,16 @@ def fused_epilogues(layer: nn.Module, x: Tensor, y: Tensor, fast: Weights) -> Te
     output (both [..., hidden], contiguous fp32 CPU), fast = fast_path(layer, x)."""
     C = _native._C
     att_out, inter, out = layer.attention.output, layer.intermediate.dense, layer.output
-    h = _linear(y, fast.attn_out, None, fast.packed)
+    H, I = x.shape[-1], inter.out_features
+    h = _linear(y, fast.attn_out, None, fast, H)
     ln = att_out.LayerNorm
     C.bias_residual_layernorm_cpu(h, x, att_out.dense.bias, ln.weight, ln.bias, ln.eps)
     if layer.config.hidden_act == "gelu":  # GEMM, then one vectorised bias + erf-GELU pass (not oneDNN's
-        a = _linear(h, fast.inter, None, fast.packed)  # GELU post-op: 0.7-1.4 ms slower per call, docs)
+        a = _linear(h, fast.inter, None, fast, I)  # GELU post-op: 0.7-1.4 ms slower per call, docs)
         C.bias_gelu_cpu(a, inter.bias)
     else:  # the tanh GELUs: vec.h has no Sleef-free tanh, so the activation stays ATen's
-        a = layer.act(_linear(h, fast.inter, inter.bias, fast.packed))
-    o = _linear(a, fast.out, None, fast.packed)
+        a = layer.act(_linear(h, fast.inter, inter.bias, fast, I))
+    o = _linear(a, fast.out, None, fast, H)
     ln = out.LayerNorm
     C.bias_residual_layernorm_cpu(o, h, out.dense.bias, ln.weight, ln.bias, ln.eps)
     return o
@@ -232,7 +262,11 @@ def native_layer(layer: nn.Module, x: Tensor, key_padding_mask: Optional[Tensor]
     tail = (att.dense.bias, att.LayerNorm.weight, att.LayerNorm.bias, att.LayerNorm.eps)
     ffn_b, ln2 = layer.intermediate.dense.bias, (out.dense.bias, out.LayerNorm.weight, out.LayerNorm.bias,
                                                  out.LayerNorm.eps)
-    if threads > 1 and rows.shape[0] < COL_SPLIT_ROWS * threads and hasattr(C, "encoder_layer_cols_cpu"):
+    if threads > 1 and rows.shape[0] < COL_SPLIT_ROWS * threads and fast.kind == "panel":
+        # one panel weight per GEMM: the native layer splits its panels over the threads
+        y = C.encoder_layer_cols_cpu(rows, cu, [fast.qkv], fast.qkv_bias, [fast.attn_out], *tail, [fast.inter], ffn_b,
+                                     [fast.out], *ln2, layer.num_heads, False, chunks, threads)
+    elif threads > 1 and rows.shape[0] < COL_SPLIT_ROWS * threads and hasattr(C, "encoder_layer_cols_cpu"):
         cw = column_weights(layer, COL_PARTS_PER_THREAD * threads)
         y = C.encoder_layer_cols_cpu(rows, cu, cw.qkv, fast.qkv_bias, cw.attn_out, *tail, cw.inter, ffn_b, cw.out,
                                      *ln2, layer.num_heads, cw.packed, chunks, threads)

@@ -1,0 +1,137 @@
+"""The packed-panel GEMM of the BERT CPU fast path (csrc/gemm.h, csrc/cpu/gemm_cpu.cpp):
+_C.gemm_pack_cpu and _C.gemm_packed_cpu against an fp64 reference with the 2x rule (our max error
+<= 2x torch's fp32 F.linear error + 1e-5), at odd sizes (every row-tile and panel edge), into
+strided outputs and column slices, with the bias and bias + exact GELU epilogues, in every CPU
+kernel variant compiled in that this CPU runs; bad arguments raise exceptions naming them."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from forkattn import _native
+
+from attn_utils import assert_within_budget
+from test_cpu_isa import compiled, runs_here
+
+C = _native._C
+pytestmark = pytest.mark.skipif(C is None or not hasattr(C, "gemm_pack_cpu"),
+                                reason=f"forkattn._C without the packed-panel GEMM: {_native.ERROR}")
+EPILOGUES = {0: "none", 1: "bias", 2: "bias+gelu"}
+NR = C.gemm_pack_cpu(torch.zeros(1, 1)).numel() if C is not None and hasattr(C, "gemm_pack_cpu") else 24  # panel width
+
+
+@pytest.fixture(params=[i for i in ["default", "avx2", "avx512"] if i in compiled() and runs_here(i)])
+def isa(request):
+    before = C.cpu_isa()
+    assert C._choose_cpu_isa(request.param) == request.param
+    yield request.param
+    C._choose_cpu_isa(before)
+
+
+def _data(M, N, K, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(M, K, generator=g), torch.randn(N, K, generator=g) / max(K, 1) ** 0.5, torch.randn(N, generator=g)
+
+
+def _expected(x, w, b, epilogue, dtype):
+    y = F.linear(x.to(dtype), w.to(dtype), None if epilogue == 0 else b.to(dtype))
+    return F.gelu(y) if epilogue == 2 else y
+
+
+def _check(name, ours, x, w, b, epilogue):
+    assert_within_budget(name, ours, _expected(x, w, b, epilogue, torch.float32), _expected(x, w, b, epilogue, torch.float64))
+
+
+def _gemm(x, w, b, epilogue, y=None, n0=0, n1=None):
+    N = w.shape[0]
+    packed = C.gemm_pack_cpu(w)
+    y = torch.full((x.shape[0], N), float("nan")) if y is None else y
+    C.gemm_packed_cpu(x, packed, N, b, epilogue, y, n0, N if n1 is None else n1)
+    return y
+
+
+@pytest.mark.parametrize("K", [1, 7, 64, 97, 513])
+@pytest.mark.parametrize("N", [1, 7, 16, 17, 24, 25, 97, 1025])
+@pytest.mark.parametrize("M", [1, 5, 6, 7, 97, 128, 129])
+def test_sizes_within_budget(M, N, K):
+    x, w, b = _data(M, N, K)
+    epilogue = (M + N + K) % 3  # every epilogue across the grid (each one fully below)
+    _check(f"M{M} N{N} K{K} {EPILOGUES[epilogue]}", _gemm(x, w, b, epilogue), x, w, b, epilogue)
+
+
+@pytest.mark.parametrize("epilogue", [0, 1, 2])
+@pytest.mark.parametrize("M,N,K", [(1, 1, 1), (7, 17, 97), (129, 1025, 64), (128, 384, 1536), (13, 40, 5000)])
+def test_variants_and_epilogues(isa, epilogue, M, N, K):
+    """K = 5000 passes the kernel's K blocking (4096): the second block adds onto the stored first."""
+    x, w, b = _data(M, N, K, seed=M + N + K)
+    x[0, 0] = 30.0  # large pre-activations: GELU's tails
+    _check(f"{isa} M{M} N{N} K{K} {EPILOGUES[epilogue]}", _gemm(x, w, b, epilogue), x, w, b, epilogue)
+
+
+def test_empty_sum_gives_the_epilogue_of_zero(isa):
+    x, w, b = torch.empty(5, 0), torch.empty(9, 0), torch.randn(9)
+    for ep in (0, 1, 2):
+        _check(f"{isa} K0 {EPILOGUES[ep]}", _gemm(x, w, b, ep), x, w, b, ep)
+    assert C.gemm_pack_cpu(w).numel() == 0
+
+
+def test_strided_rows_column_slices_and_panel_ranges(isa):
+    """x with a row stride (a column slice of a wider activation), y a column slice of a wider buffer
+    (the native layer's [T, 3H]), written by panel ranges as the column split does: the columns
+    outside the slice stay untouched."""
+    M, N, K = 97, 1025, 97
+    big_x = torch.randn(M, K + 11)
+    x = big_x[:, 3:3 + K]
+    _, w, b = _data(M, N, K)
+    packed = C.gemm_pack_cpu(w)
+    buf = torch.full((M, N + 40), -7.0)
+    y = buf[:, 24:24 + N]
+    for n0, n1 in [(0, NR), (NR, 21 * NR), (21 * NR, 42 * NR), (42 * NR, N)]:
+        C.gemm_packed_cpu(x, packed, N, b, 2, y, n0, n1)
+    _check(f"{isa} strided", y, x, w, b, 2)
+    assert (buf[:, :24] == -7).all() and (buf[:, 24 + N:] == -7).all()
+
+
+def test_pack_layout():
+    """Panels of NR (24) output columns, k-major, the last one zero-padded; any strides of w."""
+    assert NR % 8 == 0
+    w = torch.arange(3 * (NR + 3), dtype=torch.float32).view(NR + 3, 3)
+    packed = C.gemm_pack_cpu(w.t().contiguous().t())  # column-major w
+    assert packed.shape == (2 * NR * 3,)
+    panels = packed.view(2, 3, NR)
+    assert torch.equal(panels[0], w[:NR].t())
+    assert torch.equal(panels[1, :, :3], w[NR:].t()) and (panels[1, :, 3:] == 0).all()
+
+
+def test_bad_arguments_name_them():
+    x, w, b = _data(4, 20, 8)
+    p, y = C.gemm_pack_cpu(w), torch.empty(4, 20)
+    ok = dict(x=x, packed=p, N=20, bias=b, epilogue=1, y=y, n0=0, n1=20)
+    bad = [
+        (dict(x=x.double()), TypeError, "x"),
+        (dict(packed=p.double()), TypeError, "packed"),
+        (dict(packed=p[:-1]), ValueError, "packed must be a weight packed by gemm_pack_cpu for .N, K. = .20, 8."),
+        (dict(N=19), ValueError, "y must be"),  # 19 columns pack into the same panel: y catches it
+        (dict(N=NR + 1), ValueError, "packed"),
+        (dict(x=x.t().contiguous().t()), ValueError, "x must have unit column stride"),
+        (dict(x=x[:, :7]), ValueError, "packed"),  # K 7 against a weight packed for K 8
+        (dict(y=torch.empty(4, 21)), ValueError, "y must be"),
+        (dict(y=torch.empty(3, 20)), ValueError, "y must be"),
+        (dict(y=torch.empty(20, 4).t()), ValueError, "y must have unit column stride"),
+        (dict(y=y.double()), TypeError, "y"),
+        (dict(bias=None), ValueError, "bias must be given"),
+        (dict(bias=b[:19]), ValueError, "bias must be"),
+        (dict(bias=b.double()), TypeError, "bias"),
+        (dict(epilogue=3), ValueError, "epilogue"),
+        (dict(n0=8), ValueError, "n0 and n1"),
+        (dict(n1=21), ValueError, "n0 and n1"),
+        (dict(n0=NR, n1=8), ValueError, "n0 and n1"),
+    ]
+    for change, exc, match in bad:
+        with pytest.raises(exc, match=match):
+            C.gemm_packed_cpu(**{**ok, **change})
+    with pytest.raises(ValueError, match="w must be .out_features, in_features."):
+        C.gemm_pack_cpu(torch.randn(3))
+    with pytest.raises(TypeError, match="w"):
+        C.gemm_pack_cpu(torch.randn(3, 3, dtype=torch.float64))
+    C.gemm_packed_cpu(**ok)  # and the unchanged call works
+    _check("ok", y, x, w, b, 1)
