@@ -423,12 +423,8 @@ def test_weight_kind_follows_the_cpu_variant(monkeypatch):
         C._choose_cpu_isa(before)
 
 
-@pytest.mark.parametrize("nthreads", [2, 3])
-def test_what_takes_the_column_split(monkeypatch, threads, nthreads):
-    """Fewer than COL_SPLIT_ROWS rows per thread: the column split; more, or one thread: row blocks."""
-    torch.set_num_threads(nthreads)
-    m, _ = _pair()
-    calls = []
+def _spy_native_layers(monkeypatch, record):
+    """Every `_C.encoder_layer*` call the fast path makes is passed on, after record(name, args)."""
     inner = _native._C
 
     class Spy:
@@ -438,10 +434,19 @@ def test_what_takes_the_column_split(monkeypatch, threads, nthreads):
                 return fn
 
             def called(*a, **k):
-                calls.append(name)
+                record(name, a)
                 return fn(*a, **k)
             return called
     monkeypatch.setattr(_native, "_C", Spy())
+
+
+@pytest.mark.parametrize("nthreads", [2, 3])
+def test_what_takes_the_column_split(monkeypatch, threads, nthreads):
+    """Fewer than COL_SPLIT_ROWS rows per thread: the column split; more, or one thread: row blocks."""
+    torch.set_num_threads(nthreads)
+    m, _ = _pair()
+    calls = []
+    _spy_native_layers(monkeypatch, lambda name, args: calls.append(name))
     monkeypatch.setattr(cpu_inference, "COL_SPLIT_ROWS", 8)
     with torch.no_grad():
         m(_ids(8 * nthreads - 1))
@@ -500,19 +505,7 @@ def test_serial_prologue_runs_the_embeddings_on_one_thread(monkeypatch, threads)
     m, _ = _pair()
     seen, layer_threads = [], []
     m.embeddings.register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
-    inner = _native._C
-
-    class Spy:
-        def __getattr__(self, name):
-            fn = getattr(inner, name)
-            if not name.startswith("encoder_layer"):
-                return fn
-
-            def called(*a, **k):
-                layer_threads.append(a[-1])
-                return fn(*a, **k)
-            return called
-    monkeypatch.setattr(_native, "_C", Spy())
+    _spy_native_layers(monkeypatch, lambda name, args: layer_threads.append(args[-1]))
     with torch.no_grad():
         m(_ids(100))
         assert seen == [1] and layer_threads == [2, 2] and torch.get_num_threads() == 2

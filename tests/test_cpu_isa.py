@@ -22,7 +22,8 @@ ISAS = ["default", "avx2", "avx512"]
 ENTRY_POINTS = ["attention_fwd_kernel", "attention_bwd_kernel", "attention_varlen_fwd_kernel",
                 "attention_varlen_bwd_kernel", "kv_append_kernel", "decode_kernel",
                 "disentangled_attention_fwd_kernel", "disentangled_attention_bwd_kernel", "bias_gelu_kernel",
-                "bias_residual_layernorm_kernel", "mlm_mask_kernel"]
+                "bias_residual_layernorm_kernel", "mlm_mask_kernel",
+                "gemm_kernel", "gemm_pack_kernel"]
 
 
 def cpu_flags() -> set:
