@@ -357,8 +357,10 @@ void check_layer(const at::Tensor& x, int64_t dim, const char* shape, int64_t he
   const char* names[] = {"qkv_w", "qkv_b", "attn_out_w", "attn_out_b", "ln1_w", "ln1_b",
                          "inter_w", "inter_b", "out_w", "out_b", "ln2_w", "ln2_b"};
   for (int i = 0; i < 12; ++i) check_weight(*weights[i], names[i]);
-  TORCH_CHECK_VALUE(weights[1]->dim() == 1 && weights[1]->size(0) == 3 * H, "qkv_b must be [3 * hidden] = [",
-                    3 * H, "], got ", weights[1]->sizes());
+  // contiguous: the packed-panel GEMM reads the bias with unit stride in its store
+  TORCH_CHECK_VALUE(weights[1]->dim() == 1 && weights[1]->size(0) == 3 * H && weights[1]->is_contiguous(),
+                    "qkv_b must be [3 * hidden] = [", 3 * H, "], contiguous, got shape ", weights[1]->sizes(),
+                    " with strides ", weights[1]->strides());
   TORCH_CHECK_VALUE(weights[7]->dim() == 1 && weights[7]->is_contiguous(), "inter_b must be a contiguous [intermediate], got shape ",
                     weights[7]->sizes());
   const int64_t I = weights[7]->size(0);

@@ -234,6 +234,7 @@ def _layer_args(H=48, heads=3, I=37, L=9):
     (dict(chunks=0), "chunks must be >= 1"),
     (dict(threads=0), "threads must be >= 1"),
     (dict(qkv_b=torch.randn(48)), "qkv_b must be [3 * hidden]"),
+    (dict(qkv_b=torch.randn(288)[::2]), "qkv_b must be [3 * hidden] = [144], contiguous"),
     (dict(ln2_w=torch.randn(48, dtype=torch.float64)), "ln2_w"),
 ])
 def test_encoder_layer_bad_arguments(change, words):
@@ -262,6 +263,7 @@ def _varlen_args(lengths=(9, 0, 4)):
     (dict(heads=5), "heads must be > 0 and divide"),
     (dict(chunks=0), "chunks must be >= 1"),
     (dict(qkv_b=torch.randn(48)), "qkv_b must be [3 * hidden]"),
+    (dict(qkv_b=torch.randn(288)[::2]), "qkv_b must be [3 * hidden] = [144], contiguous"),
 ])
 def test_encoder_layer_varlen_bad_arguments(change, words):
     args = _varlen_args()
@@ -518,3 +520,17 @@ def test_serial_prologue_runs_the_embeddings_on_one_thread(monkeypatch, threads)
     assert seen[-2:] == [2, 2]
     m(_ids(100))  # autograd
     assert seen[-1] == 2 and torch.get_num_threads() == 2
+
+
+def test_panel_layer_refuses_a_strided_qkv_bias():
+    """The packed-panel GEMM reads qkv_b with unit stride in its store: a strided bias must raise,
+    not give a layer computed with every other bias value (it did, silently, before the check)."""
+    args = _layer_args()
+    for k in ("qkv_w", "attn_out_w", "inter_w", "out_w"):
+        args[k] = _native._C.gemm_pack_cpu(args[k])
+    want = _native._C.encoder_layer_cpu(**args)
+    strided = torch.zeros(2 * args["qkv_b"].numel())
+    strided[::2] = args["qkv_b"]
+    with pytest.raises(ValueError, match=re.escape("qkv_b must be [3 * hidden] = [144], contiguous")):
+        _native._C.encoder_layer_cpu(**dict(args, qkv_b=strided[::2]))
+    torch.testing.assert_close(_native._C.encoder_layer_cpu(**dict(args, qkv_b=strided[::2].contiguous())), want)
