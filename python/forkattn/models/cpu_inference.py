@@ -5,7 +5,7 @@ needs gradients. docs/CPU_INFERENCE.md has the measurements behind each step.
   (gradients must reach the three Linears); otherwise it is built once and kept until one of its
   parameters changes (`cached`).
 - In eval mode without autograd, for contiguous fp32 CPU activations (`fast_path`), the layer's four
-  weights are also kept pre-packed: into 16-column panels for forkattn's own AVX2 GEMM
+  weights are also kept pre-packed: into 24-column panels for forkattn's own AVX2 GEMM
   (csrc/cpu/gemm_cpu.cpp, `_C.gemm_pack_cpu`; `PANEL_GEMM`, when the CPU kernel variant in use has
   AVX2) or else for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
   uses, the GEMMs through `torch.ops.mkldnn._linear_pointwise`); after
