@@ -67,7 +67,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_w"), py::arg("out_b"), py::arg("ln2_w"), py::arg("ln2_b"), py::arg("ln2_eps"), py::arg("heads"),
         py::arg("packed"), py::arg("chunks"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   // The packed-panel GEMM of the BERT fast path (see csrc/gemm.h).
-  m.def("gemm_pack_cpu", &forkattn::gemm_pack_cpu, "nn.Linear weight [N, K] packed into 16-column panels (CPU, fp32)",
+  m.def("gemm_pack_cpu", &forkattn::gemm_pack_cpu, "nn.Linear weight [N, K] packed into panels of kGemmNR = 24 columns (CPU, fp32)",
         py::arg("w"));
   m.def("gemm_packed_cpu", &forkattn::gemm_packed_cpu,
         "y[:, n0:n1] = x @ W[n0:n1]^T (+ bias) (+ exact GELU: epilogue 0/1/2) in place, W packed (CPU, fp32)",

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _native
+from ..models.cpu_inference import panel_linear
 
 SHAPES = {"minilm": [(384, 1152), (384, 384), (384, 1536), (1536, 384)],
           "base": [(768, 2304), (768, 768), (768, 3072), (3072, 768)]}
@@ -37,12 +38,7 @@ def _impls(w: torch.Tensor, rows: int):
     C = _native._C
     if C is not None and hasattr(C, "gemm_pack_cpu"):
         pw, N = C.gemm_pack_cpu(w), w.shape[0]
-
-        def panel(x):
-            y = x.new_empty(x.shape[0], N)
-            C.gemm_packed_cpu(x, pw, N, None, 0, y, 0, N)
-            return y
-        out["panel"] = panel
+        out["panel"] = lambda x: panel_linear(x, pw, N)
     return out
 
 

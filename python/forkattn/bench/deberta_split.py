@@ -31,12 +31,8 @@ import time
 
 import torch
 
+from .core import loadavg
 from .deberta import BASE, _mask
-
-
-def _load() -> str:
-    with open("/proc/loadavg") as f:
-        return " ".join(f.read().split(" ")[:3])
 
 
 def build(B: int, L: int, seed: int = 0) -> dict:
@@ -127,7 +123,7 @@ def time_rows(B: int, L: int, pass_: str, rounds: int) -> dict:
 
 
 def report(B: int, L: int, pass_: str, res: dict, threads: int) -> None:
-    print(f"--- threads {threads} B{B} L{L} {pass_}  load {_load()}", flush=True)
+    print(f"--- threads {threads} B{B} L{L} {pass_}  load {loadavg()}", flush=True)
     for n, (med, lo, hi, c) in res.items():
         print(f"  {n:10s} {med:8.2f} ms ({lo:.2f}..{hi:.2f}, cpu {c:.1f})")
     hf, fa, pr = res["hf-module"][0], res["fa-module"][0], res["proj"][0]
@@ -146,7 +142,7 @@ def profile(B: int, L: int, pass_: str, reps: int) -> None:
         with prof(activities=[ProfilerActivity.CPU]) as p:
             for _ in range(reps):
                 run()
-        print(f"=== {name} threads {torch.get_num_threads()} B{B} L{L} {pass_} ({reps} calls) load {_load()}")
+        print(f"=== {name} threads {torch.get_num_threads()} B{B} L{L} {pass_} ({reps} calls) load {loadavg()}")
         print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=22, max_name_column_width=40))
 
 
@@ -159,7 +155,7 @@ def main(argv=None) -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler tables instead of the timers")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    print(f"load before {_load()} ({time.strftime('%H:%M:%S', time.gmtime())} UTC), threads {a.threads}", flush=True)
+    print(f"load before {loadavg()} ({time.strftime('%H:%M:%S', time.gmtime())} UTC), threads {a.threads}", flush=True)
     for shape in a.shapes:
         B, L = (int(s) for s in shape.split(","))
         for pass_ in a.passes:
@@ -167,7 +163,7 @@ def main(argv=None) -> None:
                 profile(B, L, pass_, 5)
             else:
                 report(B, L, pass_, time_rows(B, L, pass_, a.rounds), a.threads)
-    print(f"load after {_load()}", flush=True)
+    print(f"load after {loadavg()}", flush=True)
 
 
 if __name__ == "__main__":

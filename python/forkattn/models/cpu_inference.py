@@ -189,14 +189,19 @@ def column_weights(layer: nn.Module, parts: int) -> ColumnWeights:
         lambda ps: _split_pack(ps, parts))
 
 
+def panel_linear(x: Tensor, w: Tensor, n: int, bias: Optional[Tensor] = None) -> Tensor:
+    """x @ W^T (+ bias) as a new [..., n] with forkattn's packed-panel GEMM, w = _C.gemm_pack_cpu(W)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
+    y = x2.new_empty(x2.shape[0], n)
+    _native._C.gemm_packed_cpu(x2, w, n, bias, 0 if bias is None else 1, y, 0, n)
+    return y.view(*x.shape[:-1], n)
+
+
 def _linear(x: Tensor, w: Tensor, bias: Optional[Tensor], fast: Weights, n: int) -> Tensor:
     """x @ W^T (+ bias) for one of fast's weights W [n, in]."""
     if fast.kind == "panel":
-        x2 = x.reshape(-1, x.shape[-1])
-        x2 = x2 if x2.stride(-1) == 1 else x2.contiguous()
-        y = x2.new_empty(x2.shape[0], n)
-        _native._C.gemm_packed_cpu(x2, w, n, bias, 0 if bias is None else 1, y, 0, n)
-        return y.view(*x.shape[:-1], n)
+        return panel_linear(x, w, n, bias)
     if fast.packed:
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
     return F.linear(x, w, bias)
