@@ -3,8 +3,9 @@
 // All arithmetic is fp32: fp16/bf16 inputs are widened once up front and the results rounded
 // once at the end. Work is cut into [query block x key block] tiles; a tile's scores live in a
 // per-thread scratch buffer, never an Lq x Lk matrix. The tile matmuls (tiles.h's gemm) run on
-// forkattn's zmm microkernels in the AVX512 variant (cpu/zmm_gemm.h), elsewhere on BLAS sgemm (the
-// MKL that libtorch_cpu exports), with a plain loop as fallback; the softmax passes use cpu/vec.h.
+// forkattn's register-blocked kernels in the AVX2 / AVX512 variants (cpu/tile_gemm.h), on BLAS
+// sgemm (the MKL that libtorch_cpu exports) in DEFAULT, with a plain loop as fallback; the softmax
+// passes use cpu/vec.h.
 //
 // Masks: per batch, each key block is classified as skipped (no key attends), full (all
 // attend) or mixed. Causal tiles past the diagonal are skipped and the diagonal ones are masked
@@ -539,6 +540,11 @@ void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, co
   set_dropout(p, dropout_p, seed);
   at::Tensor dq4 = packed_as_bhld(dq), dk4 = packed_as_bhld(dk), dv4 = packed_as_bhld(dv);
   run_bwd(p, tiles, of, dof, lse, dq4, dk4, dv4);
+}
+
+void tile_gemm_kernel(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                      const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(tile_gemm_path(), ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 }  // namespace cpu

@@ -82,7 +82,7 @@ Rows pos_rows(const at::Tensor& f) {
 struct Problem {
   int64_t B, H, Lq, Lk, D, bq, bk;
   bool c2p, p2c;
-  TileGemm gemm_path;  // tiles.h: loop, MKL or the AVX512 variant's zmm kernels
+  TileGemm gemm_path;  // tiles.h: the plain loop, MKL or our own (AVX2 / AVX512)
   bool fp32_delta = false;  // backward: Delta from a recomputed fp32 output (fp16/bf16 inputs)
   float scale;
   Rows q, k, v, pk, pq;     // pk / pq: [H, rows, D] (p.at(0, h, row))

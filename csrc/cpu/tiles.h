@@ -1,5 +1,5 @@
 // Tile helpers shared by the CPU kernels of fused attention (attention_cpu.cpp) and disentangled
-// attention (disentangled_cpu.cpp): tile matmuls (cpu/zmm_gemm.h in the AVX512 variant, else BLAS), fp32 operand rows, the key-padding plan and
+// attention (disentangled_cpu.cpp): tile matmuls (cpu/tile_gemm.h in the AVX2 / AVX512 variants), fp32 operand rows, the key-padding plan and
 // masks, the online softmax and the task scheduler. Internal linkage (an anonymous namespace): each
 // kernel file gets its own copy, compiled with the at::vec ISA cpu/vec.h selected for it.
 #pragma once
@@ -9,7 +9,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include "cpu/zmm_gemm.h"  // the AVX512 variant's own tile matmul
+#include "cpu/tile_gemm.h"  // the AVX2 and AVX512 variants' own tile matmul
 
 #include <algorithm>
 #include <atomic>
@@ -58,16 +58,17 @@ Tiles choose_tiles(int64_t batch_heads, int64_t Lq) {
 // A row-major [r, c] matrix with row stride ld is a column-major [c, r] one with the same ld.
 
 // Which matmul the tiles get: the plain loop (FORKATTN_CPU_NAIVE_GEMM=1, so tests can cover it, or
-// a torch without MKL), MKL's sgemm_, or in the AVX512 variant forkattn's zmm microkernels
-// (cpu/zmm_gemm.h; FORKATTN_CPU_TILE_GEMM=blas sends that variant's tiles to MKL instead, to compare).
-enum class TileGemm : uint8_t { kLoop, kBlas, kZmm };
+// a torch without MKL), MKL's sgemm_, or in the AVX2 and AVX512 variants forkattn's own register-
+// blocked kernels (cpu/tile_gemm.h; FORKATTN_CPU_TILE_GEMM=blas sends their tiles to MKL instead,
+// to compare: MKL takes its AVX2 path on AMD CPUs, ~100 GFLOP/s per thread at these tiles on Zen 5).
+enum class TileGemm : uint8_t { kLoop, kBlas, kOwn };
 
 TileGemm tile_gemm_path() {
   const char* naive = std::getenv("FORKATTN_CPU_NAIVE_GEMM");
   if (naive && naive[0] == '1') return TileGemm::kLoop;
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   const char* env = std::getenv("FORKATTN_CPU_TILE_GEMM");
-  if (!(env && std::string_view(env) == "blas")) return TileGemm::kZmm;
+  if (!(env && std::string_view(env) == "blas")) return TileGemm::kOwn;
 #endif
   return sgemm_ != nullptr ? TileGemm::kBlas : TileGemm::kLoop;
 }
@@ -95,16 +96,16 @@ class SerialBlas {
 
 void gemm(TileGemm path, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
           int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   // Row-major, C^T [n, m] = op(B)^T . op(A)^T: X = op(B)^T is B's rows (tb: stored transposed),
   // Y = op(A)^T is A's rows (ta: A^T's, packed by gemm_abt). (T, T) is not used by the kernels.
-  if (path == TileGemm::kZmm && !(ta && tb)) {
+  if (path == TileGemm::kOwn && !(ta && tb)) {
     if (ta) {
-      zmm::gemm_abt(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+      tile_gemm::gemm_abt(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
     } else if (tb) {
-      zmm::gemm_rm<true>(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+      tile_gemm::gemm_rm<true>(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
     } else {
-      zmm::gemm_rm<false>(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+      tile_gemm::gemm_rm<false>(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
     }
     return;
   }
