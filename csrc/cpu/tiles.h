@@ -128,6 +128,34 @@ void gemm(TileGemm path, bool ta, bool tb, int64_t m, int64_t n, int64_t k, floa
   }
 }
 
+// Row-major tile products on the column-major gemm above; A [m, k] means m rows of k entries, row stride lda.
+// C[m, n] = alpha * A . B^T + beta * C, with B [n, k].
+void mm_abt(TileGemm path, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+            int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(path, true, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+// C[m, n] = alpha * A . B + beta * C, with A [m, k], B [k, n].
+void mm_ab(TileGemm path, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+           int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(path, false, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+// C[m, n] = alpha * A^T . B + beta * C, with A [k, m], B [k, n].
+void mm_atb(TileGemm path, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+            int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(path, false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+// dst[p, j] = src[j, p] for j < n, p < k (row strides lds, ldd).
+void transpose_rows(const float* src, int64_t lds, int64_t n, int64_t k, float* dst, int64_t ldd) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  tile_gemm::transpose_into(src, lds, n, k, dst, ldd);
+#else
+  for (int64_t j = 0; j < n; ++j) {
+    for (int64_t p = 0; p < k; ++p) dst[p * ldd + j] = src[j * lds + p];
+  }
+#endif
+}
+
 // ---------------------------------------------------------------------------------------------
 // Operands: fp32 [B, H, L, D] rows with any batch/head/row strides and unit stride in D.
 // Varlen (packed sequences): one [1, H, total, D] operand, batch stride 0, and sequence b's
