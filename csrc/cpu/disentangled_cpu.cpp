@@ -62,14 +62,16 @@ Rows pos_rows(const at::Tensor& f) {
   return {f.data_ptr<float>(), 0, f.stride(0), f.size(1) > 1 ? f.stride(1) : f.size(2)};
 }
 
-// Position rows transposed once per call, [H, D, rows] (*out: p.at(0, h, d)): B of qp = q . pos_key^T and
-// kp = k . pos_query^T, read in place (transposing each chunk's band instead was 7% of the L512 forward).
-at::Tensor pos_transposed(const Rows& src, int64_t H, int64_t rows, int64_t D, Rows* out) {
-  if (!src.p) return at::Tensor();
-  at::Tensor t = at::empty({H, D, rows}, at::TensorOptions().dtype(at::kFloat));
-  *out = {t.data_ptr<float>(), 0, D * rows, rows};
-  for (int64_t h = 0; h < H; ++h) transpose_rows(src.at(0, h, 0), src.sl, rows, D, out->at(0, h, 0), rows);
-  return t;
+// Position rows transposed once per call into `buf`, [H, D, rows] (*out: p.at(0, h, d)): B of qp = q . pos_key^T
+// and kp = k . pos_query^T, read in place (transposing each chunk's band instead was 7% of the L512 forward).
+// `buf` is the calling thread's and kept across calls: a fresh 3 MB buffer cost ~900 page faults (1.2 ms) a call.
+// Row stride rows + 16: with a power of two (512) the rows of a k-panel share two L1 sets.
+void pos_transposed(const Rows& src, int64_t H, int64_t rows, int64_t D, std::vector<float>& buf, Rows* out) {
+  if (!src.p) return;
+  const int64_t ld = rows + 16;
+  if (static_cast<int64_t>(buf.size()) < H * D * ld) buf.resize(H * D * ld);
+  *out = {buf.data(), 0, D * ld, ld};
+  for (int64_t h = 0; h < H; ++h) transpose_rows(src.at(0, h, 0), src.sl, rows, D, out->at(0, h, 0), ld);
 }
 
 struct Problem {
@@ -79,8 +81,7 @@ struct Problem {
   bool fp32_delta = false;  // backward: Delta from a recomputed fp32 output (fp16/bf16 inputs)
   float scale;
   Rows q, k, v, pk, pq;     // pk / pq: [H, rows, D] (p.at(0, h, row))
-  Rows pkt, pqt;            // the same transposed, [H, D, rows] (p.at(0, h, d)), held by pkt_t / pqt_t
-  at::Tensor pkt_t, pqt_t;
+  Rows pkt, pqt;            // the same transposed, [H, D, rows] (p.at(0, h, d)): pos_transposed
   const int64_t* table;     // rel_index [Lq + Lk - 1]
   const KeyPlan* plan;
   DropoutParams drop;       // the mask of (b, h, i, j): the plain attention's for the same seed and shapes
@@ -603,8 +604,9 @@ Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tenso
   p.v = rows_of(vf);
   p.pk = pos_rows(pkf);
   p.pq = pos_rows(pqf);
-  p.pkt_t = pos_transposed(p.pk, p.H, p.c2p ? pkf.size(1) : 0, p.D, &p.pkt);
-  p.pqt_t = pos_transposed(p.pq, p.H, p.p2c ? pqf.size(1) : 0, p.D, &p.pqt);
+  thread_local std::vector<float> pkt, pqt;  // the kernels run one call at a time per calling thread
+  pos_transposed(p.pk, p.H, p.c2p ? pkf.size(1) : 0, p.D, pkt, &p.pkt);
+  pos_transposed(p.pq, p.H, p.p2c ? pqf.size(1) : 0, p.D, pqt, &p.pqt);
   p.table = table.data_ptr<int64_t>();
   p.plan = &plan;
   p.drop = make_dropout(dropout_p, seed);

@@ -149,9 +149,11 @@ void mm_atb(TileGemm path, int64_t m, int64_t n, int64_t k, float alpha, const f
 void transpose_rows(const float* src, int64_t lds, int64_t n, int64_t k, float* dst, int64_t ldd) {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   tile_gemm::transpose_into(src, lds, n, k, dst, ldd);
-#else
-  for (int64_t j = 0; j < n; ++j) {
-    for (int64_t p = 0; p < k; ++p) dst[p * ldd + j] = src[j * lds + p];
+#else  // 16 source rows at a time: their lines stay in L1 while each destination row gets 16 floats
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    for (int64_t p = 0; p < k; ++p) {
+      for (int64_t j = j0; j < std::min(n, j0 + 16); ++j) dst[p * ldd + j] = src[j * lds + p];
+    }
   }
 #endif
 }
