@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
+
 #include "checks.h"
 
 namespace forkattn {
@@ -203,6 +205,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
   FORKATTN_CPU_DISPATCH(attention_varlen_bwd_kernel)(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                    causal, static_cast<float>(scale), dropout_p, seed, dq, dk, dv);
   return {dq, dk, dv};
+}
+
+// Extent of a column-major [rows, cols] operand with leading dimension ld, checked against its buffer.
+static void check_operand(const at::Tensor& t, const char* name, int64_t rows, int64_t cols, int64_t ld) {
+  FA_CHECK_DTYPE_NAMED(t, name, at::kFloat);
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.dim() == 1 && t.is_contiguous(), name,
+                    " must be a contiguous 1-D CPU tensor, got shape ", t.sizes());
+  TORCH_CHECK_VALUE(rows >= 0 && cols >= 0 && ld >= std::max<int64_t>(1, rows), name, ": need ld >= max(1, ",
+                    rows, "), got ", ld);
+  const int64_t extent = rows == 0 || cols == 0 ? 0 : ld * (cols - 1) + rows;
+  TORCH_CHECK_VALUE(t.numel() >= extent, name, " holds ", t.numel(), " floats, the ", rows, " x ", cols,
+                    " operand with ld ", ld, " needs ", extent);
+}
+
+at::Tensor tile_gemm_cpu(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const at::Tensor& a,
+                         int64_t lda, const at::Tensor& b, int64_t ldb, double beta, at::Tensor c, int64_t ldc) {
+  check_operand(a, "a", ta ? k : m, ta ? m : k, lda);
+  check_operand(b, "b", tb ? n : k, tb ? k : n, ldb);
+  check_operand(c, "c", m, n, ldc);
+  FORKATTN_CPU_DISPATCH(tile_gemm_kernel)(ta, tb, m, n, k, static_cast<float>(alpha), a.data_ptr<float>(), lda,
+                                          b.data_ptr<float>(), ldb, static_cast<float>(beta), c.data_ptr<float>(), ldc);
+  return c;
 }
 
 }  // namespace forkattn

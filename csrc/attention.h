@@ -64,6 +64,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_varlen_bwd_cpu(
     int64_t max_seqlen_q, int64_t max_seqlen_k, bool causal, double scale, double dropout_p = 0.0,
     int64_t seed = 0);
 
+// Tests only: the CPU kernels' tile matmul (csrc/cpu/tiles.h gemm, the chosen ISA variant and the
+// path FORKATTN_CPU_NAIVE_GEMM / FORKATTN_CPU_TILE_GEMM select), column-major BLAS convention, in
+// place on c: c = alpha * op(a) op(b) + beta * c over flat fp32 buffers, extents checked.
+at::Tensor tile_gemm_cpu(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const at::Tensor& a,
+                         int64_t lda, const at::Tensor& b, int64_t ldb, double beta, at::Tensor c, int64_t ldc);
+
 // Shared by the CPU and CUDA varlen entry points and kernels: the packed-sequence view, [total, H, D]
 // -> [1, H, total, D], which the padded-batch checks and kernels understand.
 at::Tensor packed_as_bhld(const at::Tensor& t);
@@ -123,6 +129,8 @@ void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, co
                                  const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                  int64_t max_seqlen_k, bool causal, float scale, double dropout_p, int64_t seed,
                                  at::Tensor& dq, at::Tensor& dk, at::Tensor& dv);
+void tile_gemm_kernel(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                      const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 }  // namespace cpu
 
 }  // namespace forkattn
@@ -132,3 +140,4 @@ FORKATTN_CPU_VARIANTS(attention_fwd_kernel)
 FORKATTN_CPU_VARIANTS(attention_bwd_kernel)
 FORKATTN_CPU_VARIANTS(attention_varlen_fwd_kernel)
 FORKATTN_CPU_VARIANTS(attention_varlen_bwd_kernel)
+FORKATTN_CPU_VARIANTS(tile_gemm_kernel)

@@ -41,6 +41,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("k"), py::arg("v"), py::arg("out"), py::arg("lse"), py::arg("cu_seqlens_q"), py::arg("cu_seqlens_k"),
         py::arg("max_seqlen_q"), py::arg("max_seqlen_k"), py::arg("causal"), py::arg("scale"),
         py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
+  m.def("_tile_gemm_cpu", &forkattn::tile_gemm_cpu,
+        "tests: the CPU attention kernels' tile matmul, column-major BLAS convention, in place on c (returned)",
+        py::arg("ta"), py::arg("tb"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("alpha"), py::arg("a"),
+        py::arg("lda"), py::arg("b"), py::arg("ldb"), py::arg("beta"), py::arg("c"), py::arg("ldc"));
   // BERT encoder-layer epilogues, in place on x (see csrc/encoder.h).
   m.def("bias_gelu_cpu", &forkattn::bias_gelu_cpu, "x = gelu(x + bias) in place (CPU, fp32)", py::arg("x"),
         py::arg("bias"));

@@ -2,8 +2,10 @@
 //
 // All arithmetic is fp32: fp16/bf16 inputs are widened once up front and the results rounded
 // once at the end. Work is cut into [query block x key block] tiles; a tile's scores live in a
-// per-thread scratch buffer, never an Lq x Lk matrix. The tile matmuls go to BLAS sgemm (the
-// MKL that libtorch_cpu exports) with a plain loop as fallback; the softmax passes use cpu/vec.h.
+// per-thread scratch buffer, never an Lq x Lk matrix. The tile matmuls (tiles.h's gemm) run on
+// forkattn's register-blocked kernels in the AVX2 / AVX512 variants (cpu/tile_gemm.h), on BLAS
+// sgemm (the MKL that libtorch_cpu exports) in DEFAULT, with a plain loop as fallback; the softmax
+// passes use cpu/vec.h.
 //
 // Masks: per batch, each key block is classified as skipped (no key attends), full (all
 // attend) or mixed. Causal tiles past the diagonal are skipped and the diagonal ones are masked
@@ -44,7 +46,8 @@ using vec::Vec;
 // longest sequences and len_q/len_k (with q.start/k.start) give each one.
 struct Problem {
   int64_t B, H, Hkv, Lq, Lk, D;
-  bool causal, blas;
+  bool causal;
+  TileGemm gemm_path;
   bool fp32_delta = false;  // backward: Delta from a recomputed fp32 output (fp16/bf16 inputs)
   float scale;
   int64_t bq, bk;  // tile: query rows x keys
@@ -147,7 +150,7 @@ void Problem::drop_grad_row(float* s, float* dp, int64_t b, int64_t h, int64_t i
 bool Problem::scores(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t j0, int64_t cols, const float* kt,
                      int64_t kld, float* s) const {
   if (plan->at(b, j0 / bk) == kSkip) return false;
-  gemm(blas, true, false, cols, rows, D, scale, kt, kld, q.at(b, h, i0), q.sl, 0.f, s, bk);
+  gemm(gemm_path, true, false, cols, rows, D, scale, kt, kld, q.at(b, h, i0), q.sl, 0.f, s, bk);
   mask(s, b, i0, rows, j0, cols, -kInf);
   return true;
 }
@@ -181,7 +184,8 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
                                          if (p.dropout) p.drop_row(row, b, h, i0 + r, j0, cols, w.u.data());
                                        });
                         // acc += P V
-                        gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, w.acc.data(), D);
+                        gemm(p.gemm_path, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f,
+                             w.acc.data(), D);
                       });
   store_block(w.acc.data(), w.m.data(), w.l.data(), rows, D, out, lse, b, h, i0);
 }
@@ -234,7 +238,8 @@ void recomputed_delta(const Problem& p, const BwdIO& io, int64_t b, int64_t h, i
                             p.drop_row(w.s.data() + r * p.bk, b, h, i0 + r, j0, cols, w.u.data());
                           }
                         }
-                        gemm(p.blas, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f, o, D);
+                        gemm(p.gemm_path, false, false, D, rows, cols, 1.f, vt, vld, w.s.data(), p.bk, 1.f,
+                             o, D);
                       });
   for (int64_t r = 0; r < rows; ++r) w.delta[r] = vec::dot(io.dout.at(b, h, i0 + r), o + r * D, D);
 }
@@ -257,7 +262,7 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
     p.mask(s, b, i0, rows, j0, cols, 0.f);  // P = 0 exactly at hidden keys, even on a NaN row
     // dP = dO V^T, then dS = P * (dP - Delta), 0 at hidden keys. With dropout the forward's mask is
     // redrawn once per row, in the same pass: s becomes the dropped P and dP its gradient's.
-    gemm(p.blas, true, false, cols, rows, D, 1.f, vt, vld, dout, io.dout.sl, 0.f, dp, p.bk);
+    gemm(p.gemm_path, true, false, cols, rows, D, 1.f, vt, vld, dout, io.dout.sl, 0.f, dp, p.bk);
     for (int64_t r = 0; r < rows; ++r) {
       if (p.dropout) {
         p.drop_grad_row(s + r * p.bk, dp + r * p.bk, b, h, i0 + r, j0, cols, w.delta[r], w.u.data());
@@ -266,11 +271,11 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
       }
     }
     // dV += P^T dO (the dropped P with dropout)
-    gemm(p.blas, false, true, D, cols, rows, 1.f, dout, io.dout.sl, s, p.bk, 1.f, w.dv_acc + j0 * D, D);
+    gemm(p.gemm_path, false, true, D, cols, rows, 1.f, dout, io.dout.sl, s, p.bk, 1.f, w.dv_acc + j0 * D, D);
     p.mask(dp, b, i0, rows, j0, cols, 0.f);
     // dK += scale * dS^T Q ; dQ += scale * dS K
-    gemm(p.blas, false, true, D, cols, rows, p.scale, q, p.q.sl, dp, p.bk, 1.f, w.dk_acc + j0 * D, D);
-    gemm(p.blas, false, false, D, rows, cols, p.scale, kt, kld, dp, p.bk, 1.f, w.dq.data(), D);
+    gemm(p.gemm_path, false, true, D, cols, rows, p.scale, q, p.q.sl, dp, p.bk, 1.f, w.dk_acc + j0 * D, D);
+    gemm(p.gemm_path, false, false, D, rows, cols, p.scale, kt, kld, dp, p.bk, 1.f, w.dq.data(), D);
   });
   for (int64_t r = 0; r < rows; ++r) std::copy(w.dq.begin() + r * D, w.dq.begin() + (r + 1) * D, io.dq.at(b, h, i0 + r));
 }
@@ -317,7 +322,7 @@ Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tenso
   p.Lk = kf.size(2);
   p.D = qf.size(3);
   p.causal = causal;
-  p.blas = blas_enabled();
+  p.gemm_path = tile_gemm_path();
   p.scale = scale;
   p.q = rows_of(qf);
   p.k = rows_of(kf);
@@ -535,6 +540,11 @@ void attention_varlen_bwd_kernel(const at::Tensor& dout, const at::Tensor& q, co
   set_dropout(p, dropout_p, seed);
   at::Tensor dq4 = packed_as_bhld(dq), dk4 = packed_as_bhld(dk), dv4 = packed_as_bhld(dv);
   run_bwd(p, tiles, of, dof, lse, dq4, dk4, dv4);
+}
+
+void tile_gemm_kernel(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+                      const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(tile_gemm_path(), ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
 
 }  // namespace cpu

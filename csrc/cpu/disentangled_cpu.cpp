@@ -49,23 +49,6 @@ namespace {
 
 using IVec = at::vec::Vectorized<int32_t>;
 
-// Row-major tile products on tiles.h's column-major gemm; A [m, k] means m rows of k entries, row stride lda.
-// C[m, n] = alpha * A . B^T + beta * C, with B [n, k].
-void mm_abt(bool blas, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
-            int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm(blas, true, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
-}
-// C[m, n] = alpha * A . B + beta * C, with A [m, k], B [k, n].
-void mm_ab(bool blas, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
-           int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm(blas, false, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
-}
-// C[m, n] = alpha * A^T . B + beta * C, with A [k, m], B [k, n].
-void mm_atb(bool blas, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
-            int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm(blas, false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
-}
-
 // [H, rows, D] position embeddings as fp32 rows (head stride 0 when shared); BLAS needs ld >= D.
 at::Tensor pos_f32(const at::Tensor& t) {
   if (!t.defined()) return t;
@@ -79,13 +62,26 @@ Rows pos_rows(const at::Tensor& f) {
   return {f.data_ptr<float>(), 0, f.stride(0), f.size(1) > 1 ? f.stride(1) : f.size(2)};
 }
 
+// Position rows transposed once per call into `buf`, [H, D, rows] (*out: p.at(0, h, d)): B of qp = q . pos_key^T
+// and kp = k . pos_query^T, read in place (transposing each chunk's band instead was 7% of the L512 forward).
+// `buf` is the calling thread's and kept across calls: a fresh 3 MB buffer cost ~900 page faults (1.2 ms) a call.
+// Row stride rows + 16: with a power of two (512) the rows of a k-panel share two L1 sets.
+void pos_transposed(const Rows& src, int64_t H, int64_t rows, int64_t D, std::vector<float>& buf, Rows* out) {
+  if (!src.p) return;
+  const int64_t ld = rows + 16;
+  if (static_cast<int64_t>(buf.size()) < H * D * ld) buf.resize(H * D * ld);
+  *out = {buf.data(), 0, D * ld, ld};
+  for (int64_t h = 0; h < H; ++h) transpose_rows(src.at(0, h, 0), src.sl, rows, D, out->at(0, h, 0), ld);
+}
+
 struct Problem {
-  int64_t B, H, Lq, Lk, D;
-  int64_t bq, bk;
-  bool c2p, p2c, blas;
+  int64_t B, H, Lq, Lk, D, bq, bk;
+  bool c2p, p2c;
+  TileGemm gemm_path;  // tiles.h: the plain loop, MKL or our own (AVX2 / AVX512)
   bool fp32_delta = false;  // backward: Delta from a recomputed fp32 output (fp16/bf16 inputs)
   float scale;
   Rows q, k, v, pk, pq;     // pk / pq: [H, rows, D] (p.at(0, h, row))
+  Rows pkt, pqt;            // the same transposed, [H, D, rows] (p.at(0, h, d)): pos_transposed
   const int64_t* table;     // rel_index [Lq + Lk - 1]
   const KeyPlan* plan;
   DropoutParams drop;       // the mask of (b, h, i, j): the plain attention's for the same seed and shapes
@@ -150,8 +146,8 @@ void query_terms(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t row
     const int64_t n = std::min(kChunk, rows - r0);
     const auto [clo, chi] = p.table_range(i0 + r0, n + p.Lk - 1);
     t.qband[c] = {clo, chi - clo + 1};
-    mm_abt(p.blas, n, chi - clo + 1, p.D, p.scale, p.q.at(b, h, i0 + r0), p.q.sl, p.pk.at(0, h, clo), p.pk.sl, 0.f,
-           t.qp.data() + r0 * t.wq + (clo - lo), t.wq);
+    mm_ab(p.gemm_path, n, chi - clo + 1, p.D, p.scale, p.q.at(b, h, i0 + r0), p.q.sl, p.pkt.at(0, h, 0) + clo,
+          p.pkt.sl, 0.f, t.qp.data() + r0 * t.wq + (clo - lo), t.wq);
   }
 }
 
@@ -183,8 +179,8 @@ void tile_terms(const Problem& p, int64_t h, int64_t i0, int64_t rows, int64_t j
       const int64_t cc = std::min(kChunk, cols - c0);
       const auto [clo, chi] = p.table_range(base + cols - c0 - cc, rows + cc - 1);
       t.kband[c] = {clo, chi - clo + 1};
-      mm_abt(p.blas, cc, chi - clo + 1, p.D, p.scale, kt + c0 * kld, kld, p.pq.at(0, h, clo), p.pq.sl, 0.f,
-             t.kp.data() + c0 * t.wk + (clo - lo), t.wk);
+      mm_ab(p.gemm_path, cc, chi - clo + 1, p.D, p.scale, kt + c0 * kld, kld, p.pqt.at(0, h, 0) + clo, p.pqt.sl, 0.f,
+            t.kp.data() + c0 * t.wk + (clo - lo), t.wk);
     }
   }
 }
@@ -413,7 +409,7 @@ void for_each_key_tile(const Problem& p, int64_t b, int64_t h, int64_t i0, int64
     int64_t kld, vld;
     const float* kt = key_tile(p.k, *p.plan, b, h, j0, cols, p.bk, p.Lk, p.D, kscratch, &kld);
     const float* vt = key_tile(p.v, *p.plan, b, h, j0, cols, p.bk, p.Lk, p.D, vscratch, &vld);
-    mm_abt(p.blas, rows, cols, p.D, p.scale, q, p.q.sl, kt, kld, 0.f, s, p.bk);
+    mm_abt(p.gemm_path, rows, cols, p.D, p.scale, q, p.q.sl, kt, kld, 0.f, s, p.bk);
     if (p.c2p || p.p2c) {
       tile_terms(p, h, i0, rows, j0, cols, kt, kld, t);
       add_terms(p, s, rows, cols, t);
@@ -467,7 +463,7 @@ void fwd_query_block(const Problem& p, int64_t b, int64_t h, int64_t qb, const R
                       } else {
                         online_softmax(w.s.data(), p.bk, rows, cols, w.m.data(), w.l.data(), w.acc.data(), D);
                       }
-                      mm_ab(p.blas, rows, D, cols, 1.f, w.s.data(), p.bk, vt, vld, 1.f, w.acc.data(), D);  // acc += P V
+                      mm_ab(p.gemm_path, rows, D, cols, 1.f, w.s.data(), p.bk, vt, vld, 1.f, w.acc.data(), D);  // acc += P V
                     });
   store_block(w.acc.data(), w.m.data(), w.l.data(), rows, D, out, lse, b, h, i0);
 }
@@ -513,7 +509,7 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
                         if (p.drop.on) {  // O holds the dropout
                           for (int64_t r = 0; r < rows; ++r) drop_row(p, s + r * p.bk, b, h, i0 + r, j0, cols, w.u.data());
                         }
-                        mm_ab(p.blas, rows, D, cols, 1.f, s, p.bk, vt, vld, 1.f, w.dq.data(), D);
+                        mm_ab(p.gemm_path, rows, D, cols, 1.f, s, p.bk, vt, vld, 1.f, w.dq.data(), D);
                       });
     for (int64_t r = 0; r < rows; ++r) w.delta[r] = vec::dot(io.dout.at(b, h, i0 + r), w.dq.data() + r * D, D);
   }
@@ -524,7 +520,7 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
                                                                            const float* kt, int64_t kld,
                                                                            const float* vt, int64_t vld) {
     tile_probs(p, s, b, rows, j0, cols, w.lse.data());
-    mm_abt(p.blas, rows, cols, D, 1.f, dout, io.dout.sl, vt, vld, 0.f, dp, p.bk);  // dP = dO V^T
+    mm_abt(p.gemm_path, rows, cols, D, 1.f, dout, io.dout.sl, vt, vld, 0.f, dp, p.bk);  // dP = dO V^T
     if (p.drop.on) {  // the forward's mask redrawn per row: s becomes the dropped P and dp dS
       const int64_t n = p.plan->end(b, j0 / p.bk, cols);
       for (int64_t r = 0; r < rows; ++r) {
@@ -534,12 +530,12 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
     } else {
       for (int64_t r = 0; r < rows; ++r) softmax_grad_row(s + r * p.bk, dp + r * p.bk, cols, w.delta[r]);
     }
-    mm_atb(p.blas, cols, D, rows, 1.f, s, p.bk, dout, io.dout.sl, 1.f, w.dv.data() + j0 * D, D);  // dV += P^T dO
+    mm_atb(p.gemm_path, cols, D, rows, 1.f, s, p.bk, dout, io.dout.sl, 1.f, w.dv.data() + j0 * D, D);  // dV += P^T dO
     if (p.plan->at(b, j0 / p.bk) == kMixed) {
       mask_tile(dp, p.bk, rows, cols, p.plan->keep.data() + b * p.Lk + j0, false, 0, 0, 0, 0.f);
     }
-    mm_atb(p.blas, cols, D, rows, scale, dp, p.bk, q, p.q.sl, 1.f, w.dk.data() + j0 * D, D);  // dK += s dS^T Q
-    mm_ab(p.blas, rows, D, cols, scale, dp, p.bk, kt, kld, 1.f, w.dq.data(), D);              // dQ += s dS K
+    mm_atb(p.gemm_path, cols, D, rows, scale, dp, p.bk, q, p.q.sl, 1.f, w.dk.data() + j0 * D, D);  // dK += s dS^T Q
+    mm_ab(p.gemm_path, rows, D, cols, scale, dp, p.bk, kt, kld, 1.f, w.dq.data(), D);              // dQ += s dS K
     if (p.c2p || p.p2c) scatter_terms(p, dp, rows, cols, w.t, w.dqp.data(), w.dkp.data());
     if (p.p2c) {  // dK += s dKP . pos_query, dpos_query += s dKP^T K, per chunk of columns over its band
       const Terms& t = w.t;
@@ -547,9 +543,9 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
         const int64_t cc = std::min(kChunk, cols - c0);
         const Band band = t.kband[c];
         const float* dkp = w.dkp.data() + c0 * t.wk + (band.lo - t.lo_k);
-        mm_ab(p.blas, cc, D, band.w, scale, dkp, t.wk, p.pq.at(0, h, band.lo), p.pq.sl, 1.f,
+        mm_ab(p.gemm_path, cc, D, band.w, scale, dkp, t.wk, p.pq.at(0, h, band.lo), p.pq.sl, 1.f,
               w.dk.data() + (j0 + c0) * D, D);
-        mm_atb(p.blas, band.w, D, cc, scale, dkp, t.wk, kt + c0 * kld, kld, 1.f,
+        mm_atb(p.gemm_path, band.w, D, cc, scale, dkp, t.wk, kt + c0 * kld, kld, 1.f,
                io.dpq + (h * io.pos_rows + band.lo) * D, D);
       }
     }
@@ -560,8 +556,8 @@ void bwd_query_block(const Problem& p, const BwdIO& io, int64_t b, int64_t h, in
       const int64_t n = std::min(kChunk, rows - r0);
       const Band band = t.qband[c];
       const float* dqp = w.dqp.data() + r0 * t.wq + (band.lo - t.lo_q);
-      mm_ab(p.blas, n, D, band.w, scale, dqp, t.wq, p.pk.at(0, h, band.lo), p.pk.sl, 1.f, w.dq.data() + r0 * D, D);
-      mm_atb(p.blas, band.w, D, n, scale, dqp, t.wq, q + r0 * p.q.sl, p.q.sl, 1.f,
+      mm_ab(p.gemm_path, n, D, band.w, scale, dqp, t.wq, p.pk.at(0, h, band.lo), p.pk.sl, 1.f, w.dq.data() + r0 * D, D);
+      mm_atb(p.gemm_path, band.w, D, n, scale, dqp, t.wq, q + r0 * p.q.sl, p.q.sl, 1.f,
              io.dpk + (h * io.pos_rows + band.lo) * D, D);
     }
   }
@@ -601,13 +597,16 @@ Problem make_problem(const at::Tensor& qf, const at::Tensor& kf, const at::Tenso
   p.bk = tiles.bk;
   p.c2p = pkf.defined();
   p.p2c = pqf.defined();
-  p.blas = blas_enabled();
+  p.gemm_path = tile_gemm_path();
   p.scale = scale;
   p.q = rows_of(qf);
   p.k = rows_of(kf);
   p.v = rows_of(vf);
   p.pk = pos_rows(pkf);
   p.pq = pos_rows(pqf);
+  thread_local std::vector<float> pkt, pqt;  // the kernels run one call at a time per calling thread
+  pos_transposed(p.pk, p.H, p.c2p ? pkf.size(1) : 0, p.D, pkt, &p.pkt);
+  pos_transposed(p.pq, p.H, p.p2c ? pqf.size(1) : 0, p.D, pqt, &p.pqt);
   p.table = table.data_ptr<int64_t>();
   p.plan = &plan;
   p.drop = make_dropout(dropout_p, seed);

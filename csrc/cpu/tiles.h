@@ -1,5 +1,5 @@
 // Tile helpers shared by the CPU kernels of fused attention (attention_cpu.cpp) and disentangled
-// attention (disentangled_cpu.cpp): BLAS tile matmuls, fp32 operand rows, the key-padding plan and
+// attention (disentangled_cpu.cpp): tile matmuls (cpu/tile_gemm.h in the AVX2 / AVX512 variants), fp32 operand rows, the key-padding plan and
 // masks, the online softmax and the task scheduler. Internal linkage (an anonymous namespace): each
 // kernel file gets its own copy, compiled with the at::vec ISA cpu/vec.h selected for it.
 #pragma once
@@ -9,6 +9,8 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include "cpu/tile_gemm.h"  // the AVX2 and AVX512 variants' own tile matmul
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -16,6 +18,7 @@
 #include <cstdlib>
 #include <limits>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 
@@ -54,10 +57,20 @@ Tiles choose_tiles(int64_t batch_heads, int64_t Lq) {
 // Matmul of tiles. Column-major BLAS convention: C[m, n] = alpha * op(A) * op(B) + beta * C.
 // A row-major [r, c] matrix with row stride ld is a column-major [c, r] one with the same ld.
 
-bool blas_enabled() {
-  // FORKATTN_CPU_NAIVE_GEMM=1 forces the fallback loop (so tests can cover it).
-  const char* env = std::getenv("FORKATTN_CPU_NAIVE_GEMM");
-  return sgemm_ != nullptr && !(env && env[0] == '1');
+// Which matmul the tiles get: the plain loop (FORKATTN_CPU_NAIVE_GEMM=1, so tests can cover it, or
+// a torch without MKL), MKL's sgemm_, or in the AVX2 and AVX512 variants forkattn's own register-
+// blocked kernels (cpu/tile_gemm.h; FORKATTN_CPU_TILE_GEMM=blas sends their tiles to MKL instead,
+// to compare: MKL takes its AVX2 path on AMD CPUs, ~100 GFLOP/s per thread at these tiles on Zen 5).
+enum class TileGemm : uint8_t { kLoop, kBlas, kOwn };
+
+TileGemm tile_gemm_path() {
+  const char* naive = std::getenv("FORKATTN_CPU_NAIVE_GEMM");
+  if (naive && naive[0] == '1') return TileGemm::kLoop;
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  const char* env = std::getenv("FORKATTN_CPU_TILE_GEMM");
+  if (!(env && std::string_view(env) == "blas")) return TileGemm::kOwn;
+#endif
+  return sgemm_ != nullptr ? TileGemm::kBlas : TileGemm::kLoop;
 }
 
 // fp16/bf16 backward: Delta from the recomputed fp32 output (see the backward's comment), unless
@@ -81,9 +94,23 @@ class SerialBlas {
   int prev_;
 };
 
-void gemm(bool blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  if (blas) {
+void gemm(TileGemm path, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a,
+          int64_t lda, const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  // Row-major, C^T [n, m] = op(B)^T . op(A)^T: X = op(B)^T is B's rows (tb: stored transposed),
+  // Y = op(A)^T is A's rows (ta: A^T's, packed by gemm_abt). (T, T) is not used by the kernels.
+  if (path == TileGemm::kOwn && !(ta && tb)) {
+    if (ta) {
+      tile_gemm::gemm_abt(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+    } else if (tb) {
+      tile_gemm::gemm_rm<true>(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+    } else {
+      tile_gemm::gemm_rm<false>(n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+    }
+    return;
+  }
+#endif
+  if (path != TileGemm::kLoop && sgemm_ != nullptr) {
     const char cta = ta ? 'T' : 'N', ctb = tb ? 'T' : 'N';
     const int im = m, in = n, ik = k, ilda = lda, ildb = ldb, ildc = ldc;
     sgemm_(&cta, &ctb, &im, &in, &ik, &alpha, a, &ilda, b, &ildb, &beta, c, &ildc);
@@ -99,6 +126,36 @@ void gemm(bool blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, float al
       out = beta == 0.f ? alpha * sum : alpha * sum + beta * out;
     }
   }
+}
+
+// Row-major tile products on the column-major gemm above; A [m, k] means m rows of k entries, row stride lda.
+// C[m, n] = alpha * A . B^T + beta * C, with B [n, k].
+void mm_abt(TileGemm path, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+            int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(path, true, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+// C[m, n] = alpha * A . B + beta * C, with A [m, k], B [k, n].
+void mm_ab(TileGemm path, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+           int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(path, false, false, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+// C[m, n] = alpha * A^T . B + beta * C, with A [k, m], B [k, n].
+void mm_atb(TileGemm path, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda, const float* b,
+            int64_t ldb, float beta, float* c, int64_t ldc) {
+  gemm(path, false, true, n, m, k, alpha, b, ldb, a, lda, beta, c, ldc);
+}
+
+// dst[p, j] = src[j, p] for j < n, p < k (row strides lds, ldd).
+void transpose_rows(const float* src, int64_t lds, int64_t n, int64_t k, float* dst, int64_t ldd) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  tile_gemm::transpose_into(src, lds, n, k, dst, ldd);
+#else  // 16 source rows at a time: their lines stay in L1 while each destination row gets 16 floats
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    for (int64_t p = 0; p < k; ++p) {
+      for (int64_t j = j0; j < std::min(n, j0 + 16); ++j) dst[p * ldd + j] = src[j * lds + p];
+    }
+  }
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
