@@ -5,9 +5,9 @@ needs gradients. docs/CPU_INFERENCE.md has the measurements behind each step.
   (gradients must reach the three Linears); otherwise it is built once and kept until one of its
   parameters changes (`cached`).
 - In eval mode without autograd, for contiguous fp32 CPU activations (`fast_path`), the layer's four
-  weights are also kept pre-packed: into 24-column panels for forkattn's own AVX2 GEMM
-  (csrc/cpu/gemm_cpu.cpp, `_C.gemm_pack_cpu`; `PANEL_GEMM`, when the CPU kernel variant in use has
-  AVX2) or else for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
+  weights are also kept pre-packed: into panels for forkattn's own GEMM (csrc/cpu/gemm_cpu.cpp,
+  `_C.gemm_pack_cpu`: 48 columns wide for its AVX-512 tile, 24 for its AVX2 tile, the width of the
+  CPU kernel variant in use; `PANEL_GEMM`, when that variant is not "default") or else for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
   uses, the GEMMs through `torch.ops.mkldnn._linear_pointwise`); after
   the attention, `LN(x + W_o y + b_o)` and `LN(x + W_2 h + b_2)` are bias-less GEMMs each followed
   by one in-place C++ pass (csrc/cpu/encoder_cpu.cpp: bias + residual + LayerNorm) instead of
@@ -54,8 +54,8 @@ BLOCK_ROWS = 256  # and at most this many rows per block (padded batches: balanc
 COL_SPLIT_ROWS = 128
 COL_ALIGN = 16  # column parts start at multiples of this where the width allows (the GEMMs' N blocking)
 COL_PARTS_PER_THREAD = 1  # column parts per thread (more: finer load balance, narrower GEMMs)
-# forkattn's packed-panel AVX2 GEMM (csrc/cpu/gemm_cpu.cpp) for the fast path's weights when the CPU
-# kernel variant in use is not "default" (which has no AVX2: oneDNN / ATen then, as PACKED says)
+# forkattn's packed-panel GEMM (csrc/cpu/gemm_cpu.cpp: AVX-512 or AVX2 tile) for the fast path's weights
+# when the CPU kernel variant in use is not "default" (which has neither: oneDNN / ATen then, as PACKED says)
 PANEL_GEMM = True
 SERIAL_PROLOGUE = True  # the embeddings before column-split native layers on one OpenMP thread (serial_prologue)
 
@@ -90,8 +90,9 @@ def _cat_qkv(p: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
 
 
 class Weights(NamedTuple):
-    """A layer's GEMM weights for the fast path, of one `kind`: "panel" (1-D, packed by
-    _C.gemm_pack_cpu for forkattn's GEMM), "onednn" (packed for oneDNN) or "plain" ([out, in])."""
+    """A layer's GEMM weights for the fast path, of one `kind`: "panel" ([panels, in, width], packed by
+    _C.gemm_pack_cpu for forkattn's GEMM in the CPU kernel variant in use, whose panel width the
+    native code checks), "onednn" (packed for oneDNN) or "plain" ([out, in])."""
     qkv: Tensor
     qkv_bias: Tensor
     attn_out: Tensor
@@ -126,7 +127,10 @@ def fast_path(layer: nn.Module, x: Tensor) -> Optional[Weights]:
             and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()):
         return None
     kind = weight_kind()
-    return cached(layer, f"_fast_weights_{kind}", _qkv_params(layer) + (
+    # panels of one width per slot: a process that switches CPU kernel variants (FORKATTN_CPU_ISA,
+    # _C._choose_cpu_isa) packs again for the new width instead of handing the GEMM the old layout
+    slot = f"_fast_weights_panel{_native._C.gemm_panel_cols()}" if kind == "panel" else f"_fast_weights_{kind}"
+    return cached(layer, slot, _qkv_params(layer) + (
         layer.attention.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight),
         lambda ps: _pack(ps, kind))
 
