@@ -460,10 +460,26 @@ def test_panel_weights_of_another_variant_raise_and_the_model_repacks(monkeypatc
 
 
 def test_weight_kind_follows_the_cpu_variant(monkeypatch):
-    """The panel GEMM where the CPU kernel variant in use has AVX2; under "default" the fast path
-    builds oneDNN (or plain) weights instead, in their own cache slot."""
+    """PANEL_GEMM=True: the panel GEMM where the CPU kernel variant in use has a tile; under "default"
+    the fast path builds oneDNN (or plain) weights instead, in their own cache slot. PANEL_GEMM=None
+    (the default): the AVX-512 tile, and the AVX2 tile only where oneDNN has no AVX-512 kernels."""
     C = _native._C
     before = C.cpu_isa()
+    monkeypatch.setattr(cpu_inference, "PANEL_GEMM", None)
+    for isa, avx512_cpu, packed, want in [("avx512", True, True, "panel"), ("avx2", False, True, "panel"),
+                                          ("avx2", True, True, "onednn"), ("avx2", True, False, "panel"),
+                                          ("default", False, True, "onednn")]:
+        if isa in compiled() and runs_here(isa) and "panel" in KINDS:
+            monkeypatch.setattr(cpu_inference, "_AVX512", avx512_cpu)
+            monkeypatch.setattr(cpu_inference, "PACKED", packed)
+            try:
+                C._choose_cpu_isa(isa)
+                assert cpu_inference.weight_kind() == want, (isa, avx512_cpu, packed)
+            finally:
+                C._choose_cpu_isa(before)
+    monkeypatch.setattr(cpu_inference, "_AVX512", None)
+    assert cpu_inference._cpu_has_avx512() == runs_here("avx512")
+    monkeypatch.undo()
     monkeypatch.setattr(cpu_inference, "PANEL_GEMM", True)
     try:
         C._choose_cpu_isa("default")

@@ -181,3 +181,26 @@ def test_weight_packed_for_another_variant_raises():
             _check(f"{packer} after the refusal", y, x, w, b, 1)
     finally:
         C._choose_cpu_isa(before)
+
+
+@pytest.mark.skipif(not all(i in compiled() and runs_here(i) for i in ("avx2", "avx512")),
+                    reason="needs the AVX2 and AVX-512 variants, compiled in and runnable here")
+@pytest.mark.parametrize("epilogue", [0, 1, 2])
+def test_avx512_tile_equals_avx2_tile_bitwise(epilogue):
+    """Both tiles sum each output over k in one FMA chain in the same order and share the epilogue's
+    math (bias, then cpu/gelu.h's 8-wide GELU), so the AVX-512 tile changes the speed, not one bit of
+    the result: the accuracy measured for the AVX2 tile (docs/CPU_INFERENCE.md) carries over. (Only
+    the GELU of the AVX2 tile's last, partial panel differs by rounding: a scalar std::erf loop there,
+    where the AVX-512 tile's masked stores keep the vector GELU.)"""
+    before = C.cpu_isa()
+    x, w, b = _data(129, 1025, 97, seed=11)
+    outs = []
+    try:
+        for isa in ("avx2", "avx512"):
+            C._choose_cpu_isa(isa)
+            outs.append(_gemm(x, w, b, epilogue))
+    finally:
+        C._choose_cpu_isa(before)
+    full = 1025 // 24 * 24 if epilogue == 2 else 1025  # the AVX2 tile's full panels
+    assert torch.equal(outs[0][:, :full], outs[1][:, :full])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)

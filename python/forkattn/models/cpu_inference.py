@@ -54,9 +54,10 @@ BLOCK_ROWS = 256  # and at most this many rows per block (padded batches: balanc
 COL_SPLIT_ROWS = 128
 COL_ALIGN = 16  # column parts start at multiples of this where the width allows (the GEMMs' N blocking)
 COL_PARTS_PER_THREAD = 1  # column parts per thread (more: finer load balance, narrower GEMMs)
-# forkattn's packed-panel GEMM (csrc/cpu/gemm_cpu.cpp: AVX-512 or AVX2 tile) for the fast path's weights
-# when the CPU kernel variant in use is not "default" (which has neither: oneDNN / ATen then, as PACKED says)
-PANEL_GEMM = True
+# forkattn's packed-panel GEMM (csrc/cpu/gemm_cpu.cpp: AVX-512 or AVX2 tile) for the fast path's weights:
+# None (default) where it is measured fastest (weight_kind), True wherever the CPU kernel variant in use
+# has a tile (not "default"), False never (oneDNN / ATen then, as PACKED says)
+PANEL_GEMM = None
 SERIAL_PROLOGUE = True  # the embeddings before column-split native layers on one OpenMP thread (serial_prologue)
 
 
@@ -102,11 +103,33 @@ class Weights(NamedTuple):
     kind: str = "plain"
 
 
+def _cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (F, BW, VL, DQ), which oneDNN then uses whatever variant forkattn runs."""
+    global _AVX512
+    if _AVX512 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+        except OSError:
+            flags = []
+        _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+    return _AVX512
+
+
+_AVX512: Optional[bool] = None
+
+
 def weight_kind() -> str:
     """The kind of fast-path weights to build now (Weights.kind), from PANEL_GEMM, PACKED and the CPU
-    kernel variant in use."""
+    kernel variant in use. By default the panel GEMM where it was measured fastest
+    (docs/CPU_INFERENCE.md, "An AVX-512 tile"): its AVX-512 tile (1.0-1.2x oneDNN per GEMM at BERT's
+    shapes), and its AVX2 tile on a CPU without AVX-512 (1.03-1.17x oneDNN's AVX2 kernels); but not the
+    AVX2 tile on an AVX-512 CPU (a variant forced with FORKATTN_CPU_CAPABILITY=avx2), where oneDNN
+    runs its AVX-512 kernels at ~2x the tile's rate (MiniLM B1: 20 ms oneDNN vs 28 ms panel)."""
     C = _native._C
-    if PANEL_GEMM and hasattr(C, "gemm_pack_cpu") and C.cpu_isa() != "default":
+    isa = C.cpu_isa() if C is not None and hasattr(C, "gemm_pack_cpu") else "default"
+    fastest = isa == "avx512" or (isa == "avx2" and not (PACKED and _cpu_has_avx512()))
+    if isa != "default" and (PANEL_GEMM or (PANEL_GEMM is None and fastest)):
         return "panel"
     return "onednn" if PACKED else "plain"
 
