@@ -185,8 +185,9 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const std::optional<
   return stack[0].toTensor();
 }
 
-// A weight packed into panels by gemm_pack_cpu (csrc/gemm.h) is 1-D; plain and oneDNN weights are 2-D.
-bool is_panel(const at::Tensor& w) { return w.dim() == 1; }
+// A weight packed into panels by gemm_pack_cpu (csrc/gemm.h) is 3-D [panels, K, NR]; plain and
+// oneDNN weights are 2-D.
+bool is_panel(const at::Tensor& w) { return w.dim() == 3; }
 
 // Columns [n0, n1) of x @ W^T (+ bias) (+ exact GELU when `gelu`) into y (rows of a buffer with unit
 // column stride, indexed by W's columns: a column slice of the layer's buffer) with the packed-panel
@@ -293,9 +294,10 @@ at::Tensor layer_rows(const at::Tensor& x, const std::vector<int64_t>& seq, cons
 void gemm_cols(const at::Tensor& in, const std::vector<at::Tensor>& parts, const std::optional<at::Tensor>& bias,
                bool gelu, const at::Tensor& out, bool packed, int nthreads) {
   if (parts.size() == 1 && is_panel(parts[0])) {
-    const int64_t N = out.size(1), panels = (N + kGemmNR - 1) / kGemmNR, nparts = std::min<int64_t>(nthreads, panels);
+    const int64_t N = out.size(1), nr = parts[0].size(2), panels = parts[0].size(0);
+    const int64_t nparts = std::min<int64_t>(nthreads, panels);
     run_chunks(nparts, nthreads, [&](int64_t p) {
-      const int64_t n0 = panels * p / nparts * kGemmNR, n1 = std::min(N, panels * (p + 1) / nparts * kGemmNR);
+      const int64_t n0 = panels * p / nparts * nr, n1 = std::min(N, panels * (p + 1) / nparts * nr);
       panel_gemm(in, parts[0], bias, gelu, out, n0, n1);
     });
     return;
@@ -364,16 +366,13 @@ void check_layer(const at::Tensor& x, int64_t dim, const char* shape, int64_t he
   TORCH_CHECK_VALUE(weights[7]->dim() == 1 && weights[7]->is_contiguous(), "inter_b must be a contiguous [intermediate], got shape ",
                     weights[7]->sizes());
   const int64_t I = weights[7]->size(0);
-  // panel weights (1-D, gemm_pack_cpu): their size is all that says which [N, K] they were packed for
+  // panel weights (3-D, gemm_pack_cpu): [panels, K, NR] for the [N, K] the layer needs, NR the width
+  // of the CPU kernel variant in use
   const int64_t nk[4][2] = {{3 * H, H}, {H, H}, {I, H}, {H, I}};
   const int gemms[4] = {0, 2, 6, 8};
   for (int g = 0; g < 4; ++g) {
     const at::Tensor& w = *weights[gemms[g]];
-    if (!is_panel(w)) continue;
-    const int64_t N = nk[g][0], K = nk[g][1];
-    TORCH_CHECK_VALUE(w.is_contiguous() && w.numel() == gemm_packed_numel(N, K), names[gemms[g]],
-                      " must be a weight packed by gemm_pack_cpu for [", N, ", ", K, "] (", gemm_packed_numel(N, K),
-                      " floats), got ", w.numel(), " floats");
+    if (is_panel(w)) check_packed_weight(w, nk[g][0], nk[g][1], names[gemms[g]]);
   }
 }
 

@@ -7,16 +7,30 @@
 
 namespace forkattn {
 
+int64_t gemm_panel_cols() { return FORKATTN_CPU_DISPATCH(gemm_panel_width_kernel)(); }
+
 at::Tensor gemm_pack_cpu(const at::Tensor& w) {
   TORCH_CHECK_VALUE(w.device().is_cpu(), "w must be a CPU tensor, got ", w.device());
   FA_CHECK_DTYPE_NAMED(w, "w", at::kFloat);
   TORCH_CHECK_VALUE(w.dim() == 2, "w must be [out_features, in_features], got shape ", w.sizes());
   const at::Tensor wc = w.stride(1) == 1 ? w : w.contiguous();
-  const int64_t N = w.size(0), K = w.size(1);
-  at::Tensor packed = at::empty({gemm_packed_numel(N, K)}, w.options());
+  const int64_t N = w.size(0), K = w.size(1), nr = gemm_panel_cols();
+  at::Tensor packed = at::empty({(N + nr - 1) / nr, K, nr}, w.options());
   if (packed.numel() > 0)
     FORKATTN_CPU_DISPATCH(gemm_pack_kernel)(wc.data_ptr<float>(), wc.stride(0), N, K, packed.data_ptr<float>());
   return packed;
+}
+
+void check_packed_weight(const at::Tensor& w, int64_t N, int64_t K, const char* name) {
+  const int64_t nr = gemm_panel_cols(), panels = (N + nr - 1) / nr;
+  TORCH_CHECK_VALUE(w.dim() != 3 || w.size(2) == nr, name, " was packed into panels of ", w.size(2),
+                    " columns (another CPU kernel variant's layout), but the variant in use (",
+                    cpu::isa_name(cpu::chosen_isa()), ") reads panels of ", nr,
+                    ": pack the weight again with gemm_pack_cpu");
+  TORCH_CHECK_VALUE(w.dim() == 3 && w.size(0) == panels && w.size(1) == K && w.size(2) == nr && w.is_contiguous(),
+                    name, " must be a weight packed by gemm_pack_cpu for [N, K] = [", N, ", ", K,
+                    "] (a contiguous [", panels, ", ", K, ", ", nr, "]), got shape ", w.sizes(), " with strides ",
+                    w.strides());
 }
 
 void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, int64_t N, const std::optional<at::Tensor>& bias,
@@ -34,9 +48,7 @@ void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, int64_t N, c
                     x.strides());
   TORCH_CHECK_VALUE(N >= 0, "N must be >= 0, got ", N);
   const int64_t K = x.size(1);
-  TORCH_CHECK_VALUE(packed.dim() == 1 && packed.is_contiguous() && packed.numel() == gemm_packed_numel(N, K), w_name,
-                    " must be a weight packed by gemm_pack_cpu for [N, K] = [", N, ", ", K, "] (1-D, ",
-                    gemm_packed_numel(N, K), " floats), got shape ", packed.sizes());
+  check_packed_weight(packed, N, K, w_name);
   TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == N, y_name, " must be [", x.size(0), ", ",
                     N, "], got shape ", y.sizes());
   TORCH_CHECK_VALUE((y.size(1) <= 1 || y.stride(1) == 1) && (y.size(0) <= 1 || y.stride(0) >= N), y_name,
@@ -55,8 +67,9 @@ void check_gemm_args(const at::Tensor& x, const at::Tensor& packed, int64_t N, c
 void gemm_packed_cpu(const at::Tensor& x, const at::Tensor& packed, int64_t N, const std::optional<at::Tensor>& bias,
                      int64_t epilogue, const at::Tensor& y, int64_t n0, int64_t n1) {
   check_gemm_args(x, packed, N, bias, epilogue, y, "x", "packed", "y");
-  TORCH_CHECK_VALUE(n0 >= 0 && n0 % kGemmNR == 0 && n0 <= n1 && n1 <= N, "n0 and n1 must satisfy 0 <= n0 <= n1 <= N = ",
-                    N, " with n0 a multiple of ", kGemmNR, ", got ", n0, " and ", n1);
+  const int64_t nr = packed.size(2);  // the variant's width: checked above
+  TORCH_CHECK_VALUE(n0 >= 0 && n0 % nr == 0 && n0 <= n1 && n1 <= N, "n0 and n1 must satisfy 0 <= n0 <= n1 <= N = ", N,
+                    " with n0 a multiple of the panel width ", nr, ", got ", n0, " and ", n1);
   if (x.size(0) == 0 || n1 == n0) return;
   FORKATTN_CPU_DISPATCH(gemm_kernel)(x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1), packed.data_ptr<float>(),
                                      n0, n1, epilogue ? bias->data_ptr<float>() : nullptr, static_cast<int>(epilogue),

@@ -71,10 +71,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out_w"), py::arg("out_b"), py::arg("ln2_w"), py::arg("ln2_b"), py::arg("ln2_eps"), py::arg("heads"),
         py::arg("packed"), py::arg("chunks"), py::arg("threads"), py::call_guard<py::gil_scoped_release>());
   // The packed-panel GEMM of the BERT fast path (see csrc/gemm.h).
-  m.def("gemm_pack_cpu", &forkattn::gemm_pack_cpu, "nn.Linear weight [N, K] packed into panels of kGemmNR = 24 columns (CPU, fp32)",
+  m.def("gemm_panel_cols", &forkattn::gemm_panel_cols,
+        "output columns per packed panel in the CPU kernel variant in use (48 avx512, 24 avx2 / default)");
+  m.def("gemm_pack_cpu", &forkattn::gemm_pack_cpu,
+        "nn.Linear weight [N, K] packed into [ceil(N / NR), K, NR] panels, NR = gemm_panel_cols() (CPU, fp32)",
         py::arg("w"));
   m.def("gemm_packed_cpu", &forkattn::gemm_packed_cpu,
-        "y[:, n0:n1] = x @ W[n0:n1]^T (+ bias) (+ exact GELU: epilogue 0/1/2) in place, W packed (CPU, fp32)",
+        "y[:, n0:n1] = x @ W[n0:n1]^T (+ bias) (+ exact GELU: epilogue 0/1/2) in place, W packed by gemm_pack_cpu "
+        "under the same CPU kernel variant, n0 a multiple of its panel width (CPU, fp32)",
         py::arg("x"), py::arg("packed"), py::arg("N"), py::arg("bias"), py::arg("epilogue"), py::arg("y"),
         py::arg("n0"), py::arg("n1"), py::call_guard<py::gil_scoped_release>());
   // MLM masking: writes out_ids and out_labels in place (see csrc/mlm.h).

@@ -15,6 +15,7 @@ from attn_utils import assert_within_budget
 from forkattn import _native
 from forkattn.models import bert as fb
 from forkattn.models import cpu_inference
+from test_cpu_isa import compiled, runs_here
 
 pytestmark = pytest.mark.skipif(_native._C is None or not hasattr(_native._C, "encoder_layer_varlen_cpu"),
                                 reason=f"no native extension with encoder_layer_varlen_cpu: {_native.ERROR}")
@@ -23,6 +24,18 @@ PACKINGS = [False] + ([True] if cpu_inference.PACKED else [])  # oneDNN-packed w
 # the fast path's weight kinds (cpu_inference.Weights.kind): forkattn's panel GEMM, oneDNN, plain
 KINDS = (["panel"] if hasattr(_native._C, "gemm_pack_cpu") and _native._C.cpu_isa() != "default" else []) + \
     (["onednn"] if cpu_inference.PACKED else []) + ["plain"]
+
+
+# the CPU kernel variants with a panel GEMM tile (AVX-512: 48-column panels, AVX2: 24) that run here
+PANEL_ISAS = [i for i in ("avx2", "avx512") if i in compiled() and runs_here(i)] if "panel" in KINDS else []
+
+
+@pytest.fixture(params=PANEL_ISAS)
+def panel_isa(request):
+    before = _native._C.cpu_isa()
+    assert _native._C._choose_cpu_isa(request.param) == request.param
+    yield request.param
+    _native._C._choose_cpu_isa(before)
 
 
 def _use_kind(monkeypatch, kind):
@@ -360,7 +373,8 @@ def test_cols_layer_equals_row_layer(threads, packed, parts, nthreads, lengths):
 
 
 def _panel_args(args):
-    """The same arguments with each GEMM weight packed into panels (_C.gemm_pack_cpu): 1-D."""
+    """The same arguments with each GEMM weight packed into panels (_C.gemm_pack_cpu, in the CPU kernel
+    variant in use): [panels, K, width]."""
     return dict(args, **{k: _native._C.gemm_pack_cpu(args[k]) for k in GEMM_WEIGHTS})
 
 
@@ -370,7 +384,7 @@ GEMM_WEIGHTS = ("qkv_w", "attn_out_w", "inter_w", "out_w")
 @pytest.mark.skipif("panel" not in KINDS, reason="no panel GEMM in this build / CPU variant")
 @pytest.mark.parametrize("nthreads", [1, 2, 3])
 @pytest.mark.parametrize("lengths", [(1,), (7,), (97,), (129,), (9, 0, 4, 1)])
-def test_panel_weights_give_the_plain_layer(threads, nthreads, lengths):
+def test_panel_weights_give_the_plain_layer(threads, panel_isa, nthreads, lengths):
     """Panel weights (one per GEMM; the column split cuts it at panel borders, one range per thread,
     storing straight into the layer's buffers with the bias / bias + GELU in the GEMM) give the plain
     weights' result in the row-block layer and in the column split, at any thread count."""
@@ -389,11 +403,11 @@ def test_panel_weights_give_the_plain_layer(threads, nthreads, lengths):
 @pytest.mark.parametrize("name, N, K", [("qkv_w", 144, 48), ("attn_out_w", 48, 48), ("inter_w", 37, 48),
                                         ("out_w", 48, 37)])
 def test_panel_weight_of_the_wrong_size_raises(name, N, K):
-    """A panel weight is 1-D: its size is checked against the [N, K] the layer needs, in all three
-    layer functions (one packed for another width names the argument)."""
+    """A panel weight's shape [panels, K, width] is checked against the [N, K] the layer needs, in all
+    three layer functions (one packed for another width names the argument)."""
     args = _panel_args(_varlen_args())
     wrong = _native._C.gemm_pack_cpu(torch.randn(N + 16, K))
-    words = f"{name} must be a weight packed by gemm_pack_cpu for [{N}, {K}]"
+    words = f"{name} must be a weight packed by gemm_pack_cpu for [N, K] = [{N}, {K}]"
     with pytest.raises(ValueError, match=re.escape(words)):
         _native._C.encoder_layer_varlen_cpu(**dict(args, **{name: wrong}))
     cols = dict(args, **{k: [args[k]] for k in GEMM_WEIGHTS})
@@ -407,11 +421,65 @@ def test_panel_weight_of_the_wrong_size_raises(name, N, K):
         _native._C.encoder_layer_cpu(**one)
 
 
+@pytest.mark.skipif(len(PANEL_ISAS) < 2, reason="needs the AVX2 and AVX-512 variants, compiled in and runnable here")
+def test_panel_weights_of_another_variant_raise_and_the_model_repacks(monkeypatch, threads):
+    """Weights packed under AVX2 (24-column panels) are refused under AVX-512 (48) by all three layer
+    functions, naming the argument, and back; the model's fast path keeps one cache slot per panel
+    width, so switching variants between forwards repacks and gives the same result."""
+    C, before = _native._C, _native._C.cpu_isa()
+    args = _varlen_args()
+    try:
+        for packer, user in (("avx2", "avx512"), ("avx512", "avx2")):
+            C._choose_cpu_isa(packer)
+            panel = _panel_args(args)
+            C._choose_cpu_isa(user)
+            words = "qkv_w was packed into panels of"
+            with pytest.raises(ValueError, match=words):
+                C.encoder_layer_varlen_cpu(**panel)
+            with pytest.raises(ValueError, match=words):
+                C.encoder_layer_cols_cpu(**dict(panel, **{k: [panel[k]] for k in GEMM_WEIGHTS}))
+            one = {k: v for k, v in panel.items() if k != "cu_seqlens"}
+            with pytest.raises(ValueError, match=words):
+                C.encoder_layer_cpu(**dict(one, x=torch.randn(1, 13, 48)))
+        _use_kind(monkeypatch, "panel")
+        m, _ = _pair()
+        ids = _ids(29)
+        outs = []
+        for isa in ("avx512", "avx2", "avx512"):
+            C._choose_cpu_isa(isa)
+            for nthreads in (1, 2):
+                torch.set_num_threads(nthreads)
+                with torch.inference_mode():
+                    outs.append(m(ids).last_hidden_state)
+        for o in outs[1:]:
+            torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
+        slots = sorted(k for k in m.encoder.layer[0].__dict__ if k.startswith("_fast_weights_panel"))
+        assert slots == ["_fast_weights_panel24", "_fast_weights_panel48"]
+    finally:
+        C._choose_cpu_isa(before)
+
+
 def test_weight_kind_follows_the_cpu_variant(monkeypatch):
-    """The panel GEMM where the CPU kernel variant in use has AVX2; under "default" the fast path
-    builds oneDNN (or plain) weights instead, in their own cache slot."""
+    """PANEL_GEMM=True: the panel GEMM where the CPU kernel variant in use has a tile; under "default"
+    the fast path builds oneDNN (or plain) weights instead, in their own cache slot. PANEL_GEMM=None
+    (the default): the AVX-512 tile, and the AVX2 tile only where oneDNN has no AVX-512 kernels."""
     C = _native._C
     before = C.cpu_isa()
+    monkeypatch.setattr(cpu_inference, "PANEL_GEMM", None)
+    for isa, avx512_cpu, packed, want in [("avx512", True, True, "panel"), ("avx2", False, True, "panel"),
+                                          ("avx2", True, True, "onednn"), ("avx2", True, False, "panel"),
+                                          ("default", False, True, "onednn")]:
+        if isa in compiled() and runs_here(isa) and "panel" in KINDS:
+            monkeypatch.setattr(cpu_inference, "_AVX512", avx512_cpu)
+            monkeypatch.setattr(cpu_inference, "PACKED", packed)
+            try:
+                C._choose_cpu_isa(isa)
+                assert cpu_inference.weight_kind() == want, (isa, avx512_cpu, packed)
+            finally:
+                C._choose_cpu_isa(before)
+    monkeypatch.setattr(cpu_inference, "_AVX512", None)
+    assert cpu_inference._cpu_has_avx512() == runs_here("avx512")
+    monkeypatch.undo()
     monkeypatch.setattr(cpu_inference, "PANEL_GEMM", True)
     try:
         C._choose_cpu_isa("default")

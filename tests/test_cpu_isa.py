@@ -23,7 +23,7 @@ ENTRY_POINTS = ["attention_fwd_kernel", "attention_bwd_kernel", "attention_varle
                 "attention_varlen_bwd_kernel", "kv_append_kernel", "decode_kernel",
                 "disentangled_attention_fwd_kernel", "disentangled_attention_bwd_kernel", "bias_gelu_kernel",
                 "bias_residual_layernorm_kernel", "mlm_mask_kernel",
-                "gemm_kernel", "gemm_pack_kernel", "tile_gemm_kernel"]
+                "gemm_kernel", "gemm_pack_kernel", "gemm_panel_width_kernel", "tile_gemm_kernel"]
 
 
 def cpu_flags() -> set:

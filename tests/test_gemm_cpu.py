@@ -2,7 +2,9 @@
 _C.gemm_pack_cpu and _C.gemm_packed_cpu against an fp64 reference with the 2x rule (our max error
 <= 2x torch's fp32 F.linear error + 1e-5), at odd sizes (every row-tile and panel edge), into
 strided outputs and column slices, with the bias and bias + exact GELU epilogues, in every CPU
-kernel variant compiled in that this CPU runs; bad arguments raise exceptions naming them."""
+kernel variant compiled in that this CPU runs (each with its own panel width: 48 columns for the
+AVX-512 tile, 24 for AVX2 / DEFAULT); bad arguments, and a weight packed for another variant's
+panel width, raise exceptions naming them."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,7 +18,7 @@ C = _native._C
 pytestmark = pytest.mark.skipif(C is None or not hasattr(C, "gemm_pack_cpu"),
                                 reason=f"forkattn._C without the packed-panel GEMM: {_native.ERROR}")
 EPILOGUES = {0: "none", 1: "bias", 2: "bias+gelu"}
-NR = C.gemm_pack_cpu(torch.zeros(1, 1)).numel() if C is not None and hasattr(C, "gemm_pack_cpu") else 24  # panel width
+WIDTHS = {"default": 24, "avx2": 24, "avx512": 48}  # each variant's panel width (csrc/cpu/gemm_cpu.cpp)
 
 
 @pytest.fixture(params=[i for i in ["default", "avx2", "avx512"] if i in compiled() and runs_here(i)])
@@ -50,12 +52,27 @@ def _gemm(x, w, b, epilogue, y=None, n0=0, n1=None):
 
 
 @pytest.mark.parametrize("K", [1, 7, 64, 97, 513])
-@pytest.mark.parametrize("N", [1, 7, 16, 17, 24, 25, 97, 1025])
-@pytest.mark.parametrize("M", [1, 5, 6, 7, 97, 128, 129])
-def test_sizes_within_budget(M, N, K):
+@pytest.mark.parametrize("N", [1, 7, 16, 17, 24, 25, 47, 48, 49, 97, 1025])
+@pytest.mark.parametrize("M", [1, 4, 5, 7, 8, 9, 15, 17, 97, 128, 129])
+def test_sizes_within_budget(isa, M, N, K):
+    """Every row-tile remainder of the 4- and 8-row tiles, every panel edge of 24 and 48 columns."""
+    assert C.gemm_panel_cols() == WIDTHS[isa]
     x, w, b = _data(M, N, K)
     epilogue = (M + N + K) % 3  # every epilogue across the grid (each one fully below)
-    _check(f"M{M} N{N} K{K} {EPILOGUES[epilogue]}", _gemm(x, w, b, epilogue), x, w, b, epilogue)
+    _check(f"{isa} M{M} N{N} K{K} {EPILOGUES[epilogue]}", _gemm(x, w, b, epilogue), x, w, b, epilogue)
+
+
+@pytest.mark.parametrize("M,N,K", [(1025, 97, 129), (7, 129, 1025), (0, 48, 7), (3, 0, 5)])
+def test_large_and_empty_sizes(isa, M, N, K):
+    """M and K of 1025 (a last row tile of one row; K past the k-unroll), and M or N of 0 (nothing
+    to write: y stays as it was)."""
+    x, w, b = _data(M, N, K, seed=3)
+    for ep in (0, 1, 2):
+        y = _gemm(x, w, b, ep)
+        if M and N:
+            _check(f"{isa} M{M} N{N} K{K} {EPILOGUES[ep]}", y, x, w, b, ep)
+        else:
+            assert y.shape == (M, N)
 
 
 @pytest.mark.parametrize("epilogue", [0, 1, 2])
@@ -82,34 +99,39 @@ def test_strided_rows_column_slices_and_panel_ranges(isa):
     big_x = torch.randn(M, K + 11)
     x = big_x[:, 3:3 + K]
     _, w, b = _data(M, N, K)
-    packed = C.gemm_pack_cpu(w)
+    packed, NR = C.gemm_pack_cpu(w), WIDTHS[isa]
     buf = torch.full((M, N + 40), -7.0)
     y = buf[:, 24:24 + N]
-    for n0, n1 in [(0, NR), (NR, 21 * NR), (21 * NR, 42 * NR), (42 * NR, N)]:
+    panels = -(-N // NR)
+    for n0, n1 in [(0, NR), (NR, 10 * NR), (10 * NR, (panels - 1) * NR), ((panels - 1) * NR, N)]:
         C.gemm_packed_cpu(x, packed, N, b, 2, y, n0, n1)
     _check(f"{isa} strided", y, x, w, b, 2)
     assert (buf[:, :24] == -7).all() and (buf[:, 24 + N:] == -7).all()
 
 
-def test_pack_layout():
-    """Panels of NR (24) output columns, k-major, the last one zero-padded; any strides of w."""
-    assert NR % 8 == 0
+def test_pack_layout(isa):
+    """[panels, K, NR]: panels of the variant's NR output columns, k-major, the last one
+    zero-padded; any strides of w."""
+    NR = C.gemm_panel_cols()
+    assert NR == WIDTHS[isa]
     w = torch.arange(3 * (NR + 3), dtype=torch.float32).view(NR + 3, 3)
-    packed = C.gemm_pack_cpu(w.t().contiguous().t())  # column-major w
-    assert packed.shape == (2 * NR * 3,)
-    panels = packed.view(2, 3, NR)
+    panels = C.gemm_pack_cpu(w.t().contiguous().t())  # column-major w
+    assert panels.shape == (2, 3, NR) and panels.is_contiguous()
     assert torch.equal(panels[0], w[:NR].t())
     assert torch.equal(panels[1, :, :3], w[NR:].t()) and (panels[1, :, 3:] == 0).all()
 
 
-def test_bad_arguments_name_them():
+def test_bad_arguments_name_them(isa):
     x, w, b = _data(4, 20, 8)
-    p, y = C.gemm_pack_cpu(w), torch.empty(4, 20)
+    p, y, NR = C.gemm_pack_cpu(w), torch.empty(4, 20), C.gemm_panel_cols()
     ok = dict(x=x, packed=p, N=20, bias=b, epilogue=1, y=y, n0=0, n1=20)
     bad = [
         (dict(x=x.double()), TypeError, "x"),
         (dict(packed=p.double()), TypeError, "packed"),
-        (dict(packed=p[:-1]), ValueError, "packed must be a weight packed by gemm_pack_cpu for .N, K. = .20, 8."),
+        (dict(packed=p[:, :-1]), ValueError, "packed must be a weight packed by gemm_pack_cpu for .N, K. = .20, 8."),
+        (dict(packed=p.flatten()), ValueError, "packed must be a weight packed by gemm_pack_cpu"),  # the old 1-D form
+        (dict(packed=torch.cat([p, p])), ValueError, "packed must be"),  # two panels for one
+        (dict(packed=torch.zeros(1, 8, 2 * NR)[:, :, :NR]), ValueError, "packed must be a .*contiguous"),
         (dict(N=19), ValueError, "y must be"),  # 19 columns pack into the same panel: y catches it
         (dict(N=NR + 1), ValueError, "packed"),
         (dict(x=x.t().contiguous().t()), ValueError, "x must have unit column stride"),
@@ -135,3 +157,50 @@ def test_bad_arguments_name_them():
         C.gemm_pack_cpu(torch.randn(3, 3, dtype=torch.float64))
     C.gemm_packed_cpu(**ok)  # and the unchanged call works
     _check("ok", y, x, w, b, 1)
+
+
+@pytest.mark.skipif(not all(i in compiled() and runs_here(i) for i in ("avx2", "avx512")),
+                    reason="needs the AVX2 and AVX-512 variants, compiled in and runnable here")
+def test_weight_packed_for_another_variant_raises():
+    """A process may switch variants (FORKATTN_CPU_CAPABILITY, _choose_cpu_isa): a weight packed into
+    24-column panels (AVX2) is never read as 48-column ones (AVX-512) or back, by the GEMM or by the
+    native layer, even where the two hold the same number of floats (N = 48 here)."""
+    before = C.cpu_isa()
+    x, w, b = _data(5, 48, 16)
+    y = torch.empty(5, 48)
+    try:
+        for packer, user, got, want in (("avx2", "avx512", 24, 48), ("avx512", "avx2", 48, 24)):
+            C._choose_cpu_isa(packer)
+            p = C.gemm_pack_cpu(w)
+            C._choose_cpu_isa(user)
+            with pytest.raises(ValueError, match=f"packed was packed into panels of {got} columns .*the variant "
+                                                 f"in use .{user}. reads panels of {want}"):
+                C.gemm_packed_cpu(x, p, 48, b, 1, y, 0, 48)
+            C._choose_cpu_isa(packer)
+            C.gemm_packed_cpu(x, p, 48, b, 1, y, 0, 48)  # and under its own variant it is right
+            _check(f"{packer} after the refusal", y, x, w, b, 1)
+    finally:
+        C._choose_cpu_isa(before)
+
+
+@pytest.mark.skipif(not all(i in compiled() and runs_here(i) for i in ("avx2", "avx512")),
+                    reason="needs the AVX2 and AVX-512 variants, compiled in and runnable here")
+@pytest.mark.parametrize("epilogue", [0, 1, 2])
+def test_avx512_tile_equals_avx2_tile_bitwise(epilogue):
+    """Both tiles sum each output over k in one FMA chain in the same order and share the epilogue's
+    math (bias, then cpu/gelu.h's 8-wide GELU), so the AVX-512 tile changes the speed, not one bit of
+    the result: the accuracy measured for the AVX2 tile (docs/CPU_INFERENCE.md) carries over. (Only
+    the GELU of the AVX2 tile's last, partial panel differs by rounding: a scalar std::erf loop there,
+    where the AVX-512 tile's masked stores keep the vector GELU.)"""
+    before = C.cpu_isa()
+    x, w, b = _data(129, 1025, 97, seed=11)
+    outs = []
+    try:
+        for isa in ("avx2", "avx512"):
+            C._choose_cpu_isa(isa)
+            outs.append(_gemm(x, w, b, epilogue))
+    finally:
+        C._choose_cpu_isa(before)
+    full = 1025 // 24 * 24 if epilogue == 2 else 1025  # the AVX2 tile's full panels
+    assert torch.equal(outs[0][:, :full], outs[1][:, :full])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)

@@ -1,26 +1,29 @@
 // The packed-panel fp32 GEMM of csrc/gemm.h: y[:, n0:n1] = x @ W[n0:n1]^T (+ bias) (+ exact GELU).
 //
-// W is packed once (gemm_pack_kernel) into panels of NR = 24 output columns, each k-major: panel p
-// holds W[24p + j, k] at packed[(p * K + k) * 24 + j], zero past N. The AVX2 + FMA kernel walks
-//   K in blocks of kKc (in practice all of K)  >  panels of 24 columns  >  row blocks of 4
-// and per (row block, panel, K block) runs a 4 x 24 register tile: 12 ymm accumulators, per k three
-// 8-float loads of the panel and four broadcasts of x (one per row), twelve FMAs, k unrolled by 4.
-// (A 6 x 16 tile, two loads and six broadcasts per twelve FMAs, measured 3-13% slower at BERT's
-// shapes: docs/CPU_INFERENCE.md.) BERT's widths (384 ... 3072) are all multiples of 24.
-// The panel (K x 24 floats: 36-72 KB at K = 384-768) stays in L1/L2 while every row block of x
-// passes over it. x is read in place (packing it into 6-row strips measured no faster: each
-// broadcast is a load from the row), the tile is stored with only the valid columns
-// (the last panel's padding), added to y from the second K block on, and the epilogue (bias, bias +
-// exact GELU: cpu/gelu.h, the bias + GELU pass's own math) applied in the last K block's store.
-//
-// Variants: AVX2 and AVX512 builds run the AVX2 kernel (an AVX-512 CPU executes it; a 16-wide
-// kernel is not written: this project's machines with AVX-512 were not available to tune it);
+// W is packed once (gemm_pack_kernel) into panels of kNr output columns, each k-major: panel p
+// holds W[kNr p + j, k] at packed[(p * K + k) * kNr + j], zero past N. kNr is this variant's own
+// (gemm_panel_width_kernel): 48 for AVX512, 24 for AVX2 and DEFAULT; the host checks that a packed
+// weight ([panels, K, kNr]) has the width of the variant in use. The kernels walk
+//   K in blocks of kKc (in practice all of K)  >  panels of kNr columns  >  row blocks of kMr
+// and per (row block, panel, K block) run an kMr x kNr register tile:
+// - AVX512: 8 x 48, 24 zmm accumulators, per k three 16-float loads of the panel and eight
+//   broadcasts of x (one per row), 24 FMAs (12x32, 14x32, 6x64: docs/CPU_INFERENCE.md, "An AVX-512
+//   tile"); the last panel's columns and the epilogue through masked loads and stores;
+// - AVX2: 4 x 24, 12 ymm accumulators, three 8-float loads and four broadcasts per twelve FMAs,
+//   k unrolled by 4 (a 6 x 16 tile measured 3-13% slower: docs/CPU_INFERENCE.md).
+// BERT's widths (384 ... 3072) are multiples of 24 and of 48. The panel (K x kNr floats) stays in
+// L2 while every row block of x passes over it. x is read in place (packing it into 6-row strips
+// measured no faster on AVX2: each broadcast is a load from the row), the tile is stored with only
+// the valid columns, added to y from the second K block on, and the epilogue (bias, bias + exact
+// GELU: cpu/gelu.h, the bias + GELU pass's own math) applied in the last K block's store.
 // DEFAULT runs a plain loop over the same packed layout (correct, not fast).
 #include "cpu/isa.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <utility>
 
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -33,12 +36,19 @@ namespace forkattn {
 namespace cpu::CPU_CAPABILITY {  // one copy per ISA variant: cpu/isa.h
 namespace {
 
-constexpr int64_t kNr = kGemmNR;
+#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__FMA__)
+#define FORKATTN_GEMM_ZMM 1
+constexpr int64_t kNr = 48;  // output columns per panel: three zmm
+constexpr int kMr = 8;       // rows per register tile
+#else
+constexpr int64_t kNr = 24;  // three ymm (AVX2); the DEFAULT loop uses the same layout
+constexpr int kMr = 4;
+#endif
 // K block. Measured at BERT's shapes (M = 128, K 384..3072; docs/CPU_INFERENCE.md): blocks of 128,
-// 256, 512, 768, 1024 and 1536 were 0-15% slower than none (the tile's store and reload of y per
-// block cost more than the L1 residency of the panel slice buys), so K is blocked only beyond 4096.
+// 256, 512, 768, 1024 and 1536 were 0-15% slower than none with the AVX2 tile (the tile's store and
+// reload of y per block cost more than the L1 residency of the panel slice buys), so K is blocked
+// only beyond 4096.
 constexpr int64_t kKc = 4096;
-constexpr int kMr = 4;  // rows per register tile
 
 inline float epilogue1(float v, const float* bias, int64_t j, int epilogue) {
   if (epilogue == static_cast<int>(GemmEpilogue::kNone)) return v;
@@ -46,7 +56,60 @@ inline float epilogue1(float v, const float* bias, int64_t j, int epilogue) {
   return epilogue == static_cast<int>(GemmEpilogue::kBiasGelu) ? gelu(v) : v;
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(FORKATTN_GEMM_ZMM)
+constexpr int kNv = static_cast<int>(kNr / 16);  // 16-float vectors per panel row
+
+// 16-wide exact GELU: the 8-wide one (cpu/gelu.h) on each half, so results match the bias + GELU pass.
+inline __m512 gelu16(__m512 v) {
+  const __m256 lo = gelu8(_mm512_castps512_ps256(v)), hi = gelu8(_mm512_extractf32x8_ps(v, 1));
+  return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
+}
+
+// y rows [0, MR) x columns [0, nv) (+)= x[0:MR, 0:kc] @ panel slice bp [kc][kNr]; `add`: accumulate
+// into y (a later K block); `bias` non-null in the last K block when the epilogue has one. The
+// accumulators are an array that the fully unrolled loops index only with constants, so GCC keeps
+// all MR x kNv of them in zmm registers (checked in the disassembly: no stack access in the k loop).
+template <int MR>
+inline void tile(const float* x, int64_t ldx, const float* bp, int64_t kc, float* y, int64_t ldy, int nv, bool add,
+                 const float* bias, int epilogue) {
+  __m512 acc[MR][kNv];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < kNv; ++v) acc[r][v] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; ++k, bp += kNr) {
+    __m512 b[kNv];
+#pragma GCC unroll 4
+    for (int v = 0; v < kNv; ++v) b[v] = _mm512_loadu_ps(bp + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < kNv; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
+    }
+  }
+  const bool gelu_too = epilogue == static_cast<int>(GemmEpilogue::kBiasGelu);
+#pragma GCC unroll 4
+  for (int v = 0; v < kNv; ++v) {
+    const int cols = nv - 16 * v;  // valid columns of this vector (the last panel may have fewer)
+    if (cols <= 0) break;
+    const __mmask16 m = cols >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
+    const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      float* yr = y + r * ldy + 16 * v;
+      __m512 t = acc[r][v];
+      if (add) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, yr));
+      if (bias) {
+        t = _mm512_add_ps(t, bv);
+        if (gelu_too) t = gelu16(t);
+      }
+      _mm512_mask_storeu_ps(yr, m, t);
+    }
+  }
+}
+#elif defined(__AVX2__) && defined(__FMA__)
 constexpr int kNv = static_cast<int>(kNr / 8);  // 8-float vectors per panel row
 
 // Rows [0, mr) of a finished tile acc into y's columns [0, nv): added to y's values when `add`, then
@@ -110,11 +173,20 @@ inline void tile(const float* x, int64_t ldx, const float* bp, int64_t kc, float
   store_tile(acc, MR, y, ldy, nv, add, bias, epilogue);
 }
 
+#endif
+
+#if defined(__AVX2__) && defined(__FMA__)
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool, const float*, int);
-constexpr TileFn kTiles[kMr + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>};
+template <int... R>  // {nullptr, tile<1>, ..., tile<kMr>}: kTiles[mr] runs an mr-row block
+constexpr std::array<TileFn, kMr + 1> tile_table(std::integer_sequence<int, R...>) {
+  return {nullptr, tile<R + 1>...};
+}
+constexpr auto kTiles = tile_table(std::make_integer_sequence<int, kMr>{});
 #endif
 
 }  // namespace
+
+int64_t gemm_panel_width_kernel() { return kNr; }
 
 void gemm_pack_kernel(const float* w, int64_t ldw, int64_t N, int64_t K, float* packed) {
   const int64_t panels = (N + kNr - 1) / kNr;

@@ -5,9 +5,9 @@ needs gradients. docs/CPU_INFERENCE.md has the measurements behind each step.
   (gradients must reach the three Linears); otherwise it is built once and kept until one of its
   parameters changes (`cached`).
 - In eval mode without autograd, for contiguous fp32 CPU activations (`fast_path`), the layer's four
-  weights are also kept pre-packed: into 24-column panels for forkattn's own AVX2 GEMM
-  (csrc/cpu/gemm_cpu.cpp, `_C.gemm_pack_cpu`; `PANEL_GEMM`, when the CPU kernel variant in use has
-  AVX2) or else for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
+  weights are also kept pre-packed: into panels for forkattn's own GEMM (csrc/cpu/gemm_cpu.cpp,
+  `_C.gemm_pack_cpu`: 48 columns wide for its AVX-512 tile, 24 for its AVX2 tile, the width of the
+  CPU kernel variant in use; `PANEL_GEMM`, when that variant is not "default") or else for oneDNN (`torch.ops.mkldnn._reorder_linear_weight`, what inductor's freezing
   uses, the GEMMs through `torch.ops.mkldnn._linear_pointwise`); after
   the attention, `LN(x + W_o y + b_o)` and `LN(x + W_2 h + b_2)` are bias-less GEMMs each followed
   by one in-place C++ pass (csrc/cpu/encoder_cpu.cpp: bias + residual + LayerNorm) instead of
@@ -54,9 +54,10 @@ BLOCK_ROWS = 256  # and at most this many rows per block (padded batches: balanc
 COL_SPLIT_ROWS = 128
 COL_ALIGN = 16  # column parts start at multiples of this where the width allows (the GEMMs' N blocking)
 COL_PARTS_PER_THREAD = 1  # column parts per thread (more: finer load balance, narrower GEMMs)
-# forkattn's packed-panel AVX2 GEMM (csrc/cpu/gemm_cpu.cpp) for the fast path's weights when the CPU
-# kernel variant in use is not "default" (which has no AVX2: oneDNN / ATen then, as PACKED says)
-PANEL_GEMM = True
+# forkattn's packed-panel GEMM (csrc/cpu/gemm_cpu.cpp: AVX-512 or AVX2 tile) for the fast path's weights:
+# None (default) where it is measured fastest (weight_kind), True wherever the CPU kernel variant in use
+# has a tile (not "default"), False never (oneDNN / ATen then, as PACKED says)
+PANEL_GEMM = None
 SERIAL_PROLOGUE = True  # the embeddings before column-split native layers on one OpenMP thread (serial_prologue)
 
 
@@ -90,8 +91,9 @@ def _cat_qkv(p: Sequence[Tensor]) -> Tuple[Tensor, Tensor]:
 
 
 class Weights(NamedTuple):
-    """A layer's GEMM weights for the fast path, of one `kind`: "panel" (1-D, packed by
-    _C.gemm_pack_cpu for forkattn's GEMM), "onednn" (packed for oneDNN) or "plain" ([out, in])."""
+    """A layer's GEMM weights for the fast path, of one `kind`: "panel" ([panels, in, width], packed by
+    _C.gemm_pack_cpu for forkattn's GEMM in the CPU kernel variant in use, whose panel width the
+    native code checks), "onednn" (packed for oneDNN) or "plain" ([out, in])."""
     qkv: Tensor
     qkv_bias: Tensor
     attn_out: Tensor
@@ -101,11 +103,33 @@ class Weights(NamedTuple):
     kind: str = "plain"
 
 
+def _cpu_has_avx512() -> bool:
+    """Whether this CPU has AVX-512 (F, BW, VL, DQ), which oneDNN then uses whatever variant forkattn runs."""
+    global _AVX512
+    if _AVX512 is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((ln for ln in f if ln.startswith("flags")), "").split()
+        except OSError:
+            flags = []
+        _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+    return _AVX512
+
+
+_AVX512: Optional[bool] = None
+
+
 def weight_kind() -> str:
     """The kind of fast-path weights to build now (Weights.kind), from PANEL_GEMM, PACKED and the CPU
-    kernel variant in use."""
+    kernel variant in use. By default the panel GEMM where it was measured fastest
+    (docs/CPU_INFERENCE.md, "An AVX-512 tile"): its AVX-512 tile (1.0-1.2x oneDNN per GEMM at BERT's
+    shapes), and its AVX2 tile on a CPU without AVX-512 (1.03-1.17x oneDNN's AVX2 kernels); but not the
+    AVX2 tile on an AVX-512 CPU (a variant forced with FORKATTN_CPU_CAPABILITY=avx2), where oneDNN
+    runs its AVX-512 kernels at ~2x the tile's rate (MiniLM B1: 20 ms oneDNN vs 28 ms panel)."""
     C = _native._C
-    if PANEL_GEMM and hasattr(C, "gemm_pack_cpu") and C.cpu_isa() != "default":
+    isa = C.cpu_isa() if C is not None and hasattr(C, "gemm_pack_cpu") else "default"
+    fastest = isa == "avx512" or (isa == "avx2" and not (PACKED and _cpu_has_avx512()))
+    if isa != "default" and (PANEL_GEMM or (PANEL_GEMM is None and fastest)):
         return "panel"
     return "onednn" if PACKED else "plain"
 
@@ -126,7 +150,10 @@ def fast_path(layer: nn.Module, x: Tensor) -> Optional[Weights]:
             and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()):
         return None
     kind = weight_kind()
-    return cached(layer, f"_fast_weights_{kind}", _qkv_params(layer) + (
+    # panels of one width per slot: a process that switches CPU kernel variants (FORKATTN_CPU_ISA,
+    # _C._choose_cpu_isa) packs again for the new width instead of handing the GEMM the old layout
+    slot = f"_fast_weights_panel{_native._C.gemm_panel_cols()}" if kind == "panel" else f"_fast_weights_{kind}"
+    return cached(layer, slot, _qkv_params(layer) + (
         layer.attention.output.dense.weight, layer.intermediate.dense.weight, layer.output.dense.weight),
         lambda ps: _pack(ps, kind))
 
