@@ -150,7 +150,7 @@ def fast_path(layer: nn.Module, x: Tensor) -> Optional[Weights]:
             and x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()):
         return None
     kind = weight_kind()
-    # panels of one width per slot: a process that switches CPU kernel variants (FORKATTN_CPU_ISA,
+    # panels of one width per slot: a process that switches CPU kernel variants (FORKATTN_CPU_CAPABILITY,
     # _C._choose_cpu_isa) packs again for the new width instead of handing the GEMM the old layout
     slot = f"_fast_weights_panel{_native._C.gemm_panel_cols()}" if kind == "panel" else f"_fast_weights_{kind}"
     return cached(layer, slot, _qkv_params(layer) + (
