@@ -1,5 +1,5 @@
-"""The CPU attention kernels' tile matmul (csrc/cpu/tiles.h gemm: the AVX512 variant's zmm microkernels
-of csrc/cpu/zmm_gemm.h, MKL's sgemm_, or the plain loop), through the test-only binding _tile_gemm_cpu:
+"""The CPU attention kernels' tile matmul (csrc/cpu/tiles.h gemm: the AVX2 / AVX512 variants' register-blocked
+kernels of csrc/cpu/tile_gemm.h, MKL's sgemm_, or the plain loop), through the test-only binding _tile_gemm_cpu:
 every transposition case, odd sizes, leading dimensions above the minimum, alpha and beta, against a
 float64 reference with the 2x rule (our error <= 2x torch's fp32 matmul's + 1e-5), on every variant
 compiled in that this CPU executes and on each path. beta = 0 must never read C (NaN there must not
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(C is None, reason=f"forkattn._C is not built: {_
 KERNEL_SHAPES = [(128, 256, 64), (64, 256, 128), (64, 128, 256), (159, 32, 64), (64, 287, 32)]
 ODD = [1, 7, 97, 129]
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
-# path: the env that selects it (tiles.h): "own" is the default (zmm in the AVX512 variant, MKL elsewhere)
+# path: the env that selects it (tiles.h): "own" is the default (tile_gemm.h in AVX2 / AVX512, MKL in DEFAULT)
 PATHS = {"own": {}, "blas": {"FORKATTN_CPU_TILE_GEMM": "blas"}, "naive": {"FORKATTN_CPU_NAIVE_GEMM": "1"}}
 
 
