@@ -121,9 +121,12 @@ class Helper {
   enum State { kIdle, kQueued, kRunning };
   void loop() {
     for (;;) {
-      // Poll for ~20 us before sleeping: the column-split layer (layer_cols) posts 7 short rounds per
-      // layer back to back, and a futex wake-up per round would cost more than the poll.
-      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(20);
+      // Poll for up to 200 us before sleeping: the column-split layer (layer_cols) posts 7 short rounds
+      // per layer back to back, and this helper finishes its part of a round some tens of us before
+      // the caller posts the next one. Sleeping then costs a futex wake-up per round (and in a VM the
+      // idle vCPU's own wake-up; not timed alone): with a 20 us poll a MiniLM B1 forward took 14.8 ms
+      // median, with 200 us 9.0 ms (docs/CPU_INFERENCE.md); 1000 us bought nothing more.
+      const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(200);
       while (state_.load(std::memory_order_acquire) != kQueued && std::chrono::steady_clock::now() < until) {
       }
       {
