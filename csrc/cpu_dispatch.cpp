@@ -116,6 +116,14 @@ std::vector<std::string> compiled_isas() {
   return out;
 }
 
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (Isa isa : kAll) {
+    if (runs_here(isa)) out.emplace_back(kNames[static_cast<int>(isa)]);
+  }
+  return out;
+}
+
 std::string choose_isa(const std::string& request) {
   std::lock_guard<std::mutex> lock(g_mutex);
   const Isa isa = decide(request);

@@ -25,6 +25,7 @@ enum class Isa : int { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 Isa chosen_isa();                       // the variant in use (decided at the first call)
 const char* isa_name(Isa isa);          // "default", "avx2", "avx512"
 std::vector<std::string> compiled_isas();  // the variants compiled into this extension
+std::vector<std::string> supported_isas();  // the variants this CPU executes, compiled in or not
 // Re-run the choice as if FORKATTN_CPU_CAPABILITY were `request` ("" = unset) and return the
 // variant now in use. For tests and scripts/bench_cpu_isa.py, which compare variants in one process.
 std::string choose_isa(const std::string& request);

@@ -15,6 +15,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "forkattn native kernels (use the forkattn package, not this module)";
   m.def("compiled_with_cuda", &forkattn::compiled_with_cuda);
   m.def("cpu_isas_compiled", &forkattn::cpu::compiled_isas, "the per-ISA variants of the CPU kernels compiled in");
+  m.def("cpu_isas_supported", &forkattn::cpu::supported_isas,
+        "the per-ISA variants this CPU executes (its instruction sets), compiled in or not");
   m.def("cpu_isa", [] { return std::string(forkattn::cpu::isa_name(forkattn::cpu::chosen_isa())); },
         "the CPU kernel variant in use (chosen at the first call: csrc/cpu_dispatch.h)");
   m.def("_choose_cpu_isa", &forkattn::cpu::choose_isa,

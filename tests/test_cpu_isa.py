@@ -157,3 +157,11 @@ def test_choose_in_process_and_back():
     finally:
         C._choose_cpu_isa(before)
     assert C.cpu_isa() == before
+
+
+def test_supported_variants_follow_the_cpu_flags():
+    """_C.cpu_isas_supported (csrc/cpu_dispatch.cpp runs_here, what the fast path's weight_kind asks)
+    agrees with this file's own reading of /proc/cpuinfo."""
+    if not Path("/proc/cpuinfo").exists():
+        pytest.skip("no /proc/cpuinfo to compare with")
+    assert C.cpu_isas_supported() == [isa for isa in ISAS if runs_here(isa)]

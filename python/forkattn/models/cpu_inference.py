@@ -104,15 +104,12 @@ class Weights(NamedTuple):
 
 
 def _cpu_has_avx512() -> bool:
-    """Whether this CPU has AVX-512 (F, BW, VL, DQ), which oneDNN then uses whatever variant forkattn runs."""
+    """Whether this CPU has AVX-512 (F, BW, VL, DQ: what forkattn's avx512 variant needs), which
+    oneDNN then uses whatever variant forkattn runs (csrc/cpu_dispatch.cpp runs_here)."""
     global _AVX512
     if _AVX512 is None:
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = next((ln for ln in f if ln.startswith("flags")), "").split()
-        except OSError:
-            flags = []
-        _AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq"} <= set(flags)
+        C = _native._C
+        _AVX512 = C is not None and "avx512" in C.cpu_isas_supported()
     return _AVX512
 
 
