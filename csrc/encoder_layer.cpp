@@ -27,11 +27,18 @@
 #include <omp.h>
 #endif
 
+#ifdef __linux__
+#include <pthread.h>
+#include <sched.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
+#include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <functional>
 #include <memory>
@@ -108,6 +115,7 @@ class Helper {
     }
     cv_.notify_all();
   }
+  std::thread::native_handle_type handle() { return thread_.native_handle(); }
   // Revoke the round if the helper has not picked it up, else wait until it has left it.
   void finish() {
     int expected = kQueued;
@@ -149,6 +157,43 @@ class Helper {
   std::thread thread_;  // last: starts after the fields above exist
 };
 
+// Keeps the helpers off the CPU the calling thread runs on (Linux; FORKATTN_CPU_HELPER_AFFINITY=0
+// turns it off). A helper sleeping between rounds is woken by the caller, and the kernel's wake-up
+// placement often puts it on the waker's CPU, where it shares that core with the caller until the
+// load balancer moves one of them, while the other core idles. Measured on the 2-core VM (MiniLM B1
+// L128 at 2 threads, 40 forwards per process, docs/CPU_INFERENCE.md): caller and helper waited
+// 85-170 ms in the run queue per process and the median forward took 8.9-13.5 ms; with the two on
+// different CPUs, 0.1-22 ms and 8.4-9.0 ms. So each helper's affinity is the caller's own CPU set
+// minus the CPU the caller is on: the user's taskset / cgroup choice stays in force, and on a larger
+// machine the helpers still float over the other CPUs. Re-applied only when the caller's CPU or CPU
+// set changes (one sched_getcpu and one sched_getaffinity per round otherwise). Called with the pool
+// locked.
+void keep_off_caller_cpu(std::vector<std::unique_ptr<Helper>>& helpers) {
+#ifdef __linux__
+  static const bool enabled = [] {
+    const char* v = std::getenv("FORKATTN_CPU_HELPER_AFFINITY");
+    return !(v && std::strcmp(v, "0") == 0);
+  }();
+  static int last_cpu = -1;
+  static size_t last_helpers = 0;
+  static cpu_set_t last_set;
+  if (!enabled) return;
+  const int cpu = sched_getcpu();
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (cpu < 0 || cpu >= CPU_SETSIZE || pthread_getaffinity_np(pthread_self(), sizeof(set), &set) != 0) return;
+  if (cpu == last_cpu && helpers.size() == last_helpers && CPU_EQUAL(&set, &last_set)) return;
+  last_cpu = cpu;
+  last_helpers = helpers.size();
+  last_set = set;
+  if (!CPU_ISSET(cpu, &set) || CPU_COUNT(&set) < 2) return;  // nowhere else to go: leave them as they are
+  CPU_CLR(cpu, &set);
+  for (auto& h : helpers) pthread_setaffinity_np(h->handle(), sizeof(set), &set);  // best effort
+#else
+  (void)helpers;
+#endif
+}
+
 // fn(i) for i in [0, n) on the calling thread and up to `threads - 1` helpers (created on first use,
 // kept for the process). One caller at a time: concurrent callers serialise on the pool.
 void run_chunks(int64_t n, int threads, const std::function<void(int64_t)>& fn) {
@@ -165,6 +210,7 @@ void run_chunks(int64_t n, int threads, const std::function<void(int64_t)>& fn) 
   } else {
     std::lock_guard<std::mutex> lock(pool_mutex);
     while (static_cast<int64_t>(helpers.size()) < want) helpers.push_back(std::make_unique<Helper>());
+    keep_off_caller_cpu(helpers);
     for (int64_t h = 0; h < want; ++h) helpers[h]->post(&round);
     round.work();
     for (int64_t h = 0; h < want; ++h) helpers[h]->finish();

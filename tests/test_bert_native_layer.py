@@ -567,27 +567,28 @@ def test_encoder_layer_cols_bad_arguments(change, words):
         _native._C.encoder_layer_cols_cpu(**_bad_cols(**change))
 
 
-def test_serial_prologue_runs_the_embeddings_on_one_thread(monkeypatch, threads):
-    """Batch 1 at 2 threads: the embeddings see one torch thread, the native layers get 2, and the
-    count is restored after the forward, also when the embeddings raise; with autograd, a large
-    batch or SERIAL_PROLOGUE off the embeddings keep 2 threads."""
+def test_serial_torch_ops_runs_embeddings_and_pooler_on_one_thread(monkeypatch, threads):
+    """Batch 1 at 2 threads: the embeddings and the pooler see one torch thread, the native layers
+    get 2, and the count is restored after the forward, also when the embeddings raise; with
+    autograd, a large batch or SERIAL_TORCH_OPS off, the embeddings and the pooler keep 2 threads."""
     torch.set_num_threads(2)
     m, _ = _pair()
-    seen, layer_threads = [], []
+    seen, pooler, layer_threads = [], [], []
     m.embeddings.register_forward_pre_hook(lambda mod, args: seen.append(torch.get_num_threads()))
+    m.pooler["dense"].register_forward_pre_hook(lambda mod, args: pooler.append(torch.get_num_threads()))
     _spy_native_layers(monkeypatch, lambda name, args: layer_threads.append(args[-1]))
     with torch.no_grad():
         m(_ids(100))
-        assert seen == [1] and layer_threads == [2, 2] and torch.get_num_threads() == 2
+        assert seen == [1] and pooler == [1] and layer_threads == [2, 2] and torch.get_num_threads() == 2
         with pytest.raises(IndexError):
             m(torch.full((1, 5), 10_000))  # an id past the vocabulary, inside the embeddings
         assert seen[-1] == 1 and torch.get_num_threads() == 2
-        m(_ids(128, B=2))  # 256 rows: row blocks, the embeddings on 2 threads
-        monkeypatch.setattr(cpu_inference, "SERIAL_PROLOGUE", False)
+        m(_ids(128, B=2))  # 256 rows: row blocks, the embeddings and the pooler on 2 threads
+        monkeypatch.setattr(cpu_inference, "SERIAL_TORCH_OPS", False)
         m(_ids(100))
-    assert seen[-2:] == [2, 2]
+    assert seen[-2:] == [2, 2] and pooler[-2:] == [2, 2]
     m(_ids(100))  # autograd
-    assert seen[-1] == 2 and torch.get_num_threads() == 2
+    assert seen[-1] == 2 and pooler[-1] == 2 and torch.get_num_threads() == 2
 
 
 def test_panel_layer_refuses_a_strided_qkv_bias():

@@ -23,7 +23,7 @@ from . import bert
 from . import ort as peers
 from . import profile_bert as pb
 
-CONFIGS = {  # name: (COL_SPLIT_ROWS, COL_PARTS_PER_THREAD, SERIAL_PROLOGUE, PANEL_GEMM)
+CONFIGS = {  # name: (COL_SPLIT_ROWS, COL_PARTS_PER_THREAD, SERIAL_TORCH_OPS, PANEL_GEMM)
     "rows": (0, 1, False, False), "cols+serial": (128, 1, True, False),
     "panel rows": (0, 1, False, True), "panel cols+serial": (128, 1, True, True)}
 
@@ -51,7 +51,7 @@ def main(argv=None):
     fns = {}
     for name, (rows, parts, serial, panel) in CONFIGS.items():
         def f(rows=rows, parts=parts, serial=serial, panel=panel):
-            ci.COL_SPLIT_ROWS, ci.COL_PARTS_PER_THREAD, ci.SERIAL_PROLOGUE, ci.PANEL_GEMM = rows, parts, serial, panel
+            ci.COL_SPLIT_ROWS, ci.COL_PARTS_PER_THREAD, ci.SERIAL_TORCH_OPS, ci.PANEL_GEMM = rows, parts, serial, panel
             with torch.inference_mode():
                 return ours(input_ids=ids, attention_mask=mask).last_hidden_state
         fns[name] = f

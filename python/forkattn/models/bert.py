@@ -52,7 +52,7 @@ from .activations import activation, check_activation
 from .backend import attention_backend, check_backend
 from .bert_names import hf_key, key_map_from_hf
 from .checkpoint import load_state
-from .cpu_inference import fast_path, fused_epilogues, native_layer, qkv_projection, serial_prologue
+from .cpu_inference import fast_path, fused_epilogues, native_layer, qkv_projection, serial_torch_ops
 from .dropout import AttentionDropout
 from .outputs import (AlbertForPreTrainingOutput, BaseModelOutputWithPooling, BertForPreTrainingOutput,
                       MaskedLMOutput, QuestionAnsweringModelOutput, SequenceClassifierOutput, TokenClassifierOutput)
@@ -317,7 +317,7 @@ class BertModel(BertPreTrainedModel):
                 packing, attention_mask = None, None
         if packing is None:
             key_padding_mask = None if attention_mask is None else attention_mask.bool()
-            with serial_prologue(input_ids):  # batch 1 on CPU: no OpenMP worker left spinning
+            with serial_torch_ops(input_ids):  # batch 1 on CPU: no OpenMP worker left spinning
                 x = self.embeddings(input_ids, token_type_ids, position_ids)
             x = self.encoder(x, key_padding_mask)
         else:
@@ -325,7 +325,10 @@ class BertModel(BertPreTrainedModel):
                                    None if token_type_ids is None else packing.pack(token_type_ids.expand_as(input_ids)),
                                    packing.pack(self._positions(input_ids, position_ids)))
             x = packing.unpack(x)
-        pooled = torch.tanh(self.pooler.dense(x[:, 0])) if (self.pooler is not None and add_pooling) else None
+        pooled = None
+        if self.pooler is not None and add_pooling:
+            with serial_torch_ops(input_ids):  # no OpenMP worker left spinning into the next forward
+                pooled = torch.tanh(self.pooler.dense(x[:, 0]))
         return BaseModelOutputWithPooling(last_hidden_state=x, pooler_output=pooled)
 
     def _positions(self, input_ids: Tensor, position_ids: Optional[Tensor]) -> Tensor:

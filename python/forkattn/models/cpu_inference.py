@@ -58,7 +58,7 @@ COL_PARTS_PER_THREAD = 1  # column parts per thread (more: finer load balance, n
 # None (default) where it is measured fastest (weight_kind), True wherever the CPU kernel variant in use
 # has a tile (not "default"), False never (oneDNN / ATen then, as PACKED says)
 PANEL_GEMM = None
-SERIAL_PROLOGUE = True  # the embeddings before column-split native layers on one OpenMP thread (serial_prologue)
+SERIAL_TORCH_OPS = True  # torch's ops around column-split native layers (embeddings, pooler) on one thread (serial_torch_ops)
 
 
 def cached(owner: nn.Module, slot: str, params: Sequence[Tensor], build: Callable[[Sequence[Tensor]], object]):
@@ -156,16 +156,18 @@ def fast_path(layer: nn.Module, x: Tensor) -> Optional[Weights]:
 
 
 @contextlib.contextmanager
-def serial_prologue(ids: Tensor) -> Iterator[None]:
+def serial_torch_ops(ids: Tensor) -> Iterator[None]:
     """torch on one thread inside the block when the encoder's native layers will split columns over
     the rows of token ids `ids` (CPU, no autograd, threads > 1, fewer than COL_SPLIT_ROWS rows per
-    thread: batch 1). The embeddings'
-    element-wise ops before the first layer are OpenMP regions, and after each one torch's idle
-    OpenMP worker spins (libgomp's default wait policy) on one of the cores the layer's own two
-    threads need: measured ~20 ms of CPU per MiniLM B1 forward (docs/CPU_INFERENCE.md). At these
+    thread: batch 1). Used around the embeddings before the first layer and the pooler after the
+    last. Their element-wise ops are OpenMP regions (the pooler's tanh goes to MKL's VML, which opens
+    one even for a single row), and after each one torch's idle OpenMP worker spins (libgomp's
+    default wait policy: ~6.5 ms on this Zen 5) on one of the cores the layers' own two threads
+    need: the embeddings' regions measured ~20 ms of CPU per MiniLM B1 forward, the pooler's ~6.5 ms
+    spilling into the next forward when forwards run back to back (docs/CPU_INFERENCE.md). At these
     sizes the ops gain nothing from a second thread. The thread count is restored on exit."""
     threads = torch.get_num_threads()
-    if not (SERIAL_PROLOGUE and FUSED and NATIVE_LAYER and ids.device.type == "cpu" and threads > 1
+    if not (SERIAL_TORCH_OPS and FUSED and NATIVE_LAYER and ids.device.type == "cpu" and threads > 1
             and ids.numel() < COL_SPLIT_ROWS * threads and not torch.is_grad_enabled()):
         yield
         return
