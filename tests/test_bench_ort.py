@@ -87,3 +87,23 @@ def test_pause_between_calls_is_not_timed():
     assert all(res[n].median < 0.01 for n in fns), res  # the samples exclude the sleeps
     gaps = [b - a for a, b in zip(calls[-6:], calls[-5:])]
     assert min(gaps) >= 0.025, gaps  # ... which happen between the calls
+
+
+def test_bert_processes_times_each_implementation_in_its_own_process(monkeypatch, capsys):
+    """bench.bert_processes: one fresh process per implementation and round, each checked against
+    transformers (the report's max|diff|), and a peer's ratio over forkattn per round."""
+    import os
+
+    from forkattn.bench import bert_processes
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.setenv("PYTHONPATH", os.path.join(root, "python"))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    bert_processes.main(["--model", "small", "--seqlen", "16", "--batch", "3", "--rounds", "2", "--reps", "2",
+                         "--impls", "forkattn,hf-sdpa"])
+    out = capsys.readouterr().out
+    assert "small B3 L16, 2 threads, 2 processes x 2 calls each" in out
+    diffs = [float(line.split("transformers")[1]) for line in out.splitlines() if "max|diff|" in line]
+    assert len(diffs) == 2 and max(diffs) < 1e-4, out
+    assert "hf-sdpa / forkattn per round:" in out
+    with pytest.raises(SystemExit):
+        bert_processes.main(["--impls", "ort,hf-sdpa"])  # forkattn is the reference row

@@ -1,5 +1,5 @@
-"""Batch-1 BERT on CPU: the native layer's row split vs its column split (with and without the
-serial prologue), on oneDNN-packed weights and on forkattn's packed-panel GEMM (`panel ...`:
+"""Batch-1 BERT on CPU: the native layer's row split vs its column split (with and without
+serial_torch_ops), on oneDNN-packed weights and on forkattn's packed-panel GEMM (`panel ...`:
 cpu_inference.PANEL_GEMM), vs ONNX Runtime, interleaved in one process (issue #18,
 docs/CPU_INFERENCE.md).
 
