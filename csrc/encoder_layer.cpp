@@ -30,6 +30,7 @@
 #ifdef __linux__
 #include <pthread.h>
 #include <sched.h>
+#include <unistd.h>
 #endif
 
 #include <algorithm>
@@ -116,6 +117,11 @@ class Helper {
     cv_.notify_all();
   }
   std::thread::native_handle_type handle() { return thread_.native_handle(); }
+#ifdef __linux__
+  // Whether this helper's thread belongs to this process: a forked child inherits the pool's
+  // objects but not their threads, and their handles name threads of the parent.
+  bool ours() const { return pid_ == getpid(); }
+#endif
   // Revoke the round if the helper has not picked it up, else wait until it has left it.
   void finish() {
     int expected = kQueued;
@@ -154,6 +160,9 @@ class Helper {
   std::atomic<int> state_{kIdle};
   std::atomic<Round*> round_{nullptr};
   bool stop_ = false;
+#ifdef __linux__
+  const pid_t pid_ = getpid();
+#endif
   std::thread thread_;  // last: starts after the fields above exist
 };
 
@@ -188,7 +197,9 @@ void keep_off_caller_cpu(std::vector<std::unique_ptr<Helper>>& helpers) {
   last_set = set;
   if (!CPU_ISSET(cpu, &set) || CPU_COUNT(&set) < 2) return;  // nowhere else to go: leave them as they are
   CPU_CLR(cpu, &set);
-  for (auto& h : helpers) pthread_setaffinity_np(h->handle(), sizeof(set), &set);  // best effort
+  for (auto& h : helpers) {
+    if (h->ours()) pthread_setaffinity_np(h->handle(), sizeof(set), &set);  // best effort
+  }
 #else
   (void)helpers;
 #endif

@@ -52,6 +52,24 @@ DRIVER = textwrap.dedent("""
     prev = helper_sets()
     assert torch.equal(_native._C.encoder_layer_cpu(**args), want)
     print("PINNED", full[0], prev == helper_sets(), "HELPERS", helper_sets(), flush=True)
+    os.sched_setaffinity(0, full)
+    assert torch.equal(_native._C.encoder_layer_cpu(**args), want)
+    before = helper_sets()
+    pid = os.fork()
+    if pid == 0:  # the child has the pool's objects but not its threads: it must leave the parent's alone
+        code = 0
+        try:
+            for cpu in full[:2]:  # move, so that the child's pool wants to re-place its helpers
+                os.sched_setaffinity(0, {{cpu}})
+                os.sched_setaffinity(0, full)
+                code |= not torch.equal(_native._C.encoder_layer_cpu(**args), want)
+            # nor re-pin itself: a dead helper's handle reads as the calling thread here (glibc)
+            code |= 4 * (os.sched_getaffinity(0) != set(full))
+        except BaseException:
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    print("FORK", os.waitstatus_to_exitcode(status), before == helper_sets(), "HELPERS", helper_sets(), flush=True)
 """)
 
 
@@ -74,14 +92,16 @@ def test_helpers_leave_the_callers_cpu():
     first = _sets(lines[0])  # unpinned caller: the helper avoids whichever CPU the caller was on
     assert len(first) == 1 and len(first[0]) == len(full) - 1 and set(first[0]) < set(full)
     followed = 0
-    for line in lines[1:-1]:  # the caller moved: the helper follows, off the caller's new CPU
+    for line in lines[1:-2]:  # the caller moved: the helper follows, off the caller's new CPU
         before, after = int(line[1]), int(line[2])
         assert len(_sets(line)) == 1 and len(_sets(line)[0]) == len(full) - 1, line
         if before == after:  # else the scheduler moved the caller during the call: which CPU it saw is unknown
             assert _sets(line) == [tuple(c for c in full if c != before)], line
             followed += 1
     assert followed >= 2, lines  # four moves; the scheduler will not have moved the caller in three of them
-    assert lines[-1][0] == "PINNED" and lines[-1][2] == "True", lines[-1]
+    assert lines[-2][0] == "PINNED" and lines[-2][2] == "True", lines[-2]
+    # a forked child computes the same layer (on its calling thread) and leaves the parent's helpers be
+    assert lines[-1][:3] == ["FORK", "0", "True"], lines[-1]
 
 
 def test_helper_affinity_can_be_turned_off():
