@@ -603,3 +603,11 @@ def test_panel_layer_refuses_a_strided_qkv_bias():
     with pytest.raises(ValueError, match=re.escape("qkv_b must be [3 * hidden] = [144], contiguous")):
         _native._C.encoder_layer_cpu(**dict(args, qkv_b=strided[::2]))
     torch.testing.assert_close(_native._C.encoder_layer_cpu(**dict(args, qkv_b=strided[::2].contiguous())), want)
+
+
+@pytest.mark.parametrize("rows, threads, want", [
+    (128, 2, 2), (860, 2, 4), (1568, 2, 8), (1568, 1, 7), (3000, 2, 12), (300, 3, 3), (1, 4, 4), (0, 2, 2)])
+def test_row_chunks_are_a_multiple_of_the_threads(rows, threads, want):
+    """At most BLOCK_ROWS (256) rows per block, at least one block per thread, and a multiple of the
+    thread count (1568 rows on 2 threads: 8 blocks, not 7 with one thread doing 4 of them)."""
+    assert cpu_inference.row_chunks(rows, threads) == want
