@@ -167,12 +167,17 @@ inline void accumulate(V (&acc)[MR][NV], int64_t k, const A& a, const B& b) {
       for (int v = 0; v < NV; ++v) acc[i][v] = Simd::fmadd(ab, bv[v], acc[i][v]);
     }
   };
-  int64_t p = 0;
-  for (; p + KU <= k; p += KU) {
+  // GCC's own unrolling of the k loop (a pragma needs a literal: one loop per KU); measured: a
+  // hand-unrolled loop of KU calls of step() ran the zmm 8 x 48 panel tile 20% slower.
+  if constexpr (KU == 4) {
 #pragma GCC unroll 4
-    for (int u = 0; u < KU; ++u) step(p + u);
+    for (int64_t p = 0; p < k; ++p) step(p);
+  } else if constexpr (KU == 2) {
+#pragma GCC unroll 2
+    for (int64_t p = 0; p < k; ++p) step(p);
+  } else {
+    for (int64_t p = 0; p < k; ++p) step(p);
   }
-  for (; p < k; ++p) step(p);
 }
 
 // store(i, v, acc[i][v]) for every accumulator, vector-major (a per-vector value such as a bias
