@@ -11,7 +11,9 @@ for bit.
    chain or dropping the fusion fails these.
 2. Against another build (the tree before a change, e.g. main's): with FORKATTN_BITWISE_REF_TREE set
    to a tree's python/ folder, a subprocess dumps that build's outputs (this file run as a script)
-   and every output here, GELU epilogue included, must equal them bit for bit. Skipped otherwise.
+   and every output here, GELU epilogue included, must equal them bit for bit (so must the CPU
+   attention forward's output and lse: its softmax's row max, tiles.h row_max, is exact). Skipped
+   otherwise.
 """
 import os
 import platform
@@ -61,6 +63,12 @@ def _run_all(variants):
                     y = torch.full((M, N), float("nan"))
                     C.gemm_packed_cpu(x, packed, N, b, ep, y, 0, N)
                     out[f"gemm {isa} {M}x{N}x{K} ep{ep}"] = y
+            for B, L, D in ((1, 97, 32), (2, 128, 64)):  # the online softmax (tiles.h row_max) beside them
+                g = torch.Generator().manual_seed(L)
+                q, k, v = (torch.randn(B, 3, L, D, generator=g) for _ in range(3))
+                kpm = torch.arange(L)[None, :] < torch.tensor([L, L // 2 + 1])[:B, None]
+                o, lse = C.attention_fwd_cpu(q, k, v, kpm, False, D ** -0.5)
+                out[f"attn {isa} B{B} L{L} D{D}"], out[f"lse {isa} B{B} L{L} D{D}"] = o, lse
             if isa == "default":
                 continue  # the tile matmuls' own path exists in AVX2 / AVX512 (DEFAULT runs MKL)
             for s, (m, n, k) in enumerate(TILE_SHAPES):
