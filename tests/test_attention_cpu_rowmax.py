@@ -8,19 +8,11 @@ import pytest
 import torch
 
 from forkattn import _native
-from test_cpu_isa import compiled, runs_here
+from test_gemm_cpu import isa  # noqa: F401  (the fixture: each variant compiled in that runs here)
 
 C = _native._C
 pytestmark = pytest.mark.skipif(C is None, reason=f"forkattn._C is not built: {_native.ERROR}")
 LENGTHS = [1, 7, 16, 31, 32, 33, 47, 97, 129]
-
-
-@pytest.fixture(params=[i for i in ["default", "avx2", "avx512"] if i in compiled() and runs_here(i)])
-def isa(request):
-    before = C.cpu_isa()
-    assert C._choose_cpu_isa(request.param) == request.param
-    yield request.param
-    C._choose_cpu_isa(before)
 
 
 def _inputs(L, D=32, seed=0):
