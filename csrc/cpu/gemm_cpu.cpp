@@ -5,10 +5,11 @@
 // (gemm_panel_width_kernel): 48 for AVX512, 24 for AVX2 and DEFAULT; the host checks that a packed
 // weight ([panels, K, kNr]) has the width of the variant in use. The kernels walk
 //   K in blocks of kKc (in practice all of K)  >  panels of kNr columns  >  row blocks of kMr
-// and per (row block, panel, K block) run an kMr x kNr register tile:
+// and per (row block, panel, K block) run a kMr x kNr register tile, cpu/regblock.h's register block
+// (the one the attention kernels' tile matmuls run too: cpu/tile_gemm.h) over the packed panel:
 // - AVX512: 8 x 48, 24 zmm accumulators, per k three 16-float loads of the panel and eight
-//   broadcasts of x (one per row), 24 FMAs (12x32, 14x32, 6x64: docs/CPU_INFERENCE.md, "An AVX-512
-//   tile"); the last panel's columns and the epilogue through masked loads and stores;
+//   broadcasts of x (one per row), 24 FMAs, k unrolled by 2 (12x32, 14x32, 6x64: docs/CPU_INFERENCE.md,
+//   "An AVX-512 tile"); the last panel's columns and the epilogue through masked loads and stores;
 // - AVX2: 4 x 24, 12 ymm accumulators, three 8-float loads and four broadcasts per twelve FMAs,
 //   k unrolled by 4 (a 6 x 16 tile measured 3-13% slower: docs/CPU_INFERENCE.md).
 // BERT's widths (384 ... 3072) are multiples of 24 and of 48. The panel (K x kNr floats) stays in
@@ -25,24 +26,22 @@
 #include <cstdint>
 #include <utility>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
-
 #include "cpu/gelu.h"
+#include "cpu/regblock.h"
 #include "gemm.h"
 
 namespace forkattn {
 namespace cpu::CPU_CAPABILITY {  // one copy per ISA variant: cpu/isa.h
 namespace {
 
-#if defined(__AVX512F__) && defined(__AVX512DQ__) && defined(__FMA__)
-#define FORKATTN_GEMM_ZMM 1
+#if defined(CPU_CAPABILITY_AVX512)
 constexpr int64_t kNr = 48;  // output columns per panel: three zmm
 constexpr int kMr = 8;       // rows per register tile
+constexpr int kKu = 2;       // k steps per loop trip of the register block
 #else
 constexpr int64_t kNr = 24;  // three ymm (AVX2); the DEFAULT loop uses the same layout
 constexpr int kMr = 4;
+constexpr int kKu = 4;
 #endif
 // K block. Measured at BERT's shapes (M = 128, K 384..3072; docs/CPU_INFERENCE.md): blocks of 128,
 // 256, 512, 768, 1024 and 1536 were 0-15% slower than none with the AVX2 tile (the tile's store and
@@ -56,126 +55,66 @@ inline float epilogue1(float v, const float* bias, int64_t j, int epilogue) {
   return epilogue == static_cast<int>(GemmEpilogue::kBiasGelu) ? gelu(v) : v;
 }
 
-#if defined(FORKATTN_GEMM_ZMM)
-constexpr int kNv = static_cast<int>(kNr / 16);  // 16-float vectors per panel row
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+using regblock::Simd;
+using regblock::V;
+using regblock::W;
+constexpr int kNv = static_cast<int>(kNr / W);  // vectors per panel row
 
-// 16-wide exact GELU: the 8-wide one (cpu/gelu.h) on each half, so results match the bias + GELU pass.
-inline __m512 gelu16(__m512 v) {
+// The vector exact GELU: cpu/gelu.h's 8-wide one (on each half of a zmm), so results match the
+// bias + GELU pass's.
+inline V gelu_v(V v) {
+#if defined(CPU_CAPABILITY_AVX512)
   const __m256 lo = gelu8(_mm512_castps512_ps256(v)), hi = gelu8(_mm512_extractf32x8_ps(v, 1));
   return _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1);
-}
-
-// y rows [0, MR) x columns [0, nv) (+)= x[0:MR, 0:kc] @ panel slice bp [kc][kNr]; `add`: accumulate
-// into y (a later K block); `bias` non-null in the last K block when the epilogue has one. The
-// accumulators are an array that the fully unrolled loops index only with constants, so GCC keeps
-// all MR x kNv of them in zmm registers (checked in the disassembly: no stack access in the k loop).
-template <int MR>
-inline void tile(const float* x, int64_t ldx, const float* bp, int64_t kc, float* y, int64_t ldy, int nv, bool add,
-                 const float* bias, int epilogue) {
-  __m512 acc[MR][kNv];
-#pragma GCC unroll 8
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 4
-    for (int v = 0; v < kNv; ++v) acc[r][v] = _mm512_setzero_ps();
-#pragma GCC unroll 2
-  for (int64_t k = 0; k < kc; ++k, bp += kNr) {
-    __m512 b[kNv];
-#pragma GCC unroll 4
-    for (int v = 0; v < kNv; ++v) b[v] = _mm512_loadu_ps(bp + 16 * v);
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      const __m512 a = _mm512_set1_ps(x[r * ldx + k]);
-#pragma GCC unroll 4
-      for (int v = 0; v < kNv; ++v) acc[r][v] = _mm512_fmadd_ps(a, b[v], acc[r][v]);
-    }
-  }
-  const bool gelu_too = epilogue == static_cast<int>(GemmEpilogue::kBiasGelu);
-#pragma GCC unroll 4
-  for (int v = 0; v < kNv; ++v) {
-    const int cols = nv - 16 * v;  // valid columns of this vector (the last panel may have fewer)
-    if (cols <= 0) break;
-    const __mmask16 m = cols >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << cols) - 1);
-    const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * v) : _mm512_setzero_ps();
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) {
-      float* yr = y + r * ldy + 16 * v;
-      __m512 t = acc[r][v];
-      if (add) t = _mm512_add_ps(t, _mm512_maskz_loadu_ps(m, yr));
-      if (bias) {
-        t = _mm512_add_ps(t, bv);
-        if (gelu_too) t = gelu16(t);
-      }
-      _mm512_mask_storeu_ps(yr, m, t);
-    }
-  }
-}
-#elif defined(__AVX2__) && defined(__FMA__)
-constexpr int kNv = static_cast<int>(kNr / 8);  // 8-float vectors per panel row
-
-// Rows [0, mr) of a finished tile acc into y's columns [0, nv): added to y's values when `add`, then
-// the epilogue when `bias` is non-null (the last K block).
-inline void store_tile(const float (*acc)[kNr], int mr, float* y, int64_t ldy, int nv, bool add, const float* bias,
-                       int epilogue) {
-  const bool gelu_too = epilogue == static_cast<int>(GemmEpilogue::kBiasGelu);
-  if (nv == kNr) {
-    __m256 b[kNv];
-    for (int v = 0; v < kNv; ++v) b[v] = bias ? _mm256_loadu_ps(bias + 8 * v) : _mm256_setzero_ps();
-    for (int r = 0; r < mr; ++r) {
-      float* yr = y + r * ldy;
-      for (int v = 0; v < kNv; ++v) {
-        __m256 t = _mm256_load_ps(acc[r] + 8 * v);
-        if (add) t = _mm256_add_ps(t, _mm256_loadu_ps(yr + 8 * v));
-        if (bias) {
-          t = _mm256_add_ps(t, b[v]);
-          if (gelu_too) t = gelu8(t);
-        }
-        _mm256_storeu_ps(yr + 8 * v, t);
-      }
-    }
-    return;
-  }
-  for (int r = 0; r < mr; ++r) {  // the last panel: only nv < kNr columns exist in y (and in bias)
-    float* yr = y + r * ldy;
-    for (int j = 0; j < nv; ++j) {
-      const float v = add ? acc[r][j] + yr[j] : acc[r][j];
-      yr[j] = bias ? epilogue1(v, bias, j, epilogue) : v;
-    }
-  }
-}
-
-// y rows [0, MR) x columns [0, nv) (+)= x[0:MR, 0:kc] @ panel slice bp [kc][24]; `add`: accumulate
-// into y (a later K block); `bias` non-null in the last K block when the epilogue has one.
-template <int MR>
-inline void tile(const float* x, int64_t ldx, const float* bp, int64_t kc, float* y, int64_t ldy, int nv, bool add,
-                 const float* bias, int epilogue) {
-  static_assert(kNr == 24 && kMr == 4, "the tile below is written for 4 rows x 3 vectors");
-  // Named accumulators, not arrays: GCC kept arrays of vectors on the stack (a store per FMA).
-  __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a10 = a00, a11 = a00, a12 = a00, a20 = a00, a21 = a00,
-         a22 = a00, a30 = a00, a31 = a00, a32 = a00;
-#pragma GCC unroll 4
-  for (int64_t k = 0; k < kc; ++k, bp += kNr) {
-    const __m256 b0 = _mm256_loadu_ps(bp), b1 = _mm256_loadu_ps(bp + 8), b2 = _mm256_loadu_ps(bp + 16);
-#define FORKATTN_GEMM_ROW(r)                               \
-  if constexpr (MR > r) {                                  \
-    const __m256 a = _mm256_broadcast_ss(x + r * ldx + k); \
-    a##r##0 = _mm256_fmadd_ps(a, b0, a##r##0);             \
-    a##r##1 = _mm256_fmadd_ps(a, b1, a##r##1);             \
-    a##r##2 = _mm256_fmadd_ps(a, b2, a##r##2);             \
-  }
-    FORKATTN_GEMM_ROW(0) FORKATTN_GEMM_ROW(1) FORKATTN_GEMM_ROW(2) FORKATTN_GEMM_ROW(3)
-#undef FORKATTN_GEMM_ROW
-  }
-  const __m256 c[kMr][kNv] = {{a00, a01, a02}, {a10, a11, a12}, {a20, a21, a22}, {a30, a31, a32}};
-  // Only the loop above touches the accumulators (so they stay in registers); the stores read a copy.
-  alignas(32) float acc[MR][kNr];
-  for (int r = 0; r < MR; ++r)
-    for (int v = 0; v < kNv; ++v) _mm256_store_ps(acc[r] + 8 * v, c[r][v]);
-  store_tile(acc, MR, y, ldy, nv, add, bias, epilogue);
-}
-
+#else
+  return gelu8(v);
 #endif
+}
 
-#if defined(__AVX2__) && defined(__FMA__)
+// y rows [0, MR) x columns [0, nv) (+)= x[0:MR, 0:kc] @ panel slice bp [kc][kNr]: cpu/regblock.h's
+// register block (A: rows of x in place; B: the packed panel), then the store: added to y (`add`, a
+// later K block), then bias (+ GELU) when `bias` is non-null (the last K block). A partial last
+// panel stores its nv valid columns through masked stores (zmm), or per element (ymm, with the
+// scalar GELU: the outputs of the 4 x 24 ymm tile before it became this block, bit for bit).
+template <int MR>
+inline void tile(const float* x, int64_t ldx, const float* bp, int64_t kc, float* y, int64_t ldy, int nv, bool add,
+                 const float* bias, int epilogue) {
+  V acc[MR][kNv];
+  regblock::accumulate<MR, kNv, kKu>(acc, kc, regblock::RowsA{x, ldx}, regblock::PanelB{bp, kNr});
+  const bool gelu_too = epilogue == static_cast<int>(GemmEpilogue::kBiasGelu);
+  regblock::store_block(acc, [&](int r, int v, V t) __attribute__((always_inline)) {
+    const int cols = nv - W * v;  // valid columns of this vector (the last panel may have fewer)
+    if (cols <= 0) return;
+    float* yr = y + r * ldy + W * v;
+#if defined(CPU_CAPABILITY_AVX512)
+    const auto m = cols >= W ? Simd::all() : Simd::first(cols);
+    if (add) t = Simd::add(t, Simd::load(yr, m));
+    if (bias) {
+      t = Simd::add(t, Simd::load(bias + W * v, m));
+      if (gelu_too) t = gelu_v(t);
+    }
+    Simd::store(yr, m, t);
+#else
+    if (nv < kNr) {  // the last panel: only nv < kNr columns exist in y (and in bias)
+      alignas(32) float a[W];
+      Simd::store(a, t);
+      for (int j = 0; j < std::min(cols, W); ++j) {
+        const float e = add ? a[j] + yr[j] : a[j];
+        yr[j] = bias ? epilogue1(e, bias + W * v, j, epilogue) : e;
+      }
+      return;
+    }
+    if (add) t = Simd::add(t, Simd::load(yr));
+    if (bias) {
+      t = Simd::add(t, Simd::load(bias + W * v));
+      if (gelu_too) t = gelu_v(t);
+    }
+    Simd::store(yr, t);
+#endif
+  });
+}
+
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int, bool, const float*, int);
 template <int... R>  // {nullptr, tile<1>, ..., tile<kMr>}: kTiles[mr] runs an mr-row block
 constexpr std::array<TileFn, kMr + 1> tile_table(std::integer_sequence<int, R...>) {
@@ -210,7 +149,7 @@ void gemm_kernel(const float* x, int64_t ldx, int64_t M, int64_t K, const float*
       for (int64_t n = n0; n < n1; ++n) y[m * ldy + n] = has_bias ? epilogue1(0.f, bias, n, epilogue) : 0.f;
     return;
   }
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   for (int64_t k0 = 0; k0 < K; k0 += kKc) {
     const int64_t kc = std::min(kKc, K - k0);
     const bool add = k0 > 0, last = k0 + kc == K;

@@ -4,10 +4,12 @@
 //   C[m, n] = alpha * X . Y + beta * C      X(i, p): [m, k] rows (xt = false) or its transpose
 //                                           stored [k, m] (xt = true); Y [k, n] rows, unit stride
 //
-// C, X and Y have any row strides. A microkernel keeps an MR x (W NV) block of C in MR * NV vector
-// accumulators (W = 16 floats for zmm, 8 for ymm); per step p it loads NV vectors of Y's row p (the
-// last one masked to n) and broadcasts MR entries of X's column p from wherever they lie (rows of X
-// when xt = false, a contiguous run of X's row p when xt = true): neither operand is packed.
+// C, X and Y have any row strides. A microkernel is cpu/regblock.h's register block (the one the
+// packed-panel GEMM runs too): an MR x (W NV) block of C in MR * NV vector accumulators (W = 16
+// floats for zmm, 8 for ymm); per step p it loads NV vectors of Y's row p (StridedB: the last one
+// masked to n) and broadcasts MR entries of X's column p from wherever they lie (RowsA: rows of X
+// when xt = false; ColsA: a contiguous run of X's row p when xt = true): neither operand is packed.
+// Its epilogue here: C = alpha * acc (+ beta * C, read only when beta != 0), masked to n.
 // A . B^T (both operands with k contiguous) first transposes B into a per-thread [k, n] panel (W x W
 // register transposes), read by every row block of the call.
 //
@@ -23,6 +25,7 @@
 #pragma once
 
 #include "cpu/isa.h"
+#include "cpu/regblock.h"
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
@@ -37,90 +40,11 @@ namespace cpu::CPU_CAPABILITY {
 namespace {
 namespace tile_gemm {
 
-// The vector type of this variant and the few operations the kernels need; Mask selects the
-// leading lanes of a partial vector (loads of masked-off lanes read nothing and give 0).
-#if defined(CPU_CAPABILITY_AVX512)
-struct Simd {
-  using V = __m512;
-  using Mask = __mmask16;
-  static constexpr int W = 16;
-  static Mask first(int64_t n) { return Mask((1u << n) - 1); }  // 1 <= n <= 16
-  static Mask all() { return Mask(0xffff); }
-  static V zero() { return _mm512_setzero_ps(); }
-  static V set1(float x) { return _mm512_set1_ps(x); }
-  static V load(const float* p) { return _mm512_loadu_ps(p); }
-  static V load(const float* p, Mask m) { return _mm512_maskz_loadu_ps(m, p); }
-  static void store(float* p, Mask m, V v) { _mm512_mask_storeu_ps(p, m, v); }
-  static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
-  static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
-  // r[j] (row j, 16 columns) -> r[p] (column p, 16 rows): 32-bit, 64-bit, then 128-bit interleaves
-  static void transpose(V* r) {
-    V t[16];
-    for (int j = 0; j < 16; j += 2) {
-      t[j] = _mm512_unpacklo_ps(r[j], r[j + 1]);
-      t[j + 1] = _mm512_unpackhi_ps(r[j], r[j + 1]);
-    }
-    for (int j = 0; j < 16; j += 4) {
-      const __m512d a = _mm512_castps_pd(t[j]), b = _mm512_castps_pd(t[j + 2]);
-      const __m512d e = _mm512_castps_pd(t[j + 1]), f = _mm512_castps_pd(t[j + 3]);
-      r[j] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
-      r[j + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
-      r[j + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(e, f));
-      r[j + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(e, f));
-    }
-    // r[4 g + q] now holds, per 128-bit lane L, column p = 4 L + q of rows j = 4 g .. 4 g + 3
-    for (int q = 0; q < 4; ++q) {
-      const V a0 = _mm512_shuffle_f32x4(r[q], r[4 + q], 0x88);  // lanes 0, 2 of g = 0 | g = 1
-      const V a1 = _mm512_shuffle_f32x4(r[q], r[4 + q], 0xdd);  // lanes 1, 3
-      const V b0 = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0x88);
-      const V b1 = _mm512_shuffle_f32x4(r[8 + q], r[12 + q], 0xdd);
-      t[q] = _mm512_shuffle_f32x4(a0, b0, 0x88);       // lane 0 of every g: p = q
-      t[8 + q] = _mm512_shuffle_f32x4(a0, b0, 0xdd);   // lane 2: p = 8 + q
-      t[4 + q] = _mm512_shuffle_f32x4(a1, b1, 0x88);   // lane 1: p = 4 + q
-      t[12 + q] = _mm512_shuffle_f32x4(a1, b1, 0xdd);  // lane 3: p = 12 + q
-    }
-    std::copy(t, t + 16, r);
-  }
-};
-#else
-struct Simd {
-  using V = __m256;
-  using Mask = __m256i;
-  static constexpr int W = 8;
-  static Mask first(int64_t n) {  // 1 <= n <= 8
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  }
-  static Mask all() { return _mm256_set1_epi32(-1); }
-  static V zero() { return _mm256_setzero_ps(); }
-  static V set1(float x) { return _mm256_set1_ps(x); }
-  static V load(const float* p) { return _mm256_loadu_ps(p); }
-  static V load(const float* p, Mask m) { return _mm256_maskload_ps(p, m); }
-  static void store(float* p, Mask m, V v) { _mm256_maskstore_ps(p, m, v); }
-  static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
-  static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
-  // r[j] (row j, 8 columns) -> r[p] (column p, 8 rows): 32-bit, 64-bit, then 128-bit interleaves
-  static void transpose(V* r) {
-    V t[8], s[8];
-    for (int j = 0; j < 8; j += 2) {
-      t[j] = _mm256_unpacklo_ps(r[j], r[j + 1]);
-      t[j + 1] = _mm256_unpackhi_ps(r[j], r[j + 1]);
-    }
-    for (int j = 0; j < 8; j += 4) {  // per 128-bit lane L: s[j + q] = column 4 L + q of rows j .. j + 3
-      s[j] = _mm256_shuffle_ps(t[j], t[j + 2], 0x44);
-      s[j + 1] = _mm256_shuffle_ps(t[j], t[j + 2], 0xee);
-      s[j + 2] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0x44);
-      s[j + 3] = _mm256_shuffle_ps(t[j + 1], t[j + 3], 0xee);
-    }
-    for (int q = 0; q < 4; ++q) {
-      r[q] = _mm256_permute2f128_ps(s[q], s[4 + q], 0x20);
-      r[4 + q] = _mm256_permute2f128_ps(s[q], s[4 + q], 0x31);
-    }
-  }
-};
-#endif
-using V = Simd::V;
-using Mask = Simd::Mask;
-constexpr int W = Simd::W;
+// The vector type and the register block are cpu/regblock.h's (shared with the panel GEMM).
+using regblock::Mask;
+using regblock::Simd;
+using regblock::V;
+using regblock::W;
 
 constexpr int64_t kKc = 128;  // k per step
 
@@ -129,42 +53,21 @@ constexpr int64_t kKc = 128;  // k per step
 template <int MR, int NV, bool XT>
 inline void micro(int64_t k, const float* x, int64_t ldx, const float* y, int64_t ldy, float* c, int64_t ldc,
                   float alpha, float beta, Mask last) {
-  // The unroll pragmas are needed: without them GCC 12 keeps acc[][] in memory as well as in
-  // registers (a store per FMA; measured 88 GFLOP/s instead of 260 for zmm).
   V acc[MR][NV];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) acc[i][v] = Simd::zero();
-  }
-  const float* xr[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) xr[i] = XT ? x + i : x + i * ldx;
-  for (int64_t p = 0; p < k; ++p) {
-    const float* yp = y + p * ldy;
-    V yv[NV];
-#pragma GCC unroll 8
-    for (int v = 0; v < NV - 1; ++v) yv[v] = Simd::load(yp + W * v);
-    yv[NV - 1] = Simd::load(yp + W * (NV - 1), last);
-#pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-      const V xb = Simd::set1(XT ? x[p * ldx + i] : xr[i][p]);
-#pragma GCC unroll 8
-      for (int v = 0; v < NV; ++v) acc[i][v] = Simd::fmadd(xb, yv[v], acc[i][v]);
-    }
+  const regblock::StridedB yb{y, ldy, last};
+  if constexpr (XT) {
+    regblock::accumulate<MR, NV, 1>(acc, k, regblock::ColsA{x, ldx}, yb);
+  } else {
+    regblock::accumulate<MR, NV, 1>(acc, k, regblock::RowsA{x, ldx}, yb);
   }
   const V va = Simd::set1(alpha), vb = Simd::set1(beta);
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) {
-    float* ci = c + i * ldc;
-#pragma GCC unroll 8
-    for (int v = 0; v < NV; ++v) {
-      const Mask mk = v == NV - 1 ? last : Simd::all();
-      V r = Simd::mul(acc[i][v], va);
-      if (beta != 0.f) r = Simd::fmadd(vb, Simd::load(ci + W * v, mk), r);
-      Simd::store(ci + W * v, mk, r);
-    }
-  }
+  regblock::store_block(acc, [&](int i, int v, V t) __attribute__((always_inline)) {
+    float* ci = c + i * ldc + W * v;
+    const Mask mk = v == NV - 1 ? last : Simd::all();
+    V r = Simd::mul(t, va);
+    if (beta != 0.f) r = Simd::fmadd(vb, Simd::load(ci, mk), r);  // beta = 0 never reads C
+    Simd::store(ci, mk, r);
+  });
 }
 
 // The row blocks of one column panel (W NV columns, the last vector masked by `last`): MR rows at

@@ -301,6 +301,32 @@ void run_tasks(int64_t n, const MakeScratch& make_scratch, const Fn& fn) {
   });
 }
 
+// max over x[0, n), NaN when one is NaN (vec::row_max's result). AVX512: two independent max chains
+// and the NaN test as a mask OR beside them (at::vec::maximum puts its NaN blend on the one chain),
+// a masked tail instead of the scalar loop. Exact, so any order gives the same bits.
+inline float row_max(const float* x, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 m0 = _mm512_set1_ps(-kInf), m1 = m0;
+  __mmask16 nan = 0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 a = _mm512_loadu_ps(x + i), b = _mm512_loadu_ps(x + i + 16);
+    nan |= _mm512_cmp_ps_mask(a, b, _CMP_UNORD_Q);
+    m0 = _mm512_max_ps(m0, a);
+    m1 = _mm512_max_ps(m1, b);
+  }
+  for (; i < n; i += 16) {
+    const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1);
+    const __m512 a = _mm512_mask_loadu_ps(_mm512_set1_ps(-kInf), k, x + i);
+    nan |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    m0 = _mm512_max_ps(m0, a);
+  }
+  return nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+#else
+  return vec::row_max(x, n);
+#endif
+}
+
 // Folds a tile of scores (turned into probabilities in place) into the running max m, sum l
 // and the accumulator rows acc, which are rescaled when the max grows. after(r, row) then runs on
 // each row that has a visible key, while it is in L1 (the attention kernel's dropout).
@@ -309,7 +335,7 @@ void online_softmax(float* s, int64_t ld, int64_t rows, int64_t cols, float* m, 
                     const RowFn& after) {
   for (int64_t r = 0; r < rows; ++r) {
     float* row = s + r * ld;
-    const float m_new = vec::max_nan(m[r], vec::row_max(row, cols));
+    const float m_new = vec::max_nan(m[r], row_max(row, cols));
     if (m_new == -kInf) {  // nothing visible yet: this row of P is zero
       std::fill(row, row + cols, 0.f);
       continue;
