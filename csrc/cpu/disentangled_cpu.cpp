@@ -16,7 +16,9 @@
 // Scheduling: the forward runs one task per (batch, head, query block). The backward runs one task
 // per (head, chunk of the batch): it owns dK / dV of its keys and a private dpos_key / dpos_query
 // partial, and the partials are summed in chunk order afterwards, so the gradients into the position
-// embeddings do not depend on which thread ran what.
+// embeddings do not depend on which thread ran what. A dpos gradient nobody wants (an undefined
+// dpos_key / dpos_query) is skipped: its products are never formed. Each thread's scratch is kept
+// across calls (kept_scratch). The relative terms of a tile are in cpu/disentangled_terms.h.
 //
 // Dropout (dropout_p > 0) is attention_cpu.cpp's, from cpu/dropout_cpu.h: the mask of (b, h, i, j) that
 // plain attention draws for the same seed and shapes, applied to P after the online softmax's row sums
