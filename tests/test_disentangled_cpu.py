@@ -232,3 +232,30 @@ def test_dpos_skipped_when_not_wanted(wanted, B, H, threads, dtype):
             assert (torch.equal(a, b) if w else a.numel() == 0)
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kept_scratch_across_shapes(threads):
+    """Each thread's forward / backward scratch is kept between calls and rebuilt when the shapes change:
+    a call at shape A, then at others with the same query tiles (Lq 64) but more keys, another head dim,
+    one term off, padded keys with NaN, then at A again gives A's bits again; every call keeps the 2x rule."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kw = dict(max_relative_positions=40, position_buckets=16)
+        a = _inputs(2, 3, 64, 70, 32, 16, torch.float32, seed=21)
+        g = torch.randn(2, 3, 64, 32)
+        first = _grads("cpu", *a, g, **kw)
+        for B, Lk, D, extra in [(1, 300, 32, {}), (2, 129, 48, dict(c2p=False)), (3, 97, 32, None)]:
+            x = _inputs(B, 3, 64, Lk, D, 16, torch.float32, seed=Lk)
+            if extra is None:
+                mask = make_padding(B, Lk, generator=torch.Generator().manual_seed(2))
+                k, v = _poison(x[1], x[2], mask)
+                x = (x[0], k, v, x[3], x[4])
+                extra = dict(key_padding_mask=mask)
+            _check("cpu", *x, **kw, **extra)
+        again = _grads("cpu", *a, g, **kw)
+        assert all(torch.equal(p, q) for p, q in zip(first, again))
+        _check("cpu", *a, **kw)
+    finally:
+        torch.set_num_threads(prev)
