@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, bool c2p, bool p2c, double dropout_p, int64_t seed) {
+    double scale, bool c2p, bool p2c, double dropout_p, int64_t seed, bool want_dpos_key, bool want_dpos_query) {
   const DisentangledInputs in =
       check_disentangled_inputs(q, k, v, pos_key, pos_query, rel_index, key_padding_mask, c2p, p2c);
   check_dropout_p(dropout_p);
@@ -127,15 +127,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentang
   at::Tensor dq = empty_bhld(q, s.batch, s.heads, s.len_q, s.head_dim);
   at::Tensor dk = empty_bhld(k, s.batch, s.kv_heads, s.len_k, s.head_dim);
   at::Tensor dv = empty_bhld(v, s.batch, s.kv_heads, s.len_k, s.head_dim);
-  at::Tensor dpk = dpos_like(in.pos_key, q), dpq = dpos_like(in.pos_query, q);
+  // A dpos gradient nobody wants is returned empty ({0}) and its products (a sixth of the backward's) skipped.
+  at::Tensor dpk = dpos_like(want_dpos_key ? in.pos_key : at::Tensor(), q);
+  at::Tensor dpq = dpos_like(want_dpos_query ? in.pos_query : at::Tensor(), q);
   if (zero_grads_if_empty(s, dq, dk, dv)) {
     dpk.zero_();
     dpq.zero_();
     return {dq, dk, dv, dpk, dpq};
   }
+  at::Tensor dpk_arg = dpk.numel() > 0 ? dpk : at::Tensor(), dpq_arg = dpq.numel() > 0 ? dpq : at::Tensor();
   FORKATTN_CPU_DISPATCH(disentangled_attention_bwd_kernel)(dout, q, k, v, in.pos_key, in.pos_query, out, lse, rel_index,
                                          key_padding_mask, static_cast<float>(scale), dropout_p, seed, dq, dk, dv,
-                                         dpk, dpq);
+                                         dpk_arg, dpq_arg);
   return {dq, dk, dv, dpk, dpq};
 }
 

@@ -28,12 +28,14 @@ std::tuple<at::Tensor, at::Tensor> disentangled_attention_fwd_cpu(
 
 // Returns (dq, dk, dv, dpos_key, dpos_query): dq, dk, dv in the layout of empty_bhld; dpos_key /
 // dpos_query contiguous [H, 2 * span, D] in q's dtype (summed over the batch in a fixed order, so
-// the result does not depend on the thread count), or empty ({0}) for a term that is off.
+// the result does not depend on the thread count), or empty ({0}) for a term that is off or whose
+// gradient is not wanted (want_dpos_key / want_dpos_query false: its products are skipped).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> disentangled_attention_bwd_cpu(
     const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& pos_key, const std::optional<at::Tensor>& pos_query, const at::Tensor& out,
     const at::Tensor& lse, const at::Tensor& rel_index, const std::optional<at::Tensor>& key_padding_mask,
-    double scale, bool c2p, bool p2c, double dropout_p = 0.0, int64_t seed = 0);
+    double scale, bool c2p, bool p2c, double dropout_p = 0.0, int64_t seed = 0, bool want_dpos_key = true,
+    bool want_dpos_query = true);
 
 #ifdef FORKATTN_WITH_CUDA
 // CUDA version (kernels/disentangled): fp16/bf16, head_dim 32, 64 or 128, compute capability 8.0+.

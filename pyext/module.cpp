@@ -103,7 +103,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "DeBERTa disentangled attention backward (CPU): (dq, dk, dv, dpos_key, dpos_query)", py::arg("dout"),
         py::arg("q"), py::arg("k"), py::arg("v"), py::arg("pos_key"), py::arg("pos_query"), py::arg("out"),
         py::arg("lse"), py::arg("rel_index"), py::arg("key_padding_mask"), py::arg("scale"), py::arg("c2p"),
-        py::arg("p2c"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0);
+        py::arg("p2c"), py::arg("dropout_p") = 0.0, py::arg("seed") = 0, py::arg("want_dpos_key") = true,
+        py::arg("want_dpos_query") = true);
 #ifdef FORKATTN_WITH_CUDA
   m.def("disentangled_attention_fwd_cuda", &forkattn::disentangled_attention_fwd_cuda,
         "DeBERTa disentangled attention forward (CUDA): (out, lse)", py::arg("q"), py::arg("k"), py::arg("v"),

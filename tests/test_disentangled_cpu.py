@@ -190,3 +190,72 @@ def test_dpos_one_chunk_in_place_and_chunked(B, H, threads):
         assert all(torch.equal(a, b) for a, b in zip(first, again))
     finally:
         torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("wanted", [(False, False), (True, False), (False, True)], ids=["none", "pos_key", "pos_query"])
+@pytest.mark.parametrize("B,H,threads,dtype", [(1, 2, 2, torch.float32), (3, 2, 1, torch.float32),
+                                               (2, 3, 2, torch.bfloat16)],
+                         ids=["one-chunk", "chunks", "bf16-chunks"])
+def test_dpos_skipped_when_not_wanted(wanted, B, H, threads, dtype):
+    """pos_key / pos_query without requires_grad: the backward skips their products (the _C call returns
+    an empty dpos for them), and every gradient still wanted has the bits of the run that computes all
+    of them (dq, dk, dv never read the dpos products; a wanted dpos accumulates as before, in place or in
+    chunked partials)."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        q, k, v, pk, pq = _inputs(B, H, 97, 97, 32, 16, dtype, seed=B * 10 + H)
+        mask = make_padding(B, 97, generator=torch.Generator().manual_seed(H))
+        k, v = _poison(k, v, mask)
+        kw = dict(max_relative_positions=40, position_buckets=16, key_padding_mask=mask)
+        g = torch.randn(B, H, 97, 32).to(dtype)
+        full = _grads("cpu", q, k, v, pk, pq, g, **kw)
+        leaves = [t.detach().clone().requires_grad_(w) for t, w in zip((q, k, v, pk, pq), (True,) * 3 + wanted)]
+        out = forkattn.disentangled_attention(*leaves, backend="cpu", **kw)
+        grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], g)
+        expect = [full[1 + i] for i, t in enumerate(leaves) if t.requires_grad]
+        assert torch.equal(out, full[0])
+        assert all(torch.equal(a, b) for a, b in zip(grads, expect))
+        assert all(torch.isfinite(a).all() for a in grads)
+        # the _C entry point: an unwanted dpos comes back empty, a wanted one as before
+        table = forkattn.disentangled.relative_position_index(97, 97, **{k_: kw[k_] for k_ in V3 if k_ in kw})
+        s = (3 * 32) ** -0.5
+        o, lse = torch.ops.forkattn.disentangled_attention_fwd(q, k, v, pk, pq, table, mask, s, True, True, "cpu")
+        res = forkattn._native._C.disentangled_attention_bwd_cpu(
+            g, q, k, v, pk, pq, o, lse, table, mask, s, True, True, want_dpos_key=wanted[0],
+            want_dpos_query=wanted[1])
+        every = forkattn._native._C.disentangled_attention_bwd_cpu(g, q, k, v, pk, pq, o, lse, table, mask, s,
+                                                                   True, True)
+        for a, b in zip(res[:3], every[:3]):
+            assert torch.equal(a, b)
+        for w, a, b in zip(wanted, res[3:], every[3:]):
+            assert (torch.equal(a, b) if w else a.numel() == 0)
+    finally:
+        torch.set_num_threads(prev)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kept_scratch_across_shapes(threads):
+    """Each thread's forward / backward scratch is kept between calls and rebuilt when the shapes change:
+    a call at shape A, then at others with the same query tiles (Lq 64) but more keys, another head dim,
+    one term off, padded keys with NaN, then at A again gives A's bits again; every call keeps the 2x rule."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        kw = dict(max_relative_positions=40, position_buckets=16)
+        a = _inputs(2, 3, 64, 70, 32, 16, torch.float32, seed=21)
+        g = torch.randn(2, 3, 64, 32)
+        first = _grads("cpu", *a, g, **kw)
+        for B, Lk, D, extra in [(1, 300, 32, {}), (2, 129, 48, dict(c2p=False)), (3, 97, 32, None)]:
+            x = _inputs(B, 3, 64, Lk, D, 16, torch.float32, seed=Lk)
+            if extra is None:
+                mask = make_padding(B, Lk, generator=torch.Generator().manual_seed(2))
+                k, v = _poison(x[1], x[2], mask)
+                x = (x[0], k, v, x[3], x[4])
+                extra = dict(key_padding_mask=mask)
+            _check("cpu", *x, **kw, **extra)
+        again = _grads("cpu", *a, g, **kw)
+        assert all(torch.equal(p, q) for p, q in zip(first, again))
+        _check("cpu", *a, **kw)
+    finally:
+        torch.set_num_threads(prev)
