@@ -184,7 +184,8 @@ def _backward(ctx, dout, _dlse):
                                                       key_padding_mask, scale, c2p, p2c, backend, *dropout,
                                                       want_dpos_key=ctx.needs_input_grad[3],
                                                       want_dpos_query=ctx.needs_input_grad[4])
-    dpk, dpq = (None if p is None else g for p, g in ((pos_key, dpk), (pos_query, dpq)))
+    dpk, dpq = (g if p is not None and want else None
+                for p, g, want in ((pos_key, dpk, ctx.needs_input_grad[3]), (pos_query, dpq, ctx.needs_input_grad[4])))
     return (dq, dk, dv, dpk, dpq) + (None,) * (len(ctx.args) + 2)
 
 
