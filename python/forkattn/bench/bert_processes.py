@@ -55,18 +55,7 @@ def child(a) -> dict:
     ids, mask = _inputs(cfg, a.batch, a.seqlen)
     if a.child in ("ort", "ort-spin"):
         import onnx
-        import onnxruntime
-        orig = onnxruntime.InferenceSession
-
-        def spinning(data, so, **kw):  # peers.session with ORT's default spinning back on
-            so.add_session_config_entry("session.intra_op.allow_spinning", "1")
-            return orig(data, so, **kw)
-        if a.child == "ort-spin":
-            onnxruntime.InferenceSession = spinning
-        try:
-            fn = peers.ort_fn(peers.session(onnx.load(a.onnx), a.threads), ids, mask)
-        finally:
-            onnxruntime.InferenceSession = orig
+        fn = peers.ort_fn(peers.session(onnx.load(a.onnx), a.threads, spinning=a.child == "ort-spin"), ids, mask)
     else:
         model = ours if a.child == "forkattn" else hf
 

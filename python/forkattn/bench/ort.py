@@ -62,15 +62,16 @@ def optimize_bert(proto, cfg: dict):
     return opt.model
 
 
-def session(proto, threads: int):
-    """An InferenceSession on the CPU provider with `threads` intra-op threads that do not spin."""
+def session(proto, threads: int, spinning: bool = False):
+    """An InferenceSession on the CPU provider with `threads` intra-op threads that do not spin
+    (`spinning`: they do, ORT's default: for a process of its own, bench/bert_processes.py)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = 3  # warnings about unused initialisers etc. are not the bench's business
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
